@@ -1,0 +1,5 @@
+"""Socket Arena servers: one line protocol, three concurrency models.
+
+Kept empty on purpose: `python -m services gevent` must be able to monkey-patch before any
+module that creates sockets, threads or locks is imported.
+"""
