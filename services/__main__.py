@@ -1,0 +1,77 @@
+"""`python -m services MODEL ...`: run one server until SIGTERM or SIGINT.
+
+Arguments are parsed with the standard library first and the model imported after, because
+gevent must monkey-patch before anything that creates sockets, threads or locks is imported.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from services.config import ConfigError, load_settings
+
+
+def _fail(message: str) -> int:
+    print(f"python -m services: error: {message}", file=sys.stderr)
+    return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run a server; returns the exit code (2 for bad settings or a port that cannot be bound)."""
+    try:
+        settings = load_settings(argv, os.environ)
+    except ConfigError as error:
+        return _fail(f"{error} (see --help)")
+    if settings.model == "gevent":
+        from gevent import monkey
+
+        monkey.patch_all()
+
+    import logging
+
+    from services.metrics import build_registry, serve_metrics
+    from services.servers import create_server
+
+    logging.basicConfig(
+        level=settings.log_level, stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    log = logging.getLogger(f"arena.{settings.model}")
+    server = create_server(settings)  # the pool forks its workers here, before any thread
+    try:
+        host, port = server.start()
+    except OSError as error:
+        server.stop(0)
+        return _fail(
+            f"cannot listen on {settings.host}:{settings.port}: {error.strerror} "
+            "(choose another with --port or ARENA_PORT)"
+        )
+    metrics_port = 0
+    if settings.metrics:
+        registry = build_registry(server.stats, server.info(), server.extra_metrics)
+        try:
+            metrics_port = serve_metrics(registry, settings.host, settings.metrics_port)
+        except OSError as error:
+            server.stop(0)
+            return _fail(
+                f"cannot serve metrics on {settings.host}:{settings.metrics_port}: "
+                f"{error.strerror} (choose another with --metrics-port or ARENA_METRICS_PORT)"
+            )
+    log.info(
+        "ready model=%s host=%s port=%d metrics_port=%d max_connections=%d idle_timeout=%s",
+        settings.model, host, port, metrics_port, settings.max_connections,
+        settings.idle_timeout,
+    )
+    server.wait_for_signal()
+    log.info("stopping: answering received requests for up to %ss", settings.grace)
+    server.stop(settings.grace)
+    log.info("stopped")
+    logging.shutdown()
+    # Everything is closed and answered; do not wait for worker threads still inside a
+    # /sleep past the grace period (the executor's exit hook would join them).
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,163 @@
+"""One frozen settings object for every model: `ARENA_*` environment variables, CLI flags win.
+
+Standard library only: `python -m services gevent` reads its settings before gevent
+monkey-patches, so nothing here may import sockets or threads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, fields
+
+MODELS = ("threaded", "pool", "gevent")
+EXECUTORS = ("process", "thread")
+ENV_PREFIX = "ARENA_"
+
+
+class ConfigError(ValueError):
+    """A setting that cannot be used; the message names the flag or variable."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a server needs to know; the same keys for every model."""
+
+    model: str = "threaded"
+    host: str = "0.0.0.0"  # address the protocol and metrics listeners bind
+    port: int = 9000  # protocol port; 0 binds a free one (logged)
+    metrics_port: int = 9100  # Prometheus /metrics port; 0 binds a free one (logged)
+    metrics: bool = True  # False: no /metrics endpoint and no per-request timing
+    max_connections: int = 10000  # over it a client gets `ERR server-busy` and is closed
+    idle_timeout: float = 300.0  # seconds without request bytes or a request in progress
+    line_limit: int = 65536  # bytes per request line, counted before the newline
+    grace: float = 10.0  # seconds to finish received requests on SIGTERM/SIGINT
+    executor: str = "process"  # pool model only: process or thread workers
+    workers: int = os.cpu_count() or 1  # pool model only: executor workers
+    backlog: int = 1024  # listen backlog: socketserver's 5 refuses 100 clients connecting at once
+    log_level: str = "INFO"
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise ValueError("a port is 0..65535")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError("must be at least 1")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0 or value == float("inf"):
+        raise ValueError("must be a positive number of seconds")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0 or value == float("inf"):
+        raise ValueError("must be zero or a positive number of seconds")
+    return value
+
+
+def _boolean(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("use true or false")
+
+
+def _choice(options: Sequence[str]) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if text not in options:
+            raise ValueError("choose one of " + ", ".join(options))
+        return text
+
+    return parse
+
+
+def _log_level(text: str) -> str:
+    return _choice(("DEBUG", "INFO", "WARNING", "ERROR"))(text.upper())
+
+
+# name -> (parser, help). The flag is --name-with-dashes, the variable ARENA_NAME.
+OPTIONS: dict[str, tuple[Callable[[str], object], str]] = {
+    "host": (str, "address to bind the protocol and metrics ports"),
+    "port": (_port, "protocol port; 0 binds a free port and logs it"),
+    "metrics_port": (_port, "Prometheus /metrics port; 0 binds a free port and logs it"),
+    "metrics": (_boolean, "serve /metrics and time requests (false measures the cost)"),
+    "max_connections": (_positive_int, "connections held at once; more get ERR server-busy"),
+    "idle_timeout": (_positive_float, "seconds without request bytes before a connection closes"),
+    "line_limit": (_positive_int, "longest request line in bytes; longer gets ERR line-too-long"),
+    "grace": (_non_negative_float, "seconds to answer received requests on SIGTERM/SIGINT"),
+    "executor": (_choice(EXECUTORS), "pool model: run requests in process or thread workers"),
+    "workers": (_positive_int, "pool model: number of executor workers (default: CPU count)"),
+    "backlog": (_positive_int, "listen backlog of the protocol socket"),
+    "log_level": (_log_level, "DEBUG, INFO, WARNING or ERROR"),
+}
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag as one line, for ConfigError to carry."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise ConfigError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of `python -m services`."""
+    defaults = Settings()
+    parser = _OneLineParser(
+        prog="python -m services",
+        description="Run one Socket Arena TCP server (protocol: docs/PROTOCOL.md). Every "
+        "option can also be set as an ARENA_* environment variable; flags win.",
+    )
+    parser.add_argument("model", choices=MODELS, help="concurrency model")
+    for name, (_, text) in OPTIONS.items():
+        flag = "--" + name.replace("_", "-")
+        variable = ENV_PREFIX + name.upper()
+        default = getattr(defaults, name)
+        help_text = f"{text} (env {variable}, default {default})"
+        if name == "metrics":
+            parser.add_argument(
+                flag, dest=name, action=argparse.BooleanOptionalAction, default=None,
+                help=help_text,
+            )
+        else:
+            parser.add_argument(flag, dest=name, metavar=name.upper(), default=None, help=help_text)
+    return parser
+
+
+def load_settings(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Settings:
+    """Read flags and `ARENA_*` variables (flags win) into validated Settings."""
+    arguments = vars(build_parser().parse_args(argv))
+    values: dict[str, object] = {"model": arguments.pop("model")}
+    for name, (parse, _) in OPTIONS.items():
+        flag_value = arguments[name]
+        variable = ENV_PREFIX + name.upper()
+        if flag_value is not None:
+            source, text = "--" + name.replace("_", "-"), flag_value
+        elif variable in environ:
+            source, text = variable, environ[variable]
+        else:
+            continue
+        if isinstance(text, bool):
+            values[name] = text
+            continue
+        try:
+            values[name] = parse(text)
+        except ValueError as error:
+            reason = str(error) if not str(error).startswith(("invalid literal", "could not")) \
+                else "not a number"
+            raise ConfigError(f"{source}: invalid value {text!r}: {reason}") from None
+    known = {f.name for f in fields(Settings)}
+    return Settings(**{k: v for k, v in values.items() if k in known})  # type: ignore[arg-type]

@@ -1,0 +1,112 @@
+"""Protocol v1, written once: parse a request line, run it, format the reply.
+
+Pure functions over bytes: no sockets, threads or metrics, so every concurrency model agrees
+byte for byte, the tests need no server, and the process pool can pickle `answer_batch`.
+The whole specification is in docs/PROTOCOL.md.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import NamedTuple
+
+DEFAULT_LINE_LIMIT = 65536
+MAX_SLEEP_MS = 60_000
+MAX_WORK_ROUNDS = 10_000_000
+# Measured on the project's 2-core machines (CPython 3.11): one round of `burn_cpu` costs about
+# 50 ns, so `/work 20000` holds the GIL for about 1 ms (docs/PROTOCOL.md).
+WORK_ROUND_NS = 50
+
+# Request kinds, used as small integers on the hot path and as metric labels at scrape time.
+COMMANDS = ("echo", "ping", "sleep", "work", "quit", "unknown")
+ECHO, PING, SLEEP, WORK, QUIT, UNKNOWN = range(len(COMMANDS))
+ERROR_CODES = ("unknown-command", "bad-argument", "line-too-long", "server-busy")
+
+PONG = b"PONG\n"
+BYE = b"BYE\n"
+UNKNOWN_COMMAND = (
+    b"ERR unknown-command try /ping, /sleep MS [TEXT], /work N [TEXT], /quit or //TEXT\n"
+)
+
+
+def line_too_long_reply(limit: int) -> bytes:
+    """The reply to a line longer than `limit` bytes (the server closes afterwards)."""
+    return b"ERR line-too-long a request line may hold at most %d bytes\n" % limit
+
+
+def server_busy_reply(limit: int) -> bytes:
+    """The reply to a connection over the connection limit (the server closes afterwards)."""
+    return b"ERR server-busy the server already holds its limit of %d connections\n" % limit
+
+
+class Answer(NamedTuple):
+    """What the server does with one request line."""
+
+    command: int  # index into COMMANDS
+    reply: bytes  # the whole reply line, newline included
+    error: str | None = None  # an ERROR_CODES entry when the reply is an error
+    close: bool = False  # close the connection after this reply
+
+
+def _bad_argument(command: int, usage: bytes) -> Answer:
+    return Answer(command, b"ERR bad-argument usage: " + usage + b"\n", "bad-argument")
+
+
+def _parse_number(argument: bytes, maximum: int) -> tuple[int, bytes] | None:
+    """Split `NUMBER[ TEXT]`; None when the number is missing, not ASCII digits or too large."""
+    digits, _, text = argument.partition(b" ")
+    # bytes.isdigit() accepts ASCII digits only; the length check keeps int() cheap and bounded.
+    if not digits.isdigit() or len(digits.lstrip(b"0")) > len(str(maximum)):
+        return None
+    number = int(digits)
+    return (number, text) if number <= maximum else None
+
+
+def burn_cpu(rounds: int) -> int:
+    """Do `rounds` steps of pure-Python CPU work while holding the GIL; returns the final state."""
+    state = 1
+    for _ in range(rounds):
+        state = (state * 1103515245 + 12345) & 0xFFFFFFFF
+    return state
+
+
+def _run_command(line: bytes) -> Answer:
+    name, space, argument = line.partition(b" ")
+    if name == b"/ping":
+        return Answer(PING, PONG) if not space else _bad_argument(PING, b"/ping")
+    if name == b"/quit":
+        return Answer(QUIT, BYE, close=True) if not space else _bad_argument(QUIT, b"/quit")
+    if name == b"/sleep":
+        parsed = _parse_number(argument, MAX_SLEEP_MS) if space else None
+        if parsed is None:
+            return _bad_argument(SLEEP, b"/sleep MS [TEXT] with 0 <= MS <= 60000")
+        time.sleep(parsed[0] / 1000)
+        return Answer(SLEEP, parsed[1].upper() + b"\n")
+    if name == b"/work":
+        parsed = _parse_number(argument, MAX_WORK_ROUNDS) if space else None
+        if parsed is None:
+            return _bad_argument(WORK, b"/work N [TEXT] with 0 <= N <= 10000000")
+        burn_cpu(parsed[0])
+        return Answer(WORK, parsed[1].upper() + b"\n")
+    return Answer(UNKNOWN, UNKNOWN_COMMAND, "unknown-command")
+
+
+def answer(line: bytes) -> Answer:
+    """Run one request line (without its newline; a trailing \\r already dropped)."""
+    if not line.startswith(b"/"):
+        # bytes.upper() changes ASCII a-z only: exactly the protocol's echo.
+        return Answer(ECHO, line.upper() + b"\n")
+    if line.startswith(b"//"):
+        return Answer(ECHO, line[1:].upper() + b"\n")
+    return _run_command(line)
+
+
+def answer_batch(lines: list[bytes]) -> list[Answer]:
+    """Run request lines in order, stopping after one that closes the connection."""
+    answers = []
+    for line in lines:
+        result = answer(line)
+        answers.append(result)
+        if result.close:
+            break
+    return answers

@@ -1,0 +1,46 @@
+"""How does a connection get run? Three answers to one question.
+
+Every server here speaks the same protocol (`services.protocol`) through the same framing and
+counting (`services.session`) and has the same lifecycle (`base.Server`: `start()` binds and
+returns the real address, `stop(grace)` stops accepting, answers what was already read, closes
+the rest). What differs is only the concurrency policy, in the spirit of CPython's
+`socketserver` mix-ins and gevent's `spawn` argument:
+
+- `threaded.ThreadedServer` gives each connection an OS thread running the blocking session
+  loop. Simple and preemptive: a slow request delays only its own client, but every idle
+  connection costs a thread (a stack, a scheduler entry), and the GIL serialises CPU work.
+- `pool.PoolServer` keeps every socket in one reactor thread (a selector) and sends each
+  request -- not each connection -- to a `concurrent.futures` executor. A pool that ran whole
+  connections would serve only `workers` clients and starve the rest; per-request dispatch
+  serves them all, and process workers use every core for CPU work. The price: each request
+  crosses to a worker and back, and requests queue when every worker is busy.
+- `greenlets.GeventServer` runs the same blocking loop as the threaded model, but in a greenlet
+  per connection on gevent's event loop (monkey-patched). Idle and waiting connections are
+  nearly free and a `/sleep` yields to everyone else -- until a request burns CPU: then the one
+  loop is blocked and every client waits, which the loop-lag probe makes visible.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from services.config import Settings
+    from services.servers.base import Server
+
+
+def create_server(settings: Settings) -> Server:
+    """Build the server for `settings.model`, importing only that model's module."""
+    if settings.model == "threaded":
+        from services.servers.threaded import ThreadedServer
+
+        return ThreadedServer(settings)
+    if settings.model == "pool":
+        from services.servers.pool import PoolServer
+
+        return PoolServer(settings)
+    if settings.model == "gevent":
+        from services.servers.greenlets import GeventServer
+
+        return GeventServer(settings)
+    raise ValueError(f"unknown model {settings.model!r}")

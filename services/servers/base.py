@@ -1,0 +1,166 @@
+"""The lifecycle every model shares: bind, accept, sweep idle connections, stop gracefully."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import signal
+import socket
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable
+from typing import ClassVar
+
+from prometheus_client.core import Metric
+
+from services.config import Settings
+from services.ratelog import RateLimitedLog
+from services.session import ServerStats, Session, reject, serve_blocking
+
+# accept() errors that mean "out of a resource for now": log, back off, retry (as Trio does).
+CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+# Longest pause between accept() retries while out of descriptors.
+MAX_ACCEPT_BACKOFF = 1.0
+
+
+class Server(ABC):
+    """One server: a listening socket, its connections and their counters."""
+
+    model: ClassVar[str]
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.stats = ServerStats(settings.max_connections)
+        self.listener: socket.socket | None = None
+        self.log = logging.getLogger(f"arena.{self.model}")
+        self.rate_limited = RateLimitedLog(self.log)
+
+    def bind(self) -> socket.socket:
+        """Open the listening socket with a real backlog."""
+        settings = self.settings
+        family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+        listener = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind((settings.host, settings.port))
+            listener.listen(settings.backlog)
+        except OSError:
+            listener.close()
+            raise
+        return listener
+
+    def start(self) -> tuple[str, int]:
+        """Bind, start serving in the background, and return the real (host, port)."""
+        self.listener = self.bind()
+        self.serve_in_background()
+        host, port = self.listener.getsockname()[:2]
+        return host, port
+
+    @abstractmethod
+    def serve_in_background(self) -> None:
+        """Start accepting and serving connections without blocking the caller."""
+
+    @abstractmethod
+    def stop(self, grace: float) -> None:
+        """Stop accepting, answer what was read for up to `grace` seconds, close the rest."""
+
+    def info(self) -> dict[str, str]:
+        """Labels of the arena_server_info metric."""
+        return {"model": self.model, "executor": "none", "workers": "0"}
+
+    def extra_metrics(self) -> Iterable[Metric]:
+        """The model's own metrics (threads, pool queue, event loop)."""
+        return ()
+
+    def accept_failed(self, error: OSError) -> float:
+        """Count and log a failed accept(); returns how long to back off before the next."""
+        name = errno.errorcode.get(error.errno or 0, "unknown")
+        self.stats.count_accept_error(name)
+        self.rate_limited.warning(f"accept-{name}", "accept() failed: %s", error)
+        return 0.1 if error.errno in CAPACITY_ERRNOS else 0.0
+
+    def wait_for_signal(self) -> None:
+        """Block until SIGTERM or SIGINT arrives."""
+        requested = threading.Event()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: requested.set())
+        while not requested.wait(0.5):  # a timeout keeps the main thread handling signals
+            pass
+
+
+class BlockingServer(Server):
+    """A server that runs `serve_blocking` per connection; subclasses say how it is spawned."""
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+        self.stopping = threading.Event()
+        self.accept_task: object = None
+
+    @abstractmethod
+    def spawn(self, function: Callable[..., None], *args: object) -> object:
+        """Run `function(*args)` concurrently (a thread, a greenlet); return a joinable handle."""
+
+    @abstractmethod
+    def join(self, task: object, timeout: float) -> None:
+        """Wait for a handle returned by `spawn`."""
+
+    def serve_in_background(self) -> None:
+        """Spawn the accept loop and the idle sweeper."""
+        self.accept_task = self.spawn(self.accept_loop)
+        self.spawn(self.sweep_loop)
+
+    def accept_loop(self) -> None:
+        """Accept connections until stopped; a failed accept never ends the loop."""
+        assert self.listener is not None
+        listener, stats, settings = self.listener, self.stats, self.settings
+        backoff = 0.0
+        while not self.stopping.is_set():
+            try:
+                sock, _address = listener.accept()
+            except OSError as error:
+                if self.stopping.is_set():
+                    return
+                pause = self.accept_failed(error)
+                backoff = min(MAX_ACCEPT_BACKOFF, backoff * 2 or pause)
+                time.sleep(backoff if pause else 0)
+                continue
+            backoff = 0.0
+            session = stats.open_session(sock, settings.line_limit)
+            if session is None:
+                reject(sock, settings.max_connections)
+                continue
+            self.spawn_session(session)
+
+    def spawn_session(self, session: Session) -> None:
+        """Serve one connection concurrently with the others."""
+        self.spawn(serve_blocking, session, self.stats, self.settings.metrics)
+
+    def sweep_loop(self) -> None:
+        """Close idle connections; sockets carry no timeout, which keeps every read cheap."""
+        idle_timeout = self.settings.idle_timeout
+        interval = min(1.0, idle_timeout / 4)
+        while not self.stopping.wait(interval):
+            self.stats.sweep_idle(idle_timeout)
+
+    def stop(self, grace: float) -> None:
+        """Stop accepting, let every connection finish what it read, then close the rest."""
+        stats = self.stats
+        stats.draining = True
+        self.stopping.set()
+        if self.listener is not None:
+            try:
+                self.listener.shutdown(socket.SHUT_RDWR)  # wakes a blocked accept() on Linux
+            except OSError:
+                pass
+            self.join(self.accept_task, 1.0)
+            self.listener.close()
+        for session in stats.live():
+            # Only the read side: a request in progress can still send its reply.
+            session.interrupt("shutdown", socket.SHUT_RD)
+        if not stats.wait_all_closed(grace):
+            remaining = list(stats.live())
+            self.log.warning("grace of %ss over: closing %d connections", grace, len(remaining))
+            for session in remaining:
+                session.interrupt("shutdown")
+                stats.close_session(session, "shutdown")

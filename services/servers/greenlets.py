@@ -1,0 +1,98 @@
+"""Greenlet per connection: the threaded session loop on gevent's event loop.
+
+`python -m services gevent` monkey-patches before this module is imported, so the session's
+blocking socket calls and `time.sleep` (the `/sleep` command) yield to other greenlets, while
+`/work` holds the one loop. A timer probe measures how late the loop wakes up: that lateness is
+the time every other client waited.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Callable, Iterable
+
+import gevent
+import gevent.event
+import gevent.pool
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from services.config import Settings
+from services.metrics import histogram_family
+from services.servers.base import BlockingServer
+from services.session import Histogram, Session, serve_blocking
+
+PROBE_INTERVAL = 0.1  # seconds between loop-lag probes: cheap, yet catches a blocked loop
+BLOCKED_THRESHOLD = 0.01  # lateness counted as "the loop was blocked"
+
+
+class GeventServer(BlockingServer):
+    """Connections as greenlets in a gevent Pool, plus an event-loop lag probe."""
+
+    model = "gevent"
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+        self.connections = gevent.pool.Pool(settings.max_connections)
+        self.lag = Histogram()
+        self.blocked_seconds = 0.0
+        self.blocks = 0
+
+    def spawn(self, function: Callable[..., None], *args: object) -> gevent.Greenlet:
+        """Run a helper greenlet (accept loop, sweeper, probe) outside the connection pool."""
+        return gevent.spawn(function, *args)
+
+    def join(self, task: object, timeout: float) -> None:
+        """Wait for a greenlet."""
+        if isinstance(task, gevent.Greenlet):
+            task.join(timeout)
+
+    def spawn_session(self, session: Session) -> None:
+        """Serve a connection in a greenlet of the pool (never full: the limit is checked first)."""
+        self.connections.spawn(serve_blocking, session, self.stats, self.settings.metrics)
+
+    def serve_in_background(self) -> None:
+        """Accept, sweep, and probe the event loop."""
+        super().serve_in_background()
+        self.spawn(self.probe_loop)
+
+    def probe_loop(self) -> None:
+        """Measure how late a periodic timer fires: the time the loop was blocked."""
+        while not self.stopping.is_set():
+            expected = time.perf_counter() + PROBE_INTERVAL
+            gevent.sleep(PROBE_INTERVAL)
+            lateness = max(0.0, time.perf_counter() - expected)
+            self.lag.observe(lateness)
+            if lateness > BLOCKED_THRESHOLD:
+                self.blocked_seconds += lateness
+                self.blocks += 1
+
+    def stop(self, grace: float) -> None:
+        """Drain like every model, then kill greenlets still stuck in a request."""
+        super().stop(grace)
+        self.connections.kill(timeout=1.0)
+
+    def wait_for_signal(self) -> None:
+        """gevent's own signal handler: a plain one may wait for the loop to wake up."""
+        requested = gevent.event.Event()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            gevent.signal_handler(signum, requested.set)
+        requested.wait()
+
+    def extra_metrics(self) -> Iterable[Metric]:
+        """Live connection greenlets and event-loop blocking."""
+        yield GaugeMetricFamily(
+            "arena_greenlets", "Connection greenlets alive", value=len(self.connections)
+        )
+        yield histogram_family(
+            "arena_event_loop_lag_seconds", "How late a 100 ms timer probe woke up",
+            [([], self.lag)],
+        )
+        yield CounterMetricFamily(
+            "arena_event_loop_blocked_seconds",
+            "Sum of probe lateness above 10 ms: time the event loop was blocked",
+            value=self.blocked_seconds,
+        )
+        yield CounterMetricFamily(
+            "arena_event_loop_blocks", "Probe wake-ups later than 10 ms", value=self.blocks
+        )

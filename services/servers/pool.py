@@ -1,0 +1,422 @@
+"""A reactor plus a worker pool: sockets stay in one thread, requests go to the executor.
+
+A pool that ran one task per *connection* would serve only `workers` clients while the rest
+hang; this server dispatches per *request*. The reactor (a selector) reads complete lines and
+submits all the lines one connection has ready as one batch (`protocol.answer_batch`), which
+pays the trip to a worker once per batch instead of once per line. Workers receive request
+bytes only, never sockets. While a connection's batch is in flight its later lines wait in the
+reactor, so replies keep their order; past `PAUSE_READING_AT` bytes of pending input or
+unsent output the reactor stops reading that connection and the rest queues in the kernel.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import multiprocessing
+import os
+import selectors
+import signal
+import socket
+import threading
+import time
+from collections import deque
+from collections.abc import Iterable
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from services import protocol
+from services.config import Settings
+from services.servers.base import Server
+from services.session import READ_SIZE, Session, reject
+
+PAUSE_READING_AT = 256 * 1024  # bytes of pending input or unsent output per connection
+ACCEPTS_PER_WAKEUP = 64  # accept a burst of connections, but let established ones be served
+PR_SET_PDEATHSIG = 1  # prctl(2): signal a worker when the server process dies
+
+
+def _prepare_worker() -> None:
+    """Worker processes ignore SIGINT/SIGTERM (the server drains them) and die with the server."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass  # not Linux: the executor still exits when its call queue breaks
+
+
+def _warm_up(_index: int) -> int:
+    return os.getpid()
+
+
+class Connection(Session):
+    """A session as the reactor sees it: buffered lines, the batch in flight, unsent output."""
+
+    __slots__ = ("eof", "inflight", "interest", "output", "overflow", "pending", "pending_bytes")
+
+    def __init__(self, sock: socket.socket, line_limit: int) -> None:
+        super().__init__(sock, line_limit)
+        self.pending: list[bytes] = []  # complete lines read, not yet submitted
+        self.pending_bytes = 0
+        self.inflight = 0  # lines of the batch being answered (0: none)
+        self.output = bytearray()  # replies the socket did not take yet
+        self.overflow = False  # a line broke the limit: answer what came before, then close
+        self.eof = False  # the client will send nothing more
+        self.interest = 0  # selector events registered
+
+
+class PoolServer(Server):
+    """One reactor thread for every socket; a concurrent.futures executor for every request."""
+
+    model = "pool"
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+        self.workers = settings.workers
+        # The workers are forked now, before any socket or thread exists: a fork after the
+        # metrics thread holds a lock could deadlock, and the workers must own no socket.
+        self.executor: Executor
+        if settings.executor == "process":
+            self.executor = ProcessPoolExecutor(
+                settings.workers, mp_context=multiprocessing.get_context("fork"),
+                initializer=_prepare_worker,
+            )
+            self.executor.submit(_warm_up, 0).result()  # under fork this starts every worker
+            # The executor keeps its processes private; we need their pids for CPU and shutdown.
+            self.worker_pids = sorted(getattr(self.executor, "_processes", {}))
+        else:
+            self.executor = ThreadPoolExecutor(settings.workers, thread_name_prefix="worker")
+            self.worker_pids = []
+        self.selector = selectors.DefaultSelector()
+        self.connections: dict[int, Connection] = {}  # fd -> connection, reactor thread only
+        self.batches: dict[int, int] = {}  # id(connection) -> batch size, in submission order
+        self.batches_total = 0
+        self.completed: deque[tuple[Connection, Future, float]] = deque()
+        self.wake_reader, self.wake_writer = socket.socketpair()
+        self.wake_pending = False
+        self.stop_requested = threading.Event()
+        self.grace_deadline = float("inf")
+        self.reactor: threading.Thread | None = None
+        self.timed = settings.metrics
+
+    def info(self) -> dict[str, str]:
+        """Labels of arena_server_info: the executor kind and size too."""
+        return {"model": self.model, "executor": self.settings.executor,
+                "workers": str(self.workers)}
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def serve_in_background(self) -> None:
+        """Start the reactor thread."""
+        assert self.listener is not None
+        self.listener.setblocking(False)
+        self.wake_reader.setblocking(False)
+        self.selector.register(self.listener, selectors.EVENT_READ, "accept")
+        self.selector.register(self.wake_reader, selectors.EVENT_READ, "wake")
+        self.reactor = threading.Thread(target=self.run_reactor, name="reactor", daemon=True)
+        self.reactor.start()
+
+    def stop(self, grace: float) -> None:
+        """Ask the reactor to drain, wait up to `grace`, then end the workers."""
+        self.grace_deadline = time.monotonic() + grace
+        self.stop_requested.set()
+        self.wake()
+        if self.reactor is not None:
+            self.reactor.join(grace + 2.0)
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        self.end_workers()
+
+    def end_workers(self) -> None:
+        """Terminate and reap worker processes, so no orphan outlives the server."""
+        # ProcessPoolExecutor offers no public way to end busy workers before Python 3.14.
+        processes = getattr(self.executor, "_processes", None) or {}
+        for process in list(processes.values()):
+            process.terminate()
+        for process in list(processes.values()):
+            process.join(2.0)
+
+    def wake(self) -> None:
+        """Interrupt the reactor's select() (from any thread)."""
+        if not self.wake_pending:
+            self.wake_pending = True
+            try:
+                self.wake_writer.send(b"\0")
+            except OSError:
+                pass  # the buffer is full, so the reactor is awake anyway
+
+    def on_done(self, connection: Connection, started: float) -> object:
+        """A done-callback that hands a finished batch to the reactor."""
+
+        def done(future: Future) -> None:
+            self.completed.append((connection, future, started))
+            self.wake()
+
+        return done
+
+    # -- the reactor -----------------------------------------------------------------------
+    def run_reactor(self) -> None:
+        """Serve every socket until stopped and drained (or the grace period is over)."""
+        idle_timeout = self.settings.idle_timeout
+        sweep_every = min(1.0, idle_timeout / 4)
+        next_sweep = time.monotonic() + sweep_every
+        draining = False
+        while True:
+            for key, events in self.selector.select(sweep_every):
+                if key.data == "accept":
+                    self.accept_burst()
+                elif key.data == "wake":
+                    self.drain_wakeups()
+                else:
+                    connection = key.data
+                    if events & selectors.EVENT_WRITE:
+                        self.flush(connection)
+                    if events & selectors.EVENT_READ and connection.sock.fileno() >= 0:
+                        self.read(connection)
+            if self.stop_requested.is_set() and not draining:
+                draining = True
+                self.begin_draining()
+            if draining and (not self.connections or time.monotonic() > self.grace_deadline):
+                break
+            now = time.monotonic()
+            if now >= next_sweep:
+                next_sweep = now + sweep_every
+                self.sweep(now - idle_timeout)
+        for connection in list(self.connections.values()):
+            self.close(connection, "shutdown")
+
+    def accept_burst(self) -> None:
+        """Accept the connections waiting in the backlog (a bounded number per wakeup)."""
+        assert self.listener is not None
+        settings = self.settings
+        for _ in range(ACCEPTS_PER_WAKEUP):
+            try:
+                sock, _address = self.listener.accept()
+            except BlockingIOError:
+                return
+            except OSError as error:
+                if self.accept_failed(error):
+                    # Out of descriptors: stop listening briefly instead of spinning on accept.
+                    self.selector.unregister(self.listener)
+                    threading.Timer(0.1, self.resume_accepting).start()
+                return
+            connection = self.stats.open_session(sock, settings.line_limit, Connection)
+            if not isinstance(connection, Connection):
+                reject(sock, settings.max_connections)
+                continue
+            sock.setblocking(False)
+            self.connections[sock.fileno()] = connection
+            self.set_interest(connection, selectors.EVENT_READ)
+
+    def resume_accepting(self) -> None:
+        """Listen again after an accept() back-off (a selector is safe to use across threads)."""
+        if not self.stop_requested.is_set() and self.listener is not None:
+            self.selector.register(self.listener, selectors.EVENT_READ, "accept")
+            self.wake()
+
+    def drain_wakeups(self) -> None:
+        """Deliver finished batches to their connections."""
+        with contextlib.suppress(BlockingIOError):
+            self.wake_reader.recv(4096)
+        # Reset before draining, so a batch finishing from now on wakes us again.
+        self.wake_pending = False
+        completed = self.completed
+        while completed:
+            self.deliver(*completed.popleft())
+
+    def set_interest(self, connection: Connection, events: int) -> None:
+        """Register exactly `events` for the connection (a syscall only when they change)."""
+        if events == connection.interest:
+            return
+        if connection.interest == 0:
+            self.selector.register(connection.sock, events, connection)
+        elif events == 0:
+            self.selector.unregister(connection.sock)
+        else:
+            self.selector.modify(connection.sock, events, connection)
+        connection.interest = events
+
+    def update_interest(self, connection: Connection) -> None:
+        """Read unless paused, finished or over the buffering limit; write while output waits."""
+        if connection.sock.fileno() < 0:
+            return  # closed while being served
+        reading = not (
+            connection.eof or connection.overflow or connection.close_reason
+            or connection.pending_bytes + len(connection.output) > PAUSE_READING_AT
+        )
+        events = (selectors.EVENT_READ if reading else 0) | (
+            selectors.EVENT_WRITE if connection.output else 0)
+        self.set_interest(connection, events)
+
+    def read(self, connection: Connection) -> None:
+        """Read what arrived, split lines, and submit them unless a batch is in flight."""
+        try:
+            data = connection.sock.recv(READ_SIZE)
+        except BlockingIOError:
+            return
+        except OSError:
+            self.close(connection, "reset")
+            return
+        connection.last_active = time.monotonic()
+        if not data:
+            connection.eof = True  # half-closed: still answer what was read
+        else:
+            connection.tally.received += len(data)
+            lines, overflow = connection.framer.feed(data)
+            if lines:
+                connection.pending.extend(lines)
+                connection.pending_bytes += len(data)
+            connection.overflow = overflow
+        if not connection.inflight:
+            self.dispatch(connection)
+        self.update_interest(connection)
+
+    def dispatch(self, connection: Connection) -> None:
+        """Submit the connection's pending lines as one batch, or finish it if nothing is left."""
+        if connection.pending:
+            batch, connection.pending, connection.pending_bytes = connection.pending, [], 0
+            connection.inflight = len(batch)
+            connection.busy = True
+            self.batches[id(connection)] = len(batch)
+            self.batches_total += 1
+            started = time.perf_counter() if self.timed else 0.0
+            future = self.executor.submit(protocol.answer_batch, batch)
+            future.add_done_callback(self.on_done(connection, started))
+        elif connection.overflow and not connection.close_reason:
+            self.send(connection, protocol.line_too_long_reply(connection.framer.limit))
+            connection.tally.count_error("line-too-long")
+            self.finish(connection, "line-too-long")
+        elif connection.eof and not connection.output:
+            self.close(connection, "shutdown" if self.stats.draining else "client")
+
+    def deliver(self, connection: Connection, future: Future, started: float) -> None:
+        """Count and send a finished batch's replies, then submit the next one."""
+        self.batches.pop(id(connection), None)
+        connection.inflight = 0
+        connection.busy = False
+        connection.last_active = time.monotonic()
+        if connection.sock.fileno() < 0:
+            return  # closed meanwhile (reset by the client, or the grace period ended)
+        try:
+            answers = future.result()
+        except Exception as error:  # a worker died: this connection's batch is lost
+            self.rate_limited.warning("worker", "batch failed: %r", error)
+            self.close(connection, "reset")
+            return
+        elapsed = time.perf_counter() - started if self.timed else 0.0
+        record = connection.tally.record
+        for answer in answers:
+            record(answer, elapsed)
+        self.send(connection, b"".join(answer.reply for answer in answers))
+        if answers[-1].close:
+            connection.pending.clear()
+            self.finish(connection, "quit")
+        else:
+            self.dispatch(connection)
+        self.update_interest(connection)
+
+    def send(self, connection: Connection, data: bytes) -> None:
+        """Send now what the socket takes; keep the rest until it is writable."""
+        if not connection.output:
+            try:
+                sent = connection.sock.send(data)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                self.close(connection, "reset")
+                return
+            connection.tally.sent += sent
+            data = data[sent:]
+        connection.output += data
+
+    def flush(self, connection: Connection) -> None:
+        """Send buffered output; close a finished connection once everything is out."""
+        try:
+            sent = connection.sock.send(connection.output)
+        except BlockingIOError:
+            return
+        except OSError:
+            self.close(connection, "reset")
+            return
+        connection.tally.sent += sent
+        del connection.output[:sent]
+        if not connection.output and connection.close_reason:
+            self.close(connection, connection.close_reason)
+            return
+        if not connection.output and not connection.inflight:
+            self.dispatch(connection)  # a half-closed or draining connection may be done now
+        self.update_interest(connection)
+
+    def finish(self, connection: Connection, reason: str) -> None:
+        """Close after the output is flushed (now, if nothing is waiting)."""
+        connection.close_reason = reason
+        if not connection.output:
+            self.close(connection, reason)
+
+    def close(self, connection: Connection, reason: str) -> None:
+        """Forget the connection and close its socket."""
+        fileno = connection.sock.fileno()
+        if fileno < 0:
+            return
+        if connection.interest:
+            self.selector.unregister(connection.sock)
+            connection.interest = 0
+        self.connections.pop(fileno, None)
+        self.batches.pop(id(connection), None)
+        self.stats.close_session(connection, reason)
+
+    def begin_draining(self) -> None:
+        """Stop accepting; close connections with nothing to answer, let the others finish."""
+        self.stats.draining = True
+        if self.listener is not None:
+            self.selector.unregister(self.listener)
+            self.listener.close()
+        for connection in list(self.connections.values()):
+            connection.eof = True  # read nothing more; answer what was read
+            if not connection.inflight:
+                self.dispatch(connection)
+            self.update_interest(connection)
+
+    def sweep(self, deadline: float) -> None:
+        """Close connections idle since before `deadline` with nothing in progress."""
+        for connection in list(self.connections.values()):
+            if (not connection.inflight and not connection.pending and not connection.output
+                    and connection.last_active < deadline):
+                self.close(connection, "idle")
+
+    # -- metrics ---------------------------------------------------------------------------
+    def worker_cpu_seconds(self) -> float:
+        """CPU time of the worker processes, read from /proc (0 for thread workers)."""
+        ticks = os.sysconf("SC_CLK_TCK")
+        total = 0.0
+        for pid in self.worker_pids:
+            try:
+                with open(f"/proc/{pid}/stat", "rb") as stat:
+                    fields = stat.read().rpartition(b")")[2].split()
+                total += (int(fields[11]) + int(fields[12])) / ticks  # utime + stime
+            except (OSError, IndexError, ValueError):
+                continue
+        return total
+
+    def extra_metrics(self) -> Iterable[Metric]:
+        """Workers, their load and queue (estimated from the batches in flight), their CPU."""
+        sizes = list(self.batches.values())  # oldest first, as the executor takes them
+        yield GaugeMetricFamily("arena_pool_workers", "Executor workers", value=self.workers)
+        yield GaugeMetricFamily(
+            "arena_pool_busy_workers", "Workers running a batch now (estimate)",
+            value=min(len(sizes), self.workers),
+        )
+        yield GaugeMetricFamily(
+            "arena_pool_queue_depth", "Requests waiting for a free worker (estimate)",
+            value=sum(sizes[self.workers:]),
+        )
+        yield GaugeMetricFamily(
+            "arena_pool_inflight_requests", "Requests submitted and not yet answered",
+            value=sum(sizes),
+        )
+        yield CounterMetricFamily(
+            "arena_pool_batches", "Executor submissions", value=self.batches_total
+        )
+        yield CounterMetricFamily(
+            "arena_pool_worker_cpu_seconds", "CPU time of the worker processes",
+            value=self.worker_cpu_seconds(),
+        )

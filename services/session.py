@@ -1,0 +1,270 @@
+"""One connection's life, written once for every model.
+
+`LineFramer` cuts bytes into bounded lines, `Tally` counts what one connection did (plain
+integers, no locks: only the connection's own thread, greenlet or reactor touches it, and
+`ServerStats` sums them at scrape time), and `serve_blocking` is the whole session loop for the
+models that give each connection its own flow of control (threads and greenlets). The pool's
+reactor drives the same framer, protocol and tally from events instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+from bisect import bisect_left
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from services import protocol
+
+READ_SIZE = 65536
+# Request-duration buckets in seconds: sub-millisecond resolution for loopback echo (tens of
+# microseconds) up to the longest /sleep (60 s).
+DURATION_BUCKETS = (
+    0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025,
+    0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+)
+CLOSE_REASONS = ("client", "quit", "idle", "line-too-long", "reset", "shutdown")
+
+
+class LineFramer:
+    """Splits a byte stream into request lines no longer than `limit` bytes."""
+
+    __slots__ = ("limit", "partial")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.partial = b""
+
+    def feed(self, data: bytes) -> tuple[list[bytes], bool]:
+        """Add received bytes; return the complete lines (\\r dropped) and whether the limit broke.
+
+        When the limit broke, the lines are those before the overlong one; the caller answers
+        them, then replies `line-too-long` and closes.
+        """
+        buffer = self.partial + data if self.partial else data
+        lines = buffer.split(b"\n")
+        self.partial = lines.pop()
+        limit = self.limit
+        overflow = len(self.partial) > limit
+        if lines and max(map(len, lines)) > limit:
+            overflow = True
+            lines = lines[: next(i for i, line in enumerate(lines) if len(line) > limit)]
+        if overflow:
+            self.partial = b""  # the connection is closing: hold nothing more
+        if b"\r" in buffer:
+            lines = [line[:-1] if line.endswith(b"\r") else line for line in lines]
+        return lines, overflow
+
+
+class Histogram:
+    """Bucket counts and a sum, like a Prometheus histogram without labels or locks."""
+
+    __slots__ = ("counts", "total")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(DURATION_BUCKETS) + 1)  # the last one is +Inf
+        self.total = 0.0
+
+    def observe(self, seconds: float) -> None:
+        """Count one observation."""
+        self.counts[bisect_left(DURATION_BUCKETS, seconds)] += 1
+        self.total += seconds
+
+    def add(self, other: Histogram) -> None:
+        """Fold another histogram's observations into this one."""
+        self.counts = [a + b for a, b in zip(self.counts, other.counts, strict=True)]
+        self.total += other.total
+
+
+class Tally:
+    """What one connection did: requests by command and outcome, errors, durations, bytes."""
+
+    __slots__ = ("durations", "errors", "received", "requests", "sent")
+
+    def __init__(self) -> None:
+        self.requests = [0] * (2 * len(protocol.COMMANDS))  # [command * 2 + failed]
+        self.errors: dict[str, int] = {}
+        self.durations = [Histogram() for _ in protocol.COMMANDS]
+        self.received = 0
+        self.sent = 0
+
+    def record(self, answer: protocol.Answer, seconds: float) -> None:
+        """Count one answered request that took `seconds` from read to reply."""
+        error = answer.error
+        self.requests[answer.command * 2 + (error is not None)] += 1
+        if error is not None:
+            self.errors[error] = self.errors.get(error, 0) + 1
+        self.durations[answer.command].observe(seconds)
+
+    def count_error(self, code: str) -> None:
+        """Count a protocol error that answered no request (line-too-long, server-busy)."""
+        self.errors[code] = self.errors.get(code, 0) + 1
+
+    def add(self, other: Tally) -> None:
+        """Fold another tally into this one."""
+        self.requests = [a + b for a, b in zip(self.requests, other.requests, strict=True)]
+        for code, count in other.errors.items():
+            self.errors[code] = self.errors.get(code, 0) + count
+        for mine, theirs in zip(self.durations, other.durations, strict=True):
+            mine.add(theirs)
+        self.received += other.received
+        self.sent += other.sent
+
+
+class Session:
+    """One accepted connection: its socket, framer, tally and idle bookkeeping."""
+
+    __slots__ = ("busy", "close_reason", "framer", "last_active", "sock", "tally")
+
+    def __init__(self, sock: socket.socket, line_limit: int) -> None:
+        self.sock = sock
+        self.framer = LineFramer(line_limit)
+        self.tally = Tally()
+        self.last_active = time.monotonic()
+        self.busy = False  # a request is being answered: the idle timeout does not apply
+        self.close_reason: str | None = None  # set by whoever decides to end the connection
+
+    def interrupt(self, reason: str, how: int = socket.SHUT_RDWR) -> None:
+        """End the connection from outside its loop: its blocked read returns EOF."""
+        self.close_reason = self.close_reason or reason
+        try:
+            self.sock.shutdown(how)
+        except OSError:
+            pass  # already gone
+
+
+@dataclass
+class ServerStats:
+    """Every connection of one server: the live sessions and the totals of closed ones."""
+
+    max_connections: int
+    sessions: dict[int, Session] = field(default_factory=dict)
+    closed: Tally = field(default_factory=Tally)
+    connections_total: int = 0
+    rejected: int = 0
+    close_reasons: dict[str, int] = field(default_factory=lambda: dict.fromkeys(CLOSE_REASONS, 0))
+    accept_errors: dict[str, int] = field(default_factory=dict)
+    draining: bool = False
+    # Held only when a connection opens or closes and while scraping, never per request: it
+    # keeps a closing connection from being counted both live and closed in one scrape.
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    all_closed: threading.Condition = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.all_closed = threading.Condition(self.lock)
+
+    def open_session(
+        self, sock: socket.socket, line_limit: int, factory: type[Session] | None = None
+    ) -> Session | None:
+        """Register a new connection, or None when the connection limit is reached."""
+        with self.lock:
+            if len(self.sessions) >= self.max_connections:
+                self.rejected += 1
+                self.closed.count_error("server-busy")
+                return None
+            session = (factory or Session)(sock, line_limit)
+            self.sessions[id(session)] = session
+            self.connections_total += 1
+            return session
+
+    def close_session(self, session: Session, reason: str) -> None:
+        """Close the socket and move the connection's tally into the totals."""
+        with contextlib.suppress(OSError):
+            session.sock.close()
+        with self.lock:
+            if self.sessions.pop(id(session), None) is None:
+                return
+            self.closed.add(session.tally)
+            self.close_reasons[session.close_reason or reason] += 1
+            if not self.sessions:
+                self.all_closed.notify_all()
+
+    def count_accept_error(self, name: str) -> None:
+        """Count one failed accept() by errno name."""
+        with self.lock:
+            self.accept_errors[name] = self.accept_errors.get(name, 0) + 1
+
+    def snapshot(self) -> Tally:
+        """The totals of every connection, closed and live, as one tally."""
+        total = Tally()
+        with self.lock:
+            total.add(self.closed)
+            for session in list(self.sessions.values()):
+                total.add(session.tally)
+        return total
+
+    def live(self) -> Iterator[Session]:
+        """A stable copy of the live sessions to iterate over."""
+        with self.lock:
+            return iter(list(self.sessions.values()))
+
+    def wait_all_closed(self, timeout: float) -> bool:
+        """Block until every connection is closed or `timeout` passes."""
+        with self.lock:
+            return self.all_closed.wait_for(lambda: not self.sessions, timeout)
+
+    def sweep_idle(self, idle_timeout: float) -> None:
+        """Close connections with no request bytes and no request in progress for too long."""
+        deadline = time.monotonic() - idle_timeout
+        for session in self.live():
+            if not session.busy and session.last_active < deadline:
+                session.interrupt("idle")
+
+
+def reject(sock: socket.socket, max_connections: int) -> None:
+    """Tell a connection over the limit that the server is busy, then close it."""
+    try:
+        sock.setblocking(False)  # a fresh socket's buffer takes the line; never wait for it
+        sock.send(protocol.server_busy_reply(max_connections))
+        sock.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
+    finally:
+        sock.close()
+
+
+def serve_blocking(session: Session, stats: ServerStats, timed: bool = True) -> None:
+    """Serve one connection in its own thread or greenlet until it ends; never raises."""
+    sock, framer, tally = session.sock, session.framer, session.tally
+    answer, record, clock = protocol.answer, tally.record, time.perf_counter
+    reason = "client"
+    try:
+        while True:
+            data = sock.recv(READ_SIZE)
+            if not data:
+                reason = "shutdown" if stats.draining else "client"
+                break
+            session.busy = True
+            tally.received += len(data)
+            started = clock() if timed else 0.0
+            lines, overflow = framer.feed(data)
+            replies = []
+            for line in lines:
+                result = answer(line)
+                record(result, clock() - started if timed else 0.0)
+                replies.append(result.reply)
+                if result.close:
+                    reason = "quit"
+                    break
+            if overflow and reason != "quit":
+                replies.append(protocol.line_too_long_reply(framer.limit))
+                tally.count_error("line-too-long")
+                reason = "line-too-long"
+            if replies:
+                payload = b"".join(replies)
+                sock.sendall(payload)
+                tally.sent += len(payload)
+            session.busy = False
+            session.last_active = time.monotonic()
+            if reason != "client":
+                break
+            if stats.draining:
+                reason = "shutdown"
+                break
+    except OSError:
+        reason = "reset"
+    finally:
+        stats.close_session(session, reason)
