@@ -1,0 +1,34 @@
+# Every target installs what it needs into .venv first, so each works on a fresh machine.
+VENV ?= .venv
+PYTHON ?= python3
+PY := $(VENV)/bin/python
+
+.PHONY: install test test-fast lint up bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed  ## create .venv and install the project with every extra
+
+test: install  ## lint, then every test (the Docker ones need a running engine; see README)
+	$(PY) -m ruff check .
+	$(PY) -m pytest
+
+test-fast: install  ## the quick tests only: no load, no Locust, no Docker
+	$(PY) -m pytest -m "not slow and not docker and not locust"
+
+lint: install
+	$(PY) -m ruff check .
+	$(PY) -m mypy
+
+up: install  ## the whole stack as local processes (servers, Locust web UI, Prometheus if installed)
+	$(PY) -m services.stack
+
+bench: install  ## measure each server in isolation; writes results/
+	$(PY) -m loadtest.bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
