@@ -10,6 +10,7 @@ import argparse
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
+from typing import NoReturn
 
 MODELS = ("threaded", "pool", "gevent")
 EXECUTORS = ("process", "thread")
@@ -109,7 +110,7 @@ OPTIONS: dict[str, tuple[Callable[[str], object], str]] = {
 class _OneLineParser(argparse.ArgumentParser):
     """argparse that reports a bad flag as one line, for ConfigError to carry."""
 
-    def error(self, message: str):  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:  # raises instead of exiting
         raise ConfigError(message)
 
 

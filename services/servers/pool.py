@@ -21,7 +21,7 @@ import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -144,7 +144,7 @@ class PoolServer(Server):
             except OSError:
                 pass  # the buffer is full, so the reactor is awake anyway
 
-    def on_done(self, connection: Connection, started: float) -> object:
+    def on_done(self, connection: Connection, started: float) -> Callable[[Future], None]:
         """A done-callback that hands a finished batch to the reactor."""
 
         def done(future: Future) -> None:
