@@ -110,3 +110,8 @@ def answer_batch(lines: list[bytes]) -> list[Answer]:
         if result.close:
             break
     return answers
+
+
+def answer_batches(batches: list[list[bytes]]) -> list[list[Answer]]:
+    """Answer several connections' batches in one call (one trip to a pool worker)."""
+    return [answer_batch(lines) for lines in batches]

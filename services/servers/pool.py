@@ -1,12 +1,14 @@
 """A reactor plus a worker pool: sockets stay in one thread, requests go to the executor.
 
 A pool that ran one task per *connection* would serve only `workers` clients while the rest
-hang; this server dispatches per *request*. The reactor (a selector) reads complete lines and
-submits all the lines one connection has ready as one batch (`protocol.answer_batch`), which
-pays the trip to a worker once per batch instead of once per line. Workers receive request
-bytes only, never sockets. While a connection's batch is in flight its later lines wait in the
-reactor, so replies keep their order; past `PAUSE_READING_AT` bytes of pending input or
-unsent output the reactor stops reading that connection and the rest queues in the kernel.
+hang; this server dispatches per *request*. The reactor (a selector) reads complete lines and,
+once per loop, submits what the connections have ready: a connection's lines form one batch
+(`protocol.answer_batch`), and the batches of cheap requests (echo, ping) from many connections
+share one task per worker, so the trip to a worker process is paid once per task, not once per
+line. A batch holding `/sleep` or `/work` is a task of its own. Workers receive request bytes
+only, never sockets. While a connection's batch is in flight its later lines wait in the
+reactor, so replies keep their order; past `PAUSE_READING_AT` bytes of pending input or unsent
+output the reactor stops reading that connection and the rest queues in the kernel.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -33,7 +35,9 @@ from services.session import READ_SIZE, Session, reject
 
 PAUSE_READING_AT = 256 * 1024  # bytes of pending input or unsent output per connection
 ACCEPTS_PER_WAKEUP = 64  # accept a burst of connections, but let established ones be served
+SLOW_COMMANDS = (b"/sleep ", b"/work ")  # worth a submission of their own
 PR_SET_PDEATHSIG = 1  # prctl(2): signal a worker when the server process dies
+ACCEPT, WAKE = object(), object()  # selector keys that are not connections
 
 
 def _prepare_worker() -> None:
@@ -53,7 +57,9 @@ def _warm_up(_index: int) -> int:
 class Connection(Session):
     """A session as the reactor sees it: buffered lines, the batch in flight, unsent output."""
 
-    __slots__ = ("eof", "inflight", "interest", "output", "overflow", "pending", "pending_bytes")
+    __slots__ = (
+        "eof", "inflight", "interest", "output", "overflow", "pending", "pending_bytes", "queued",
+    )
 
     def __init__(self, sock: socket.socket, line_limit: int) -> None:
         super().__init__(sock, line_limit)
@@ -64,6 +70,7 @@ class Connection(Session):
         self.overflow = False  # a line broke the limit: answer what came before, then close
         self.eof = False  # the client will send nothing more
         self.interest = 0  # selector events registered
+        self.queued = False  # in the reactor's list of connections to submit
 
 
 class PoolServer(Server):
@@ -90,9 +97,10 @@ class PoolServer(Server):
             self.worker_pids = []
         self.selector = selectors.DefaultSelector()
         self.connections: dict[int, Connection] = {}  # fd -> connection, reactor thread only
-        self.batches: dict[int, int] = {}  # id(connection) -> batch size, in submission order
-        self.batches_total = 0
-        self.completed: deque[tuple[Connection, Future, float]] = deque()
+        self.ready: list[Connection] = []  # connections with lines to submit this round
+        self.submissions: dict[int, int] = {}  # id(future) -> lines, in submission order
+        self.submissions_total = 0
+        self.completed: deque[tuple[list[Connection], Future, float]] = deque()
         self.wake_reader, self.wake_writer = socket.socketpair()
         self.wake_pending = False
         self.stop_requested = threading.Event()
@@ -111,8 +119,8 @@ class PoolServer(Server):
         assert self.listener is not None
         self.listener.setblocking(False)
         self.wake_reader.setblocking(False)
-        self.selector.register(self.listener, selectors.EVENT_READ, "accept")
-        self.selector.register(self.wake_reader, selectors.EVENT_READ, "wake")
+        self.selector.register(self.listener, selectors.EVENT_READ, ACCEPT)
+        self.selector.register(self.wake_reader, selectors.EVENT_READ, WAKE)
         self.reactor = threading.Thread(target=self.run_reactor, name="reactor", daemon=True)
         self.reactor.start()
 
@@ -144,15 +152,6 @@ class PoolServer(Server):
             except OSError:
                 pass  # the buffer is full, so the reactor is awake anyway
 
-    def on_done(self, connection: Connection, started: float) -> Callable[[Future], None]:
-        """A done-callback that hands a finished batch to the reactor."""
-
-        def done(future: Future) -> None:
-            self.completed.append((connection, future, started))
-            self.wake()
-
-        return done
-
     # -- the reactor -----------------------------------------------------------------------
     def run_reactor(self) -> None:
         """Serve every socket until stopped and drained (or the grace period is over)."""
@@ -162,9 +161,9 @@ class PoolServer(Server):
         draining = False
         while True:
             for key, events in self.selector.select(sweep_every):
-                if key.data == "accept":
+                if key.data is ACCEPT:
                     self.accept_burst()
-                elif key.data == "wake":
+                elif key.data is WAKE:
                     self.drain_wakeups()
                 else:
                     connection = key.data
@@ -175,6 +174,8 @@ class PoolServer(Server):
             if self.stop_requested.is_set() and not draining:
                 draining = True
                 self.begin_draining()
+            if self.ready:
+                self.submit_ready()
             if draining and (not self.connections or time.monotonic() > self.grace_deadline):
                 break
             now = time.monotonic()
@@ -210,7 +211,7 @@ class PoolServer(Server):
     def resume_accepting(self) -> None:
         """Listen again after an accept() back-off (a selector is safe to use across threads)."""
         if not self.stop_requested.is_set() and self.listener is not None:
-            self.selector.register(self.listener, selectors.EVENT_READ, "accept")
+            self.selector.register(self.listener, selectors.EVENT_READ, ACCEPT)
             self.wake()
 
     def drain_wakeups(self) -> None:
@@ -267,20 +268,15 @@ class PoolServer(Server):
                 connection.pending_bytes += len(data)
             connection.overflow = overflow
         if not connection.inflight:
-            self.dispatch(connection)
+            self.schedule(connection)
         self.update_interest(connection)
 
-    def dispatch(self, connection: Connection) -> None:
-        """Submit the connection's pending lines as one batch, or finish it if nothing is left."""
+    def schedule(self, connection: Connection) -> None:
+        """Queue the connection's pending lines for the next submission, or finish it."""
         if connection.pending:
-            batch, connection.pending, connection.pending_bytes = connection.pending, [], 0
-            connection.inflight = len(batch)
-            connection.busy = True
-            self.batches[id(connection)] = len(batch)
-            self.batches_total += 1
-            started = time.perf_counter() if self.timed else 0.0
-            future = self.executor.submit(protocol.answer_batch, batch)
-            future.add_done_callback(self.on_done(connection, started))
+            if not connection.queued:
+                connection.queued = True
+                self.ready.append(connection)
         elif connection.overflow and not connection.close_reason:
             self.send(connection, protocol.line_too_long_reply(connection.framer.limit))
             connection.tally.count_error("line-too-long")
@@ -288,21 +284,67 @@ class PoolServer(Server):
         elif connection.eof and not connection.output:
             self.close(connection, "shutdown" if self.stats.draining else "client")
 
-    def deliver(self, connection: Connection, future: Future, started: float) -> None:
-        """Count and send a finished batch's replies, then submit the next one."""
-        self.batches.pop(id(connection), None)
+    def submit_ready(self) -> None:
+        """Submit what every connection has ready: cheap lines together, slow ones apart.
+
+        Echo and ping cost far less than the trip to a worker, so the lines of many
+        connections share one submission per worker. A batch holding /sleep or /work goes
+        alone, so one slow request does not hold up the replies of other connections.
+        """
+        ready, self.ready = self.ready, []
+        cheap: list[tuple[Connection, list[bytes]]] = []
+        for connection in ready:
+            connection.queued = False
+            if connection.inflight or not connection.pending or connection.sock.fileno() < 0:
+                continue
+            batch, connection.pending, connection.pending_bytes = connection.pending, [], 0
+            connection.inflight = len(batch)
+            connection.busy = True
+            if any(line.startswith(SLOW_COMMANDS) for line in batch):
+                self.submit([connection], [batch])
+            else:
+                cheap.append((connection, batch))
+        if cheap:
+            size = -(-len(cheap) // self.workers)  # ceil: one share per worker
+            for start in range(0, len(cheap), size):
+                share = cheap[start:start + size]
+                self.submit([c for c, _ in share], [batch for _, batch in share])
+
+    def submit(self, connections: list[Connection], batches: list[list[bytes]]) -> None:
+        """Send batches of request lines (one per connection) to the executor as one task."""
+        started = time.perf_counter() if self.timed else 0.0
+        future = self.executor.submit(protocol.answer_batches, batches)
+        self.submissions[id(future)] = sum(map(len, batches))
+        self.submissions_total += 1
+
+        def done(future: Future) -> None:  # runs in an executor thread
+            self.completed.append((connections, future, started))
+            self.wake()
+
+        future.add_done_callback(done)
+
+    def deliver(self, connections: list[Connection], future: Future, started: float) -> None:
+        """Hand each connection the replies of its batch."""
+        self.submissions.pop(id(future), None)
+        try:
+            results = future.result()
+        except Exception as error:  # a worker died: these batches are lost
+            self.rate_limited.warning("worker", "batch failed: %r", error)
+            for connection in connections:
+                connection.inflight = 0
+                self.close(connection, "reset")
+            return
+        elapsed = time.perf_counter() - started if self.timed else 0.0
+        for connection, answers in zip(connections, results, strict=True):
+            self.deliver_one(connection, answers, elapsed)
+
+    def deliver_one(self, connection: Connection, answers: list, elapsed: float) -> None:
+        """Count and send one connection's replies, then queue its next lines."""
         connection.inflight = 0
         connection.busy = False
         connection.last_active = time.monotonic()
         if connection.sock.fileno() < 0:
             return  # closed meanwhile (reset by the client, or the grace period ended)
-        try:
-            answers = future.result()
-        except Exception as error:  # a worker died: this connection's batch is lost
-            self.rate_limited.warning("worker", "batch failed: %r", error)
-            self.close(connection, "reset")
-            return
-        elapsed = time.perf_counter() - started if self.timed else 0.0
         record = connection.tally.record
         for answer in answers:
             record(answer, elapsed)
@@ -311,7 +353,7 @@ class PoolServer(Server):
             connection.pending.clear()
             self.finish(connection, "quit")
         else:
-            self.dispatch(connection)
+            self.schedule(connection)
         self.update_interest(connection)
 
     def send(self, connection: Connection, data: bytes) -> None:
@@ -343,7 +385,7 @@ class PoolServer(Server):
             self.close(connection, connection.close_reason)
             return
         if not connection.output and not connection.inflight:
-            self.dispatch(connection)  # a half-closed or draining connection may be done now
+            self.schedule(connection)  # a half-closed or draining connection may be done now
         self.update_interest(connection)
 
     def finish(self, connection: Connection, reason: str) -> None:
@@ -361,7 +403,6 @@ class PoolServer(Server):
             self.selector.unregister(connection.sock)
             connection.interest = 0
         self.connections.pop(fileno, None)
-        self.batches.pop(id(connection), None)
         self.stats.close_session(connection, reason)
 
     def begin_draining(self) -> None:
@@ -373,7 +414,7 @@ class PoolServer(Server):
         for connection in list(self.connections.values()):
             connection.eof = True  # read nothing more; answer what was read
             if not connection.inflight:
-                self.dispatch(connection)
+                self.schedule(connection)
             self.update_interest(connection)
 
     def sweep(self, deadline: float) -> None:
@@ -399,7 +440,7 @@ class PoolServer(Server):
 
     def extra_metrics(self) -> Iterable[Metric]:
         """Workers, their load and queue (estimated from the batches in flight), their CPU."""
-        sizes = list(self.batches.values())  # oldest first, as the executor takes them
+        sizes = list(self.submissions.values())  # oldest first, as the executor takes them
         yield GaugeMetricFamily("arena_pool_workers", "Executor workers", value=self.workers)
         yield GaugeMetricFamily(
             "arena_pool_busy_workers", "Workers running a batch now (estimate)",
@@ -414,7 +455,8 @@ class PoolServer(Server):
             value=sum(sizes),
         )
         yield CounterMetricFamily(
-            "arena_pool_batches", "Executor submissions", value=self.batches_total
+            "arena_pool_submissions", "Tasks submitted to the executor",
+            value=self.submissions_total
         )
         yield CounterMetricFamily(
             "arena_pool_worker_cpu_seconds", "CPU time of the worker processes",
