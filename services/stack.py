@@ -1,0 +1,530 @@
+"""`python -m services.stack`: the whole arena as local processes, without Docker.
+
+Starts the three servers on their own ports, the Locust web UI loading them (100 users per
+server), and a Prometheus scraping all four when a `prometheus` binary is on the PATH. Every
+child's output is printed with a `[name]` prefix. Ctrl-C or SIGTERM stops everything: each
+child gets SIGTERM, then, after the grace period, its whole process group gets SIGKILL, and
+any orphan left below the stack (it registers as a child subreaper) is killed and reaped, so no
+process and no bound port outlives the stack.
+
+Every port has a flag and an `ARENA_STACK_*` variable (flags win); a port already in use is
+reported once, naming the port and the knob that moves it. Standard library only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+ROOT = Path(__file__).resolve().parent.parent
+MODELS = ("threaded", "pool", "gevent")
+ENV_PREFIX = "ARENA_STACK_"
+READY_TIMEOUT = 60.0  # seconds for every service to answer after start
+KILL_WAIT = 5.0  # seconds to wait for a SIGKILLed process group to vanish
+PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h
+_T = TypeVar("_T")
+
+# (setting, default, help). The flag is --setting-with-dashes, the variable ARENA_STACK_SETTING.
+PORTS: dict[str, tuple[int, str]] = {
+    "threaded_port": (9001, "protocol port of the threaded server"),
+    "pool_port": (9002, "protocol port of the pool server"),
+    "gevent_port": (9003, "protocol port of the gevent server"),
+    "threaded_metrics_port": (9101, "/metrics port of the threaded server"),
+    "pool_metrics_port": (9102, "/metrics port of the pool server"),
+    "gevent_metrics_port": (9103, "/metrics port of the gevent server"),
+    "locust_port": (8089, "Locust web UI (and its /metrics)"),
+    "prometheus_port": (9090, "Prometheus web UI and API"),
+}
+
+
+class StackError(Exception):
+    """A problem that stops the stack from starting; the message says what to change."""
+
+
+def knob(setting: str) -> str:
+    """How a user changes a setting: its flag and its environment variable."""
+    return f"--{setting.replace('_', '-')} or {ENV_PREFIX}{setting.upper()}"
+
+
+def _boolean(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"use true or false, got {text!r}")
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 65535:
+        raise ValueError(f"a port is 1..65535, got {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class StackSettings:
+    """What to start and where."""
+
+    host: str = "127.0.0.1"
+    ports: Mapping[str, int] = field(default_factory=lambda: {k: v[0] for k, v in PORTS.items()})
+    locust: bool = True
+    autostart: bool = True
+    prometheus: str = "auto"  # auto: when a prometheus binary is on the PATH; or on / off
+    grace: float = 10.0
+    workers: int = 2
+
+
+def parse_settings(argv: Sequence[str] | None, environ: Mapping[str, str]) -> StackSettings:
+    """Read flags and ARENA_STACK_* variables (flags win)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m services.stack",
+        description="Run the three servers, the Locust web UI and Prometheus as local processes. "
+        f"Every option can also be set as an {ENV_PREFIX}* environment variable; flags win.",
+    )
+    parser.add_argument("--host", help="address every service binds and is reached at "
+                        f"(env {ENV_PREFIX}HOST, default 127.0.0.1)")
+    for setting, (default, text) in PORTS.items():
+        parser.add_argument("--" + setting.replace("_", "-"), dest=setting, metavar="PORT",
+                            help=f"{text} (env {ENV_PREFIX}{setting.upper()}, default {default})")
+    parser.add_argument("--locust", dest="locust", action=argparse.BooleanOptionalAction,
+                        help=f"start the Locust web UI (env {ENV_PREFIX}LOCUST, default on)")
+    parser.add_argument("--autostart", dest="autostart", action=argparse.BooleanOptionalAction,
+                        help="start the load at once instead of waiting for the web UI's Start "
+                        f"button (env {ENV_PREFIX}AUTOSTART, default on)")
+    parser.add_argument("--prometheus", choices=("auto", "on", "off"),
+                        help="run Prometheus: auto = when `prometheus` is on the PATH "
+                        f"(env {ENV_PREFIX}PROMETHEUS, default auto)")
+    parser.add_argument("--grace", metavar="SECONDS",
+                        help="seconds the children get to stop before SIGKILL "
+                        f"(env {ENV_PREFIX}GRACE, default 10)")
+    parser.add_argument("--workers", metavar="N",
+                        help=f"pool server workers (env {ENV_PREFIX}WORKERS, default 2)")
+    args = vars(parser.parse_args(argv))
+
+    def raw(name: str) -> str | bool | None:
+        """The flag's value, else the environment variable's, else None."""
+        value = args.get(name)
+        if value is None:
+            value = environ.get(ENV_PREFIX + name.upper())
+        return value
+
+    def parsed(name: str, parse: Callable[[str], _T], default: _T) -> _T:
+        value = raw(name)
+        if value is None:
+            return default
+        try:
+            return parse(value) if isinstance(value, str) else value  # type: ignore[return-value]
+        except ValueError as error:
+            raise StackError(f"bad value for {knob(name)}: {error}") from None
+
+    defaults = StackSettings()
+    return StackSettings(
+        host=parsed("host", str, defaults.host),
+        ports={name: parsed(name, _port, default) for name, (default, _) in PORTS.items()},
+        locust=parsed("locust", _boolean, True),
+        autostart=parsed("autostart", _boolean, True),
+        prometheus=parsed("prometheus", _prometheus_mode, "auto"),
+        grace=parsed("grace", _grace, defaults.grace),
+        workers=parsed("workers", _positive_int, defaults.workers),
+    )
+
+
+def _prometheus_mode(text: str) -> str:
+    if text not in ("auto", "on", "off"):
+        raise ValueError(f"choose auto, on or off, got {text!r}")
+    return text
+
+
+def _positive_int(text: str) -> int:
+    number = int(text)
+    if number < 1:
+        raise ValueError("must be at least 1")
+    return number
+
+
+def _grace(text: str) -> float:
+    number = float(text)
+    if not 0 <= number < 3600:
+        raise ValueError("must be 0..3600 seconds")
+    return number
+
+
+# ---- the services ------------------------------------------------------------------------
+
+
+@dataclass
+class Service:
+    """One child process: how to start it, the ports it binds, and how to see it is up."""
+
+    name: str
+    command: list[str]
+    ports: list[str]  # settings names, for the port check and its message
+    probe: Callable[[], bool]
+    urls: list[str]
+    proc: subprocess.Popen[bytes] | None = None
+    pump: threading.Thread | None = None
+
+
+def _http_ok(url: str) -> Callable[[], bool]:
+    def probe() -> bool:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                return 200 <= response.status < 300
+        except OSError:
+            return False
+
+    return probe
+
+
+def _pong(host: str, port: int) -> Callable[[], bool]:
+    def probe() -> bool:
+        try:
+            with socket.create_connection((host, port), timeout=2) as conn:
+                conn.sendall(b"/ping\n")
+                return conn.recv(16).startswith(b"PONG")
+        except OSError:
+            return False
+
+    return probe
+
+
+def _connect_host(host: str) -> str:
+    """Where to reach a service bound to `host` (a wildcard address is reached on loopback)."""
+    return {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+
+
+def prometheus_config(settings: StackSettings, with_locust: bool) -> str:
+    """A scrape config for the local services; job names match docker/prometheus."""
+    host = _connect_host(settings.host)
+    lines = [
+        "# Generated by python -m services.stack; job name = server model, as in docker/.",
+        "global:",
+        "  scrape_interval: 5s",
+        "  scrape_timeout: 4s",
+        "  evaluation_interval: 5s",
+        "scrape_configs:",
+    ]
+    for model in MODELS:
+        port = settings.ports[f"{model}_metrics_port"]
+        lines += [f"  - job_name: {model}", "    static_configs:",
+                  f'      - targets: ["{host}:{port}"]']
+    if with_locust:
+        lines += ["  - job_name: locust", "    metrics_path: /metrics", "    static_configs:",
+                  f'      - targets: ["{host}:{settings.ports["locust_port"]}"]']
+    return "\n".join(lines) + "\n"
+
+
+def plan(settings: StackSettings, workdir: Path, environ: Mapping[str, str]) -> list[Service]:
+    """The services to start, in start order."""
+    host, reach = settings.host, _connect_host(settings.host)
+    python = sys.executable
+    services = []
+    for model in MODELS:
+        port = settings.ports[f"{model}_port"]
+        metrics_port = settings.ports[f"{model}_metrics_port"]
+        command = [python, "-m", "services", model, "--host", host, "--port", str(port),
+                   "--metrics-port", str(metrics_port)]
+        if model == "pool":
+            command += ["--workers", str(settings.workers)]
+        services.append(Service(
+            model, command, [f"{model}_port", f"{model}_metrics_port"], _pong(reach, port),
+            [f"tcp://{reach}:{port}", f"http://{reach}:{metrics_port}/metrics"],
+        ))
+    locust_file = ROOT / "loadtest" / "locustfile.py"
+    with_locust = settings.locust and locust_file.exists()
+    if with_locust:
+        web_port = settings.ports["locust_port"]
+        locust = shutil.which("locust", path=environ.get("PATH"))
+        prefix = [locust] if locust else [python, "-m", "locust"]
+        command = [*prefix, "-f", str(locust_file), "--web-host", host,
+                   "--web-port", str(web_port)]
+        command += [f"--{model}-target=tcp://{reach}:{settings.ports[f'{model}_port']}"
+                    for model in MODELS]
+        if settings.autostart:
+            command.append("--autostart")
+        services.append(Service("locust", command, ["locust_port"],
+                                _http_ok(f"http://{reach}:{web_port}/"),
+                                [f"http://{reach}:{web_port}/"]))
+    prometheus = shutil.which("prometheus", path=environ.get("PATH"))
+    if settings.prometheus == "on" and not prometheus:
+        raise StackError("--prometheus on, but no `prometheus` binary is on the PATH "
+                         "(Debian: apt-get install prometheus)")
+    if settings.prometheus != "off" and prometheus:
+        config = workdir / "prometheus.yml"
+        config.write_text(prometheus_config(settings, with_locust))
+        port = settings.ports["prometheus_port"]
+        command = [prometheus, f"--config.file={config}",
+                   f"--storage.tsdb.path={workdir / 'prometheus-data'}",
+                   f"--web.listen-address={host}:{port}", "--log.level=warn"]
+        services.append(Service("prometheus", command, ["prometheus_port"],
+                                _http_ok(f"http://{reach}:{port}/-/ready"),
+                                [f"http://{reach}:{port}/"]))
+    return services
+
+
+def check_ports(settings: StackSettings, services: list[Service]) -> None:
+    """Fail with one clear message when a port is taken or used twice."""
+    seen: dict[int, str] = {}
+    for service in services:
+        for setting in service.ports:
+            port = settings.ports[setting]
+            if port in seen:
+                raise StackError(f"port {port} is set for both {seen[port]} and {setting}; "
+                                 f"change one with {knob(setting)}")
+            seen[port] = setting
+            if not port_is_free(settings.host, port):
+                raise StackError(f"port {port} ({PORTS[setting][1]}) is already in use; "
+                                 f"choose another with {knob(setting)}")
+
+
+def port_is_free(host: str, port: int) -> bool:
+    """Whether a listener could bind host:port now (SO_REUSEADDR, as the servers set it)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+# ---- running ------------------------------------------------------------------------------
+
+
+class Console:
+    """Prefixed, line-atomic output shared by every child's pump thread."""
+
+    COLORS = ("36", "33", "35", "32", "34", "31")
+
+    def __init__(self, stream=None) -> None:
+        self.stream = stream or sys.stdout
+        self.lock = threading.Lock()
+        self.color = self.stream.isatty() and "NO_COLOR" not in os.environ
+        self.width = 10
+
+    def prefix(self, name: str, index: int) -> str:
+        """`[name]` padded, colored on a terminal."""
+        label = f"[{name}]".ljust(self.width + 2)
+        if self.color:
+            return f"\033[{self.COLORS[index % len(self.COLORS)]}m{label}\033[0m "
+        return label + " "
+
+    def write(self, prefix: str, text: str) -> None:
+        """Print one line."""
+        with self.lock:
+            self.stream.write(prefix + text + "\n")
+            self.stream.flush()
+
+    def say(self, text: str) -> None:
+        """A line from the stack itself."""
+        self.write(self.prefix("stack", 5), text)
+
+
+def _pump(proc: subprocess.Popen[bytes], console: Console, prefix: str) -> None:
+    assert proc.stdout is not None
+    for raw in iter(proc.stdout.readline, b""):
+        console.write(prefix, raw.decode(errors="replace").rstrip())
+
+
+def _become_subreaper() -> None:
+    """Adopt orphaned descendants (pool workers, locust helpers) so they can be found and reaped."""
+    if not sys.platform.startswith("linux"):
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+
+
+def descendants(pid: int) -> set[int]:
+    """Every live process below `pid`, from /proc (Linux)."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir() if Path("/proc").is_dir() else []:
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # Fields after the command name, which may hold spaces and parentheses.
+        fields = stat[stat.rindex(")") + 2:].split()
+        parents[int(entry.name)] = int(fields[1])
+    found: set[int] = set()
+    frontier = [pid]
+    while frontier:
+        parent = frontier.pop()
+        children = [child for child, ppid in parents.items() if ppid == parent]
+        found.update(children)
+        frontier.extend(children)
+    return found
+
+
+class Stack:
+    """Starts the services, watches them, and stops them all."""
+
+    def __init__(self, settings: StackSettings, services: list[Service], console: Console):
+        self.settings = settings
+        self.services = services
+        self.console = console
+        self.stop_requested = threading.Event()
+        self.reason = ""
+
+    def request_stop(self, signum: int, _frame: object = None) -> None:
+        """Signal handler: ask the main loop to stop everything."""
+        self.reason = signal.Signals(signum).name
+        self.stop_requested.set()
+
+    def start(self) -> None:
+        """Start every service; raise StackError when one exits or never answers."""
+        self.console.width = max(len(service.name) for service in self.services)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        for index, service in enumerate(self.services):
+            self.console.say("starting " + service.name + ": " + " ".join(service.command))
+            service.proc = subprocess.Popen(
+                service.command, cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+            )
+            service.pump = threading.Thread(
+                target=_pump, args=(service.proc, self.console, self.console.prefix(
+                    service.name, index)), daemon=True,
+            )
+            service.pump.start()
+        waiting = list(self.services)
+        deadline = time.monotonic() + READY_TIMEOUT
+        while waiting:
+            if self.stop_requested.is_set():
+                return
+            for service in list(waiting):
+                assert service.proc is not None
+                if service.proc.poll() is not None:
+                    raise StackError(f"{service.name} exited with code {service.proc.returncode} "
+                                     "while starting (see its log above)")
+                if service.probe():
+                    waiting.remove(service)
+                    self.console.say(f"{service.name} is up: " + "  ".join(service.urls))
+            if waiting and time.monotonic() > deadline:
+                names = ", ".join(service.name for service in waiting)
+                raise StackError(f"{names} did not answer within {READY_TIMEOUT:.0f} s")
+            self.stop_requested.wait(0.2)
+        self.console.say("all services are up; Ctrl-C (or SIGTERM) stops everything")
+
+    def watch(self) -> int:
+        """Block until a stop signal (exit 0) or a child dies on its own (exit 1)."""
+        while not self.stop_requested.wait(0.5):
+            for service in self.services:
+                assert service.proc is not None
+                if service.proc.poll() is not None:
+                    self.console.say(f"{service.name} exited with code "
+                                     f"{service.proc.returncode}; stopping everything")
+                    return 1
+        self.console.say(f"{self.reason or 'stop'} received; stopping everything")
+        return 0
+
+    def stop(self) -> None:
+        """SIGTERM every child, wait up to the grace period, SIGKILL what is left, reap all."""
+        deadline = time.monotonic() + self.settings.grace + 2
+        # The load first, and waited for, so the servers see no requests cut off mid-way.
+        load = [s for s in self.services if s.name in ("locust", "prometheus")]
+        servers = [s for s in self.services if s not in load]
+        for stage in (load, servers):
+            running = [s for s in stage if s.proc is not None and s.proc.poll() is None]
+            for service in running:
+                assert service.proc is not None
+                with contextlib.suppress(ProcessLookupError):
+                    service.proc.send_signal(signal.SIGTERM)
+            for service in running:
+                assert service.proc is not None
+                try:
+                    service.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    self.console.say(f"{service.name} still running after the grace period: "
+                                     "SIGKILL")
+        for service in self.services:
+            if service.proc is None:
+                continue
+            # The process group holds the child's own helpers (pool workers, for instance).
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(service.proc.pid, signal.SIGKILL)
+            service.proc.wait()
+        self._kill_orphans()
+        for service in self.services:
+            if service.pump is not None:
+                service.pump.join(timeout=2)
+        for service in self.services:
+            if service.proc is not None:
+                self.console.say(f"{service.name} stopped (exit code {service.proc.returncode})")
+
+    def _kill_orphans(self) -> None:
+        """Kill and reap anything still below the stack (orphans adopted as subreaper)."""
+        deadline = time.monotonic() + KILL_WAIT
+        while time.monotonic() < deadline:
+            left = descendants(os.getpid())
+            for pid in left:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                while os.waitpid(-1, os.WNOHANG)[0] > 0:
+                    pass
+            if not left:
+                return
+            time.sleep(0.05)
+
+
+def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
+    """Run the stack until SIGINT/SIGTERM; returns the exit code."""
+    environ = os.environ if environ is None else environ
+    console = Console()
+    try:
+        settings = parse_settings(argv, environ)
+    except StackError as error:
+        print(f"python -m services.stack: error: {error}", file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory(prefix="arena-stack-") as workdir:
+        try:
+            services = plan(settings, Path(workdir), environ)
+            check_ports(settings, services)
+        except StackError as error:
+            print(f"python -m services.stack: error: {error}", file=sys.stderr)
+            return 2
+        if not (ROOT / "loadtest" / "locustfile.py").exists() and settings.locust:
+            console.say("loadtest/locustfile.py not found: starting without Locust")
+        if settings.prometheus == "auto" and not any(s.name == "prometheus" for s in services):
+            console.say("no `prometheus` on the PATH: starting without Prometheus")
+        _become_subreaper()
+        stack = Stack(settings, services, console)
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, stack.request_stop)
+        code = 0
+        try:
+            stack.start()
+            code = stack.watch()
+        except StackError as error:
+            console.say(f"error: {error}; stopping everything")
+            code = 1
+        finally:
+            # A second Ctrl-C must not interrupt the clean-up half way.
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(signum, signal.SIG_IGN)
+            stack.stop()
+        console.say("stopped" if code == 0 else f"stopped (exit code {code})")
+        return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
