@@ -1,0 +1,179 @@
+"""`python -m loadtest.bench`: measure every model alone, next to its textbook version.
+
+Writes results/bench.json, results/bench.md and PNG charts. See docs/BENCHMARK.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import sys
+from pathlib import Path
+
+from loadtest.bench import harness, loadgen, report
+from loadtest.bench.scenarios import (
+    FAMILIES,
+    KINDS,
+    MIX_DESCRIPTION,
+    build_scenarios,
+    build_targets,
+    calibrate_work_rounds,
+)
+
+DEFAULT_OUT = harness.ROOT / "results"
+
+
+def _names(text: str, allowed, what: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in allowed]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown {what} {', '.join(unknown) or '(none given)'}; choose from "
+            + ", ".join(allowed)
+        )
+    return names
+
+
+def build_parser(scenario_names: list[str]) -> argparse.ArgumentParser:
+    """The command line."""
+    parser = argparse.ArgumentParser(
+        prog="python -m loadtest.bench",
+        description="Benchmark each server model alone, with metrics on and off, next to a "
+        "textbook implementation of the same model.",
+    )
+    parser.add_argument(
+        "--scenarios", default=",".join(scenario_names),
+        type=lambda text: _names(text, scenario_names, "scenario"),
+        help="comma-separated scenarios (default: all): " + ", ".join(scenario_names),
+    )
+    parser.add_argument(
+        "--models", default=",".join(FAMILIES), type=lambda text: _names(text, FAMILIES, "model"),
+        help="comma-separated models (default: all): " + ", ".join(FAMILIES),
+    )
+    parser.add_argument(
+        "--kinds", default=",".join(KINDS), type=lambda text: _names(text, KINDS, "kind"),
+        help="which servers per model (default: all): ours, no-metrics, textbook",
+    )
+    parser.add_argument("--duration", type=float, default=2.0,
+                        help="measured seconds per run (default 2)")
+    parser.add_argument("--warmup", type=float, default=0.5,
+                        help="seconds of load before measuring, per run (default 0.5)")
+    parser.add_argument("--reps", type=int, default=3,
+                        help="runs per server and scenario; figures are medians (default 3)")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                        help="pool workers, ours and textbook (default: CPU count)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                        help="output directory (default: results/)")
+    parser.add_argument("--no-pin", dest="pin", action="store_false",
+                        help="do not pin the server and the load generator to separate CPUs")
+    parser.add_argument("--no-ceiling", dest="ceiling", action="store_false",
+                        help="skip measuring the load generator against its C echo server")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark and write the results; returns the exit code."""
+    work_rounds, work_round_ns = 20_000, 50.0  # replaced by a measurement below
+    scenario_names = list(build_scenarios(work_rounds))
+    args = build_parser(scenario_names).parse_args(argv)
+    if args.duration <= 0 or args.warmup < 0 or args.reps < 1 or args.workers < 1:
+        print("--duration must be > 0, --warmup >= 0, --reps and --workers >= 1",
+              file=sys.stderr)
+        return 2
+    try:
+        binary = loadgen.build()
+    except loadgen.LoadgenError as error:
+        print(f"bench: {error}", file=sys.stderr)
+        return 2
+
+    harness.raise_open_file_limit()
+    pinning = harness.Pinning.choose(args.pin)
+    if pinning.loadgen:
+        os.sched_setaffinity(0, pinning.loadgen)  # the harness's own sampling stays off the server
+    work_rounds, work_round_ns = calibrate_work_rounds()
+    scenarios = {name: build_scenarios(work_rounds)[name] for name in args.scenarios}
+    targets = build_targets(args.models, args.kinds, args.workers)
+
+    total = len(scenarios) * len(targets) * args.reps
+    progress = harness.Progress(total, enabled=not args.quiet)
+    per_run = args.duration + args.warmup + 0.6
+    progress.note(
+        f"bench: {len(targets)} servers x {len(scenarios)} scenarios x {args.reps} reps = {total}"
+        f" runs, about {harness._clock(total * per_run)} plus server start-ups; "
+        f"{pinning.describe()}; /work {work_rounds} rounds ≈ 1 ms"
+    )
+    meta = {
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": report.machine_info(),
+        "pinning": pinning.describe(),
+        "reps": args.reps,
+        "duration_s": args.duration,
+        "warmup_s": args.warmup,
+        "workers": args.workers,
+        "work_rounds": work_rounds,
+        "work_round_ns": round(work_round_ns, 2),
+        "mix": MIX_DESCRIPTION,
+        "loadgen_saturation_threshold": loadgen.SATURATION_CPU_FRACTION,
+        "ceiling": None,
+    }
+    try:
+        if args.ceiling:
+            echo_scenario = build_scenarios(work_rounds)["echo64"]
+            meta["ceiling"] = harness.measure_ceiling(
+                binary, echo_scenario, pinning, args.duration, args.warmup
+            )
+            progress.note(
+                f"load generator ceiling (C epoll echo server, echo 64 B): "
+                f"{meta['ceiling']['rps']:,.0f} req/s, load generator at "
+                f"{meta['ceiling']['loadgen_cpu_fraction']:.0%} of its core"
+            )
+        runs = []
+        for scenario in scenarios.values():
+            for target in targets:
+                runs.append(harness.run_target(
+                    target, scenario, binary, pinning, args.reps, args.duration, args.warmup,
+                    progress,
+                ))
+    except (harness.HarnessError, loadgen.LoadgenError) as error:
+        print(f"bench: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("bench: interrupted; nothing written", file=sys.stderr)
+        return 130
+
+    results = {
+        "meta": meta,
+        "scenarios": {
+            name: {
+                "title": scenario.title,
+                "connections": scenario.connections,
+                "echo_size": scenario.echo_size,
+                "requests": [
+                    {"weight": r.weight, "line": r.line if len(r.line) <= 80 else
+                     f"{r.line[:40]}... ({len(r.line)} bytes)"}
+                    for r in scenario.requests
+                ],
+            }
+            for name, scenario in scenarios.items()
+        },
+        "families": args.models,
+        "targets": [
+            {"name": t.name, "family": t.family, "kind": t.kind, "command": t.description}
+            for t in targets
+        ],
+        "runs": runs,
+    }
+    results["comparisons"] = report.comparisons(results)
+    args.out.mkdir(parents=True, exist_ok=True)
+    results["charts"] = report.write_charts(results, args.out)
+    report.write_json(results, args.out)
+    markdown = report.write_markdown(results, args.out)
+    progress.note(f"bench: wrote {args.out}/bench.json, {markdown.name} and "
+                  + ", ".join(results["charts"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

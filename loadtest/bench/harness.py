@@ -1,0 +1,336 @@
+"""Run every target under every scenario, one server at a time, and collect the numbers.
+
+For each (scenario, target) a fresh server is started alone on its CPU(s), measured `reps`
+times by the C load generator pinned to another CPU, and stopped (SIGTERM, then SIGKILL of
+its process group, so no worker survives into the next measurement). While the load
+generator measures, a sampler thread reads the server's processes with psutil: CPU seconds
+(workers included), peak resident memory and thread count.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import resource
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+from loadtest.bench import loadgen
+from loadtest.bench.scenarios import Scenario, Target
+
+ROOT = Path(__file__).resolve().parents[2]
+READY = re.compile(r"ready model=(\S+) host=(\S+) port=(\d+)")
+START_TIMEOUT = 30.0
+STOP_TIMEOUT = 15.0
+SAMPLE_INTERVAL = 0.05
+
+
+class HarnessError(RuntimeError):
+    """A server could not be started or measured."""
+
+
+@dataclass(frozen=True)
+class Pinning:
+    """Which CPUs the server and the load generator may use (None: not pinned)."""
+
+    server: frozenset[int] | None
+    loadgen: frozenset[int] | None
+
+    @classmethod
+    def choose(cls, enabled: bool) -> Pinning:
+        """Server on every CPU but the first, load generator on the first, when 2+ CPUs."""
+        cpus = sorted(os.sched_getaffinity(0))
+        if not enabled or len(cpus) < 2:
+            return cls(None, None)
+        return cls(frozenset(cpus[1:]), frozenset(cpus[:1]))
+
+    def describe(self) -> str:
+        """Human text for the report."""
+        if self.server is None or self.loadgen is None:
+            return "not pinned"
+        return f"server on CPU {_cpu_list(self.server)}, load generator on CPU " + _cpu_list(
+            self.loadgen
+        )
+
+
+def _cpu_list(cpus: frozenset[int]) -> str:
+    return ",".join(str(cpu) for cpu in sorted(cpus))
+
+
+def raise_open_file_limit() -> None:
+    """Lift the soft descriptor limit to the hard one; servers inherit it (1000 connections)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+class ServerProcess:
+    """One server subprocess in its own session, with its stderr kept for diagnostics."""
+
+    def __init__(self, name: str, command: list[str], cpus: frozenset[int] | None) -> None:
+        self.name = name
+        self.log: deque[str] = deque(maxlen=200)
+        preexec = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
+        self.proc = subprocess.Popen(
+            command, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE, start_new_session=True, preexec_fn=preexec,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        self._ready = threading.Event()
+        self.port = 0
+        threading.Thread(target=self._pump, daemon=True).start()
+        if not self._ready.wait(START_TIMEOUT) or not self.port:
+            self.stop()
+            raise HarnessError(f"{name} did not become ready:\n" + "\n".join(self.log))
+        self.process = psutil.Process(self.proc.pid)
+
+    def _pump(self) -> None:
+        assert self.proc.stderr is not None
+        for raw in iter(self.proc.stderr.readline, b""):
+            line = raw.decode(errors="replace").rstrip()
+            self.log.append(line)
+            if not self._ready.is_set():
+                match = READY.search(line)
+                if match:
+                    self.port = int(match.group(3))
+                    self._ready.set()
+        self._ready.set()  # exited before ready: wake the waiter, port stays 0
+
+    def usage(self) -> tuple[float, int, int]:
+        """CPU seconds, resident bytes and threads of the server and all its descendants."""
+        cpu = rss = threads = 0
+        try:
+            times = self.process.cpu_times()
+            cpu += times.user + times.system + times.children_user + times.children_system
+            rss += self.process.memory_info().rss
+            threads += self.process.num_threads()
+            children = self.process.children(recursive=True)
+        except psutil.Error:
+            return 0.0, 0, 0
+        for child in children:
+            try:
+                times = child.cpu_times()
+                cpu += times.user + times.system
+                rss += child.memory_info().rss
+                threads += child.num_threads()
+            except psutil.Error:
+                continue  # a worker that exited between listing and reading
+        return cpu, rss, threads
+
+    def stop(self) -> None:
+        """SIGTERM the server, wait, then SIGKILL whatever is left of its process group."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self.log.append(f"(harness: no exit {STOP_TIMEOUT} s after SIGTERM, killed)")
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # stray pool workers, if any
+        except (ProcessLookupError, PermissionError):
+            pass
+        self.proc.wait()
+
+
+def busy_seconds(cpus: frozenset[int] | None) -> float:
+    """CPU seconds the given CPUs (all when None) spent busy since boot, whoever ran."""
+    per_cpu = psutil.cpu_times(percpu=True)
+    chosen = per_cpu if cpus is None else [per_cpu[cpu] for cpu in sorted(cpus)]
+    return sum(sum(times) - times.idle - getattr(times, "iowait", 0.0) for times in chosen)
+
+
+class Sampler:
+    """Samples a server's usage in a thread between the load generator's markers."""
+
+    def __init__(self, server: ServerProcess, server_cpus: frozenset[int] | None) -> None:
+        self.server = server
+        self.server_cpus = server_cpus
+        self.busy_start = self.busy_end = 0.0
+        self.cpu_start = self.cpu_end = 0.0
+        self.time_start = self.time_end = 0.0
+        self.peak_rss = 0
+        self.peak_threads = 0
+        self._measuring = threading.Event()
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def marker(self, name: str) -> None:
+        """Called by the load generator's stderr reader."""
+        cpu, rss, threads = self.server.usage()
+        busy = busy_seconds(self.server_cpus)
+        if name == "measure-start":
+            self.cpu_start, self.time_start, self.busy_start = cpu, time.monotonic(), busy
+            self._measuring.set()
+        else:
+            self.cpu_end, self.time_end, self.busy_end = cpu, time.monotonic(), busy
+            self._measuring.clear()
+        self._note(rss, threads)
+
+    def _note(self, rss: int, threads: int) -> None:
+        self.peak_rss = max(self.peak_rss, rss)
+        self.peak_threads = max(self.peak_threads, threads)
+
+    def _loop(self) -> None:
+        while not self._done.wait(SAMPLE_INTERVAL):
+            if self._measuring.is_set():
+                _, rss, threads = self.server.usage()
+                self._note(rss, threads)
+
+    def close(self) -> None:
+        """Stop the sampling thread."""
+        self._done.set()
+        self._thread.join(timeout=5)
+
+
+def measure_once(
+    server: ServerProcess, scenario: Scenario, binary: Path, duration: float, warmup: float,
+    pinning: Pinning,
+) -> dict:
+    """One closed-loop measurement of a running server; returns one repetition's record."""
+    sampler = Sampler(server, pinning.server)
+    try:
+        args = loadgen.command(
+            binary, server.port, scenario.connections, duration, warmup, scenario.requests
+        )
+        result = loadgen.run(
+            args, sampler.marker, set(pinning.loadgen) if pinning.loadgen else None,
+            timeout=duration + warmup + 60,
+        )
+    finally:
+        sampler.close()
+    if server.proc.poll() is not None:
+        raise HarnessError(f"{server.name} exited during the run:\n" + "\n".join(server.log))
+    elapsed = result["elapsed_s"] or duration
+    server_cpu = max(0.0, sampler.cpu_end - sampler.cpu_start)
+    loadgen_cpu = result["cpu_s"]["user"] + result["cpu_s"]["system"]
+    errors = sum(result["errors"].values())
+    # CPU time on the server's CPUs that the server did not use: other processes (when pinned,
+    # a busy neighbour that makes the figure noisy; unpinned, the load generator too).
+    other = max(0.0, (sampler.busy_end - sampler.busy_start) - server_cpu) / elapsed
+    return {
+        "rps": result["rps"],
+        "requests": result["requests"],
+        "errors": errors,
+        "error_kinds": result["errors"],
+        "connected": result["connected"],
+        "ramp_s": result["ramp_s"],
+        "latency_us": result["latency_us"],
+        "kinds": result["kinds"],
+        "elapsed_s": elapsed,
+        "server_cpu_s": round(server_cpu, 4),
+        "server_cpu_fraction": round(server_cpu / elapsed, 4),
+        "peak_rss_bytes": sampler.peak_rss,
+        "threads": sampler.peak_threads,
+        "loadgen_cpu_s": round(loadgen_cpu, 4),
+        "loadgen_cpu_fraction": result["cpu_fraction"],
+        "loadgen_saturated": result["cpu_fraction"] > loadgen.SATURATION_CPU_FRACTION,
+        "other_cpu_fraction": round(other, 4),
+    }
+
+
+MEDIAN_FIELDS = (
+    "rps", "requests", "server_cpu_s", "server_cpu_fraction", "peak_rss_bytes", "threads",
+    "loadgen_cpu_s", "loadgen_cpu_fraction", "other_cpu_fraction",
+)
+
+
+def summarize(reps: list[dict]) -> dict:
+    """Median of the repetitions for every figure; errors summed; saturation if any rep was."""
+    summary: dict = {
+        field: statistics.median(rep[field] for rep in reps) for field in MEDIAN_FIELDS
+    }
+    summary["latency_us"] = {
+        key: statistics.median(rep["latency_us"][key] for rep in reps)
+        for key in reps[0]["latency_us"]
+    }
+    summary["errors"] = sum(rep["errors"] for rep in reps)
+    summary["loadgen_saturated"] = any(rep["loadgen_saturated"] for rep in reps)
+    return summary
+
+
+class Progress:
+    """One stderr line per measurement with a count and an estimate of the time left."""
+
+    def __init__(self, total: int, enabled: bool = True) -> None:
+        self.total = total
+        self.done = 0
+        self.started = time.monotonic()
+        self.enabled = enabled
+
+    def step(self, text: str) -> None:
+        """Count one finished measurement and print it."""
+        self.done += 1
+        if not self.enabled:
+            return
+        spent = time.monotonic() - self.started
+        left = spent / self.done * (self.total - self.done)
+        print(f"[{self.done:>3}/{self.total}] {text}  (about {_clock(left)} left)",
+              file=sys.stderr, flush=True)
+
+    def note(self, text: str) -> None:
+        """Print a line that is not a measurement."""
+        if self.enabled:
+            print(text, file=sys.stderr, flush=True)
+
+
+def _clock(seconds: float) -> str:
+    minutes, seconds = divmod(int(seconds + 0.5), 60)
+    return f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
+
+
+def run_target(
+    target: Target, scenario: Scenario, binary: Path, pinning: Pinning, reps: int,
+    duration: float, warmup: float, progress: Progress,
+) -> dict:
+    """Start one server, measure it `reps` times under one scenario, stop it."""
+    server = ServerProcess(target.name, list(target.command), pinning.server)
+    records = []
+    try:
+        for rep in range(reps):
+            record = measure_once(server, scenario, binary, duration, warmup, pinning)
+            records.append(record)
+            flag = "  LOAD GENERATOR SATURATED" if record["loadgen_saturated"] else ""
+            progress.step(
+                f"{scenario.name:<13} {target.name:<26} rep {rep + 1}/{reps}: "
+                f"{record['rps']:>9,.0f} req/s  p99 {record['latency_us']['p99']:>9,.0f} µs  "
+                f"errors {record['errors']}{flag}"
+            )
+    finally:
+        server.stop()
+    return {
+        "scenario": scenario.name,
+        "target": target.name,
+        "family": target.family,
+        "kind": target.kind,
+        "command": target.description,
+        "reps": records,
+        "median": summarize(records),
+    }
+
+
+def measure_ceiling(
+    binary: Path, scenario: Scenario, pinning: Pinning, duration: float, warmup: float,
+) -> dict:
+    """The load generator against its own C echo server: the fastest rate this rig can show."""
+    server = ServerProcess("c-epoll", [str(binary), "--serve", "0"], pinning.server)
+    try:
+        record = measure_once(server, scenario, binary, duration, warmup, pinning)
+    finally:
+        server.stop()
+    return {
+        "scenario": scenario.name,
+        "rps": record["rps"],
+        "loadgen_cpu_fraction": record["loadgen_cpu_fraction"],
+        "server_cpu_fraction": record["server_cpu_fraction"],
+        "errors": record["errors"],
+    }

@@ -1,0 +1,310 @@
+"""Write the benchmark's results: bench.json, bench.md and PNG charts."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from pathlib import Path
+
+KIND_COLORS = {"ours": "#1f77b4", "no-metrics": "#9ecae1", "textbook": "#ff7f0e"}
+FAMILY_COLORS = ("#1f77b4", "#2ca02c", "#9467bd", "#d62728", "#8c564b")
+KIND_NAMES = {"ours": "ours", "no-metrics": "ours, metrics off", "textbook": "textbook"}
+CHARTS = ("throughput.png", "latency.png", "resources.png")
+# Above this share of the server's CPU used by someone else, a figure is flagged as noisy.
+NOISY_OTHER_FRACTION = 0.15
+
+
+def machine_info() -> dict:
+    """Which machine ran the benchmark: CPU model, cores, memory, kernel, Python."""
+    import psutil
+
+    model = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu_model": model,
+        "cores": os.cpu_count(),
+        "usable_cpus": sorted(os.sched_getaffinity(0)),
+        "memory_bytes": psutil.virtual_memory().total,
+        "system": f"{platform.system()} {platform.release()}",
+        "python": platform.python_version(),
+        "implementation": platform.python_implementation(),
+    }
+
+
+def machine_line(meta: dict) -> str:
+    """One line saying where, when and how the figures were measured."""
+    machine = meta["machine"]
+    return (
+        f"{meta['date']} · {machine['cpu_model']}, {machine['cores']} cores, "
+        f"{machine['memory_bytes'] / 2**30:.0f} GiB, {machine['system']}, "
+        f"Python {machine['python']} · {meta['pinning']} · median of {meta['reps']} runs of "
+        f"{meta['duration_s']:g} s"
+    )
+
+
+def write_json(results: dict, directory: Path) -> Path:
+    """bench.json: everything, repetitions included."""
+    path = directory / "bench.json"
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    return path
+
+
+def _by_key(results: dict) -> dict[tuple[str, str], dict]:
+    return {(run["scenario"], run["target"]): run for run in results["runs"]}
+
+
+def _ratio(numerator: float, denominator: float) -> float | None:
+    return numerator / denominator if denominator else None
+
+
+def comparisons(results: dict) -> list[dict]:
+    """Per scenario and family: ours vs textbook and the cost of metrics (req/s)."""
+    runs = _by_key(results)
+    rows = []
+    for scenario in results["scenarios"]:
+        for family in results["families"]:
+            ours = runs.get((scenario, family))
+            if ours is None:
+                continue
+            off = runs.get((scenario, family + " (metrics off)"))
+            textbook = runs.get((scenario, family + " textbook"))
+            rps = ours["median"]["rps"]
+            rows.append({
+                "scenario": scenario,
+                "family": family,
+                "vs_textbook": _ratio(rps, textbook["median"]["rps"]) if textbook else None,
+                "metrics_cost": (1 - rps / off["median"]["rps"]) if off and off["median"]["rps"]
+                else None,
+            })
+    return rows
+
+
+def _fmt_ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def _fmt_cost(value: float | None) -> str:
+    return "-" if value is None else f"{value * 100:+.1f} %"
+
+
+def _fmt_other(median: dict) -> str:
+    share = median.get("other_cpu_fraction", 0.0)
+    return f"{share:.0%}" + (" ⚠ noisy" if share > NOISY_OTHER_FRACTION else "")
+
+
+def _fmt_us(value: float) -> str:
+    return f"{value:,.0f}" if value >= 100 else f"{value:.1f}"
+
+
+def write_markdown(results: dict, directory: Path) -> Path:
+    """bench.md: one table per scenario, the comparison tables, and the charts."""
+    meta = results["meta"]
+    lines = [
+        "# Socket Arena benchmark",
+        "",
+        f"- **When / where:** {machine_line(meta)}; warm-up {meta['warmup_s']:g} s per run.",
+        f"- **Load generator:** `loadtest/bench/loadgen.c`, closed loop, one request in flight "
+        f"per connection, every reply checked. Against a C epoll echo server it reached "
+        f"{meta['ceiling']['rps']:,.0f} req/s using {meta['ceiling']['loadgen_cpu_fraction']:.0%}"
+        f" of its core (echo 64 B, 100 conns): that is this rig's ceiling."
+        if meta.get("ceiling") else "- **Load generator:** `loadtest/bench/loadgen.c`.",
+        f"- **/work size:** {meta['work_rounds']:,} rounds ≈ "
+        f"{meta['work_rounds'] * meta['work_round_ns'] / 1e6:.2f} ms of CPU here.",
+        f"- **Mix:** {meta['mix']}.",
+        "- Latency in µs from the load generator's histogram (≤ 0.4 % error); server CPU "
+        "includes pool worker processes (share of one core in brackets); RSS is summed over "
+        "the server and its workers; errors are summed over all runs. *loadgen CPU* is the load "
+        "generator's share of its core (above "
+        f"{meta['loadgen_saturation_threshold']:.0%} the rate is flagged: the load generator, "
+        "not the server, may be the limit). *other on server CPU* is CPU time on the server's "
+        "core(s) not used by the server (interrupts, other processes; above "
+        f"{NOISY_OTHER_FRACTION:.0%} flagged as noisy).",
+        "",
+    ]
+    runs = _by_key(results)
+    comparison = {(row["scenario"], row["family"]): row for row in comparisons(results)}
+    for scenario, info in results["scenarios"].items():
+        lines += [f"## {info['title']}", ""]
+        lines.append(
+            "| server | req/s | p50 µs | p99 µs | p99.9 µs | errors | server CPU | peak RSS | "
+            "threads | loadgen CPU | other on server CPU | vs textbook | metrics cost |"
+        )
+        lines.append("|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|")
+        for target in results["targets"]:
+            run = runs.get((scenario, target["name"]))
+            if run is None:
+                continue
+            median = run["median"]
+            latency = median["latency_us"]
+            rps = f"{median['rps']:,.0f}"
+            if median["loadgen_saturated"]:
+                rps += " ⚠ load generator saturated"
+            row = comparison.get((scenario, target["name"]), {})
+            lines.append(
+                f"| {target['name']} | {rps} | {_fmt_us(latency['p50'])} | "
+                f"{_fmt_us(latency['p99'])} | {_fmt_us(latency['p999'])} | {median['errors']} | "
+                f"{median['server_cpu_s']:.2f} s ({median['server_cpu_fraction']:.0%}) | "
+                f"{median['peak_rss_bytes'] / 2**20:.0f} MiB | {median['threads']:.0f} | "
+                f"{median['loadgen_cpu_fraction']:.0%} | {_fmt_other(median)} | "
+                f"{_fmt_ratio(row.get('vs_textbook'))} | "
+                f"{_fmt_cost(row.get('metrics_cost'))} |"
+            )
+        lines.append("")
+    families = results["families"]
+    scenario_names = list(results["scenarios"])
+    for title, key, fmt in (
+        ("Ours vs textbook (req/s, metrics on; ≥ 1.00x is the target)", "vs_textbook",
+         _fmt_ratio),
+        ("Cost of metrics (req/s lost with metrics on; ≤ 10 % is the target)", "metrics_cost",
+         _fmt_cost),
+    ):
+        lines += [f"## {title}", "", "| model | " + " | ".join(scenario_names) + " |",
+                  "|---|" + "--:|" * len(scenario_names)]
+        for family in families:
+            cells = [fmt(comparison.get((scenario, family), {}).get(key))
+                     for scenario in scenario_names]
+            lines.append(f"| {family} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += ["## Servers", ""]
+    lines += [f"- **{target['name']}**: {target['command']}" for target in results["targets"]]
+    lines.append("")
+    for chart in results.get("charts", []):
+        lines += [f"![{chart}]({chart})", ""]
+    path = directory / "bench.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def write_charts(results: dict, directory: Path) -> list[str]:
+    """throughput.png, latency.png and resources.png; returns the file names."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display: write files only
+    from matplotlib import pyplot
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    footer = machine_line(results["meta"])
+    runs = _by_key(results)
+    scenarios = results["scenarios"]
+    targets = results["targets"]
+    columns = min(3, max(1, len(scenarios)))
+    rows = -(-len(scenarios) // columns)
+
+    figure, axes = pyplot.subplots(rows, columns, figsize=(5.2 * columns, 4.2 * rows),
+                                   squeeze=False)
+    for axis, (scenario, info) in zip(axes.flat, scenarios.items(), strict=False):
+        names, values, colors = [], [], []
+        for target in targets:
+            run = runs.get((scenario, target["name"]))
+            if run:
+                names.append(target["name"])
+                values.append(run["median"]["rps"])
+                colors.append(KIND_COLORS[target["kind"]])
+        axis.barh(names, values, color=colors)
+        axis.invert_yaxis()
+        axis.set_title(info["title"])
+        axis.set_xlabel("requests / s")
+        axis.tick_params(axis="y", labelsize=7)
+        for index, target_name in enumerate(names):
+            if runs[(scenario, target_name)]["median"]["loadgen_saturated"]:
+                axis.text(values[index], index, " loadgen saturated", va="center", fontsize=6)
+    _finish(figure, axes, len(scenarios), "Throughput per model and scenario", footer)
+    figure.savefig(directory / "throughput.png", dpi=110)
+    pyplot.close(figure)
+
+    figure, axes = pyplot.subplots(rows, columns, figsize=(5.2 * columns, 4.2 * rows),
+                                   squeeze=False)
+    markers = (("p50", "o", "p50"), ("p99", "^", "p99"), ("p999", "s", "p99.9"))
+    for axis, (scenario, info) in zip(axes.flat, scenarios.items(), strict=False):
+        names = [t["name"] for t in targets if (scenario, t["name"]) in runs]
+        for key, marker, label in markers:
+            values = [runs[(scenario, name)]["median"]["latency_us"][key] for name in names]
+            axis.scatter(values, range(len(names)), marker=marker, label=label, s=22)
+        axis.set_yticks(range(len(names)), names, fontsize=7)
+        axis.invert_yaxis()
+        axis.set_xscale("log")
+        axis.xaxis.set_major_formatter(FuncFormatter(_duration_label))
+        axis.xaxis.set_minor_formatter(NullFormatter())
+        axis.set_xlabel("latency (log scale)")
+        axis.set_title(info["title"])
+        axis.grid(axis="x", alpha=0.3)
+    axes.flat[0].legend(fontsize=7)
+    _finish(figure, axes, len(scenarios), "Latency percentiles per model and scenario", footer,
+            kind_legend=False)
+    figure.savefig(directory / "latency.png", dpi=110)
+    pyplot.close(figure)
+
+    figure, (memory_axis, threads_axis) = pyplot.subplots(1, 2, figsize=(12, 4.6))
+    echo_sizes = sorted({info["echo_size"] for info in scenarios.values() if info["echo_size"]})
+    series_size = 64 if 64 in echo_sizes else (echo_sizes[0] if echo_sizes else None)
+    series = [(name, info["connections"]) for name, info in scenarios.items()
+              if series_size is not None and info["echo_size"] == series_size]
+    series.sort(key=lambda item: item[1])
+    for target in targets:
+        points = [(connections, runs[(name, target["name"])]["median"])
+                  for name, connections in series if (name, target["name"]) in runs]
+        if not points:
+            continue
+        family_index = results["families"].index(target["family"])
+        style = {"color": FAMILY_COLORS[family_index % len(FAMILY_COLORS)],
+                 "marker": {"ours": "o", "no-metrics": "x", "textbook": "s"}[target["kind"]],
+                 "linestyle": {"ours": "-", "no-metrics": ":", "textbook": "--"}[target["kind"]]}
+        connections = [point[0] for point in points]
+        memory_axis.plot(connections, [p[1]["peak_rss_bytes"] / 2**20 for p in points],
+                         label=target["name"], **style)
+        threads_axis.plot(connections, [p[1]["threads"] for p in points], **style)
+    memory_axis.set_title(f"Peak RSS vs connections (echo {series_size} B)")
+    memory_axis.set_xlabel("connections")
+    memory_axis.set_ylabel("MiB (server + workers)")
+    threads_axis.set_title(f"Threads vs connections (echo {series_size} B)")
+    threads_axis.set_xlabel("connections")
+    threads_axis.set_ylabel("threads (server + workers)")
+    threads_axis.set_yscale("log")
+    threads_axis.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    for axis in (memory_axis, threads_axis):
+        axis.grid(alpha=0.3)
+        axis.set_xscale("log")
+        axis.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    memory_axis.legend(fontsize=7, ncol=2)
+    figure.suptitle("Memory and threads vs connections")
+    figure.text(0.5, 0.01, footer, ha="center", fontsize=7)
+    figure.tight_layout(rect=(0, 0.03, 1, 1))
+    figure.savefig(directory / "resources.png", dpi=110)
+    pyplot.close(figure)
+    return list(CHARTS)
+
+
+def _duration_label(microseconds: float, _position: object = None) -> str:
+    """Tick label for a latency axis in µs: 100 µs, 10 ms, 1 s."""
+    if microseconds >= 1e6:
+        return f"{microseconds / 1e6:g} s"
+    if microseconds >= 1e3:
+        return f"{microseconds / 1e3:g} ms"
+    return f"{microseconds:g} µs"
+
+
+def _finish(
+    figure, axes, used: int, title: str, footer: str, kind_legend: bool = True
+) -> None:
+    for axis in list(axes.flat)[used:]:
+        axis.set_visible(False)
+    if kind_legend:
+        handles = [_patch(KIND_COLORS[kind], KIND_NAMES[kind])
+                   for kind in ("ours", "no-metrics", "textbook")]
+        figure.legend(handles=handles, loc="upper right", fontsize=8)
+    figure.suptitle(title)
+    figure.text(0.5, 0.005, footer, ha="center", fontsize=7)
+    figure.tight_layout(rect=(0, 0.02, 1, 0.97))
+
+
+def _patch(color: str, label: str):
+    from matplotlib.patches import Patch
+
+    return Patch(color=color, label=label)

@@ -1,0 +1,138 @@
+"""The benchmark's scenarios and the servers it measures.
+
+A scenario is a connection count and a weighted list of request lines with their expected
+replies (the load generator checks every reply byte for byte). A target is one server command:
+each model of ours with metrics on and off, and the textbook server of the same model.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+
+from loadtest.bench.loadgen import Request
+
+# Lower-case text, so the upper-cased echo proves the server really ran the request.
+_ALPHABET = "thequickbrownfoxjumpsoverthelazydog"
+
+
+def text_of(size: int) -> str:
+    """`size` bytes of lower-case request text."""
+    return (_ALPHABET * (size // len(_ALPHABET) + 1))[:size]
+
+
+def echo(size: int, weight: int = 1) -> Request:
+    """An echo request of `size` bytes (newline not counted)."""
+    text = text_of(size)
+    return Request(weight, text, text.upper())
+
+
+def sleep(milliseconds: int, weight: int = 1) -> Request:
+    """A `/sleep` request that echoes a short text."""
+    return Request(weight, f"/sleep {milliseconds} zz", "ZZ")
+
+
+def work(rounds: int, weight: int = 1) -> Request:
+    """A `/work` request that echoes a short text."""
+    return Request(weight, f"/work {rounds} ww", "WW")
+
+
+def calibrate_work_rounds(target_seconds: float = 0.001) -> tuple[int, float]:
+    """Rounds of `/work` that take about target_seconds here; returns (rounds, ns per round)."""
+    from services.protocol import burn_cpu
+
+    probe = 20_000
+    best = min(_timed(burn_cpu, probe) for _ in range(7))
+    per_round_ns = best / probe * 1e9
+    return max(1, round(target_seconds * 1e9 / per_round_ns)), per_round_ns
+
+
+def _timed(function, argument) -> float:
+    start = time.perf_counter()
+    function(argument)
+    return time.perf_counter() - start
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """A named load: connections and the request mix each connection sends in a closed loop."""
+
+    name: str
+    title: str
+    connections: int
+    requests: tuple[Request, ...]
+    echo_size: int | None = None  # pure echo scenarios, charted for memory vs connections
+
+
+def build_scenarios(work_rounds: int) -> dict[str, Scenario]:
+    """Every scenario by name, in report order."""
+    work_request = work(work_rounds)
+    scenarios = [
+        Scenario("echo64", "echo 64 B, 100 conns", 100, (echo(64),), echo_size=64),
+        Scenario("echo1k", "echo 1 KiB, 100 conns", 100, (echo(1024),), echo_size=1024),
+        Scenario("echo64-c1000", "echo 64 B, 1000 conns", 1000, (echo(64),), echo_size=64),
+        Scenario("sleep20", "/sleep 20, 100 conns", 100, (sleep(20),)),
+        Scenario("work1ms", "/work ~1 ms, 100 conns", 100, (work_request,)),
+        Scenario(
+            "mix", "mix, 100 conns", 100,
+            (echo(64, 80), echo(1024, 10), sleep(20, 5), work(work_rounds, 5)),
+        ),
+    ]
+    return {scenario.name: scenario for scenario in scenarios}
+
+
+MIX_DESCRIPTION = "80 % echo 64 B, 10 % echo 1 KiB, 5 % /sleep 20, 5 % /work ~1 ms"
+
+# Model families: our server command and the textbook server it is compared with.
+FAMILIES: dict[str, tuple[list[str], str]] = {
+    "threaded": (["threaded"], "threaded"),
+    "pool-process": (["pool", "--executor", "process"], "processpool"),
+    "pool-thread": (["pool", "--executor", "thread"], "threadpool"),
+    "gevent": (["gevent"], "gevent"),
+}
+KINDS = ("ours", "no-metrics", "textbook")
+KIND_LABELS = {"ours": "", "no-metrics": " (metrics off)", "textbook": " textbook"}
+TEXTBOOK_NAMES = {
+    "threaded": "socketserver.ThreadingTCPServer",
+    "processpool": "selectors + ProcessPoolExecutor",
+    "threadpool": "selectors + ThreadPoolExecutor",
+    "gevent": "gevent.server.StreamServer",
+}
+
+
+@dataclass(frozen=True)
+class Target:
+    """One server command the harness starts, measures and stops."""
+
+    family: str
+    kind: str
+    command: tuple[str, ...]
+    description: str  # what exactly runs, for the report
+
+    @property
+    def name(self) -> str:
+        """A short unique label, e.g. `pool-process (metrics off)`."""
+        return self.family + KIND_LABELS[self.kind]
+
+
+def build_targets(families: list[str], kinds: list[str], workers: int) -> list[Target]:
+    """Targets in report order: for each family, ours, ours without metrics, textbook."""
+    targets = []
+    for family in families:
+        model_args, textbook_model = FAMILIES[family]
+        pool_args = ["--workers", str(workers)] if model_args[0] == "pool" else []
+        for kind in kinds:
+            if kind == "textbook":
+                command = [sys.executable, "-m", "loadtest.bench.textbook", textbook_model,
+                           "--host", "127.0.0.1", "--port", "0", "--workers", str(workers)]
+                description = TEXTBOOK_NAMES[textbook_model]
+            else:
+                server_args = [*model_args, *pool_args]
+                if kind == "no-metrics":
+                    server_args.append("--no-metrics")
+                command = [sys.executable, "-m", "services", *server_args,
+                           "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0"]
+                description = "python -m services " + " ".join(server_args)
+            targets.append(Target(family, kind, tuple(command), description))
+    return targets

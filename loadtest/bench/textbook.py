@@ -1,0 +1,170 @@
+"""Minimal textbook servers, one per concurrency model, for the benchmark to compare against.
+
+Each is the shortest correct server a tutorial would show for its model, answering with the
+project's own protocol (`services.protocol.answer`) so the work per request is identical:
+
+- `threaded`     -- `socketserver.ThreadingTCPServer`: one thread per connection.
+- `gevent`       -- `gevent.server.StreamServer`: one greenlet per connection.
+- `threadpool`   -- a `selectors` reactor that submits every request line to a
+                    `ThreadPoolExecutor`; the worker sends the reply.
+- `processpool`  -- the same reactor with a `ProcessPoolExecutor`: the line goes to a worker
+                    process and the reply comes back through the executor's pipes (the IPC
+                    cost the project's pool server tries to cut).
+
+They have no metrics, no connection limit, no idle timeout, no line limit and no graceful
+shutdown: the benchmark shows what those cost in our servers. The one deviation from the
+textbook is the listen backlog (1024, not socketserver's 5), because with a backlog of 5 the
+1000-connection scenario measures SYN retries instead of the model.
+
+Run: `python -m loadtest.bench.textbook MODEL [--host H] [--port P] [--workers N]`. It logs
+`ready model=textbook-MODEL host=H port=P metrics_port=0` on stderr, like the real servers.
+Only standard-library modules are imported at the top: gevent must patch before the rest load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+
+MODELS = ("threaded", "gevent", "threadpool", "processpool")
+BACKLOG = 1024
+
+
+def _strip(line: bytes) -> bytes:
+    """Drop the newline and one carriage return before it."""
+    line = line[:-1] if line.endswith(b"\n") else line
+    return line[:-1] if line.endswith(b"\r") else line
+
+
+def _ready(model: str, host: str, port: int) -> None:
+    print(f"ready model=textbook-{model} host={host} port={port} metrics_port=0",
+          file=sys.stderr, flush=True)
+
+
+def serve_threaded(host: str, port: int) -> None:
+    """Thread per connection with socketserver."""
+    import socketserver
+
+    from services.protocol import answer
+
+    class Handler(socketserver.StreamRequestHandler):
+        def handle(self) -> None:
+            for line in self.rfile:
+                result = answer(_strip(line))
+                self.wfile.write(result.reply)
+                if result.close:
+                    break
+
+    class Server(socketserver.ThreadingTCPServer):
+        daemon_threads = True
+        allow_reuse_address = True
+        request_queue_size = BACKLOG
+
+    with Server((host, port), Handler) as server:
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        _ready("threaded", host, server.server_address[1])
+        server.serve_forever()
+
+
+def serve_gevent(host: str, port: int) -> None:
+    """Greenlet per connection with gevent's StreamServer."""
+    from gevent import monkey
+
+    monkey.patch_all()  # so the protocol's time.sleep yields to other greenlets
+    import gevent
+    from gevent.server import StreamServer
+
+    from services.protocol import answer
+
+    def handle(sock, _address) -> None:
+        reader = sock.makefile("rb")
+        for line in reader:
+            result = answer(_strip(line))
+            sock.sendall(result.reply)
+            if result.close:
+                break
+
+    server = StreamServer((host, port), handle, backlog=BACKLOG)
+    server.start()
+    gevent.signal_handler(signal.SIGTERM, server.stop)
+    _ready("gevent", host, server.server_port)
+    server.serve_forever()
+
+
+def serve_reactor(host: str, port: int, executor_kind: str, workers: int) -> None:
+    """A selectors reactor that hands every request line to an executor."""
+    import selectors
+    import socket
+    from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+    from functools import partial
+
+    from services.protocol import Answer, answer
+
+    # The process pool is created first: forking after threads exist is unsafe.
+    executor = (ProcessPoolExecutor if executor_kind == "process" else ThreadPoolExecutor)(workers)
+    selector = selectors.DefaultSelector()
+    listener = socket.create_server((host, port), backlog=BACKLOG)
+    listener.setblocking(False)
+    selector.register(listener, selectors.EVENT_READ)
+    pending: dict[socket.socket, bytes] = {}
+
+    def send_reply(conn: socket.socket, future: Future[Answer]) -> None:
+        try:
+            conn.sendall(future.result().reply)
+        except OSError:
+            pass  # the client left; the reactor closes the socket when it reads EOF
+
+    running = True
+
+    def stop(*_: object) -> None:
+        nonlocal running
+        running = False
+
+    signal.signal(signal.SIGTERM, stop)
+    _ready(executor_kind + "pool", host, listener.getsockname()[1])
+    while running:
+        for key, _ in selector.select(timeout=0.5):
+            sock = key.data  # the client socket; None for the listener
+            if sock is None:
+                conn, _ = listener.accept()
+                conn.setblocking(True)  # readable before recv, and sendall from the workers
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                selector.register(conn, selectors.EVENT_READ, data=conn)
+                pending[conn] = b""
+                continue
+            try:
+                data = sock.recv(65536)
+            except OSError:
+                data = b""
+            if not data:
+                selector.unregister(sock)
+                pending.pop(sock, None)
+                sock.close()
+                continue
+            *lines, pending[sock] = (pending[sock] + data).split(b"\n")
+            for line in lines:
+                future = executor.submit(answer, _strip(line))
+                future.add_done_callback(partial(send_reply, sock))
+    executor.shutdown(wait=False, cancel_futures=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse the command line and serve until SIGTERM."""
+    parser = argparse.ArgumentParser(prog="python -m loadtest.bench.textbook")
+    parser.add_argument("model", choices=MODELS)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    args = parser.parse_args(argv)
+    if args.model == "threaded":
+        serve_threaded(args.host, args.port)
+    elif args.model == "gevent":
+        serve_gevent(args.host, args.port)
+    else:
+        serve_reactor(args.host, args.port, args.model.removesuffix("pool"), args.workers)
+
+
+if __name__ == "__main__":
+    main()

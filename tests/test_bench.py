@@ -1,0 +1,86 @@
+"""The benchmark: a tiny real run of every model writes valid JSON, Markdown and PNG charts."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from loadtest.bench import loadgen, report
+from tests.conftest import ROOT
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+FAMILIES = ("threaded", "pool-process", "pool-thread", "gevent")
+KINDS = ("ours", "no-metrics", "textbook")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, str]:
+    """One scenario, every model (ours with and without metrics, textbook), one short rep."""
+    out = tmp_path_factory.mktemp("bench")
+    result = subprocess.run(
+        [sys.executable, "-m", "loadtest.bench", "--scenarios", "echo64", "--duration", "0.3",
+         "--warmup", "0.1", "--reps", "1", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=240, check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    return out, json.loads((out / "bench.json").read_text()), result.stderr
+
+
+def test_the_histogram_error_is_below_one_percent() -> None:
+    binary = loadgen.build()
+    output = subprocess.run([str(binary), "--selftest"], capture_output=True, text=True,
+                            timeout=60, check=True).stdout
+    assert json.loads(output)["max_relative_error"] <= 0.01
+
+
+@pytest.mark.slow
+def test_a_tiny_run_measures_every_server_and_says_where_and_how(tiny_run) -> None:
+    _, results, progress = tiny_run
+    meta = results["meta"]
+    assert meta["machine"]["cores"] >= 1 and meta["machine"]["cpu_model"]
+    assert meta["reps"] == 1 and meta["date"] and meta["pinning"]
+    assert meta["ceiling"]["rps"] > 0
+    assert list(results["scenarios"]) == ["echo64"]
+    names = {target["name"] for target in results["targets"]}
+    assert len(names) == len(FAMILIES) * len(KINDS)
+    assert {run["target"] for run in results["runs"]} == names
+    for run in results["runs"]:
+        assert len(run["reps"]) == 1
+        median = run["median"]
+        for key in ("rps", "server_cpu_s", "peak_rss_bytes", "threads", "loadgen_cpu_fraction",
+                    "loadgen_saturated", "other_cpu_fraction", "errors"):
+            assert key in median, (run["target"], key)
+        assert set(median["latency_us"]) >= {"p50", "p99", "p999"}
+        # Every reply was checked byte for byte by the load generator.
+        assert median["errors"] == 0, (run["target"], run["reps"][0]["error_kinds"])
+        assert run["reps"][0]["requests"] > 0 and median["peak_rss_bytes"] > 0
+        assert run["reps"][0]["connected"] == results["scenarios"]["echo64"]["connections"]
+    families = {row["family"] for row in results["comparisons"]}
+    assert families == set(FAMILIES)
+    assert "rep 1/1" in progress  # progress is shown while it runs
+
+
+@pytest.mark.slow
+def test_a_tiny_run_writes_a_markdown_table_and_valid_png_charts(tiny_run) -> None:
+    out, results, _ = tiny_run
+    for chart in report.CHARTS:
+        assert (out / chart).read_bytes()[:8] == PNG_MAGIC, chart
+    markdown = (out / "bench.md").read_text()
+    assert "| server | req/s | p50 µs | p99 µs | p99.9 µs |" in markdown
+    for target in results["targets"]:
+        assert f"| {target['name']} |" in markdown
+    for chart in report.CHARTS:
+        assert f"({chart})" in markdown
+
+
+@pytest.mark.slow
+def test_a_saturated_load_generator_is_flagged_next_to_the_number(tiny_run, tmp_path) -> None:
+    _, results, _ = tiny_run
+    results["runs"][0]["median"]["loadgen_saturated"] = True
+    markdown = report.write_markdown(results, tmp_path).read_text()
+    flagged = [line for line in markdown.splitlines() if "load generator saturated" in line]
+    assert len(flagged) == 1 and flagged[0].startswith(f"| {results['runs'][0]['target']} |")
