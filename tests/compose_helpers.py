@@ -1,0 +1,288 @@
+"""Drive one `docker compose` project of docker-compose.yml from a test, and read it from outside.
+
+Everything here talks to the Docker engine through the `docker` CLI and to the stack through
+ports the project publishes on 127.0.0.1, exactly as a user would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import socket
+import subprocess
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+COMPOSE_FILE = ROOT / "docker-compose.yml"
+DASHBOARD_DIR = ROOT / "docker" / "grafana" / "dashboards"
+DATASOURCE_DIR = ROOT / "docker" / "grafana" / "provisioning" / "datasources"
+LOCUST_CONF = ROOT / "loadtest" / "locust.conf"
+SERVER_SERVICES = ("threaded", "pool", "gevent")
+# Compose variables that publish a port on the host: the test picks free ones, so it never
+# collides with a stack the user already runs on the default ports.
+PUBLISHED_PORT_VARIABLES = {
+    "threaded": "ARENA_THREADED_PORT",
+    "pool": "ARENA_POOL_PORT",
+    "gevent": "ARENA_GEVENT_PORT",
+    "locust": "ARENA_LOCUST_PORT",
+    "prometheus": "ARENA_PROMETHEUS_PORT",
+    "grafana": "ARENA_GRAFANA_PORT",
+}
+# What Grafana substitutes before a query reaches Prometheus.
+GRAFANA_VARIABLES = {
+    "$__rate_interval": "1m",
+    "${__rate_interval}": "1m",
+    "$__interval": "15s",
+    "${__interval}": "15s",
+    "$__range": "5m",
+    "${__range}": "5m",
+}
+
+
+def cli_problem(timeout: float = 30.0) -> str | None:
+    """Why the Docker Compose v2 CLI cannot be used here, or None when it can."""
+    return _first_failure([["docker", "compose", "version"]], timeout)
+
+
+def engine_problem(timeout: float = 30.0) -> str | None:
+    """Why no Docker engine with Compose v2 can be used here, or None when one can."""
+    return _first_failure(
+        [["docker", "info", "--format", "{{.ServerVersion}}"], ["docker", "compose", "version"]],
+        timeout,
+    )
+
+
+def _first_failure(commands: list[list[str]], timeout: float) -> str | None:
+    for command in commands:
+        try:
+            result = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+        except (OSError, subprocess.TimeoutExpired) as error:
+            return f"`{' '.join(command)}` failed: {error}"
+        if result.returncode != 0:
+            return f"`{' '.join(command)}` exited {result.returncode}: {result.stderr.strip()}"
+    return None
+
+
+def clean_environment() -> dict[str, str]:
+    """The current environment without any of the compose file's knobs (so defaults apply)."""
+    knobs = ("ARENA_", "GF_", "LOCUST_")
+    return {k: v for k, v in os.environ.items() if not k.startswith(knobs)}
+
+
+def seconds(duration: str) -> float:
+    """A Compose duration such as `20s`, `1m30s` or `1500ms` in seconds."""
+    units = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001, "us": 1e-6, "ns": 1e-9}
+    parts = re.findall(r"([\d.]+)(h|ms|us|ns|m|s)", duration)
+    assert parts and "".join(n + u for n, u in parts) == duration, f"not a duration: {duration}"
+    return sum(float(number) * units[unit] for number, unit in parts)
+
+
+def free_port() -> int:
+    """A port that is free on 127.0.0.1 right now (the engine binds it a moment later)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def poll(check: Callable[[], Any], timeout: float, interval: float = 2.0) -> Any:
+    """Call `check` until it returns something truthy or `timeout` passes; return the last value.
+
+    Exceptions count as "not yet" (services come up one by one); the last one is returned
+    as the value when time runs out, so the caller's assertion message can show it.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            value = check()
+        except Exception as error:  # not swallowed: returned as the value on timeout
+            value = error
+        if value and not isinstance(value, Exception):
+            return value
+        if time.monotonic() >= deadline:
+            return value
+        time.sleep(interval)
+
+
+def http_json(url: str, data: dict[str, str] | None = None, timeout: float = 10.0) -> Any:
+    """GET (or form-POST) a URL and decode its JSON body."""
+    body = urllib.parse.urlencode(data).encode() if data is not None else None
+    with urllib.request.urlopen(url, data=body, timeout=timeout) as response:
+        return json.load(response)
+
+
+def http_text(url: str, timeout: float = 10.0) -> str:
+    """GET a URL and return its body as text."""
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        return response.read().decode()
+
+
+def dashboard_queries() -> list[tuple[str, str, str]]:
+    """(dashboard file, panel title, PromQL expr) for every query in every provisioned dashboard."""
+    found: list[tuple[str, str, str]] = []
+
+    def walk(panels: Iterable[dict[str, Any]], source: str) -> None:
+        for panel in panels:
+            for target in panel.get("targets", []):
+                if target.get("expr"):
+                    found.append((source, panel.get("title", ""), target["expr"]))
+            walk(panel.get("panels", []), source)
+
+    for path in sorted(DASHBOARD_DIR.glob("*.json")):
+        walk(json.loads(path.read_text()).get("panels", []), path.name)
+    return found
+
+
+def grafana_to_promql(expr: str) -> str:
+    """Replace Grafana's built-in variables with the values Grafana would send."""
+    for variable, value in GRAFANA_VARIABLES.items():
+        expr = expr.replace(variable, value)
+    return expr
+
+
+def provisioned_datasource_uids() -> set[str]:
+    """The datasource uids docker/grafana/provisioning/datasources/ defines."""
+    uids: set[str] = set()
+    for path in DATASOURCE_DIR.glob("*.y*ml"):
+        uids.update(re.findall(r"^\s+uid:\s*[\"']?([\w-]+)", path.read_text(), re.MULTILINE))
+    return uids
+
+
+def metric_samples(text: str, name: str) -> dict[frozenset[tuple[str, str]], float]:
+    """Samples of one metric in Prometheus text format: {frozenset(labels): value}."""
+    samples: dict[frozenset[tuple[str, str]], float] = {}
+    pattern = re.compile(rf"^{re.escape(name)}(?:\{{(.*?)\}})?\s+(\S+)", re.MULTILINE)
+    for labels_text, value in pattern.findall(text):
+        labels = frozenset(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', labels_text or ""))
+        samples[labels] = float(value)
+    return samples
+
+
+@dataclass
+class ComposeProject:
+    """One uniquely named project of the repository's compose file, on free host ports."""
+
+    name: str = field(default_factory=lambda: f"arena-test-{secrets.token_hex(4)}")
+    ports: dict[str, int] = field(
+        default_factory=lambda: {service: free_port() for service in PUBLISHED_PORT_VARIABLES}
+    )
+    started: list[str] = field(default_factory=list)
+
+    @property
+    def env(self) -> dict[str, str]:
+        """The environment for compose commands: default knobs, our ports, the classic builder."""
+        published = {PUBLISHED_PORT_VARIABLES[s]: str(p) for s, p in self.ports.items()}
+        return {**clean_environment(), "COMPOSE_BAKE": "false", "ARENA_BIND_ADDRESS": "127.0.0.1",
+                **published}
+
+    def compose(self, *args: str, timeout: float = 120.0, check: bool = True,
+                env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        """Run `docker compose -p NAME -f docker-compose.yml ARGS` and capture its output."""
+        command = ["docker", "compose", "-p", self.name, "-f", str(COMPOSE_FILE), *args]
+        result = subprocess.run(command, cwd=ROOT, env=env or self.env, capture_output=True,
+                                text=True, timeout=timeout)
+        if check and result.returncode != 0:
+            raise AssertionError(
+                f"`{' '.join(command[3:])}` exited {result.returncode}\n"
+                f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}\n{self.diagnostics()}"
+            )
+        return result
+
+    def config(self) -> dict[str, Any]:
+        """The resolved compose model (`docker compose config --format json`)."""
+        return json.loads(self.compose("config", "--format", "json").stdout)
+
+    def runnable_services(self) -> tuple[list[str], list[str]]:
+        """(services this engine can start, services it cannot: no build and no local image)."""
+        runnable, missing = [], []
+        for name, service in self.config()["services"].items():
+            if "build" in service or image_present(service["image"]):
+                runnable.append(name)
+            else:
+                missing.append(f"{name} ({service['image']})")
+        return runnable, missing
+
+    def containers(self) -> list[dict[str, Any]]:
+        """`docker compose ps --all` as a list of dicts (one per container)."""
+        output = self.compose("ps", "--all", "--format", "json", check=False).stdout
+        rows: list[dict[str, Any]] = []
+        for line in output.splitlines():
+            line = line.strip()
+            if not line:
+                continue
+            parsed = json.loads(line)
+            rows.extend(parsed if isinstance(parsed, list) else [parsed])
+        return rows
+
+    def container_state(self, service: str) -> dict[str, Any]:
+        """`docker inspect` .State of the service's (first) container."""
+        ids = self.compose("ps", "--all", "-q", service).stdout.split()
+        assert ids, f"no container for service {service}"
+        result = subprocess.run(["docker", "inspect", "--format", "{{json .State}}", ids[0]],
+                                capture_output=True, text=True, timeout=30, check=True)
+        return json.loads(result.stdout)
+
+    def url(self, service: str, path: str) -> str:
+        """http://127.0.0.1:PUBLISHED_PORT/path of a service."""
+        return f"http://127.0.0.1:{self.ports[service]}{path}"
+
+    def promql(self, query: str) -> list[dict[str, Any]]:
+        """Run an instant query against the project's Prometheus; return the result vector."""
+        reply = http_json(self.url("prometheus", "/api/v1/query"), data={"query": query})
+        assert reply["status"] == "success", reply
+        return reply["data"]["result"]
+
+    def diagnostics(self) -> str:
+        """Container states and recent logs, for assertion messages."""
+        try:
+            states = self.compose("ps", "--all", check=False).stdout
+            logs = self.compose("logs", "--no-color", "--tail", "25", check=False).stdout
+        except (OSError, subprocess.TimeoutExpired) as error:
+            return f"(no diagnostics: {error})"
+        return f"--- docker compose ps ---\n{states}\n--- last log lines ---\n{logs[-8000:]}"
+
+    def leftovers(self) -> dict[str, list[str]]:
+        """Containers, volumes and networks still labelled with this project."""
+        label = f"label=com.docker.compose.project={self.name}"
+        found = {}
+        for kind, command in (
+            ("containers", ["docker", "ps", "-a", "-q", "--filter", label]),
+            ("volumes", ["docker", "volume", "ls", "-q", "--filter", label]),
+            ("networks", ["docker", "network", "ls", "-q", "--filter", label]),
+        ):
+            result = subprocess.run(command, capture_output=True, text=True, timeout=30)
+            found[kind] = result.stdout.split()
+        return found
+
+    def down(self) -> subprocess.CompletedProcess[str]:
+        """Remove everything the project created (containers, network, named volumes)."""
+        return self.compose("down", "-v", "--remove-orphans", "--timeout", "30",
+                            timeout=180, check=False)
+
+
+def image_present(image: str) -> bool:
+    """Whether the engine has this image locally (nothing is pulled)."""
+    result = subprocess.run(["docker", "image", "inspect", image], capture_output=True,
+                            timeout=30)
+    return result.returncode == 0
+
+
+def ping(port: int, timeout: float = 10.0) -> bytes:
+    """Send `/ping` to 127.0.0.1:port from the host and return the first reply line."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.settimeout(timeout)
+        sock.sendall(b"/ping\n/quit\n")
+        reply = b""
+        while b"\n" not in reply and len(reply) < 256:
+            chunk = sock.recv(256)
+            if not chunk:
+                break
+            reply += chunk
+        return reply.partition(b"\n")[0] + b"\n"

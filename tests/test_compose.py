@@ -1,0 +1,230 @@
+"""`docker compose up` starts a healthy, loaded, observable stack, and stops cleanly.
+
+One uniquely named compose project on free ports is built and started for the whole module;
+the tests read it from outside the containers (published ports, the docker CLI) in the order a
+user would look at it, stop the servers with SIGTERM, and finally take it down. Grafana's
+image cannot run on an engine without a registry: then every PromQL query of the provisioned
+dashboard is run against the real Prometheus instead.
+
+Without a Docker engine the module is skipped, unless ARENA_REQUIRE_DOCKER=1 (CI), where it
+fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterator
+
+import pytest
+
+from loadtest.workload import KNOBS, TARGETS
+from services.config import Settings
+from tests.compose_helpers import (
+    DASHBOARD_DIR,
+    LOCUST_CONF,
+    SERVER_SERVICES,
+    ComposeProject,
+    clean_environment,
+    cli_problem,
+    dashboard_queries,
+    engine_problem,
+    grafana_to_promql,
+    http_json,
+    http_text,
+    metric_samples,
+    ping,
+    poll,
+    provisioned_datasource_uids,
+    seconds,
+)
+
+pytestmark = [pytest.mark.docker, pytest.mark.slow, pytest.mark.timeout(600)]
+
+UP_TIMEOUT = 420.0  # image builds included; cached builds take seconds
+TRAFFIC_TIMEOUT = 120.0  # Locust waits for a worker, then spawns its users
+USERS_PER_SERVER = 100  # what loadtest/locust.conf starts against each server
+SCRAPE_TIMEOUT = 90.0  # a few 5 s scrape intervals, so every rate() has two samples
+
+
+@pytest.fixture(scope="module")
+def compose_cli() -> ComposeProject:
+    """A project handle for commands that need only the Compose CLI, not a running engine."""
+    problem = cli_problem()
+    if problem:
+        if os.environ.get("ARENA_REQUIRE_DOCKER") == "1":
+            pytest.fail(f"ARENA_REQUIRE_DOCKER=1 but no Docker Compose CLI: {problem}")
+        pytest.skip(f"no Docker Compose CLI ({problem}); set ARENA_REQUIRE_DOCKER=1 to fail")
+    return ComposeProject()
+
+
+@pytest.fixture(scope="module")
+def stack() -> Iterator[ComposeProject]:
+    """The stack, built and started with `up -d --build --wait`; always taken down after."""
+    problem = engine_problem()
+    if problem:
+        if os.environ.get("ARENA_REQUIRE_DOCKER") == "1":
+            pytest.fail(f"ARENA_REQUIRE_DOCKER=1 but no Docker engine: {problem}")
+        pytest.skip(f"no Docker engine reachable ({problem}); set ARENA_REQUIRE_DOCKER=1 to fail")
+    project = ComposeProject()
+    try:
+        runnable, missing = project.runnable_services()
+        print(f"compose project {project.name}: starting {runnable}; "
+              f"cannot run here (no image, no build): {missing}")
+        project.compose("up", "-d", "--build", "--wait", "--wait-timeout", str(int(UP_TIMEOUT)),
+                        *runnable, timeout=UP_TIMEOUT + 60)
+        project.started = runnable
+        yield project
+    finally:
+        project.down()
+
+
+def test_compose_file_renders_without_warnings(compose_cli: ComposeProject) -> None:
+    """`docker compose config` succeeds and warns about nothing, with no knob set at all."""
+    result = compose_cli.compose("config", "--quiet", env=clean_environment())
+    assert result.stderr.strip() == ""
+
+
+def test_compose_defaults_match_the_code(compose_cli: ComposeProject) -> None:
+    """The knobs' defaults in docker-compose.yml are the servers' and the load test's own."""
+    services = json.loads(
+        compose_cli.compose("config", "--format", "json", env=clean_environment()).stdout
+    )["services"]
+    server_defaults = Settings()
+    for name in SERVER_SERVICES:
+        environment = services[name]["environment"]
+        assert float(environment["ARENA_GRACE"]) == server_defaults.grace
+        assert int(environment["ARENA_MAX_CONNECTIONS"]) == server_defaults.max_connections
+        assert float(environment["ARENA_IDLE_TIMEOUT"]) == server_defaults.idle_timeout
+        assert environment["ARENA_LOG_LEVEL"] == server_defaults.log_level
+        # SIGKILL must come only after the server's own grace period is over.
+        assert seconds(services[name]["stop_grace_period"]) > float(environment["ARENA_GRACE"])
+        assert services[name]["cpus"] == services["threaded"]["cpus"]
+        assert services[name]["mem_limit"] == services["threaded"]["mem_limit"]
+    conf = dict(re.findall(r"^([\w-]+)\s*=\s*(\S+)", LOCUST_CONF.read_text(), re.MULTILINE))
+    for name in ("locust", "locust-worker"):
+        environment = services[name]["environment"]
+        for knob in KNOBS:
+            if knob.dest in {f"{target}_target" for target in TARGETS}:
+                continue  # addresses are container names here, not the local defaults
+            assert knob.parse(environment[knob.env_var]) == knob.parse(knob.default), knob.flag
+        assert environment["LOCUST_USERS"] == conf["users"]
+        assert environment["LOCUST_SPAWN_RATE"] == conf["spawn-rate"]
+
+
+def test_every_started_service_is_running_and_healthy(stack: ComposeProject) -> None:
+    """Every container is running, and healthy by its own healthcheck."""
+    containers = {row["Service"]: row for row in stack.containers()}
+    assert set(stack.started) <= set(containers), stack.diagnostics()
+    for service in stack.started:
+        row = containers[service]
+        assert row["State"] == "running", f"{service}: {row}\n{stack.diagnostics()}"
+        assert row["Health"] == "healthy", f"{service}: {row}\n{stack.diagnostics()}"
+
+
+def test_servers_answer_on_their_published_ports(stack: ComposeProject) -> None:
+    """From the host, each server answers `/ping` with `PONG` on its 127.0.0.1 port."""
+    for service in SERVER_SERVICES:
+        assert ping(stack.ports[service]) == b"PONG\n", service
+
+
+def test_locust_loads_every_server_with_zero_failures(stack: ComposeProject) -> None:
+    """Locust autostarts 100 users per server; all three see requests and none fail."""
+    seen: dict[str, dict[str, float]] = {}
+
+    def loaded() -> dict | None:
+        text = http_text(stack.url("locust", "/metrics"))
+        users = {dict(k).get("target"): v for k, v in metric_samples(text, "locust_users").items()}
+        requests: dict[str, float] = {}
+        for labels, value in metric_samples(text, "locust_requests_total").items():
+            target = dict(labels).get("target", "")
+            requests[target] = requests.get(target, 0.0) + value
+        seen.update(users=users, requests=requests)
+        ready = all(users.get(s) == USERS_PER_SERVER and requests.get(s, 0) > 0
+                    for s in SERVER_SERVICES)
+        return {"users": users, "requests": requests, "text": text} if ready else None
+
+    state = poll(loaded, TRAFFIC_TIMEOUT)
+    assert isinstance(state, dict), (
+        f"Locust did not run {USERS_PER_SERVER} users with requests against every server: "
+        f"last seen {seen or state!r}\n{stack.diagnostics()}"
+    )
+    failures = metric_samples(state["text"], "locust_failures_total")
+    connect_errors = metric_samples(state["text"], "locust_connect_errors_total")
+    assert sum(failures.values()) == 0, failures
+    assert sum(connect_errors.values()) == 0, connect_errors
+
+    # Locust's own statistics (the web UI's table): one row per (target, command).
+    report = http_json(stack.url("locust", "/stats/requests"))
+    for service in SERVER_SERVICES:
+        rows = [row for row in report["stats"] if row["method"] == service]
+        assert sum(row["num_requests"] for row in rows) > 0, (service, report["stats"])
+        assert sum(row["num_failures"] for row in rows) == 0, (service, rows, report["errors"])
+    assert report["stats"][-1]["num_failures"] == 0, report["errors"]
+    assert report["errors"] == []
+    assert report["worker_count"] >= 1
+
+
+def test_prometheus_scrapes_every_target(stack: ComposeProject) -> None:
+    """Prometheus reports the three servers and the Locust master as up."""
+    expected = {*SERVER_SERVICES, "locust"}
+
+    def all_up() -> dict[str, str] | None:
+        targets = http_json(stack.url("prometheus", "/api/v1/targets"))["data"]["activeTargets"]
+        health = {t["labels"]["job"]: f"{t['health']} {t['lastError']}".strip() for t in targets}
+        return health if all(health.get(job) == "up" for job in expected) else None
+
+    health = poll(all_up, SCRAPE_TIMEOUT)
+    assert isinstance(health, dict), f"targets not all up: {health!r}\n{stack.diagnostics()}"
+    assert set(health) == expected
+
+
+def test_dashboard_uses_only_the_provisioned_datasource() -> None:
+    """Every panel and query of every dashboard points at the provisioned Prometheus uid."""
+    uids = provisioned_datasource_uids()
+    assert uids, "no datasource provisioned"
+    paths = sorted(DASHBOARD_DIR.glob("*.json"))
+    assert paths, "no dashboard provisioned"
+    for path in paths:
+        dashboard = json.loads(path.read_text())
+        stack_of_panels = list(dashboard["panels"])
+        while stack_of_panels:
+            panel = stack_of_panels.pop()
+            stack_of_panels.extend(panel.get("panels", []))
+            for item in (panel, *panel.get("targets", [])):
+                source = item.get("datasource")
+                if source is not None:
+                    assert source.get("uid") in uids, (path.name, panel.get("title"), source)
+
+
+def test_every_dashboard_query_returns_data(stack: ComposeProject) -> None:
+    """Each PromQL expr in docker/grafana/dashboards/*.json returns data from the live stack."""
+    queries = dashboard_queries()
+    assert queries, "the dashboard has no queries"
+
+    def empty_queries() -> list[str]:
+        return [f"{panel}: {expr}" for _, panel, expr in queries
+                if not stack.promql(grafana_to_promql(expr))]
+
+    if poll(lambda: not empty_queries(), SCRAPE_TIMEOUT, interval=5.0) is not True:
+        empty = empty_queries()
+        assert not empty, "queries without data:\n" + "\n".join(empty)
+
+
+def test_sigterm_stops_each_server_with_exit_code_0(stack: ComposeProject) -> None:
+    """`docker compose stop` (SIGTERM, SIGKILL only after stop_grace_period) ends each server
+    by itself, under load, with exit code 0."""
+    stack.compose("stop", *SERVER_SERVICES, timeout=180)
+    for service in SERVER_SERVICES:
+        state = stack.container_state(service)
+        assert state["Status"] == "exited", (service, state)
+        assert state["OOMKilled"] is False, (service, state)
+        assert state["ExitCode"] == 0, f"{service}: {state}\n{stack.diagnostics()}"
+
+
+def test_down_leaves_nothing_behind(stack: ComposeProject) -> None:
+    """`docker compose down -v` removes every container, network and named volume."""
+    result = stack.down()
+    assert result.returncode == 0, result.stderr
+    assert stack.leftovers() == {"containers": [], "volumes": [], "networks": []}
