@@ -328,7 +328,9 @@ class Console:
 
     def write(self, prefix: str, text: str) -> None:
         """Print one line."""
-        with self.lock:
+        # A closed stdout (piped into `head`) must not stop the pumps: a child whose pipe is
+        # not drained blocks on its next log line.
+        with self.lock, contextlib.suppress(OSError, ValueError):
             self.stream.write(prefix + text + "\n")
             self.stream.flush()
 

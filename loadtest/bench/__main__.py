@@ -55,8 +55,8 @@ def build_parser(scenario_names: list[str]) -> argparse.ArgumentParser:
         "--kinds", default=",".join(KINDS), type=lambda text: _names(text, KINDS, "kind"),
         help="which servers per model (default: all): ours, no-metrics, textbook",
     )
-    parser.add_argument("--duration", type=float, default=2.0,
-                        help="measured seconds per run (default 2)")
+    parser.add_argument("--duration", type=float, default=1.0,
+                        help="measured seconds per run (default 1)")
     parser.add_argument("--warmup", type=float, default=0.5,
                         help="seconds of load before measuring, per run (default 0.5)")
     parser.add_argument("--reps", type=int, default=3,
@@ -104,6 +104,12 @@ def main(argv: list[str] | None = None) -> int:
         f" runs, about {harness._clock(total * per_run)} plus server start-ups; "
         f"{pinning.describe()}; /work {work_rounds} rounds ≈ 1 ms"
     )
+    background = harness.background_load()
+    if background > 0.15:
+        progress.note(
+            f"bench: warning: other processes keep {background:.0%} of this machine's CPU busy; "
+            "the figures will be noisy (see the 'other on server CPU' column)"
+        )
     meta = {
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": report.machine_info(),
@@ -117,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         "mix": MIX_DESCRIPTION,
         "loadgen_saturation_threshold": loadgen.SATURATION_CPU_FRACTION,
         "ceiling": None,
+        "background_cpu_fraction_at_start": round(background, 3),
     }
     try:
         if args.ceiling:

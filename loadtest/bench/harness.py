@@ -148,6 +148,13 @@ def busy_seconds(cpus: frozenset[int] | None) -> float:
     return sum(sum(times) - times.idle - getattr(times, "iowait", 0.0) for times in chosen)
 
 
+def background_load(seconds: float = 1.0) -> float:
+    """Share of all CPUs busy over a short idle interval: how loud the machine is already."""
+    before = busy_seconds(None)
+    time.sleep(seconds)
+    return (busy_seconds(None) - before) / seconds / (os.cpu_count() or 1)
+
+
 class Sampler:
     """Samples a server's usage in a thread between the load generator's markers."""
 
