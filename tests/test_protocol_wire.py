@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterator
 
 import pytest
@@ -251,6 +252,14 @@ def test_errors_inside_a_pipeline_keep_their_place(wire_server):
     assert lines[2] == b"Y\n"
     assert lines[3].startswith(b"ERR bad-argument ")
     assert lines[4] == b"Z\n"
+
+
+def test_half_closed_client_still_gets_every_reply(wire_server):
+    with LineClient(wire_server.address) as client:
+        client.send(b"/sleep 100 first\n/ping\nlast\n")
+        client.sock.shutdown(socket.SHUT_WR)  # "no more requests", as `nc -N` does
+        assert client.read_lines(3) == [b"FIRST\n", b"PONG\n", b"LAST\n"]
+        assert client.read_until_closed() == b""
 
 
 # Clients that misbehave ---------------------------------------------------------------------

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import os
+import resource
+import select
 import signal
 import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.conftest import MODELS, ROOT, RunningServer
+from tests.conftest import MODELS, ROOT, RunningServer, wait_until
 from tests.server_helpers import (
     LineClient,
     processes_in_session,
@@ -275,6 +278,18 @@ def test_connection_limit_refuses_the_sixth_and_frees_slots_on_close(server_fact
     assert metrics.sum("arena_protocol_errors_total", code="server-busy") >= 1
 
 
+@pytest.mark.parametrize("model", MODELS)
+def test_connection_counts_until_the_server_closes_it(server_factory, model):
+    server = server_factory(model, *model_args(model), "--max-connections", "1")
+    with LineClient(server.address) as leaver:
+        leaver.send(b"/sleep 1000 gone\n")
+        wait_until_received(server, leaver.sent_bytes)
+    # The client has gone, but its request still runs: the server still holds the connection.
+    with LineClient(server.address) as refused:
+        assert refused.read_line().startswith(b"ERR server-busy ")
+    wait_for(lambda: ping_succeeds(server), 20, "the slot to be freed after the request ended")
+
+
 def ping_succeeds(server: RunningServer) -> bool:
     """One fresh connection's /ping: True if answered PONG, False if refused as busy."""
     with LineClient(server.address) as client:
@@ -366,6 +381,67 @@ def test_client_reset_is_counted_and_the_server_keeps_serving(server_factory, mo
     wait_until_received(server, len(b"half a line") + len(b"/sleep 200 nobody listens\n"))
     sleeping.reset()
     wait_until_all_closed(server)
+    with LineClient(server.address) as client:
+        assert client.request(b"/ping") == b"PONG\n"
+    assert server.proc.poll() is None
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_client_that_never_reads_is_throttled_not_buffered(server_factory, model):
+    server = server_factory(model, *model_args(model))
+    line = b"n" * 999 + b"\n"
+    chunk = line * 1024  # 1 MiB of echo requests
+    flooder = LineClient(server.address, timeout=3)
+    pushed = 0
+    try:
+        # Without reading a reply, keep sending. A server that stops reading once its replies
+        # back up makes sendall block (kernel buffers hold a few MiB); one that kept reading
+        # would have to buffer all of it.
+        for _ in range(100):
+            flooder.send(chunk)
+            pushed += len(chunk)
+    except TimeoutError:
+        pass
+    finally:
+        flooder.reset()
+    assert pushed < 100 * len(chunk), "the server swallowed 100 MiB of requests nobody read"
+    wait_until_all_closed(server)
+    with LineClient(server.address) as client:
+        assert client.request(b"/ping") == b"PONG\n"
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_running_out_of_file_descriptors_is_survived(server_factory, model):
+    server = server_factory(model, *model_args(model))
+    open_fds = int(scrape(server).value("process_open_fds"))
+    _, hard_limit = resource.prlimit(server.proc.pid, resource.RLIMIT_NOFILE)
+    # Room for a few connections only: the rest make accept() fail with EMFILE.
+    resource.prlimit(server.proc.pid, resource.RLIMIT_NOFILE, (open_fds + 4, hard_limit))
+
+    clients = [LineClient(server.address, timeout=60) for _ in range(12)]  # in the backlog
+    try:
+        unanswered = {}
+        for number, client in enumerate(clients):
+            client.send(b"fd %d\n" % number)
+            unanswered[client.sock] = (number, client)
+        # Only a few fit. Keep every client until the server has met EMFILE (the metrics cannot
+        # be scraped now: that needs a descriptor too), else a fast client frees one first.
+        wait_until(lambda: "Too many open files" in server.log_text(), timeout=10)
+        # Answer and close whoever is served, which frees a descriptor for the next accept.
+        deadline = time.monotonic() + 60
+        while unanswered and time.monotonic() < deadline:
+            readable, _, _ = select.select(list(unanswered), [], [], 1.0)
+            for sock in readable:
+                number, client = unanswered.pop(sock)
+                assert client.read_line() == b"FD %d\n" % number
+                client.close()
+        assert not unanswered, f"{len(unanswered)} clients never served"
+    finally:
+        for client in clients:
+            client.close()
+    # Each client left after its reply, freeing a descriptor for the next accept.
+    metrics = wait_until_all_closed(server)
+    assert metrics.sum("arena_accept_errors_total", errno="EMFILE") >= 1, server.log_text()
     with LineClient(server.address) as client:
         assert client.request(b"/ping") == b"PONG\n"
     assert server.proc.poll() is None
