@@ -1,0 +1,161 @@
+"""A TCP line client for Locust: one request, one validated reply line, one request event.
+
+Rules it keeps (see docs/LOADTEST.md):
+- every socket has a timeout, for connecting and for each reply;
+- a reply is read to its newline and compared with the exact expected text; a wrong reply is a
+  failure whose message shows both;
+- on any error the socket is closed at once and the next request reconnects, so a dead socket is
+  never reused (Locust's ``events.request.measure()`` would swallow the error and keep it);
+- connecting is timed and reported as its own row (name ``connect``);
+- it never raises into the task: every outcome becomes exactly one request event.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from typing import Any
+
+CONNECT = "connect"
+READ_SIZE = 65536
+# A reply may be longer than expected only by an error message; more than this is a broken stream.
+REPLY_SLACK = 1024
+
+
+class ReplyError(Exception):
+    """The server answered, but not with what the protocol promises."""
+
+
+class WrongReply(ReplyError):
+    """The reply line differs from the expected text."""
+
+    def __init__(self, command: str, expected: bytes, actual: bytes) -> None:
+        super().__init__(
+            f"wrong reply to {command}: expected {shorten(expected)} got {shorten(actual)}"
+        )
+
+
+class ConnectionClosed(ReplyError):
+    """The server closed the connection before a whole reply line arrived."""
+
+
+class ReplyTooLong(ReplyError):
+    """No newline within the expected length plus slack."""
+
+
+def shorten(data: bytes, limit: int = 60) -> str:
+    """A readable, bounded rendering of a reply for failure messages."""
+    if len(data) <= limit:
+        return repr(data)
+    return f"{data[: limit - 16]!r}...{data[-12:]!r} ({len(data)} bytes)"
+
+
+class LineClient:
+    """One connection to one target; reconnects lazily after any failure."""
+
+    def __init__(
+        self,
+        target: str,
+        address: tuple[str, int],
+        request_event: Any,
+        connect_timeout: float = 10.0,
+    ) -> None:
+        self.target = target
+        self.address = address
+        self.connect_timeout = connect_timeout
+        self.consecutive_connect_failures = 0
+        self._request_event = request_event
+        self._sock: socket.socket | None = None
+        self._buffer = bytearray()
+
+    @property
+    def connected(self) -> bool:
+        """Whether a socket is open (it is dropped after any failure)."""
+        return self._sock is not None
+
+    def retarget(self, address: tuple[str, int]) -> None:
+        """Point at a new address; the current connection (if any) is closed."""
+        if address != self.address:
+            self.close()
+            self.address = address
+
+    def close(self) -> None:
+        """Close the connection; the next request opens a fresh one."""
+        sock, self._sock = self._sock, None
+        self._buffer.clear()
+        if sock is not None:
+            try:
+                sock.close()
+            except OSError:
+                pass
+
+    def request(self, command: str, line: bytes, expected: bytes, timeout: float) -> bool:
+        """Send one line, read one reply line, check it; fire one request event. True on success."""
+        if self._sock is None and not self._connect():
+            return False
+        sock = self._sock
+        assert sock is not None
+        start_time = time.time()
+        started = time.perf_counter()
+        try:
+            sock.settimeout(timeout)
+            sock.sendall(line)
+            reply = self._read_line(sock, len(expected) + REPLY_SLACK)
+            elapsed = time.perf_counter() - started
+            if reply != expected:
+                raise WrongReply(command, expected, reply)
+        except Exception as error:  # every failure is reported, none escapes the task
+            elapsed = time.perf_counter() - started
+            # After any error the stream position is unknown: never reuse this socket.
+            self.close()
+            self._fire(command, elapsed, 0, start_time, error)
+            return False
+        self._fire(command, elapsed, len(reply) + 1, start_time, None)
+        return True
+
+    def _connect(self) -> bool:
+        start_time = time.time()
+        started = time.perf_counter()
+        try:
+            sock = socket.create_connection(self.address, timeout=self.connect_timeout)
+            # Request/reply traffic: do not let Nagle hold back a small request.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except Exception as error:  # reported as a failed connect, never raised
+            self.consecutive_connect_failures += 1
+            self._fire(CONNECT, time.perf_counter() - started, 0, start_time, error)
+            return False
+        self.consecutive_connect_failures = 0
+        self._sock = sock
+        self._buffer.clear()
+        self._fire(CONNECT, time.perf_counter() - started, 0, start_time, None)
+        return True
+
+    def _read_line(self, sock: socket.socket, limit: int) -> bytes:
+        searched = 0
+        while True:
+            newline = self._buffer.find(b"\n", searched)
+            if newline >= 0:
+                reply = bytes(self._buffer[:newline])
+                del self._buffer[: newline + 1]
+                return reply
+            if len(self._buffer) > limit:
+                raise ReplyTooLong(f"no newline within {limit} bytes of reply")
+            searched = len(self._buffer)
+            chunk = sock.recv(READ_SIZE)
+            if not chunk:
+                raise ConnectionClosed("server closed the connection before replying")
+            self._buffer += chunk
+
+    def _fire(
+        self, name: str, elapsed: float, length: int, start_time: float, error: Exception | None
+    ) -> None:
+        self._request_event.fire(
+            request_type=self.target,
+            name=name,
+            response_time=elapsed * 1000.0,
+            response_length=length,
+            exception=error,
+            context={},
+            start_time=start_time,
+            url=None,
+        )

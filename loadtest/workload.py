@@ -1,0 +1,316 @@
+"""The workload knobs: command-line arguments, validation, and the requests they produce.
+
+Every knob is a Locust custom argument (``--payload-bytes``, also ``LOCUST_PAYLOAD_BYTES`` and a
+field in the web UI). Users call :func:`current_workload` before every request, so a value changed
+in the web UI's edit form takes effect on the next request without restarting the test. Values are
+validated in one place, :meth:`Workload.from_options`, which the command line, the web UI's start
+and edit forms and the users all go through; a bad value is refused with a message that names the
+knob, the allowed range and the value given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import logging
+import math
+import os
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+logger = logging.getLogger(__name__)
+
+TARGETS = ("threaded", "pool", "gevent")
+COMMANDS = ("echo", "ping", "sleep", "work")
+CONNECT = "connect"
+DEFAULT_ADDRESSES = {
+    "threaded": "tcp://127.0.0.1:9001",
+    "pool": "tcp://127.0.0.1:9002",
+    "gevent": "tcp://127.0.0.1:9003",
+}
+DEFAULT_USERS_PER_TARGET = 100
+LOCUST_CONF = os.path.join(os.path.dirname(os.path.abspath(__file__)), "locust.conf")
+# The servers' default line limit is 65536 bytes; leave room for "/sleep 60000 " in front of TEXT.
+MAX_PAYLOAD_BYTES = 65000
+MAX_SLEEP_MS = 60_000
+MAX_WORK_ROUNDS = 10_000_000
+WORK_ROUNDS_PER_SECOND = 20_000_000  # docs/PROTOCOL.md: about 20,000 rounds take 1 ms
+
+
+class KnobError(ValueError):
+    """A refused knob value; the message names the knob, what is allowed and what was given."""
+
+
+def _integer(low: int, high: int) -> Callable[[object], int]:
+    def parse(value: object) -> int:
+        text = str(value).strip()
+        try:
+            number = int(text)
+        except ValueError:
+            raise KnobError(f"must be a whole number from {low} to {high}, got {text!r}") from None
+        if not low <= number <= high:
+            raise KnobError(f"must be a whole number from {low} to {high}, got {number}")
+        return number
+
+    return parse
+
+
+def _number(low: float, high: float) -> Callable[[object], float]:
+    def parse(value: object) -> float:
+        text = str(value).strip()
+        try:
+            number = float(text)
+        except ValueError:
+            raise KnobError(f"must be a number from {low:g} to {high:g}, got {text!r}") from None
+        if not math.isfinite(number) or not low <= number <= high:
+            raise KnobError(f"must be a number from {low:g} to {high:g}, got {text!r}")
+        return number
+
+    return parse
+
+
+def _address(value: object) -> str:
+    text = str(value).strip()
+    parse_address(text)
+    return text
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """Split ``tcp://host:port`` into (host, port); refuse anything else."""
+    example = "tcp://127.0.0.1:9001"
+    try:
+        parts = urlsplit(text)
+        port = parts.port
+    except ValueError:
+        raise KnobError(f"must look like {example}, got {text!r}") from None
+    if parts.scheme != "tcp" or not parts.hostname or port is None or parts.path or parts.query:
+        raise KnobError(f"must look like {example}, got {text!r}")
+    if not 1 <= port <= 65535:
+        raise KnobError(f"port must be from 1 to 65535, got {text!r}")
+    return parts.hostname, port
+
+
+def _target_list(value: object) -> str:
+    return ",".join(parse_targets(str(value)))
+
+
+def parse_targets(text: str) -> tuple[str, ...]:
+    """Split ``threaded,pool`` into known, distinct target names."""
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    if not names:
+        raise KnobError(f"must name at least one of {','.join(TARGETS)}, got {text!r}")
+    unknown = [name for name in names if name not in TARGETS]
+    if unknown:
+        raise KnobError(f"unknown target {unknown[0]!r}; choose from {','.join(TARGETS)}")
+    if len(set(names)) != len(names):
+        raise KnobError(f"names a target twice: {text!r}")
+    return names
+
+
+@dataclass(frozen=True)
+class Knob:
+    """One custom argument: its flag, default, parser and help text."""
+
+    flag: str
+    default: str
+    parse: Callable[[object], Any]
+    help: str
+
+    @property
+    def dest(self) -> str:
+        """The attribute name in parsed options (and the web UI form field)."""
+        return self.flag.removeprefix("--").replace("-", "_")
+
+    @property
+    def env_var(self) -> str:
+        """The environment variable Locust reads it from."""
+        return "LOCUST_" + self.dest.upper()
+
+
+KNOBS: tuple[Knob, ...] = (
+    *(
+        Knob(f"--{target}-target", DEFAULT_ADDRESSES[target], _address,
+             f"Address of the {target} server, tcp://host:port")
+        for target in TARGETS
+    ),
+    Knob("--targets", ",".join(TARGETS), _target_list,
+         "Comma-separated targets to load (threaded,pool,gevent); applied when a test starts"),
+    Knob("--users-per-target", str(DEFAULT_USERS_PER_TARGET), _integer(1, 100_000),
+         "Concurrent users per target (-u caps the total); applied when a test starts"),
+    Knob("--payload-bytes", "32", _integer(0, MAX_PAYLOAD_BYTES),
+         "Bytes of text in each echo, /sleep and /work request"),
+    Knob("--ping-share", "0.05", _number(0, 1), "Fraction of requests that are /ping"),
+    Knob("--sleep-share", "0.1", _number(0, 1), "Fraction of requests that are /sleep"),
+    Knob("--sleep-ms", "5", _integer(0, MAX_SLEEP_MS),
+         "Milliseconds each /sleep waits on the server"),
+    Knob("--work-share", "0.05", _number(0, 1), "Fraction of requests that are /work"),
+    Knob("--work-rounds", "20000", _integer(0, MAX_WORK_ROUNDS),
+         "CPU rounds of each /work request (about 20,000 per millisecond)"),
+    Knob("--think-ms", "100", _number(0, 600_000),
+         "Mean pause between a user's requests in ms (uniform from 0.5x to 1.5x this)"),
+    Knob("--timeout-s", "10", _number(0.1, 3600),
+         "Socket timeout in seconds for connecting and for each reply (plus a /sleep's own time)"),
+)
+KNOBS_BY_DEST = {knob.dest: knob for knob in KNOBS}
+
+
+def add_arguments(parser: Any, **_kwargs: Any) -> None:
+    """Register every knob on Locust's parser and read loadtest/locust.conf (lowest priority)."""
+    # Locust only looks for ./locust.conf, which depends on the working directory. Reading ours
+    # first means ~/.locust.conf, ./locust.conf, --config, env vars and flags all override it.
+    defaults = getattr(parser, "_default_config_files", None)
+    if isinstance(defaults, list | tuple) and LOCUST_CONF not in defaults:
+        parser._default_config_files = [LOCUST_CONF, *defaults]
+    for knob in KNOBS:
+        parser.add_argument(
+            knob.flag, default=knob.default, type=_argparse_type(knob), env_var=knob.env_var,
+            help=knob.help, include_in_web_ui=True,
+        )
+
+
+def check_options(environment: Any, **_kwargs: Any) -> None:
+    """Refuse a bad combination of knobs at start-up (an ``init`` listener); exits with status 2."""
+    try:
+        Workload.from_options(environment.parsed_options)
+    except KnobError as error:
+        sys.stderr.write(f"locust: error: {error}\n")
+        sys.exit(2)
+
+
+def _argparse_type(knob: Knob) -> Callable[[str], Any]:
+    def convert(value: str) -> Any:
+        try:
+            return knob.parse(value)
+        except KnobError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    convert.__name__ = knob.dest  # argparse names the type in some messages
+    return convert
+
+
+@dataclass(frozen=True)
+class Workload:
+    """A validated, immutable set of knob values."""
+
+    addresses: Mapping[str, tuple[str, int]]
+    targets: tuple[str, ...]
+    users_per_target: int
+    payload_bytes: int
+    ping_share: float
+    sleep_share: float
+    sleep_ms: int
+    work_share: float
+    work_rounds: int
+    think_ms: float
+    timeout_s: float
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any] | Any) -> Workload:
+        """Validate knob values from parsed options or a mapping (a web form); raise KnobError."""
+        raw = options if isinstance(options, Mapping) else vars(options)
+        values: dict[str, Any] = {}
+        for knob in KNOBS:
+            value = raw.get(knob.dest, knob.default)
+            if value is None:
+                value = knob.default
+            try:
+                values[knob.dest] = knob.parse(value)
+            except KnobError as error:
+                raise KnobError(f"{knob.flag} {error}") from None
+        shares = values["ping_share"] + values["sleep_share"] + values["work_share"]
+        if shares > 1 + 1e-9:
+            raise KnobError(
+                "--ping-share + --sleep-share + --work-share must not exceed 1 (the rest is echo), "
+                f"got {shares:g}"
+            )
+        return cls(
+            addresses={t: parse_address(values[f"{t}_target"]) for t in TARGETS},
+            targets=parse_targets(values["targets"]),
+            users_per_target=values["users_per_target"],
+            payload_bytes=values["payload_bytes"],
+            ping_share=values["ping_share"],
+            sleep_share=values["sleep_share"],
+            sleep_ms=values["sleep_ms"],
+            work_share=values["work_share"],
+            work_rounds=values["work_rounds"],
+            think_ms=values["think_ms"],
+            timeout_s=values["timeout_s"],
+        )
+
+    def pick_command(self, draw: float) -> str:
+        """Map a uniform draw in [0, 1) to a command according to the shares."""
+        threshold = self.ping_share
+        if draw < threshold:
+            return "ping"
+        threshold += self.sleep_share
+        if draw < threshold:
+            return "sleep"
+        threshold += self.work_share
+        if draw < threshold:
+            return "work"
+        return "echo"
+
+    def build_request(self, command: str, text: bytes) -> tuple[bytes, bytes]:
+        """The request line (with its newline) and the exact reply expected (without it)."""
+        if command == "ping":
+            return b"/ping\n", b"PONG"
+        if command == "echo":
+            # Our text never starts with "/", so it is plain echo (the server upper-cases it).
+            return text + b"\n", text.upper()
+        if command == "sleep":
+            head = b"/sleep %d" % self.sleep_ms
+        elif command == "work":
+            head = b"/work %d" % self.work_rounds
+        else:
+            raise ValueError(f"unknown command {command!r}")
+        line = head + b" " + text + b"\n" if text else head + b"\n"
+        return line, text.upper()
+
+    def reply_timeout(self, command: str) -> float:
+        """Seconds to wait for a reply: the base timeout plus what the server is asked to spend."""
+        if command == "sleep":
+            return self.timeout_s + self.sleep_ms / 1000
+        if command == "work":
+            # Ten times the nominal CPU time: a loaded 2-core box runs the rounds much slower.
+            return self.timeout_s + 10 * self.work_rounds / WORK_ROUNDS_PER_SECOND
+        return self.timeout_s
+
+
+@functools.lru_cache(maxsize=8)
+def filler(size: int) -> bytes:
+    """Lower-case ASCII text of `size` bytes, so the upper-casing echo is actually checked."""
+    alphabet = b"abcdefghijklmnopqrstuvwxyz"
+    return (alphabet * (size // len(alphabet) + 1))[:size]
+
+
+class WorkloadCache:
+    """Re-validates the knobs only when their raw values change (read before every request)."""
+
+    def __init__(self) -> None:
+        self._key: tuple[Any, ...] | None = None
+        self._workload: Workload | None = None
+
+    def get(self, options: Any) -> Workload:
+        """The workload for these parsed options; the last good one if the new values are bad."""
+        raw = vars(options) if options is not None else {}
+        key = tuple(raw.get(dest) for dest in KNOBS_BY_DEST)
+        if key != self._key or self._workload is None:
+            try:
+                self._workload = Workload.from_options(raw)
+            except KnobError as error:
+                if self._workload is None:
+                    raise
+                logger.error("ignoring bad knob value, keeping the previous workload: %s", error)
+            self._key = key
+        return self._workload
+
+
+_cache = WorkloadCache()
+
+
+def current_workload(options: Any) -> Workload:
+    """The validated workload for Locust's parsed options (cached; one per process)."""
+    return _cache.get(options)
