@@ -1,0 +1,111 @@
+"""The abstract Locust user that talks the line protocol to one target, and target selection.
+
+A concrete user (in locustfile.py) only names its target. Each user owns one :class:`LineClient`
+and, before every request, reads the current workload, so knob changes apply at once.
+
+How many users run: every concrete class has ``fixed_count`` users (``--users-per-target``,
+default 100), and classes whose target is not in ``--targets`` get none. Locust's ``-u`` (300 in
+locust.conf) is then only a cap: below 100 x targets, Locust spreads it evenly over the targets.
+Both are applied when a test starts (:func:`apply_target_selection`), on the master or the
+stand-alone runner, which is where Locust decides how many users of each class to run.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import random
+import string
+from typing import Any
+
+from locust import User, task
+
+from loadtest.client import LineClient
+from loadtest.workload import DEFAULT_USERS_PER_TARGET, current_workload, filler
+
+logger = logging.getLogger(__name__)
+
+# A per-process tag plus a per-user serial make each user's payload distinct, so a server that
+# mixed up connections would send back another user's text and fail validation.
+_PROCESS_TAG = "".join(random.choices(string.ascii_lowercase, k=3))
+_user_serials = itertools.count(1)
+# After failed connects, wait longer before the next try (capped), so a downed server is not
+# hammered by every user at once.
+BACKOFF_FIRST_S = 0.1
+BACKOFF_MAX_S = 2.0
+
+
+class SocketUser(User):
+    """One simulated client of one target server."""
+
+    abstract = True
+    target: str = ""
+    fixed_count = DEFAULT_USERS_PER_TARGET
+
+    def __init__(self, environment: Any) -> None:
+        super().__init__(environment)
+        self._token = f"{_PROCESS_TAG}{next(_user_serials)}".encode()
+        self._sequence = 0
+        self.client: LineClient | None = None
+
+    def on_start(self) -> None:
+        """Create the client; it connects on the first request."""
+        workload = current_workload(self.environment.parsed_options)
+        self.client = LineClient(
+            self.target, workload.addresses[self.target], self.environment.events.request,
+            connect_timeout=workload.timeout_s,
+        )
+
+    def on_stop(self) -> None:
+        """Close the connection."""
+        if self.client is not None:
+            self.client.close()
+
+    def wait_time(self) -> float:
+        """Think time from the knobs, or a growing back-off while the target refuses connections."""
+        workload = current_workload(self.environment.parsed_options)
+        think = workload.think_ms / 1000 * random.uniform(0.5, 1.5)
+        failures = self.client.consecutive_connect_failures if self.client else 0
+        if failures:
+            backoff = min(BACKOFF_FIRST_S * 2 ** (failures - 1), BACKOFF_MAX_S)
+            return max(think, backoff * random.uniform(0.5, 1.0))
+        return think
+
+    @task
+    def send_one_request(self) -> None:
+        """Send one request chosen by the workload shares and check its reply."""
+        workload = current_workload(self.environment.parsed_options)
+        assert self.client is not None
+        self.client.retarget(workload.addresses[self.target])
+        self.client.connect_timeout = workload.timeout_s
+        command = workload.pick_command(random.random())
+        line, expected = workload.build_request(command, self._payload(workload.payload_bytes))
+        self.client.request(command, line, expected, workload.reply_timeout(command))
+
+    def _payload(self, size: int) -> bytes:
+        self._sequence = (self._sequence + 1) % 10
+        head = b"%s-%d-" % (self._token, self._sequence)
+        if size <= len(head):
+            return head[:size]
+        return head + filler(size - len(head))
+
+
+def apply_target_selection(environment: Any, **_kwargs: Any) -> None:
+    """Give selected targets' user classes `--users-per-target` users and the others none."""
+    workload = current_workload(environment.parsed_options)
+    classes = [cls for cls in environment.user_classes if issubclass(cls, SocketUser)]
+    for cls in classes:
+        selected = cls.target in workload.targets
+        cls.fixed_count = workload.users_per_target if selected else 0
+        # weight 0 too: otherwise Locust would hand any users left over from -u to this class.
+        cls.weight = 1 if selected else 0
+    wanted = sum(cls.fixed_count for cls in classes)
+    num_users = getattr(environment.parsed_options, "num_users", None)
+    if num_users is not None and num_users < wanted:
+        logger.warning(
+            "-u %d is below --users-per-target x targets = %d: spreading %d users over %s",
+            num_users, wanted, num_users, ",".join(workload.targets),
+        )
+    logger.info(
+        "targets %s with %d users each", ",".join(workload.targets), workload.users_per_target
+    )
