@@ -1,0 +1,446 @@
+"""The Locust load test against the real servers: real Locust subprocesses, real scrapes, real CSVs.
+
+The fast tests at the top check the pieces (knobs, the line client, the metrics text); the
+`locust`-marked ones run `locust -f loadtest/locustfile.py` with 100 users per target.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import signal
+import subprocess
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from locust.event import EventHook
+
+from loadtest.client import LineClient
+from loadtest.exporter import ClientStats, fine_key, latency_rows, render_metrics
+from loadtest.workload import KnobError, Workload
+from tests.conftest import RunningServer, launch_server, stop_server
+from tests.loadtest_helpers import (
+    COMMANDS,
+    TARGETS,
+    Metrics,
+    csv_totals,
+    free_port,
+    locust_env,
+    nonzero,
+    poll,
+    server_counts,
+    start_locust,
+    stats_totals,
+)
+
+USERS_PER_TARGET = 100
+PROTOCOL_COMMANDS = ("echo", "ping", "sleep", "work")
+locust_run = [pytest.mark.locust, pytest.mark.slow]
+
+
+# --- the pieces -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("values", "flag", "hint"),
+    [
+        ({"sleep_share": "2"}, "--sleep-share", "from 0 to 1"),
+        ({"payload_bytes": "abc"}, "--payload-bytes", "'abc'"),
+        ({"payload_bytes": "70000"}, "--payload-bytes", "65000"),
+        ({"think_ms": "-1"}, "--think-ms", "from 0"),
+        ({"work_rounds": "1.5"}, "--work-rounds", "whole number"),
+        ({"threaded_target": "http://127.0.0.1:9001"}, "--threaded-target", "tcp://"),
+        ({"pool_target": "tcp://127.0.0.1"}, "--pool-target", "tcp://"),
+        ({"targets": "threaded,nginx"}, "--targets", "nginx"),
+        ({"targets": "pool,pool"}, "--targets", "twice"),
+        ({"targets": ""}, "--targets", "at least one"),
+        ({"ping_share": "0.5", "sleep_share": "0.4", "work_share": "0.2"}, "--work-share",
+         "exceed 1"),
+    ],
+)
+def test_bad_knob_values_are_refused_with_the_knob_named(values, flag, hint):
+    with pytest.raises(KnobError) as refused:
+        Workload.from_options(values)
+    assert flag in str(refused.value)
+    assert hint in str(refused.value)
+
+
+def test_requests_carry_the_knobs_and_expect_the_protocols_reply():
+    workload = Workload.from_options({"sleep_ms": "7", "work_rounds": "300"})
+    assert workload.build_request("echo", b"ab-1") == (b"ab-1\n", b"AB-1")
+    assert workload.build_request("echo", b"") == (b"\n", b"")
+    assert workload.build_request("ping", b"ignored") == (b"/ping\n", b"PONG")
+    assert workload.build_request("sleep", b"xy") == (b"/sleep 7 xy\n", b"XY")
+    assert workload.build_request("work", b"") == (b"/work 300\n", b"")
+    assert workload.addresses["gevent"] == ("127.0.0.1", 9003)
+    shares = Workload.from_options(
+        {"ping_share": "0.25", "sleep_share": "0.25", "work_share": "0.25"}
+    )
+    picked = [shares.pick_command(draw) for draw in (0.1, 0.3, 0.6, 0.9)]
+    assert picked == ["ping", "sleep", "work", "echo"]
+
+
+class RecordedEvents:
+    """A real Locust EventHook with a listener that keeps every request event."""
+
+    def __init__(self) -> None:
+        self.hook = EventHook()
+        self.events: list[dict[str, Any]] = []
+        self.hook.add_listener(lambda **event: self.events.append(event))
+
+    def outcomes(self) -> list[tuple[str, str | None]]:
+        """(name, exception text or None) per event, in order."""
+        return [(e["name"], None if e["exception"] is None else str(e["exception"]))
+                for e in self.events]
+
+
+@pytest.fixture
+def threaded_server() -> Iterator[RunningServer]:
+    """A real threaded server on a free port."""
+    server = launch_server("threaded")
+    yield server
+    stop_server(server)
+
+
+def test_client_checks_each_reply_and_reconnects_after_a_wrong_one(threaded_server):
+    recorded = RecordedEvents()
+    client = LineClient("threaded", threaded_server.address, recorded.hook, connect_timeout=10)
+    assert client.request("echo", b"abc\n", b"ABC", timeout=10)
+    # The server upper-cases; expecting the text unchanged must fail and show both texts.
+    assert not client.request("echo", b"abc\n", b"abc", timeout=10)
+    assert not client.connected
+    assert client.request("ping", b"/ping\n", b"PONG", timeout=10)
+    outcomes = recorded.outcomes()
+    assert [name for name, _ in outcomes] == ["connect", "echo", "echo", "connect", "ping"]
+    assert outcomes[2][1] == "wrong reply to echo: expected b'abc' got b'ABC'"
+    assert all(error is None for i, (_, error) in enumerate(outcomes) if i != 2)
+    assert {e["request_type"] for e in recorded.events} == {"threaded"}
+    assert all(e["response_time"] > 0 for e in recorded.events)
+    client.close()
+
+
+def test_client_times_out_closes_and_reconnects(threaded_server):
+    recorded = RecordedEvents()
+    client = LineClient("threaded", threaded_server.address, recorded.hook, connect_timeout=10)
+    assert not client.request("sleep", b"/sleep 3000 x\n", b"X", timeout=0.3)
+    assert not client.connected  # the late reply must never be read as the next one's
+    assert client.request("echo", b"late\n", b"LATE", timeout=10)
+    names = [name for name, _ in recorded.outcomes()]
+    assert names == ["connect", "sleep", "connect", "echo"]
+    assert "timed out" in recorded.outcomes()[1][1]
+    client.close()
+
+
+def test_client_counts_a_refused_connect_and_sends_nothing():
+    recorded = RecordedEvents()
+    client = LineClient("pool", ("127.0.0.1", free_port()), recorded.hook, connect_timeout=5)
+    assert not client.request("echo", b"a\n", b"A", timeout=5)
+    assert not client.request("echo", b"a\n", b"A", timeout=5)
+    assert [name for name, _ in recorded.outcomes()] == ["connect", "connect"]
+    assert all("refused" in error for _, error in recorded.outcomes())
+    assert client.consecutive_connect_failures == 2
+
+
+def test_fine_histogram_keeps_three_significant_digits():
+    assert [fine_key(us) for us in (0, 7, 999, 1000, 1234, 98765, 1234567)] == [
+        0, 7, 999, 1000, 1230, 98700, 1230000,
+    ]
+    stats = ClientStats()
+    for microseconds in range(1, 1001):
+        stats.record("gevent", "echo", microseconds / 1e6, failed=False)
+    stats.record("gevent", "echo", 0.5, failed=True)
+    [row] = latency_rows(stats)
+    assert (row["requests"], row["failures"]) == (1001, 1)
+    assert (row["p50_us"], row["p99_us"], row["p999_us"], row["max_us"]) == (500, 990, 999, 1000)
+
+
+def test_metrics_text_is_valid_prometheus_and_merges_worker_reports():
+    worker_a, worker_b, master = ClientStats(), ClientStats(), ClientStats()
+    worker_a.record("threaded", "echo", 0.00003, failed=False)
+    worker_a.record("threaded", "connect", 0.001, failed=True)
+    worker_b.record("threaded", "echo", 0.002, failed=False)
+    for worker in (worker_a, worker_b):
+        master.merge_message(worker.drain())
+    assert not worker_a.series  # a worker ships only what is new
+    text = render_metrics(master, {"threaded": 2}, ["threaded", "pool"]).decode()
+    metrics = Metrics.parse(text)
+    assert metrics.value("locust_users", target="threaded") == 2
+    assert metrics.value("locust_users", target="pool") == 0
+    assert metrics.value("locust_requests_total", target="threaded", command="echo") == 2
+    assert metrics.value("locust_failures_total", target="pool", command="sleep") == 0
+    assert metrics.value("locust_connect_errors_total", target="threaded") == 1
+    bucket = "locust_request_duration_seconds_bucket"
+    assert metrics.value(bucket, target="threaded", command="echo", le="5e-05") == 1
+    assert metrics.value(bucket, target="threaded", command="echo", le="0.0025") == 2
+    assert metrics.value(bucket, target="threaded", command="connect", le="+Inf") == 0
+    promtool = shutil.which("promtool")
+    if promtool:
+        checked = subprocess.run(
+            [promtool, "check", "metrics"], input=text.encode(), capture_output=True, timeout=30
+        )
+        assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+# --- real Locust runs -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def servers() -> Iterator[dict[str, RunningServer]]:
+    """The three real servers (pool with 2 workers, as on a 2-core machine)."""
+    started: dict[str, RunningServer] = {}
+    try:
+        for target in TARGETS:
+            args = ("--workers", "2") if target == "pool" else ()
+            started[target] = launch_server(target, *args)
+        yield started
+    finally:
+        for server in started.values():
+            stop_server(server)
+
+
+def addresses(servers: dict[str, RunningServer]) -> dict[str, tuple[str, int]]:
+    """Target name -> (host, port) for locust_env."""
+    return {target: server.address for target, server in servers.items()}
+
+
+def successes(metrics: Metrics, target: str) -> int:
+    """Successful protocol requests (connects excluded) to a target."""
+    totals = metrics.totals()
+    return sum(totals[(target, c)][0] - totals[(target, c)][1] for c in PROTOCOL_COMMANDS)
+
+
+def check_servers_saw_the_same_traffic(before, after, totals) -> None:
+    """Each server accepted one connection per user and answered every successful request."""
+    for target in TARGETS:
+        connects = totals[(target, "connect")][0]
+        assert after[target]["connections"] - before[target]["connections"] == connects
+        ok = sum(totals[(target, c)][0] for c in PROTOCOL_COMMANDS)
+        answered = sum(after[target][c] - before[target][c] for c in PROTOCOL_COMMANDS)
+        # A user stopped while waiting for a reply: the server answered, the client never counted.
+        assert ok <= answered <= ok + USERS_PER_TARGET, (target, ok, answered)
+
+
+@pytest.mark.locust
+@pytest.mark.slow
+def test_headless_run_loads_all_targets_with_100_users_each_and_no_failures(servers, tmp_path):
+    before = {target: server_counts(server) for target, server in servers.items()}
+    prefix = tmp_path / "run"
+    # No -u: loadtest/locust.conf must give 100 users per target on its own (cwd is tmp_path).
+    run = start_locust(tmp_path, "headless", ["--headless", "-t", "12s", "--csv", str(prefix)],
+                       locust_env(addresses(servers)))
+    try:
+        code = run.wait(timeout=120)
+    finally:
+        run.kill()
+    assert code == 0, run.stderr[-3000:]
+    totals = csv_totals(tmp_path / "run_stats.csv")
+    assert set(totals) == {(target, command) for target in TARGETS for command in COMMANDS}
+    assert all(requests > 0 and failures == 0 for requests, failures in totals.values()), totals
+    # Every user connected exactly once: 100 per target, none reconnected.
+    assert all(totals[(target, "connect")][0] == USERS_PER_TARGET for target in TARGETS)
+    with open(tmp_path / "run_stats_history.csv", newline="") as handle:
+        peak_users = max(int(row["User Count"]) for row in csv.DictReader(handle))
+    assert peak_users == USERS_PER_TARGET * len(TARGETS)
+    # The microsecond table: printed at the end and written next to the CSVs, same counts.
+    assert "Client-side latency" in run.stdout
+    with open(tmp_path / "run_latency.csv", newline="") as handle:
+        latency = {(row["target"], row["command"]): row for row in csv.DictReader(handle)}
+    counts = {key: (int(row["requests"]), int(row["failures"])) for key, row in latency.items()}
+    assert counts == totals
+    for row in latency.values():
+        percentiles = [int(row[name]) for name in ("p50_us", "p99_us", "p999_us", "max_us")]
+        assert percentiles[0] > 0 and percentiles == sorted(percentiles)
+    after = {target: server_counts(server) for target, server in servers.items()}
+    check_servers_saw_the_same_traffic(before, after, totals)
+
+
+@pytest.mark.locust
+@pytest.mark.slow
+def test_killed_server_shows_failures_and_users_recover_when_it_returns(tmp_path):
+    port = free_port()
+    started = {
+        "threaded": launch_server("threaded", "--port", str(port)),
+        "pool": launch_server("pool", "--workers", "2"),
+        "gevent": launch_server("gevent"),
+    }
+    prefix = tmp_path / "kill"
+    run = start_locust(tmp_path, "kill", ["--autostart", "-t", "300s", "--csv", str(prefix)],
+                       locust_env(addresses(started)), web_port=free_port())
+    try:
+        poll("the web UI", run.web_ready, timeout=60)
+        poll("100 users per target", lambda: run.metrics().users() == dict.fromkeys(TARGETS, 100),
+             timeout=60)
+        poll("threaded answering", lambda: successes(run.metrics(), "threaded") > 0, timeout=30)
+
+        os.killpg(started["threaded"].proc.pid, signal.SIGKILL)
+        started["threaded"].proc.wait(timeout=30)
+
+        def failures_seen() -> bool:
+            metrics = run.metrics()
+            totals = metrics.totals()
+            broken = sum(totals[("threaded", c)][1] for c in PROTOCOL_COMMANDS)
+            refused = metrics.value("locust_connect_errors_total", target="threaded")
+            return broken > 0 and refused > 0
+
+        poll("failed requests and refused connects", failures_seen, timeout=60)
+        started["threaded"] = launch_server("threaded", "--port", str(port))
+        answered_before_return = successes(run.metrics(), "threaded")
+        poll(
+            "all 100 users connected to the restarted server",
+            lambda: Metrics.parse(started["threaded"].metrics_text()).value(
+                "arena_connections_active") == USERS_PER_TARGET,
+            timeout=60,
+        )
+        poll("requests succeeding again",
+             lambda: successes(run.metrics(), "threaded") > answered_before_return + 100,
+             timeout=60)
+
+        assert run.post("/stop")["success"]
+        poll("the test to stop", lambda: run.stats()["state"] == "stopped", timeout=60)
+        final = run.metrics()
+        assert nonzero(final.totals()) == stats_totals(run.stats())
+        code = run.terminate()
+    finally:
+        run.kill()
+        for server in started.values():
+            stop_server(server)
+
+    assert code == 1, run.stderr[-3000:]  # failures happened, so Locust exits non-zero
+    totals = csv_totals(tmp_path / "kill_stats.csv")
+    assert nonzero(final.totals()) == totals
+    for (target, command), (requests, failures) in totals.items():
+        timed = final.value("locust_request_duration_seconds_count", target=target, command=command)
+        assert timed == requests - failures
+        if target != "threaded":
+            assert failures == 0, (target, command)
+    with open(tmp_path / "kill_failures.csv", newline="") as handle:
+        failed = {(row["Method"], row["Name"]) for row in csv.DictReader(handle)}
+    assert ("threaded", "connect") in failed
+    assert {target for target, _ in failed} == {"threaded"}
+
+
+@pytest.mark.locust
+@pytest.mark.slow
+def test_distributed_master_aggregates_two_workers_and_passes_knob_changes_on(servers, tmp_path):
+    before = {target: server_counts(server) for target, server in servers.items()}
+    master_port = free_port()
+    prefix = tmp_path / "dist"
+    master = start_locust(
+        tmp_path, "master",
+        ["--master", "--master-bind-host", "127.0.0.1", "--master-bind-port", str(master_port),
+         "--expect-workers", "2", "--autostart", "-t", "300s", "--csv", str(prefix)],
+        locust_env(addresses(servers)), web_port=free_port(),
+    )
+    # Workers get no target addresses of their own: the master's settings must reach them.
+    workers = [
+        start_locust(tmp_path, f"worker{n}",
+                     ["--worker", "--master-host", "127.0.0.1", "--master-port", str(master_port)],
+                     locust_env({}))
+        for n in (1, 2)
+    ]
+    try:
+        poll("the web UI", master.web_ready, timeout=60)
+        poll("100 users per target over 2 workers",
+             lambda: master.metrics().users() == dict.fromkeys(TARGETS, 100), timeout=90)
+        poll("every target and command on the master",
+             lambda: all(v[0] > 0 for v in master.metrics().totals().values()), timeout=60)
+
+        # Edit the running test: a bigger payload must reach the workers' users without a restart.
+        edit = {"user_count": "300", "spawn_rate": "100", "payload_bytes": "1000"}
+        assert master.post("/swarm", edit)["success"]
+
+        def echo_replies_grew() -> bool:
+            entries = master.stats()["stats"]
+            return any(e["name"] == "echo" and e["avg_content_length"] > 40 for e in entries)
+
+        poll("1000-byte payloads", echo_replies_grew, timeout=60)
+
+        assert master.post("/stop")["success"]
+        poll("the test to stop", lambda: master.stats()["state"] == "stopped", timeout=90)
+        poll("/metrics to agree with Locust's own numbers on the master",
+             lambda: nonzero(master.metrics().totals()) == stats_totals(master.stats()), timeout=30)
+        code = master.terminate()
+        worker_codes = [worker.wait(timeout=60) for worker in workers]
+    finally:
+        for process in (master, *workers):
+            process.kill()
+
+    assert code == 0, master.stderr[-3000:]
+    assert worker_codes == [0, 0]
+    totals = csv_totals(tmp_path / "dist_stats.csv")
+    assert set(totals) == {(target, command) for target in TARGETS for command in COMMANDS}
+    assert all(failures == 0 for _, failures in totals.values()), totals
+    with open(tmp_path / "dist_latency.csv", newline="") as handle:
+        latency = {(r["target"], r["command"]): (int(r["requests"]), int(r["failures"]))
+                   for r in csv.DictReader(handle)}
+    assert latency == totals
+    after = {target: server_counts(server) for target, server in servers.items()}
+    check_servers_saw_the_same_traffic(before, after, totals)
+
+
+@pytest.mark.locust
+@pytest.mark.slow
+def test_headless_run_exits_non_zero_when_requests_fail(tmp_path):
+    nobody = {"threaded": ("127.0.0.1", free_port())}
+    run = start_locust(
+        tmp_path, "refused",
+        ["--headless", "-t", "4s", "--targets", "threaded", "--users-per-target", "5",
+         "--csv", str(tmp_path / "refused")],
+        locust_env(nobody),
+    )
+    try:
+        code = run.wait(timeout=60)
+    finally:
+        run.kill()
+    assert code == 1, run.stderr[-3000:]
+    totals = csv_totals(tmp_path / "refused_stats.csv")
+    assert set(totals) == {("threaded", "connect")}
+    requests, failures = totals[("threaded", "connect")]
+    assert requests == failures > 0
+    assert "ConnectionRefusedError" in (tmp_path / "refused_failures.csv").read_text()
+
+
+@pytest.mark.locust
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("args", "env", "message"),
+    [
+        (["--sleep-share", "2"], {}, "--sleep-share: must be a number from 0 to 1, got '2'"),
+        (["--threaded-target", "http://127.0.0.1:1"], {}, "must look like tcp://"),
+        (["--targets", "threaded,nginx"], {}, "unknown target 'nginx'"),
+        ([], {"LOCUST_PAYLOAD_BYTES": "lots"}, "--payload-bytes: must be a whole number"),
+        (["--ping-share", "0.5", "--sleep-share", "0.6"], {}, "must not exceed 1"),
+    ],
+)
+def test_bad_knob_on_the_command_line_stops_locust_before_it_starts(tmp_path, args, env, message):
+    run = start_locust(tmp_path, "bad", ["--headless", "-t", "5s", *args], locust_env({}, **env))
+    try:
+        code = run.wait(timeout=60)
+    finally:
+        run.kill()
+    assert code == 2
+    assert message in run.stderr
+    assert "Ramping" not in run.stderr
+
+
+@pytest.mark.locust
+@pytest.mark.slow
+def test_bad_knob_in_the_web_ui_is_refused_and_nothing_starts(tmp_path):
+    run = start_locust(tmp_path, "web", [], locust_env({}), web_port=free_port())
+    try:
+        poll("the web UI", run.web_ready, timeout=60)
+        page = run.get("/")
+        assert '"num_users": 300' in page  # the start form offers 100 users x 3 targets
+        for knob in ("threaded_target", "targets", "payload_bytes", "sleep_share", "think_ms"):
+            assert f'"{knob}"' in page
+        answer = run.post("/swarm", {"user_count": "300", "spawn_rate": "100", "think_ms": "soon"})
+        assert answer["success"] is False
+        assert "--think-ms must be a number" in answer["message"]
+        answer = run.post("/swarm", {"user_count": "3", "spawn_rate": "1", "targets": "apache"})
+        assert "unknown target 'apache'" in answer["message"]
+        assert run.stats()["state"] == "ready"
+        assert run.terminate() == 0
+    finally:
+        run.kill()
