@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.conftest import MODELS, RunningServer, launch_server, stop_server
-from tests.server_helpers import LineClient, scrape
+from tests.server_helpers import LineClient, scrape, wait_for_metrics
 
 
 @pytest.fixture(scope="module", params=MODELS)
@@ -259,6 +259,20 @@ def test_half_closed_client_still_gets_every_reply(wire_server):
         client.send(b"/sleep 100 first\n/ping\nlast\n")
         client.sock.shutdown(socket.SHUT_WR)  # "no more requests", as `nc -N` does
         assert client.read_lines(3) == [b"FIRST\n", b"PONG\n", b"LAST\n"]
+        assert client.read_until_closed() == b""
+
+
+def test_half_close_while_a_request_runs_still_answers_later_lines(wire_server):
+    received_before = scrape(wire_server).value("arena_received_bytes_total")
+    with LineClient(wire_server.address) as client:
+        client.send(b"/sleep 300 running\n")
+        wait_for_metrics(
+            wire_server,
+            lambda m: m.value("arena_received_bytes_total") >= received_before + client.sent_bytes,
+        )
+        client.send(b"queued\n")  # arrives while the sleep runs
+        client.sock.shutdown(socket.SHUT_WR)
+        assert client.read_lines(2) == [b"RUNNING\n", b"QUEUED\n"]
         assert client.read_until_closed() == b""
 
 
