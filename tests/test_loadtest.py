@@ -382,6 +382,29 @@ def test_distributed_master_aggregates_two_workers_and_passes_knob_changes_on(se
 
 @pytest.mark.locust
 @pytest.mark.slow
+def test_processes_flag_runs_forked_workers_and_the_master_adds_them_up(servers, tmp_path):
+    prefix = tmp_path / "forked"
+    run = start_locust(tmp_path, "forked",
+                       ["--processes", "2", "--headless", "-t", "8s", "--csv", str(prefix)],
+                       locust_env(addresses(servers)))
+    try:
+        code = run.wait(timeout=120)
+    finally:
+        run.kill()
+    assert code == 0, run.stderr[-3000:]
+    totals = csv_totals(tmp_path / "forked_stats.csv")
+    assert set(totals) == {(target, command) for target in TARGETS for command in COMMANDS}
+    assert all(failures == 0 for _, failures in totals.values()), totals
+    assert all(totals[(target, "connect")][0] == USERS_PER_TARGET for target in TARGETS)
+    with open(tmp_path / "forked_latency.csv", newline="") as handle:
+        latency = {(r["target"], r["command"]): (int(r["requests"]), int(r["failures"]))
+                   for r in csv.DictReader(handle)}
+    assert latency == totals
+    assert run.stdout.count("Client-side latency") == 1  # printed by the master only
+
+
+@pytest.mark.locust
+@pytest.mark.slow
 def test_headless_run_exits_non_zero_when_requests_fail(tmp_path):
     nobody = {"threaded": ("127.0.0.1", free_port())}
     run = start_locust(
