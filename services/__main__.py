@@ -17,6 +17,17 @@ def _fail(message: str) -> int:
     return 2
 
 
+def _exit_now(code: int) -> None:
+    """Exit without interpreter teardown: everything is closed, and the executor's exit hook
+    would otherwise join worker threads still inside a /sleep or poke a closed pipe."""
+    import logging
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run a server; returns the exit code (2 for bad settings or a port that cannot be bound)."""
     try:
@@ -28,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
 
         monkey.patch_all()
 
-    import logging
+    import logging  # after monkey-patching: logging creates locks at import
 
     from services.metrics import build_registry, serve_metrics
     from services.servers import create_server
@@ -39,14 +50,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     log = logging.getLogger(f"arena.{settings.model}")
     server = create_server(settings)  # the pool forks its workers here, before any thread
+    wait_for_signal = server.catch_signals()  # before the ready line: a quick SIGTERM is graceful
     try:
         host, port = server.start()
     except OSError as error:
         server.stop(0)
-        return _fail(
+        _exit_now(_fail(
             f"cannot listen on {settings.host}:{settings.port}: {error.strerror} "
             "(choose another with --port or ARENA_PORT)"
-        )
+        ))
     metrics_port = 0
     if settings.metrics:
         registry = build_registry(server.stats, server.info(), server.extra_metrics)
@@ -54,23 +66,21 @@ def main(argv: list[str] | None = None) -> int:
             metrics_port = serve_metrics(registry, settings.host, settings.metrics_port)
         except OSError as error:
             server.stop(0)
-            return _fail(
+            _exit_now(_fail(
                 f"cannot serve metrics on {settings.host}:{settings.metrics_port}: "
                 f"{error.strerror} (choose another with --metrics-port or ARENA_METRICS_PORT)"
-            )
+            ))
     log.info(
         "ready model=%s host=%s port=%d metrics_port=%d max_connections=%d idle_timeout=%s",
         settings.model, host, port, metrics_port, settings.max_connections,
         settings.idle_timeout,
     )
-    server.wait_for_signal()
+    wait_for_signal()
     log.info("stopping: answering received requests for up to %ss", settings.grace)
     server.stop(settings.grace)
     log.info("stopped")
-    logging.shutdown()
-    # Everything is closed and answered; do not wait for worker threads still inside a
-    # /sleep past the grace period (the executor's exit hook would join them).
-    os._exit(0)
+    _exit_now(0)
+    return 0
 
 
 if __name__ == "__main__":

@@ -80,13 +80,17 @@ class Server(ABC):
         self.rate_limited.warning(f"accept-{name}", "accept() failed: %s", error)
         return 0.1 if error.errno in CAPACITY_ERRNOS else 0.0
 
-    def wait_for_signal(self) -> None:
-        """Block until SIGTERM or SIGINT arrives."""
+    def catch_signals(self) -> Callable[[], None]:
+        """Catch SIGTERM and SIGINT now; returns a function that blocks until one arrives."""
         requested = threading.Event()
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: requested.set())
-        while not requested.wait(0.5):  # a timeout keeps the main thread handling signals
-            pass
+
+        def wait() -> None:
+            while not requested.wait(0.5):  # a timeout keeps the main thread handling signals
+                pass
+
+        return wait
 
 
 class BlockingServer(Server):

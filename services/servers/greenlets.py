@@ -72,12 +72,12 @@ class GeventServer(BlockingServer):
         super().stop(grace)
         self.connections.kill(timeout=1.0)
 
-    def wait_for_signal(self) -> None:
-        """gevent's own signal handler: a plain one may wait for the loop to wake up."""
+    def catch_signals(self) -> Callable[[], None]:
+        """gevent's own signal handlers: a plain one may wait for the loop to wake up."""
         requested = gevent.event.Event()
         for signum in (signal.SIGTERM, signal.SIGINT):
             gevent.signal_handler(signum, requested.set)
-        requested.wait()
+        return requested.wait
 
     def extra_metrics(self) -> Iterable[Metric]:
         """Live connection greenlets and event-loop blocking."""
