@@ -135,7 +135,10 @@ def test_locust_loads_every_server_with_zero_failures(stack: ComposeProject) -> 
 
     def loaded() -> dict | None:
         text = http_text(stack.url("locust", "/metrics"))
-        users = {dict(k).get("target"): v for k, v in metric_samples(text, "locust_users").items()}
+        users = {
+            dict(labels).get("target", ""): value
+            for labels, value in metric_samples(text, "locust_users").items()
+        }
         requests: dict[str, float] = {}
         for labels, value in metric_samples(text, "locust_requests_total").items():
             target = dict(labels).get("target", "")
@@ -180,22 +183,37 @@ def test_prometheus_scrapes_every_target(stack: ComposeProject) -> None:
     assert set(health) == expected
 
 
-def test_dashboard_uses_only_the_provisioned_datasource() -> None:
-    """Every panel and query of every dashboard points at the provisioned Prometheus uid."""
+def test_dashboard_is_well_formed_and_uses_the_provisioned_datasource() -> None:
+    """Each dashboard: unique panel ids, panels inside 24 columns without overlapping, a query
+    on every graph, and every datasource reference is the provisioned Prometheus uid."""
     uids = provisioned_datasource_uids()
     assert uids, "no datasource provisioned"
     paths = sorted(DASHBOARD_DIR.glob("*.json"))
     assert paths, "no dashboard provisioned"
     for path in paths:
         dashboard = json.loads(path.read_text())
-        stack_of_panels = list(dashboard["panels"])
-        while stack_of_panels:
-            panel = stack_of_panels.pop()
-            stack_of_panels.extend(panel.get("panels", []))
+        panels, pending = [], list(dashboard["panels"])
+        while pending:
+            panel = pending.pop()
+            pending.extend(panel.get("panels", []))
+            panels.append(panel)
+        ids = [panel["id"] for panel in panels]
+        assert len(ids) == len(set(ids)), f"{path.name}: duplicate panel ids"
+        cells: dict[tuple[int, int], str] = {}
+        for panel in panels:
+            title = panel.get("title", "")
+            grid = panel["gridPos"]
+            assert grid["x"] >= 0 and grid["x"] + grid["w"] <= 24, (path.name, title, grid)
+            for x in range(grid["x"], grid["x"] + grid["w"]):
+                for y in range(grid["y"], grid["y"] + grid["h"]):
+                    assert (x, y) not in cells, f"{path.name}: {title!r} overlaps {cells[x, y]!r}"
+                    cells[x, y] = title
+            if panel["type"] in ("timeseries", "stat"):
+                assert panel.get("targets"), (path.name, title)
             for item in (panel, *panel.get("targets", [])):
                 source = item.get("datasource")
                 if source is not None:
-                    assert source.get("uid") in uids, (path.name, panel.get("title"), source)
+                    assert source.get("uid") in uids, (path.name, title, source)
 
 
 def test_every_dashboard_query_returns_data(stack: ComposeProject) -> None:
