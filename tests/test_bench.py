@@ -51,7 +51,7 @@ def test_a_tiny_run_measures_every_server_and_says_where_and_how(tiny_run) -> No
     for run in results["runs"]:
         assert len(run["reps"]) == 1
         median = run["median"]
-        for key in ("rps", "server_cpu_s", "peak_rss_bytes", "threads", "loadgen_cpu_fraction",
+        for key in ("rps", "server_cpu_s", "server_cpu_us_per_request", "peak_rss_bytes", "threads", "loadgen_cpu_fraction",
                     "loadgen_saturated", "other_cpu_fraction", "errors"):
             assert key in median, (run["target"], key)
         assert set(median["latency_us"]) >= {"p50", "p99", "p999"}

@@ -76,12 +76,19 @@ def comparisons(results: dict) -> list[dict]:
             off = runs.get((scenario, family + " (metrics off)"))
             textbook = runs.get((scenario, family + " textbook"))
             rps = ours["median"]["rps"]
+            cpu = ours["median"]["server_cpu_us_per_request"]
             rows.append({
                 "scenario": scenario,
                 "family": family,
                 "vs_textbook": _ratio(rps, textbook["median"]["rps"]) if textbook else None,
                 "metrics_cost": (1 - rps / off["median"]["rps"]) if off and off["median"]["rps"]
                 else None,
+                # The same two comparisons in server CPU per request (higher is better for
+                # ours: textbook CPU / our CPU; cost: extra CPU per request with metrics on).
+                "vs_textbook_cpu": _ratio(textbook["median"]["server_cpu_us_per_request"], cpu)
+                if textbook else None,
+                "metrics_cost_cpu": (cpu / off["median"]["server_cpu_us_per_request"] - 1)
+                if off and off["median"]["server_cpu_us_per_request"] else None,
             })
     return rows
 
@@ -133,10 +140,10 @@ def write_markdown(results: dict, directory: Path) -> Path:
     for scenario, info in results["scenarios"].items():
         lines += [f"## {info['title']}", ""]
         lines.append(
-            "| server | req/s | p50 µs | p99 µs | p99.9 µs | errors | server CPU | peak RSS | "
-            "threads | loadgen CPU | other on server CPU | vs textbook | metrics cost |"
+            "| server | req/s | p50 µs | p99 µs | p99.9 µs | errors | server CPU | CPU µs/req | "
+            "peak RSS | threads | loadgen CPU | other on server CPU | vs textbook | metrics cost |"
         )
-        lines.append("|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|")
+        lines.append("|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|")
         for target in results["targets"]:
             run = runs.get((scenario, target["name"]))
             if run is None:
@@ -151,6 +158,7 @@ def write_markdown(results: dict, directory: Path) -> Path:
                 f"| {target['name']} | {rps} | {_fmt_us(latency['p50'])} | "
                 f"{_fmt_us(latency['p99'])} | {_fmt_us(latency['p999'])} | {median['errors']} | "
                 f"{median['server_cpu_s']:.2f} s ({median['server_cpu_fraction']:.0%}) | "
+                f"{median['server_cpu_us_per_request']:,.1f} | "
                 f"{median['peak_rss_bytes'] / 2**20:.0f} MiB | {median['threads']:.0f} | "
                 f"{median['loadgen_cpu_fraction']:.0%} | {_fmt_other(median)} | "
                 f"{_fmt_ratio(row.get('vs_textbook'))} | "
@@ -164,6 +172,10 @@ def write_markdown(results: dict, directory: Path) -> Path:
          _fmt_ratio),
         ("Cost of metrics (req/s lost with metrics on; ≤ 10 % is the target)", "metrics_cost",
          _fmt_cost),
+        ("Ours vs textbook in server CPU per request (textbook CPU/req ÷ ours; ≥ 1.00x: ours "
+         "is cheaper)", "vs_textbook_cpu", _fmt_ratio),
+        ("Cost of metrics in server CPU per request (extra CPU/req with metrics on)",
+         "metrics_cost_cpu", _fmt_cost),
     ):
         lines += [f"## {title}", "", "| model | " + " | ".join(scenario_names) + " |",
                   "|---|" + "--:|" * len(scenario_names)]
