@@ -12,6 +12,7 @@ import random
 import resource
 import socket
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -440,10 +441,15 @@ def _send_ignoring_reset(sock: socket.socket, data: bytes) -> None:
 
 SPARE_SERVER_FDS = 12
 EXHAUSTING_CLIENTS = 32
+EXHAUSTION_HOLD = 2.0  # seconds the server stays out of descriptors
+# The shortest pause between two failed accepts (base.accept_failed): a server that retried
+# without backing off would fail thousands of times while out of descriptors.
+MIN_ACCEPT_BACKOFF = 0.1
 
 
 @pytest.mark.parametrize("model", MODELS)
-def test_accept_emfile_is_logged_backed_off_and_recovered(server_factory, model):
+def test_accept_emfile_is_logged_backed_off_and_recovered(server_factory, model,
+                                                          record_property):
     server = start(server_factory, model, "--idle-timeout", "120")
     assert_serves(server)
     poll_metrics(server, "the first clients to close",
@@ -455,6 +461,7 @@ def test_accept_emfile_is_logged_backed_off_and_recovered(server_factory, model)
     clients = []
     try:
         # The kernel completes every handshake; the server can accept only some of them.
+        exhausted_at = time.monotonic()
         for _ in range(EXHAUSTING_CLIENTS):
             sock = connect(server.address)
             sock.sendall(b"/ping\n")
@@ -462,6 +469,8 @@ def test_accept_emfile_is_logged_backed_off_and_recovered(server_factory, model)
         poll("the accept() failure to be logged", lambda: "accept() failed" in server.log_text(),
              timeout=30.0)
         assert server.proc.poll() is None, server.log_text()
+        # Stay out of descriptors for a while: the server must back off, not spin on accept().
+        time.sleep(max(0.0, exhausted_at + EXHAUSTION_HOLD - time.monotonic()))
         # Free descriptors: the clients accepted first (and a few more) go away...
         waiting = clients[-SPARE_SERVER_FDS // 2:]
         for sock in clients[:-SPARE_SERVER_FDS // 2]:
@@ -471,7 +480,16 @@ def test_accept_emfile_is_logged_backed_off_and_recovered(server_factory, model)
             assert read_exactly(sock, 5) == b"PONG\n"
         assert_serves(server)
         metrics = scrape(server)
-        assert metrics.sum("arena_accept_errors_total", errno="EMFILE") > 0
+        exhausted_for = time.monotonic() - exhausted_at  # every failure counted happened in it
+        failures = metrics.sum("arena_accept_errors_total", errno="EMFILE")
+        report(record_property, f"{model}.accept_emfile_errors", failures)
+        report(record_property, f"{model}.accept_failed_log_lines",
+               server.log_text().count("accept() failed"))
+        assert failures > 0
+        # An upper bound only: a slow machine retries less often, never more.
+        assert failures <= exhausted_for / MIN_ACCEPT_BACKOFF + 2, (
+            f"{failures:g} failed accepts in {exhausted_for:.1f} s: no back-off"
+        )
     finally:
         for sock in clients:
             sock.close()
