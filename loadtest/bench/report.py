@@ -7,12 +7,12 @@ import os
 import platform
 from pathlib import Path
 
+from loadtest.bench.harness import NOISY_OTHER_FRACTION
+
 KIND_COLORS = {"ours": "#1f77b4", "no-metrics": "#9ecae1", "textbook": "#ff7f0e"}
 FAMILY_COLORS = ("#1f77b4", "#2ca02c", "#9467bd", "#d62728", "#8c564b")
 KIND_NAMES = {"ours": "ours", "no-metrics": "ours, metrics off", "textbook": "textbook"}
 CHARTS = ("throughput.png", "latency.png", "resources.png")
-# Above this share of the server's CPU used by someone else, a figure is flagged as noisy.
-NOISY_OTHER_FRACTION = 0.15
 
 
 def machine_info() -> dict:
@@ -132,7 +132,8 @@ def write_markdown(results: dict, directory: Path) -> Path:
         f"{meta['loadgen_saturation_threshold']:.0%} the rate is flagged: the load generator, "
         "not the server, may be the limit). *other on server CPU* is CPU time on the server's "
         "core(s) not used by the server (interrupts, other processes; above "
-        f"{NOISY_OTHER_FRACTION:.0%} flagged as noisy).",
+        f"{NOISY_OTHER_FRACTION:.0%} a run is measured again, up to {meta['noisy_retries']} "
+        "times, keeping the quietest attempt; still above it, it is flagged as noisy).",
         "",
     ]
     runs = _by_key(results)
