@@ -15,6 +15,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import psutil
 import pytest
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
@@ -493,3 +494,57 @@ def test_accept_emfile_is_logged_backed_off_and_recovered(server_factory, model,
     finally:
         for sock in clients:
             sock.close()
+
+
+# -- thread exhaustion (threaded only: the other models start no thread per connection) ------
+
+THREAD_ROOM = 40 * MIB  # address space left to the server: room for a few 8 MiB thread stacks
+CLIENTS_BEYOND_THREADS = 10
+
+
+def test_threaded_keeps_accepting_after_a_thread_cannot_start(server_factory):
+    server = start(server_factory, "threaded", "--idle-timeout", "120")
+    assert_serves(server)
+    # Cap the running server's address space (prlimit(2)): soon no thread stack fits, and
+    # `Thread.start()` raises RuntimeError("can't start new thread").
+    address_space = psutil.Process(server.proc.pid).memory_info().vms + THREAD_ROOM
+    # Only the soft limit: raising it back needs no privilege.
+    resource.prlimit(server.proc.pid, resource.RLIMIT_AS, (address_space, resource.RLIM_INFINITY))
+    clients = []
+    try:
+        for _ in range(CLIENTS_BEYOND_THREADS):
+            sock = connect(server.address)
+            sock.sendall(b"/ping\n")
+            clients.append(sock)
+        poll("a thread start to fail", lambda: "can't start new thread" in server.log_text(),
+             timeout=30.0)
+        # Threads can start again.
+        resource.prlimit(server.proc.pid, resource.RLIMIT_AS,
+                         (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+        # Every client is answered or closed by the server; none is left hanging...
+        for sock in clients:
+            replies, _ended = read_until_closed_or_answered(sock)
+            assert replies in (b"PONG\n", b"") or replies.startswith(b"ERR server-busy"), replies
+        # ...and new clients are served.
+        assert_serves(server)
+    finally:
+        for sock in clients:
+            sock.close()
+
+
+def read_until_closed_or_answered(sock: socket.socket) -> tuple[bytes, str]:
+    """The first reply line, or what came before the server closed; fails on a timeout."""
+    data = b""
+    try:
+        while not data.endswith(b"\n"):
+            chunk = sock.recv(4096)
+            if not chunk:
+                return data, "eof"
+            data += chunk
+    except ConnectionResetError:
+        return data, "reset"
+    except TimeoutError:
+        raise AssertionError(
+            f"the server neither answered nor closed this connection (got {data!r})"
+        ) from None
+    return data, "answered"
