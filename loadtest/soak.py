@@ -245,11 +245,14 @@ def sample_server(server: Server, elapsed: float) -> ServerSample:
 def read_locust_history(path: Path) -> tuple[int, int, int] | None:
     """(users, requests, failures) from the last complete Aggregated row of the history CSV."""
     try:
-        lines = path.read_text(errors="replace").splitlines()
+        with open(path, "rb") as history:
+            header = history.readline().decode(errors="replace").strip().split(",")
+            # Only the tail: after a day the file holds 86,400 rows.
+            history.seek(max(history.tell(), os.fstat(history.fileno()).st_size - 16384))
+            lines = history.read().decode(errors="replace").splitlines()
     except OSError:
         return None
-    header = lines[0].split(",") if lines else []
-    for line in reversed(lines[1:]):
+    for line in reversed(lines):
         cells = line.split(",")
         if len(cells) != len(header) or "Aggregated" not in cells:
             continue  # a row Locust is still writing
