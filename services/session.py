@@ -26,7 +26,7 @@ DURATION_BUCKETS = (
     0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025,
     0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 )
-CLOSE_REASONS = ("client", "quit", "idle", "line-too-long", "reset", "shutdown")
+CLOSE_REASONS = ("client", "quit", "idle", "line-too-long", "reset", "overload", "shutdown")
 
 
 class LineFramer:

@@ -14,6 +14,7 @@ from typing import ClassVar
 
 from prometheus_client.core import Metric
 
+from services import protocol
 from services.config import Settings
 from services.ratelog import RateLimitedLog
 from services.session import ServerStats, Session, reject, serve_blocking
@@ -134,7 +135,22 @@ class BlockingServer(Server):
             if session is None:
                 reject(sock, settings.max_connections)
                 continue
-            self.spawn_session(session)
+            try:
+                self.spawn_session(session)
+            except RuntimeError as error:  # "can't start new thread": out of memory or pids
+                self.turn_away(session, error)
+                backoff = MAX_ACCEPT_BACKOFF / 10
+                time.sleep(backoff)
+
+    def turn_away(self, session: Session, error: Exception) -> None:
+        """Answer `server-busy` to a connection that cannot be given a thread, and close it."""
+        self.rate_limited.warning("spawn", "cannot serve a new connection: %s", error)
+        session.tally.count_error("server-busy")
+        try:
+            session.sock.send(protocol.server_busy_reply(self.settings.max_connections))
+        except OSError:
+            pass
+        self.stats.close_session(session, "overload")
 
     def spawn_session(self, session: Session) -> None:
         """Serve one connection concurrently with the others."""

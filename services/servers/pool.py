@@ -7,8 +7,10 @@ once per loop, submits what the connections have ready: a connection's lines for
 share one task per worker, so the trip to a worker process is paid once per task, not once per
 line. A batch holding `/sleep` or `/work` is a task of its own. Workers receive request bytes
 only, never sockets. While a connection's batch is in flight its later lines wait in the
-reactor, so replies keep their order; past `PAUSE_READING_AT` bytes of pending input or unsent
-output the reactor stops reading that connection and the rest queues in the kernel.
+reactor, and the reactor stops reading that connection until the batch is answered; it also
+stops reading, and submits nothing more, while `MAX_UNSENT_OUTPUT` bytes of replies wait for a
+client that does not read. The rest queues in the kernel, so a connection holds at most about
+two reads of input and the replies to one batch.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from services.config import Settings
 from services.servers.base import Server
 from services.session import READ_SIZE, Session, reject
 
-PAUSE_READING_AT = 256 * 1024  # bytes of pending input or unsent output per connection
+MAX_UNSENT_OUTPUT = 256 * 1024  # replies waiting for a slow reader before it is throttled
 ACCEPTS_PER_WAKEUP = 64  # accept a burst of connections, but let established ones be served
 SLOW_COMMANDS = (b"/sleep ", b"/work ")  # worth a submission of their own
 PR_SET_PDEATHSIG = 1  # prctl(2): signal a worker when the server process dies
@@ -58,13 +60,12 @@ class Connection(Session):
     """A session as the reactor sees it: buffered lines, the batch in flight, unsent output."""
 
     __slots__ = (
-        "eof", "inflight", "interest", "output", "overflow", "pending", "pending_bytes", "queued",
+        "eof", "inflight", "interest", "output", "overflow", "pending", "queued",
     )
 
     def __init__(self, sock: socket.socket, line_limit: int) -> None:
         super().__init__(sock, line_limit)
         self.pending: list[bytes] = []  # complete lines read, not yet submitted
-        self.pending_bytes = 0
         self.inflight = 0  # lines of the batch being answered (0: none)
         self.output = bytearray()  # replies the socket did not take yet
         self.overflow = False  # a line broke the limit: answer what came before, then close
@@ -242,7 +243,8 @@ class PoolServer(Server):
             return  # closed while being served
         reading = not (
             connection.eof or connection.overflow or connection.close_reason
-            or connection.pending_bytes + len(connection.output) > PAUSE_READING_AT
+            or (connection.pending and connection.inflight)  # lines wait behind a batch
+            or len(connection.output) > MAX_UNSENT_OUTPUT
         )
         events = (selectors.EVENT_READ if reading else 0) | (
             selectors.EVENT_WRITE if connection.output else 0)
@@ -265,7 +267,6 @@ class PoolServer(Server):
             lines, overflow = connection.framer.feed(data)
             if lines:
                 connection.pending.extend(lines)
-                connection.pending_bytes += len(data)
             connection.overflow = overflow
         if not connection.inflight:
             self.schedule(connection)
@@ -274,6 +275,8 @@ class PoolServer(Server):
     def schedule(self, connection: Connection) -> None:
         """Queue the connection's pending lines for the next submission, or finish it."""
         if connection.pending:
+            if len(connection.output) > MAX_UNSENT_OUTPUT:
+                return  # a client that does not read gets no more work done: flush() resumes
             if not connection.queued:
                 connection.queued = True
                 self.ready.append(connection)
@@ -297,7 +300,7 @@ class PoolServer(Server):
             connection.queued = False
             if connection.inflight or not connection.pending or connection.sock.fileno() < 0:
                 continue
-            batch, connection.pending, connection.pending_bytes = connection.pending, [], 0
+            batch, connection.pending = connection.pending, []
             connection.inflight = len(batch)
             connection.busy = True
             if any(line.startswith(SLOW_COMMANDS) for line in batch):
@@ -384,8 +387,8 @@ class PoolServer(Server):
         if not connection.output and connection.close_reason:
             self.close(connection, connection.close_reason)
             return
-        if not connection.output and not connection.inflight:
-            self.schedule(connection)  # a half-closed or draining connection may be done now
+        if not connection.inflight and len(connection.output) <= MAX_UNSENT_OUTPUT:
+            self.schedule(connection)  # submit what waited, or finish a half-closed connection
         self.update_interest(connection)
 
     def finish(self, connection: Connection, reason: str) -> None:
