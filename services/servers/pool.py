@@ -32,7 +32,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from services import protocol
 from services.config import Settings
-from services.servers.base import Server
+from services.servers.base import MAX_ACCEPT_BACKOFF, Server
 from services.session import READ_SIZE, Session, reject
 
 MAX_UNSENT_OUTPUT = 256 * 1024  # replies waiting for a slow reader before it is throttled
@@ -106,6 +106,8 @@ class PoolServer(Server):
         self.wake_pending = False
         self.stop_requested = threading.Event()
         self.grace_deadline = float("inf")
+        self.accept_backoff = 0.0  # seconds of the current accept() back-off (0: none)
+        self.accept_resume_at = 0.0  # when to listen again after a back-off (0: listening)
         self.reactor: threading.Thread | None = None
         self.timed = settings.metrics
 
@@ -161,7 +163,10 @@ class PoolServer(Server):
         next_sweep = time.monotonic() + sweep_every
         draining = False
         while True:
-            for key, events in self.selector.select(sweep_every):
+            timeout = sweep_every
+            if self.accept_resume_at:
+                timeout = max(0.0, min(timeout, self.accept_resume_at - time.monotonic()))
+            for key, events in self.selector.select(timeout):
                 if key.data is ACCEPT:
                     self.accept_burst()
                 elif key.data is WAKE:
@@ -180,6 +185,8 @@ class PoolServer(Server):
             if draining and (not self.connections or time.monotonic() > self.grace_deadline):
                 break
             now = time.monotonic()
+            if not draining:
+                self.resume_accepting(now)
             if now >= next_sweep:
                 next_sweep = now + sweep_every
                 self.sweep(now - idle_timeout)
@@ -196,11 +203,15 @@ class PoolServer(Server):
             except BlockingIOError:
                 return
             except OSError as error:
-                if self.accept_failed(error):
-                    # Out of descriptors: stop listening briefly instead of spinning on accept.
+                pause = self.accept_failed(error)
+                if pause:
+                    # Out of descriptors: stop listening for a while instead of spinning on
+                    # accept(); the reactor listens again at `accept_resume_at`.
+                    self.accept_backoff = min(MAX_ACCEPT_BACKOFF, self.accept_backoff * 2 or pause)
+                    self.accept_resume_at = time.monotonic() + self.accept_backoff
                     self.selector.unregister(self.listener)
-                    threading.Timer(0.1, self.resume_accepting).start()
                 return
+            self.accept_backoff = 0.0
             connection = self.stats.open_session(sock, settings.line_limit, Connection)
             if not isinstance(connection, Connection):
                 reject(sock, settings.max_connections)
@@ -209,11 +220,11 @@ class PoolServer(Server):
             self.connections[sock.fileno()] = connection
             self.set_interest(connection, selectors.EVENT_READ)
 
-    def resume_accepting(self) -> None:
-        """Listen again after an accept() back-off (a selector is safe to use across threads)."""
-        if not self.stop_requested.is_set() and self.listener is not None:
+    def resume_accepting(self, now: float) -> None:
+        """Listen again once an accept() back-off is over."""
+        if self.accept_resume_at and now >= self.accept_resume_at and self.listener is not None:
+            self.accept_resume_at = 0.0
             self.selector.register(self.listener, selectors.EVENT_READ, ACCEPT)
-            self.wake()
 
     def drain_wakeups(self) -> None:
         """Deliver finished batches to their connections."""
@@ -412,7 +423,8 @@ class PoolServer(Server):
         """Stop accepting; close connections with nothing to answer, let the others finish."""
         self.stats.draining = True
         if self.listener is not None:
-            self.selector.unregister(self.listener)
+            if not self.accept_resume_at:
+                self.selector.unregister(self.listener)
             self.listener.close()
         for connection in list(self.connections.values()):
             connection.eof = True  # read nothing more; answer what was read
