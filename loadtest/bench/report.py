@@ -224,10 +224,14 @@ def write_charts(results: dict, directory: Path) -> list[str]:
         axis.invert_yaxis()
         axis.set_title(info["title"])
         axis.set_xlabel("requests / s")
+        axis.xaxis.set_major_formatter(FuncFormatter(_rate_label))
         axis.tick_params(axis="y", labelsize=7)
         for index, target_name in enumerate(names):
-            if runs[(scenario, target_name)]["median"]["loadgen_saturated"]:
-                axis.text(values[index], index, " loadgen saturated", va="center", fontsize=6)
+            median = runs[(scenario, target_name)]["median"]
+            notes = (["loadgen saturated"] if median["loadgen_saturated"] else []) + (
+                ["noisy"] if median.get("other_cpu_fraction", 0) > NOISY_OTHER_FRACTION else [])
+            if notes:
+                axis.text(values[index], index, " " + ", ".join(notes), va="center", fontsize=6)
     _finish(figure, axes, len(scenarios), "Throughput per model and scenario", footer)
     figure.savefig(directory / "throughput.png", dpi=110)
     pyplot.close(figure)
@@ -292,6 +296,11 @@ def write_charts(results: dict, directory: Path) -> list[str]:
     figure.savefig(directory / "resources.png", dpi=110)
     pyplot.close(figure)
     return list(CHARTS)
+
+
+def _rate_label(rate: float, _position: object = None) -> str:
+    """Tick label for requests per second: 500, 20k."""
+    return f"{rate / 1000:g}k" if rate >= 1000 else f"{rate:g}"
 
 
 def _duration_label(microseconds: float, _position: object = None) -> str:
