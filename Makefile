@@ -3,7 +3,9 @@ VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
 
-.PHONY: install test test-fast lint up bench clean
+.PHONY: install test test-fast lint up bench soak clean
+
+DURATION ?= 10m
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +31,9 @@ up: install  ## the whole stack as local processes (servers, Locust web UI, Prom
 
 bench: install  ## measure each server in isolation; writes results/
 	$(PY) -m loadtest.bench
+
+soak: install  ## the servers under the default Locust load for DURATION (make soak DURATION=24h); report in results/soak/
+	$(PY) -m loadtest.soak --duration $(DURATION) --report-dir results/soak
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
