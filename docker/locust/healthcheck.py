@@ -2,9 +2,11 @@
 
 A worker has no port of its own, so it asks the master's `/stats/requests` whether a worker
 whose id starts with this container's hostname (Locust ids are `HOSTNAME_UUID`) is alive.
-Standard library only. Exit 0 = healthy.
+With ARENA_LOCUST_LOGIN=user:password (weblogin.py) the web API needs a login: send it as
+HTTP Basic credentials. Standard library only. Exit 0 = healthy.
 """
 
+import base64
 import json
 import os
 import socket
@@ -18,8 +20,12 @@ if role == "master":
 else:
     host = os.environ.get("LOCUST_MASTER_NODE_HOST", "locust")
     port = os.environ.get("LOCUST_MASTER_WEB_PORT", "8089")
+request = urllib.request.Request(f"http://{host}:{port}/stats/requests")
+login = os.environ.get("ARENA_LOCUST_LOGIN", "")
+if login:
+    request.add_header("Authorization", "Basic " + base64.b64encode(login.encode()).decode())
 try:
-    with urllib.request.urlopen(f"http://{host}:{port}/stats/requests", timeout=5) as response:
+    with urllib.request.urlopen(request, timeout=5) as response:
         report = json.load(response)
 except (OSError, ValueError) as error:
     print(f"unhealthy: {error}", file=sys.stderr)
