@@ -6,6 +6,7 @@ ports the project publishes on 127.0.0.1, exactly as a user would.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -25,6 +26,7 @@ COMPOSE_FILE = ROOT / "docker-compose.yml"
 DASHBOARD_DIR = ROOT / "docker" / "grafana" / "dashboards"
 DATASOURCE_DIR = ROOT / "docker" / "grafana" / "provisioning" / "datasources"
 LOCUST_CONF = ROOT / "loadtest" / "locust.conf"
+REQUIREMENTS_FILES = sorted((ROOT / "docker").glob("requirements-*.txt"))
 SERVER_SERVICES = ("threaded", "pool", "gevent")
 # Compose variables that publish a port on the host: the test picks free ones, so it never
 # collides with a stack the user already runs on the default ports.
@@ -111,16 +113,28 @@ def poll(check: Callable[[], Any], timeout: float, interval: float = 2.0) -> Any
         time.sleep(interval)
 
 
-def http_json(url: str, data: dict[str, str] | None = None, timeout: float = 10.0) -> Any:
-    """GET (or form-POST) a URL and decode its JSON body."""
+def http_request(url: str, data: dict[str, str] | None = None,
+                 login: tuple[str, str] | None = None,
+                 headers: dict[str, str] | None = None) -> urllib.request.Request:
+    """A GET (or form-POST) request, with HTTP Basic credentials when `login` is given."""
     body = urllib.parse.urlencode(data).encode() if data is not None else None
-    with urllib.request.urlopen(url, data=body, timeout=timeout) as response:
+    request = urllib.request.Request(url, data=body, headers=headers or {})
+    if login is not None:
+        token = base64.b64encode(":".join(login).encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+    return request
+
+
+def http_json(url: str, data: dict[str, str] | None = None, timeout: float = 10.0,
+              login: tuple[str, str] | None = None) -> Any:
+    """GET (or form-POST) a URL and decode its JSON body."""
+    with urllib.request.urlopen(http_request(url, data, login), timeout=timeout) as response:
         return json.load(response)
 
 
-def http_text(url: str, timeout: float = 10.0) -> str:
+def http_text(url: str, timeout: float = 10.0, login: tuple[str, str] | None = None) -> str:
     """GET a URL and return its body as text."""
-    with urllib.request.urlopen(url, timeout=timeout) as response:
+    with urllib.request.urlopen(http_request(url, login=login), timeout=timeout) as response:
         return response.read().decode()
 
 
@@ -174,13 +188,19 @@ class ComposeProject:
         default_factory=lambda: {service: free_port() for service in PUBLISHED_PORT_VARIABLES}
     )
     started: list[str] = field(default_factory=list)
+    # The Locust web UI's login (ARENA_LOCUST_LOGIN): on in the test, so the healthchecks and
+    # the Prometheus scrape are shown to work with it; the default (off) is checked without
+    # Docker in tests/test_locust_weblogin.py.
+    locust_login: tuple[str, str] = field(
+        default_factory=lambda: ("arena", secrets.token_urlsafe(12))
+    )
 
     @property
     def env(self) -> dict[str, str]:
         """The environment for compose commands: default knobs, our ports, the classic builder."""
         published = {PUBLISHED_PORT_VARIABLES[s]: str(p) for s, p in self.ports.items()}
         return {**clean_environment(), "COMPOSE_BAKE": "false", "ARENA_BIND_ADDRESS": "127.0.0.1",
-                **published}
+                "ARENA_LOCUST_LOGIN": ":".join(self.locust_login), **published}
 
     def compose(self, *args: str, timeout: float = 120.0, check: bool = True,
                 env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -221,13 +241,34 @@ class ComposeProject:
             rows.extend(parsed if isinstance(parsed, list) else [parsed])
         return rows
 
-    def container_state(self, service: str) -> dict[str, Any]:
-        """`docker inspect` .State of the service's (first) container."""
+    def inspect(self, service: str) -> dict[str, Any]:
+        """`docker inspect` of the service's (first) container."""
         ids = self.compose("ps", "--all", "-q", service).stdout.split()
         assert ids, f"no container for service {service}"
-        result = subprocess.run(["docker", "inspect", "--format", "{{json .State}}", ids[0]],
+        result = subprocess.run(["docker", "inspect", ids[0]],
                                 capture_output=True, text=True, timeout=30, check=True)
-        return json.loads(result.stdout)
+        return json.loads(result.stdout)[0]
+
+    def container_state(self, service: str) -> dict[str, Any]:
+        """`docker inspect` .State of the service's (first) container, plus its RestartCount."""
+        details = self.inspect(service)
+        return {**details["State"], "RestartCount": details["RestartCount"]}
+
+    def crash(self, service: str) -> None:
+        """SIGKILL the service's main process from inside its container, as a crash would.
+
+        Not `docker kill`: the engine counts that as a manual stop, and no restart policy
+        (not even `always`) restarts a container after it (moby/moby#53415).
+        """
+        # PID 1 is the init process (`init: true`); its one child is the server.
+        self.compose("exec", "-T", service, "sh", "-c", "kill -KILL $(cat /proc/1/task/1/children)",
+                     check=False, timeout=30)
+
+    def server_metrics(self, service: str) -> str:
+        """A server's /metrics text, read inside its container (the metrics port is internal)."""
+        script = ("import urllib.request; print(urllib.request.urlopen("
+                  "'http://127.0.0.1:9100/metrics', timeout=5).read().decode())")
+        return self.compose("exec", "-T", service, "python", "-c", script, timeout=30).stdout
 
     def url(self, service: str, path: str) -> str:
         """http://127.0.0.1:PUBLISHED_PORT/path of a service."""

@@ -1,10 +1,13 @@
 """`docker compose up` starts a healthy, loaded, observable stack, and stops cleanly.
 
-One uniquely named compose project on free ports is built and started for the whole module;
-the tests read it from outside the containers (published ports, the docker CLI) in the order a
-user would look at it, stop the servers with SIGTERM, and finally take it down. Grafana's
-image cannot run on an engine without a registry: then every PromQL query of the provisioned
-dashboard is run against the real Prometheus instead.
+One uniquely named compose project on free ports is built and started for the whole module,
+with the Locust web login on (ARENA_LOCUST_LOGIN), so the healthchecks and Prometheus are shown
+to work with it. The tests read the stack from outside the containers (published ports, the
+docker CLI) in the order a user would look at it, then crash one server under load and watch it
+come back, stop the servers with SIGTERM, and finally take it down; the tests run in file order
+and each later one needs what the earlier ones left. Grafana's image cannot run on an engine
+without a registry: then every PromQL query of the provisioned dashboard is run against the
+real Prometheus instead.
 
 Without a Docker engine the module is skipped, unless ARENA_REQUIRE_DOCKER=1 (CI), where it
 fails.
@@ -15,6 +18,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 
 import pytest
@@ -24,6 +30,7 @@ from services.config import Settings
 from tests.compose_helpers import (
     DASHBOARD_DIR,
     LOCUST_CONF,
+    REQUIREMENTS_FILES,
     SERVER_SERVICES,
     ComposeProject,
     clean_environment,
@@ -32,6 +39,7 @@ from tests.compose_helpers import (
     engine_problem,
     grafana_to_promql,
     http_json,
+    http_request,
     http_text,
     metric_samples,
     ping,
@@ -46,6 +54,14 @@ UP_TIMEOUT = 420.0  # image builds included; cached builds take seconds
 TRAFFIC_TIMEOUT = 120.0  # Locust waits for a worker, then spawns its users
 USERS_PER_SERVER = 100  # what loadtest/locust.conf starts against each server
 SCRAPE_TIMEOUT = 90.0  # a few 5 s scrape intervals, so every rate() has two samples
+RESTART_TIMEOUT = 60.0  # restart + first healthcheck (every 5 s) + users' reconnect back-off
+# Locust workers report to the master every 3 s: two reads this far apart that agree mean the
+# failure counter really stopped.
+QUIET_INTERVAL = 7.0
+HARDENED_SERVICES = (*SERVER_SERVICES, "locust", "locust-worker")
+# What a user opens: each server's protocol port, Locust's web UI, Prometheus and Grafana.
+PUBLISHED = {"threaded": [9000], "pool": [9000], "gevent": [9000], "locust": [8089],
+             "prometheus": [9090], "grafana": [3000]}
 
 
 @pytest.fixture(scope="module")
@@ -113,6 +129,50 @@ def test_compose_defaults_match_the_code(compose_cli: ComposeProject) -> None:
         assert environment["LOCUST_SPAWN_RATE"] == conf["spawn-rate"]
 
 
+def test_compose_file_hardens_every_service(compose_cli: ComposeProject) -> None:
+    """Servers and Locust: non-root, read-only root, no capabilities, no-new-privileges; only
+    the ports a user needs, on 127.0.0.1; no password and no Locust login in the file."""
+    services = json.loads(
+        compose_cli.compose("config", "--format", "json", env=clean_environment()).stdout
+    )["services"]
+    for name, service in services.items():
+        assert service["read_only"] is True, name
+        assert service["cap_drop"] == ["ALL"], name
+        assert "no-new-privileges:true" in service["security_opt"], name
+        assert service["restart"] == "unless-stopped", name
+        assert service["init"] is True, name
+        published = sorted(port["target"] for port in service.get("ports", []))
+        assert published == PUBLISHED.get(name, []), (name, service.get("ports"))
+        for port in service.get("ports", []):
+            assert port["host_ip"] == "127.0.0.1", (name, port)
+    for name in HARDENED_SERVICES:
+        user = services[name]["user"]
+        assert user.split(":")[0] not in ("", "0", "root"), (name, user)
+    # Passed through from the shell only: no value, hence no default password, in the file.
+    grafana = services["grafana"]["environment"]
+    assert grafana["GF_SECURITY_ADMIN_PASSWORD"] is None
+    assert grafana["GF_AUTH_BASIC_ENABLED"] == "false"
+    for name in ("locust", "locust-worker"):
+        assert services[name]["environment"]["ARENA_LOCUST_LOGIN"] == "", name
+    with_login = json.loads(compose_cli.compose(
+        "config", "--format", "json",
+        env={**clean_environment(), "ARENA_LOCUST_LOGIN": "me:secret"}).stdout)["services"]
+    for name in ("locust", "locust-worker"):
+        assert with_login[name]["environment"]["ARENA_LOCUST_LOGIN"] == "me:secret", name
+
+
+def test_image_dependencies_are_pinned_exactly() -> None:
+    """Every line of docker/requirements-*.txt is `name==version` (the images install them
+    with --no-deps, so nothing unpinned can come in)."""
+    assert REQUIREMENTS_FILES
+    for path in REQUIREMENTS_FILES:
+        lines = [line.strip() for line in path.read_text().splitlines()]
+        requirements = [line for line in lines if line and not line.startswith("#")]
+        assert requirements, path.name
+        for line in requirements:
+            assert re.fullmatch(r"[A-Za-z0-9][\w.-]*==[\w.+!-]+", line), (path.name, line)
+
+
 def test_every_started_service_is_running_and_healthy(stack: ComposeProject) -> None:
     """Every container is running, and healthy by its own healthcheck."""
     containers = {row["Service"]: row for row in stack.containers()}
@@ -121,6 +181,35 @@ def test_every_started_service_is_running_and_healthy(stack: ComposeProject) -> 
         row = containers[service]
         assert row["State"] == "running", f"{service}: {row}\n{stack.diagnostics()}"
         assert row["Health"] == "healthy", f"{service}: {row}\n{stack.diagnostics()}"
+
+
+def test_running_servers_and_locust_are_hardened(stack: ComposeProject) -> None:
+    """The engine applied it: non-root user, read-only root, no capabilities, no-new-privileges."""
+    for service in HARDENED_SERVICES:
+        details = stack.inspect(service)
+        host = details["HostConfig"]
+        assert details["Config"]["User"].split(":")[0] not in ("", "0", "root"), service
+        assert host["ReadonlyRootfs"] is True, service
+        assert [cap.upper().removeprefix("CAP_") for cap in host["CapDrop"]] == ["ALL"], service
+        assert "no-new-privileges:true" in host["SecurityOpt"], service
+        assert host["RestartPolicy"]["Name"] == "unless-stopped", service
+
+
+def test_locust_web_ui_needs_the_login_when_one_is_set(stack: ComposeProject) -> None:
+    """ARENA_LOCUST_LOGIN (set for this stack): no page or API answer without it, HTTP Basic or
+    the login form get in, /metrics stays open for Prometheus."""
+    api = stack.url("locust", "/stats/requests")
+    for login in (None, ("arena", "wrong"), ("wrong", stack.locust_login[1])):
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(http_request(api, login=login), timeout=10)
+        assert refused.value.code == 401, login
+        assert refused.value.headers["WWW-Authenticate"].startswith("Basic"), login
+    assert "stats" in http_json(api, login=stack.locust_login)
+    # A browser opening the UI lands on Locust's login page.
+    page = http_request(stack.url("locust", "/"), headers={"Accept": "text/html"})
+    with urllib.request.urlopen(page, timeout=10) as response:
+        assert response.url.endswith("/login"), response.url
+    assert "locust_users" in http_text(stack.url("locust", "/metrics"))
 
 
 def test_servers_answer_on_their_published_ports(stack: ComposeProject) -> None:
@@ -159,7 +248,7 @@ def test_locust_loads_every_server_with_zero_failures(stack: ComposeProject) -> 
     assert sum(connect_errors.values()) == 0, connect_errors
 
     # Locust's own statistics (the web UI's table): one row per (target, command).
-    report = http_json(stack.url("locust", "/stats/requests"))
+    report = http_json(stack.url("locust", "/stats/requests"), login=stack.locust_login)
     for service in SERVER_SERVICES:
         rows = [row for row in report["stats"] if row["method"] == service]
         assert sum(row["num_requests"] for row in rows) > 0, (service, report["stats"])
@@ -228,6 +317,63 @@ def test_every_dashboard_query_returns_data(stack: ComposeProject) -> None:
     if poll(lambda: not empty_queries(), SCRAPE_TIMEOUT, interval=5.0) is not True:
         empty = empty_queries()
         assert not empty, "queries without data:\n" + "\n".join(empty)
+
+
+def locust_failures_by_target(stack: ComposeProject) -> dict[str, float]:
+    """Locust's failed requests (refused connects included) so far, per target."""
+    text = http_text(stack.url("locust", "/metrics"))
+    failures: dict[str, float] = {}
+    for labels, value in metric_samples(text, "locust_failures_total").items():
+        target = dict(labels).get("target", "")
+        failures[target] = failures.get(target, 0.0) + value
+    return failures
+
+
+def test_a_crashed_server_is_restarted_and_its_users_reconnect(stack: ComposeProject) -> None:
+    """SIGKILL of a server under load: Docker restarts it (`restart: unless-stopped`), Locust
+    counts failures for that server only, and its 100 users reconnect by themselves."""
+    victim = "threaded"
+    before = locust_failures_by_target(stack)
+    restarts_before = stack.container_state(victim)["RestartCount"]
+    stack.crash(victim)
+
+    def restarted_and_healthy() -> dict | None:
+        state = stack.container_state(victim)
+        back = (state["RestartCount"] > restarts_before and state["Running"]
+                and state.get("Health", {}).get("Status") == "healthy")
+        return state if back else None
+
+    state = poll(restarted_and_healthy, RESTART_TIMEOUT, interval=1.0)
+    assert isinstance(state, dict), f"{victim} not restarted: {state!r}\n{stack.diagnostics()}"
+
+    def users_reconnected() -> float | None:
+        samples = metric_samples(stack.server_metrics(victim), "arena_connections_active")
+        active = sum(samples.values())
+        return active if active == USERS_PER_SERVER else None
+
+    active = poll(users_reconnected, RESTART_TIMEOUT, interval=1.0)
+    assert active == USERS_PER_SERVER, (
+        f"{victim} holds {active!r} connections after its restart, not {USERS_PER_SERVER}\n"
+        f"{stack.diagnostics()}"
+    )
+
+    # Failures stop growing once the users are back: two reads a few seconds apart agree.
+    latest: list[dict[str, float]] = [locust_failures_by_target(stack)]
+
+    def failures_settled() -> bool:
+        time.sleep(QUIET_INTERVAL)
+        latest.append(locust_failures_by_target(stack))
+        return latest[-1] == latest[-2]
+
+    settled = poll(failures_settled, 4 * QUIET_INTERVAL, interval=0.0)
+    after = latest[-1]
+    print(f"{victim}: restart {state['RestartCount']}, {active} connections back, "
+          f"Locust failures {before} -> {after}")
+    assert settled is True, f"Locust's failures keep growing: {latest}"
+    assert after.get(victim, 0) > before.get(victim, 0), (before, after)
+    for service in SERVER_SERVICES:
+        if service != victim:
+            assert after.get(service, 0) == before.get(service, 0), (service, before, after)
 
 
 def test_sigterm_stops_each_server_with_exit_code_0(stack: ComposeProject) -> None:
