@@ -250,9 +250,8 @@ def plan(settings: StackSettings, workdir: Path, environ: Mapping[str, str]) -> 
     with_locust = settings.locust and locust_file.exists()
     if with_locust:
         web_port = settings.ports["locust_port"]
-        locust = shutil.which("locust", path=environ.get("PATH"))
-        prefix = [locust] if locust else [python, "-m", "locust"]
-        command = [*prefix, "-f", str(locust_file), "--web-host", host,
+        # The same interpreter as the servers: right also in a venv that is not activated.
+        command = [python, "-m", "locust", "-f", str(locust_file), "--web-host", host,
                    "--web-port", str(web_port)]
         command += [f"--{model}-target=tcp://{reach}:{settings.ports[f'{model}_port']}"
                     for model in MODELS]
