@@ -25,6 +25,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -181,11 +182,15 @@ class Service:
     pump: threading.Thread | None = None
 
 
-def _http_ok(url: str) -> Callable[[], bool]:
+def _http_ok(url: str, any_status: bool = False) -> Callable[[], bool]:
+    """A probe: the URL answers 2xx (or, with any_status, any HTTP status, e.g. a login's 401)."""
+
     def probe() -> bool:
         try:
             with urllib.request.urlopen(url, timeout=2) as response:
                 return 200 <= response.status < 300
+        except urllib.error.HTTPError:
+            return any_status
         except OSError:
             return False
 
@@ -258,7 +263,7 @@ def plan(settings: StackSettings, workdir: Path, environ: Mapping[str, str]) -> 
         if settings.autostart:
             command.append("--autostart")
         services.append(Service("locust", command, ["locust_port"],
-                                _http_ok(f"http://{reach}:{web_port}/"),
+                                _http_ok(f"http://{reach}:{web_port}/", any_status=True),
                                 [f"http://{reach}:{web_port}/"]))
     prometheus = shutil.which("prometheus", path=environ.get("PATH"))
     if settings.prometheus == "on" and not prometheus:
