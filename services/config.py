@@ -47,7 +47,8 @@ def _port(text: str) -> int:
     return value
 
 
-def _positive_int(text: str) -> int:
+def parse_positive_int(text: str) -> int:
+    """A whole number of at least 1."""
     value = int(text)
     if value < 1:
         raise ValueError("must be at least 1")
@@ -68,13 +69,14 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
-def _boolean(text: str) -> bool:
+def parse_boolean(text: str) -> bool:
+    """true/false, yes/no, on/off or 1/0."""
     lowered = text.strip().lower()
     if lowered in ("1", "true", "yes", "on"):
         return True
     if lowered in ("0", "false", "no", "off"):
         return False
-    raise ValueError("use true or false")
+    raise ValueError(f"use true or false, got {text!r}")
 
 
 def _choice(options: Sequence[str]) -> Callable[[str], str]:
@@ -95,14 +97,14 @@ OPTIONS: dict[str, tuple[Callable[[str], object], str]] = {
     "host": (str, "address to bind the protocol and metrics ports"),
     "port": (_port, "protocol port; 0 binds a free port and logs it"),
     "metrics_port": (_port, "Prometheus /metrics port; 0 binds a free port and logs it"),
-    "metrics": (_boolean, "serve /metrics and time requests (false measures the cost)"),
-    "max_connections": (_positive_int, "connections held at once; more get ERR server-busy"),
+    "metrics": (parse_boolean, "serve /metrics and time requests (false measures the cost)"),
+    "max_connections": (parse_positive_int, "connections held at once; more get ERR server-busy"),
     "idle_timeout": (_positive_float, "seconds without request bytes before a connection closes"),
-    "line_limit": (_positive_int, "longest request line in bytes; longer gets ERR line-too-long"),
+    "line_limit": (parse_positive_int, "longest request line in bytes (longer: ERR line-too-long)"),
     "grace": (_non_negative_float, "seconds to answer received requests on SIGTERM/SIGINT"),
     "executor": (_choice(EXECUTORS), "pool model: run requests in process or thread workers"),
-    "workers": (_positive_int, "pool model: number of executor workers (default: CPU count)"),
-    "backlog": (_positive_int, "listen backlog of the protocol socket"),
+    "workers": (parse_positive_int, "pool model: number of executor workers (default: CPU count)"),
+    "backlog": (parse_positive_int, "listen backlog of the protocol socket"),
     "log_level": (_log_level, "DEBUG, INFO, WARNING or ERROR"),
 }
 

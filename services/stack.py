@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
+from services.config import parse_boolean, parse_positive_int
+
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ("threaded", "pool", "gevent")
 ENV_PREFIX = "ARENA_STACK_"
@@ -60,15 +62,6 @@ class StackError(Exception):
 def knob(setting: str) -> str:
     """How a user changes a setting: its flag and its environment variable."""
     return f"--{setting.replace('_', '-')} or {ENV_PREFIX}{setting.upper()}"
-
-
-def _boolean(text: str) -> bool:
-    lowered = text.strip().lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"use true or false, got {text!r}")
 
 
 def _port(text: str) -> int:
@@ -138,11 +131,11 @@ def parse_settings(argv: Sequence[str] | None, environ: Mapping[str, str]) -> St
     return StackSettings(
         host=parsed("host", str, defaults.host),
         ports={name: parsed(name, _port, default) for name, (default, _) in PORTS.items()},
-        locust=parsed("locust", _boolean, True),
-        autostart=parsed("autostart", _boolean, True),
+        locust=parsed("locust", parse_boolean, True),
+        autostart=parsed("autostart", parse_boolean, True),
         prometheus=parsed("prometheus", _prometheus_mode, "auto"),
         grace=parsed("grace", _grace, defaults.grace),
-        workers=parsed("workers", _positive_int, defaults.workers),
+        workers=parsed("workers", parse_positive_int, defaults.workers),
     )
 
 
@@ -150,13 +143,6 @@ def _prometheus_mode(text: str) -> str:
     if text not in ("auto", "on", "off"):
         raise ValueError(f"choose auto, on or off, got {text!r}")
     return text
-
-
-def _positive_int(text: str) -> int:
-    number = int(text)
-    if number < 1:
-        raise ValueError("must be at least 1")
-    return number
 
 
 def _grace(text: str) -> float:
