@@ -85,3 +85,13 @@ def test_a_saturated_load_generator_is_flagged_next_to_the_number(tiny_run, tmp_
     markdown = report.write_markdown(results, tmp_path).read_text()
     flagged = [line for line in markdown.splitlines() if "load generator saturated" in line]
     assert len(flagged) == 1 and flagged[0].startswith(f"| {results['runs'][0]['target']} |")
+
+
+@pytest.mark.parametrize(
+    "module", ["loadtest.bench", "loadtest.soak", "services.stack", "services"]
+)
+def test_every_command_explains_itself_with_help(module: str) -> None:
+    result = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+    assert "usage:" in result.stdout and "Traceback" not in result.stderr

@@ -71,7 +71,7 @@ def build_parser(scenario_names: list[str]) -> argparse.ArgumentParser:
                         help="skip measuring the load generator against its C echo server")
     parser.add_argument("--noisy-retries", type=int, default=2,
                         help="measure a run again when other work took more than "
-                        f"{harness.NOISY_OTHER_FRACTION:.0%} of the server CPU (default 2)")
+                        f"{harness.NOISY_OTHER_FRACTION:.0%}% of the server CPU (default 2)")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
     return parser
 
