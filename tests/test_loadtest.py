@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -222,21 +223,27 @@ def check_servers_saw_the_same_traffic(before, after, totals) -> None:
         assert ok <= answered <= ok + USERS_PER_TARGET, (target, ok, answered)
 
 
+def run_headless_to_success(tmp_path, name: str, args: list[str], servers) -> tuple[Any, dict]:
+    """Run Locust to its end against the servers; it must exit 0 and report every row."""
+    run = start_locust(tmp_path, name, args, locust_env(addresses(servers)))
+    try:
+        code = run.wait(timeout=120)
+    finally:
+        run.kill()
+    assert code == 0, run.stderr[-3000:]
+    totals = csv_totals(tmp_path / f"{Path(args[args.index('--csv') + 1]).name}_stats.csv")
+    assert set(totals) == {(target, command) for target in TARGETS for command in COMMANDS}
+    return run, totals
+
+
 @pytest.mark.locust
 @pytest.mark.slow
 def test_headless_run_loads_all_targets_with_100_users_each_and_no_failures(servers, tmp_path):
     before = {target: server_counts(server) for target, server in servers.items()}
     prefix = tmp_path / "run"
     # No -u: loadtest/locust.conf must give 100 users per target on its own (cwd is tmp_path).
-    run = start_locust(tmp_path, "headless", ["--headless", "-t", "12s", "--csv", str(prefix)],
-                       locust_env(addresses(servers)))
-    try:
-        code = run.wait(timeout=120)
-    finally:
-        run.kill()
-    assert code == 0, run.stderr[-3000:]
-    totals = csv_totals(tmp_path / "run_stats.csv")
-    assert set(totals) == {(target, command) for target in TARGETS for command in COMMANDS}
+    run, totals = run_headless_to_success(
+        tmp_path, "headless", ["--headless", "-t", "12s", "--csv", str(prefix)], servers)
     assert all(requests > 0 and failures == 0 for requests, failures in totals.values()), totals
     # Every user connected exactly once: 100 per target, none reconnected.
     assert all(totals[(target, "connect")][0] == USERS_PER_TARGET for target in TARGETS)
@@ -384,16 +391,9 @@ def test_distributed_master_aggregates_two_workers_and_passes_knob_changes_on(se
 @pytest.mark.slow
 def test_processes_flag_runs_forked_workers_and_the_master_adds_them_up(servers, tmp_path):
     prefix = tmp_path / "forked"
-    run = start_locust(tmp_path, "forked",
-                       ["--processes", "2", "--headless", "-t", "8s", "--csv", str(prefix)],
-                       locust_env(addresses(servers)))
-    try:
-        code = run.wait(timeout=120)
-    finally:
-        run.kill()
-    assert code == 0, run.stderr[-3000:]
-    totals = csv_totals(tmp_path / "forked_stats.csv")
-    assert set(totals) == {(target, command) for target in TARGETS for command in COMMANDS}
+    run, totals = run_headless_to_success(
+        tmp_path, "forked", ["--processes", "2", "--headless", "-t", "8s", "--csv", str(prefix)],
+        servers)
     assert all(failures == 0 for _, failures in totals.values()), totals
     assert all(totals[(target, "connect")][0] == USERS_PER_TARGET for target in TARGETS)
     with open(tmp_path / "forked_latency.csv", newline="") as handle:
