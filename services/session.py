@@ -14,7 +14,7 @@ import socket
 import threading
 import time
 from bisect import bisect_left
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from services import protocol
@@ -234,14 +234,25 @@ def reject(sock: socket.socket, max_connections: int) -> None:
         sock.close()
 
 
-def serve_blocking(session: Session, stats: ServerStats, timed: bool = True) -> None:
-    """Serve one connection in its own thread or greenlet until it ends; never raises."""
+Receive = Callable[[int], bytes]
+SendAll = Callable[[bytes], None]
+
+
+def serve_blocking(
+    session: Session, stats: ServerStats, timed: bool = True,
+    io: tuple[Receive, SendAll] | None = None,
+) -> None:
+    """Serve one connection in its own thread or greenlet until it ends; never raises.
+
+    `io` replaces the socket's own `recv` and `sendall` where a model has cheaper ones.
+    """
     sock, framer, tally = session.sock, session.framer, session.tally
     answer, record, clock = protocol.answer, tally.record, time.monotonic
+    receive, send_all = io or (sock.recv, sock.sendall)
     reason = "client"
     try:
         while True:
-            data = sock.recv(READ_SIZE)
+            data = receive(READ_SIZE)
             if not data:
                 reason = "shutdown" if stats.draining else "client"
                 break
@@ -273,7 +284,7 @@ def serve_blocking(session: Session, stats: ServerStats, timed: bool = True) -> 
                     reason = "line-too-long"
                 payload = b"".join(replies)
             if payload:
-                sock.sendall(payload)
+                send_all(payload)
                 tally.sent += len(payload)
             session.busy = False
             session.last_active = clock()

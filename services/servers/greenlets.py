@@ -9,8 +9,10 @@ the time every other client waited.
 from __future__ import annotations
 
 import signal
+import socket
 import time
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import gevent
 import gevent.event
@@ -20,10 +22,41 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from services.config import Settings
 from services.metrics import histogram_family
 from services.servers.base import BlockingServer
-from services.session import Histogram, Session, serve_blocking
+from services.session import Histogram, Receive, SendAll, Session, serve_blocking
 
 PROBE_INTERVAL = 0.1  # seconds between loop-lag probes: cheap, yet catches a blocked loop
 BLOCKED_THRESHOLD = 0.01  # lateness counted as "the loop was blocked"
+
+
+def wait_first_io(sock: socket.socket) -> tuple[Receive, SendAll]:
+    """Receive and send on the raw socket, waiting for readiness before reading.
+
+    gevent's `recv` tries the syscall first and waits after it fails. In request/reply traffic
+    the next request has rarely arrived when the reply is out, so that costs a failed syscall
+    and an exception per request (about 10 % of echo throughput here). Waiting on the socket's
+    own read watcher first, as an event loop does, skips both. (`_sock`, `_wait` and
+    `_read_event` are gevent's socket internals, stable since gevent 1.x.)
+    """
+    gsock: Any = sock  # a gevent socket: the session was accepted after monkey-patching
+    raw, wait, readable = gsock._sock, gsock._wait, gsock._read_event
+
+    def receive(size: int) -> bytes:
+        while True:
+            wait(readable)
+            try:
+                return raw.recv(size)
+            except BlockingIOError:
+                continue  # a spurious wake-up: wait again
+
+    def send_all(data: bytes) -> None:
+        try:
+            sent = raw.send(data)
+        except BlockingIOError:
+            sent = 0
+        if sent < len(data):  # the kernel buffer is full: let gevent wait for room
+            gsock.sendall(memoryview(data)[sent:])
+
+    return receive, send_all
 
 
 class GeventServer(BlockingServer):
@@ -49,7 +82,9 @@ class GeventServer(BlockingServer):
 
     def spawn_session(self, session: Session) -> None:
         """Serve a connection in a greenlet of the pool (never full: the limit is checked first)."""
-        self.connections.spawn(serve_blocking, session, self.stats, self.settings.metrics)
+        self.connections.spawn(
+            serve_blocking, session, self.stats, self.settings.metrics, wait_first_io(session.sock)
+        )
 
     def serve_in_background(self) -> None:
         """Accept, sweep, and probe the event loop."""
