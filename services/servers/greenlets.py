@@ -38,7 +38,10 @@ def wait_first_io(sock: socket.socket) -> tuple[Receive, SendAll]:
     `_read_event` are gevent's socket internals, stable since gevent 1.x.)
     """
     gsock: Any = sock  # a gevent socket: the session was accepted after monkey-patching
-    raw, wait, readable = gsock._sock, gsock._wait, gsock._read_event
+    try:
+        raw, wait, readable = gsock._sock, gsock._wait, gsock._read_event
+    except AttributeError:  # a gevent without these internals: its own, slower calls
+        return gsock.recv, gsock.sendall
 
     def receive(size: int) -> bytes:
         while True:
