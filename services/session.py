@@ -132,7 +132,9 @@ class Session:
         self.framer = LineFramer(line_limit)
         self.tally = Tally()
         self.last_active = time.monotonic()
-        self.busy = False  # a request is being answered: the idle timeout does not apply
+        # A request is being answered: the idle timeout does not apply. (The pool's reactor
+        # knows this from its batch in flight and does not keep this flag.)
+        self.busy = False
         self.close_reason: str | None = None  # set by whoever decides to end the connection
 
     def interrupt(self, reason: str, how: int = socket.SHUT_RDWR) -> None:
@@ -263,10 +265,7 @@ def serve_blocking(
             if len(lines) == 1 and not overflow:  # the common case: one request per read
                 result = answer(lines[0])
                 payload = result.reply
-                if timed:
-                    record(result, clock() - started)
-                else:
-                    record(result, 0.0)
+                record(result, clock() - started if timed else 0.0)
                 if result.close:
                     reason = "quit"
             else:

@@ -313,7 +313,6 @@ class PoolServer(Server):
                 continue
             batch, connection.pending = connection.pending, []
             connection.inflight = len(batch)
-            connection.busy = True
             if any(line.startswith(SLOW_COMMANDS) for line in batch):
                 self.submit([connection], [batch])
             else:
@@ -355,7 +354,6 @@ class PoolServer(Server):
     def deliver_one(self, connection: Connection, answers: list, elapsed: float) -> None:
         """Count and send one connection's replies, then queue its next lines."""
         connection.inflight = 0
-        connection.busy = False
         connection.last_active = time.monotonic()
         if connection.sock.fileno() < 0:
             return  # closed meanwhile (reset by the client, or the grace period ended)
