@@ -106,6 +106,14 @@ class ArenaCollector(Collector):
         for name, count in sorted(stats.accept_errors.items()):
             accept_errors.add_metric([name], count)
         yield accept_errors
+        internal = CounterMetricFamily(
+            "arena_internal_errors",
+            "Unexpected exceptions by where they were caught (a bug, contained or fatal)",
+            labels=["where"],
+        )
+        for where, count in sorted(stats.internal_errors.items()):
+            internal.add_metric([where], count)
+        yield internal
         yield from self.extra()
 
 

@@ -10,6 +10,7 @@ reactor drives the same framer, protocol and tally from events instead.
 from __future__ import annotations
 
 import contextlib
+import logging
 import socket
 import threading
 import time
@@ -26,7 +27,10 @@ DURATION_BUCKETS = (
     0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025,
     0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 )
-CLOSE_REASONS = ("client", "quit", "idle", "line-too-long", "reset", "overload", "shutdown")
+CLOSE_REASONS = (
+    "client", "quit", "idle", "line-too-long", "reset", "overload", "shutdown", "error",
+)
+log = logging.getLogger("arena.session")
 
 
 class LineFramer:
@@ -157,6 +161,8 @@ class ServerStats:
     rejected: int = 0
     close_reasons: dict[str, int] = field(default_factory=lambda: dict.fromkeys(CLOSE_REASONS, 0))
     accept_errors: dict[str, int] = field(default_factory=dict)
+    # Unexpected exceptions by where they were caught: a bug contained, not a crash.
+    internal_errors: dict[str, int] = field(default_factory=dict)
     draining: bool = False
     # Held only when a connection opens or closes and while scraping, never per request: it
     # keeps a closing connection from being counted both live and closed in one scrape.
@@ -196,6 +202,11 @@ class ServerStats:
         """Count one failed accept() by errno name."""
         with self.lock:
             self.accept_errors[name] = self.accept_errors.get(name, 0) + 1
+
+    def count_internal_error(self, where: str) -> None:
+        """Count one unexpected exception caught at `where` (session, reactor, ...)."""
+        with self.lock:
+            self.internal_errors[where] = self.internal_errors.get(where, 0) + 1
 
     def snapshot(self) -> Tally:
         """The totals of every connection, closed and live, as one tally."""
@@ -294,5 +305,9 @@ def serve_blocking(
                 break
     except OSError:
         reason = "reset"
+    except Exception:  # a bug: contained to this one connection, which is closed
+        log.exception("session failed; closing its connection")
+        stats.count_internal_error("session")
+        reason = "error"
     finally:
         stats.close_session(session, reason)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import signal
 import socket
 import threading
@@ -21,6 +22,11 @@ from services.session import ServerStats, Session, reject, serve_blocking
 
 # accept() errors that mean "out of a resource for now": log, back off, retry (as Trio does).
 CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+# accept() errors that mean the listening socket itself is broken: fatal, as in gevent's
+# baseserver. Retrying would leave a live process that never serves again.
+BROKEN_LISTENER_ERRNOS = {errno.EBADF, errno.EINVAL, errno.ENOTSOCK}
+# Exit code of a server whose serving loop failed: a supervisor (Docker) restarts it.
+FATAL_EXIT_CODE = 1
 # Longest pause between accept() retries while out of descriptors.
 MAX_ACCEPT_BACKOFF = 1.0
 
@@ -75,11 +81,34 @@ class Server(ABC):
         return ()
 
     def accept_failed(self, error: OSError) -> float:
-        """Count and log a failed accept(); returns how long to back off before the next."""
+        """Count and log a failed accept(); returns how long to back off before the next.
+
+        Raises the error again when it means the listener is broken (the loop then fails).
+        """
         name = errno.errorcode.get(error.errno or 0, "unknown")
         self.stats.count_accept_error(name)
+        if error.errno in BROKEN_LISTENER_ERRNOS:
+            raise error
         self.rate_limited.warning(f"accept-{name}", "accept() failed: %s", error)
         return 0.1 if error.errno in CAPACITY_ERRNOS else 0.0
+
+    def run_or_exit(self, name: str, loop: Callable[[], None]) -> None:
+        """Run a serving loop (accept, sweep, reactor, probe); if it raises, exit the process.
+
+        A loop that died would leave a live process that no longer serves, which no health
+        check repairs: Docker restarts crashed containers, not unhealthy ones. So an
+        unexpected exception is logged with its traceback, counted, and fatal (exit code 1).
+        """
+        try:
+            loop()
+        except Exception:
+            self.stats.count_internal_error(name)
+            self.log.critical(
+                "the %s loop failed; exiting with code %d so a supervisor restarts the server",
+                name, FATAL_EXIT_CODE, exc_info=True,
+            )
+            logging.shutdown()
+            os._exit(FATAL_EXIT_CODE)
 
     def catch_signals(self) -> Callable[[], None]:
         """Catch SIGTERM and SIGINT now; returns a function that blocks until one arrives."""
@@ -112,8 +141,8 @@ class BlockingServer(Server):
 
     def serve_in_background(self) -> None:
         """Spawn the accept loop and the idle sweeper."""
-        self.accept_task = self.spawn(self.accept_loop)
-        self.spawn(self.sweep_loop)
+        self.accept_task = self.spawn(self.run_or_exit, "accept", self.accept_loop)
+        self.spawn(self.run_or_exit, "sweep", self.sweep_loop)
 
     def accept_loop(self) -> None:
         """Accept connections until stopped; a failed accept never ends the loop."""

@@ -92,7 +92,7 @@ class GeventServer(BlockingServer):
     def serve_in_background(self) -> None:
         """Accept, sweep, and probe the event loop."""
         super().serve_in_background()
-        self.spawn(self.probe_loop)
+        self.spawn(self.run_or_exit, "probe", self.probe_loop)
 
     def probe_loop(self) -> None:
         """Measure how late a periodic timer fires: the time the loop was blocked."""

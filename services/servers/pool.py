@@ -124,7 +124,10 @@ class PoolServer(Server):
         self.wake_reader.setblocking(False)
         self.selector.register(self.listener, selectors.EVENT_READ, ACCEPT)
         self.selector.register(self.wake_reader, selectors.EVENT_READ, WAKE)
-        self.reactor = threading.Thread(target=self.run_reactor, name="reactor", daemon=True)
+        self.reactor = threading.Thread(
+            target=self.run_or_exit, args=("reactor", self.run_reactor), name="reactor",
+            daemon=True,
+        )
         self.reactor.start()
 
     def stop(self, grace: float) -> None:
