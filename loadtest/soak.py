@@ -32,9 +32,11 @@ from pathlib import Path
 import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
+from services import models
+
 ROOT = Path(__file__).resolve().parent.parent
-MODELS = ("threaded", "pool", "gevent")
-MODEL_ARGS = {"threaded": [], "pool": ["--workers", "2"], "gevent": []}
+MODELS = models.NAMES
+MODEL_ARGS = {"pool": ["--workers", "2"]}  # as on 2 cores; the other models need no flags
 READY = re.compile(r"ready model=(\S+) host=(\S+) port=(\d+) metrics_port=(\d+)")
 READY_TIMEOUT = 60.0
 STOP_TIMEOUT = 60.0  # a server's grace (10 s) plus its workers, with room for a loaded box
@@ -114,7 +116,7 @@ class Server:
 def start_server(model: str, log_path: Path) -> Server:
     """Start `python -m services MODEL` on free loopback ports; wait for its ready line."""
     command = [sys.executable, "-m", "services", model, "--host", "127.0.0.1", "--port", "0",
-               "--metrics-port", "0", *MODEL_ARGS[model]]
+               "--metrics-port", "0", *MODEL_ARGS.get(model, [])]
     env = {key: value for key, value in os.environ.items() if not key.startswith("ARENA_")}
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(command, cwd=ROOT, env={**env, "PYTHONUNBUFFERED": "1"},

@@ -23,18 +23,15 @@ from urllib.parse import urlsplit
 
 # The protocol's limits and /work cost, from the one place they are defined (the Locust image
 # ships services/protocol.py, which imports only the standard library).
+from services import models
 from services.protocol import MAX_SLEEP_MS, MAX_WORK_ROUNDS, WORK_ROUND_NS
 
 logger = logging.getLogger(__name__)
 
-TARGETS = ("threaded", "pool", "gevent")
+TARGETS = models.NAMES
 COMMANDS = ("echo", "ping", "sleep", "work")
 CONNECT = "connect"
-DEFAULT_ADDRESSES = {
-    "threaded": "tcp://127.0.0.1:9001",
-    "pool": "tcp://127.0.0.1:9002",
-    "gevent": "tcp://127.0.0.1:9003",
-}
+DEFAULT_ADDRESSES = {model.name: f"tcp://127.0.0.1:{model.port}" for model in models.MODELS}
 DEFAULT_USERS_PER_TARGET = 100
 LOCUST_CONF = os.path.join(os.path.dirname(os.path.abspath(__file__)), "locust.conf")
 # The servers' default line limit is 65536 bytes; leave room for "/sleep 60000 " in front of TEXT.
@@ -166,7 +163,12 @@ def add_arguments(parser: Any, **_kwargs: Any) -> None:
     defaults = getattr(parser, "_default_config_files", None)
     if isinstance(defaults, list | tuple) and LOCUST_CONF not in defaults:
         parser._default_config_files = [LOCUST_CONF, *defaults]
+    # `python -m loadtest` registers this listener before Locust imports the locustfile, which
+    # registers it again: add each knob once.
+    known = getattr(parser, "_option_string_actions", {})
     for knob in KNOBS:
+        if knob.flag in known:
+            continue
         parser.add_argument(
             knob.flag, default=knob.default, type=_argparse_type(knob), env_var=knob.env_var,
             help=knob.help, include_in_web_ui=True,

@@ -12,7 +12,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import NoReturn
 
-MODELS = ("threaded", "pool", "gevent")
+from services import models
+
 EXECUTORS = ("process", "thread")
 ENV_PREFIX = "ARENA_"
 
@@ -124,7 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run one Socket Arena TCP server (protocol: docs/PROTOCOL.md). Every "
         "option can also be set as an ARENA_* environment variable; flags win.",
     )
-    parser.add_argument("model", choices=MODELS, help="concurrency model")
+    parser.add_argument(
+        "model", choices=models.NAMES, help="concurrency model: " + "; ".join(
+            f"{model.name}: {model.summary}" for model in models.MODELS),
+    )
     for name, (_, text) in OPTIONS.items():
         flag = "--" + name.replace("_", "-")
         variable = ENV_PREFIX + name.upper()

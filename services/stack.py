@@ -32,10 +32,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
+from services import models
 from services.config import parse_boolean, parse_positive_int
 
 ROOT = Path(__file__).resolve().parent.parent
-MODELS = ("threaded", "pool", "gevent")
+MODELS = models.NAMES
 ENV_PREFIX = "ARENA_STACK_"
 READY_TIMEOUT = 60.0  # seconds for every service to answer after start
 KILL_WAIT = 5.0  # seconds to wait for a SIGKILLed process group to vanish
@@ -44,12 +45,11 @@ _T = TypeVar("_T")
 
 # (setting, default, help). The flag is --setting-with-dashes, the variable ARENA_STACK_SETTING.
 PORTS: dict[str, tuple[int, str]] = {
-    "threaded_port": (9001, "protocol port of the threaded server"),
-    "pool_port": (9002, "protocol port of the pool server"),
-    "gevent_port": (9003, "protocol port of the gevent server"),
-    "threaded_metrics_port": (9101, "/metrics port of the threaded server"),
-    "pool_metrics_port": (9102, "/metrics port of the pool server"),
-    "gevent_metrics_port": (9103, "/metrics port of the gevent server"),
+    **{f"{model.name}_port": (model.port, f"protocol port of the {model.name} server")
+       for model in models.MODELS},
+    **{f"{model.name}_metrics_port": (model.metrics_port,
+                                      f"/metrics port of the {model.name} server")
+       for model in models.MODELS},
     "locust_port": (8089, "Locust web UI (and its /metrics)"),
     "prometheus_port": (9090, "Prometheus web UI and API"),
 }

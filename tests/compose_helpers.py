@@ -21,19 +21,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from services import models
+
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 DASHBOARD_DIR = ROOT / "docker" / "grafana" / "dashboards"
 DATASOURCE_DIR = ROOT / "docker" / "grafana" / "provisioning" / "datasources"
 LOCUST_CONF = ROOT / "loadtest" / "locust.conf"
 REQUIREMENTS_FILES = sorted((ROOT / "docker").glob("requirements-*.txt"))
-SERVER_SERVICES = ("threaded", "pool", "gevent")
+SERVER_SERVICES = models.NAMES
 # Compose variables that publish a port on the host: the test picks free ones, so it never
 # collides with a stack the user already runs on the default ports.
 PUBLISHED_PORT_VARIABLES = {
-    "threaded": "ARENA_THREADED_PORT",
-    "pool": "ARENA_POOL_PORT",
-    "gevent": "ARENA_GEVENT_PORT",
+    **{model.name: f"ARENA_{model.env_name}_PORT" for model in models.MODELS},
     "locust": "ARENA_LOCUST_PORT",
     "prometheus": "ARENA_PROMETHEUS_PORT",
     "grafana": "ARENA_GRAFANA_PORT",

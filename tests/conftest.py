@@ -17,8 +17,10 @@ from pathlib import Path
 
 import pytest
 
+from services import models
+
 ROOT = Path(__file__).resolve().parent.parent
-MODELS = ("threaded", "pool", "gevent")
+MODELS = models.NAMES
 READY = re.compile(rb"ready model=(\S+) host=(\S+) port=(\d+) metrics_port=(\d+)")
 START_TIMEOUT = 30.0
 

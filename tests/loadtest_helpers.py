@@ -19,9 +19,11 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from services import models
+
 ROOT = Path(__file__).resolve().parent.parent
 LOCUSTFILE = ROOT / "loadtest" / "locustfile.py"
-TARGETS = ("threaded", "pool", "gevent")
+TARGETS = models.NAMES
 COMMANDS = ("echo", "ping", "sleep", "work", "connect")
 HTTP_TIMEOUT = 10.0
 

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 import psutil
 import pytest
 
+from services import models
 from services.stack import PORTS
 from tests.conftest import ROOT, wait_until
 
@@ -115,9 +116,9 @@ def running_stack(stack_ports: dict[str, int]) -> Iterator[RunningStack]:
 def all_answer(stack: RunningStack) -> bool:
     """Every service of the stack answers."""
     ports = stack.ports
-    checks = [pings(ports[f"{model}_port"]) for model in ("threaded", "pool", "gevent")]
+    checks = [pings(ports[f"{model}_port"]) for model in models.NAMES]
     checks += [http_ok(f"http://127.0.0.1:{ports[f'{model}_metrics_port']}/metrics")
-               for model in ("threaded", "pool", "gevent")]
+               for model in models.NAMES]
     checks.append(http_ok(f"http://127.0.0.1:{ports['locust_port']}/"))
     if HAS_PROMETHEUS:
         checks.append(http_ok(f"http://127.0.0.1:{ports['prometheus_port']}/-/ready"))

@@ -31,16 +31,10 @@ if TYPE_CHECKING:
 
 def create_server(settings: Settings) -> Server:
     """Build the server for `settings.model`, importing only that model's module."""
-    if settings.model == "threaded":
-        from services.servers.threaded import ThreadedServer
+    from services import models
 
-        return ThreadedServer(settings)
-    if settings.model == "pool":
-        from services.servers.pool import PoolServer
-
-        return PoolServer(settings)
-    if settings.model == "gevent":
-        from services.servers.greenlets import GeventServer
-
-        return GeventServer(settings)
-    raise ValueError(f"unknown model {settings.model!r}")
+    try:
+        model = models.get(settings.model)
+    except KeyError as error:
+        raise ValueError(str(error)) from None
+    return model.server_class()(settings)

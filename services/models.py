@@ -1,0 +1,69 @@
+"""The model registry: every concurrency model of the arena, named once.
+
+Everything that lists the models reads this tuple: the server CLI (`python -m services MODEL`),
+the local stack, soak, the benchmark, the Locust users, the compose and dashboard checks and
+every parametrized test. A test (tests/test_registry.py) fails when a list of models is written
+anywhere else.
+
+Standard library only and no model module imported here: `python -m services gevent` reads the
+registry before gevent monkey-patches, and the Locust image ships this file without the servers.
+
+Adding a model:
+1. its module, `services/servers/<module>.py`, with a `Server` subclass whose `model` is the name;
+2. one `Model(...)` entry below (the next free host ports, a dashboard colour);
+3. its service in `docker-compose.yml` (copy a server service; the port variable is
+   `ARENA_<NAME>_PORT`), its `LOCUST_<NAME>_TARGET`, and its colour in the Grafana dashboard.
+The tests then run every suite on it and check the compose file and the dashboard name it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from services.servers.base import Server
+
+
+@dataclass(frozen=True)
+class Model:
+    """One concurrency model: how to build its server and how the arena shows it."""
+
+    name: str  # CLI argument, compose service, Locust target, Prometheus job
+    server: str  # "module:Class" of its Server, imported only when chosen
+    summary: str  # one line for --help and the docs
+    colour: str  # Grafana's fixed colour for this model in every panel
+    port: int  # default host port of the protocol (compose, local stack, Locust targets)
+    metrics_port: int  # default host port of /metrics in the local stack
+
+    @property
+    def env_name(self) -> str:
+        """The model's name as it appears in variable names (ARENA_<NAME>_PORT)."""
+        return self.name.upper().replace("-", "_")
+
+    def server_class(self) -> type[Server]:
+        """Import the model's module now and return its Server class."""
+        module_name, _, class_name = self.server.partition(":")
+        cls: type[Server] = getattr(importlib.import_module(module_name), class_name)
+        return cls
+
+
+MODELS: tuple[Model, ...] = (
+    Model("threaded", "services.servers.threaded:ThreadedServer",
+          "a thread per connection", "blue", 9001, 9101),
+    Model("pool", "services.servers.pool:PoolServer",
+          "a reactor; every request runs in a concurrent.futures pool", "orange", 9002, 9102),
+    Model("gevent", "services.servers.greenlets:GeventServer",
+          "a greenlet per connection on gevent's event loop", "green", 9003, 9103),
+)
+NAMES: tuple[str, ...] = tuple(model.name for model in MODELS)
+_BY_NAME = {model.name: model for model in MODELS}
+
+
+def get(name: str) -> Model:
+    """The model called `name`; KeyError names the choices."""
+    try:
+        return _BY_NAME[name]
+    except KeyError:
+        raise KeyError(f"unknown model {name!r}; choose from {', '.join(NAMES)}") from None

@@ -1,0 +1,89 @@
+"""The model registry is the one list of models: everything else reads it."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+
+from services import models
+from services.config import ConfigError, load_settings
+from services.servers import create_server
+from tests.conftest import ROOT
+
+DASHBOARD = ROOT / "docker" / "grafana" / "dashboards" / "arena.json"
+COMPOSE = ROOT / "docker-compose.yml"
+
+
+def test_registry_entries_are_unique_and_complete() -> None:
+    """Names, ports and colours are distinct; every entry has a summary."""
+    assert len(set(models.NAMES)) == len(models.MODELS)
+    for attribute in ("port", "metrics_port", "colour"):
+        values = [getattr(model, attribute) for model in models.MODELS]
+        assert len(set(values)) == len(values), f"two models share a {attribute}: {values}"
+    assert all(model.summary for model in models.MODELS)
+    with pytest.raises(KeyError, match="choose from"):
+        models.get("no-such-model")
+
+
+@pytest.mark.parametrize("model", models.NAMES)
+def test_every_model_builds_its_server_class(model: str) -> None:
+    """The import path names a Server subclass whose `model` is the registry name."""
+    cls = models.get(model).server_class()
+    assert cls.model == model
+
+
+@pytest.mark.parametrize("model", models.NAMES)
+def test_cli_accepts_every_registered_model(model: str) -> None:
+    """`python -m services MODEL` knows every model the registry knows, and only those."""
+    assert load_settings([model], {}).model == model
+    with pytest.raises(ConfigError):
+        load_settings(["no-such-model"], {})
+
+
+def test_create_server_refuses_an_unknown_model() -> None:
+    """A settings object with an unknown model is a clear error, not an AttributeError."""
+    settings = load_settings(["threaded"], {})
+    object.__setattr__(settings, "model", "no-such-model")
+    with pytest.raises(ValueError, match="unknown model"):
+        create_server(settings)
+
+
+def test_cli_help_lists_every_model_with_its_summary() -> None:
+    """--help shows the registry's one-line summaries."""
+    result = subprocess.run([sys.executable, "-m", "services", "--help"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=60, check=True)
+    text = " ".join(result.stdout.split())
+    for model in models.MODELS:
+        assert f"{model.name}: {' '.join(model.summary.split())}" in text
+
+
+@pytest.mark.parametrize("model", models.MODELS, ids=models.NAMES)
+def test_compose_has_a_service_port_and_locust_target_per_model(model: models.Model) -> None:
+    """docker-compose.yml: the service, its published port variable and default, its target."""
+    text = COMPOSE.read_text()
+    assert re.search(rf"^  {re.escape(model.name)}:\n", text, re.MULTILINE), model.name
+    assert f"${{ARENA_{model.env_name}_PORT:-{model.port}}}:9000" in text
+    assert f"LOCUST_{model.env_name}_TARGET: tcp://{model.name}:9000" in text
+
+
+@pytest.mark.parametrize("model", models.MODELS, ids=models.NAMES)
+def test_dashboard_gives_each_model_its_registry_colour(model: models.Model) -> None:
+    """Every colour override for a model's series uses the registry's colour."""
+    overrides = []
+    pending = list(json.loads(DASHBOARD.read_text())["panels"])
+    while pending:
+        panel = pending.pop()
+        pending.extend(panel.get("panels", []))
+        overrides.extend(panel.get("fieldConfig", {}).get("overrides", []))
+    colours = {
+        prop["value"].get("fixedColor")
+        for override in overrides
+        if model.name in str(override.get("matcher", {}).get("options", ""))
+        for prop in override.get("properties", [])
+        if prop.get("id") == "color"
+    }
+    assert colours == {model.colour}
