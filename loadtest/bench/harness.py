@@ -233,7 +233,9 @@ def measure_once(
         "errors": errors,
         "error_kinds": result["errors"],
         "connected": result["connected"],
-        "ramp_s": result["ramp_s"],
+        "connect_s": result["connect_s"],
+        "ramp_s": result["connect_s"],  # the old name, for readers of older results
+        **fairness(result),
         "latency_us": result["latency_us"],
         "kinds": result["kinds"],
         "elapsed_s": elapsed,
@@ -250,6 +252,40 @@ def measure_once(
     }
 
 
+def fairness(result: dict) -> dict:
+    """The load generator's per-connection figures, flat, as one repetition records them."""
+    fair = result["fairness"]
+    per_connection = fair["requests_per_connection"]
+    return {
+        "connections": fair["connections"],
+        "answered_connections": fair["answered_connections"],
+        "starved": fair["starved"],
+        "requests_per_connection_min": per_connection["min"],
+        "requests_per_connection_median": per_connection["median"],
+        "requests_per_connection_max": per_connection["max"],
+        "longest_wait_s": fair["longest_wait_s"],
+        "longest_wait_unanswered": fair["longest_wait_unanswered"],
+    }
+
+
+def worst_fairness(reps: list[dict]) -> dict:
+    """The fairness figures of the worst repetition: one starved run is enough to say so."""
+    longest = max(reps, key=lambda rep: rep["longest_wait_s"])
+    return {
+        "connections": reps[0]["connections"],
+        "answered_connections": min(rep["answered_connections"] for rep in reps),
+        "starved": any(rep["starved"] for rep in reps),
+        "starved_reps": sum(rep["starved"] for rep in reps),
+        "requests_per_connection_min": min(rep["requests_per_connection_min"] for rep in reps),
+        "requests_per_connection_median": statistics.median(
+            rep["requests_per_connection_median"] for rep in reps
+        ),
+        "requests_per_connection_max": max(rep["requests_per_connection_max"] for rep in reps),
+        "longest_wait_s": longest["longest_wait_s"],
+        "longest_wait_unanswered": longest["longest_wait_unanswered"],
+    }
+
+
 MEDIAN_FIELDS = (
     "rps", "requests", "server_cpu_s", "server_cpu_fraction", "server_cpu_us_per_request",
     "peak_rss_bytes", "threads",
@@ -258,7 +294,7 @@ MEDIAN_FIELDS = (
 
 
 def summarize(reps: list[dict]) -> dict:
-    """Median of the repetitions for every figure; errors summed; saturation if any rep was."""
+    """Median of the repetitions; errors summed; saturation, fairness: the worst rep."""
     summary: dict = {
         field: statistics.median(rep[field] for rep in reps) for field in MEDIAN_FIELDS
     }
@@ -268,7 +304,26 @@ def summarize(reps: list[dict]) -> dict:
     }
     summary["errors"] = sum(rep["errors"] for rep in reps)
     summary["loadgen_saturated"] = any(rep["loadgen_saturated"] for rep in reps)
+    summary.update(worst_fairness(reps))
     return summary
+
+
+def wait_text(seconds: float) -> str:
+    """A wait for people: 5.9 s, 32 ms, 0.4 ms."""
+    if seconds >= 1:
+        return f"{seconds:.1f} s"
+    if seconds >= 0.01:
+        return f"{seconds * 1e3:.0f} ms"
+    return f"{seconds * 1e3:.1f} ms"
+
+
+def starved_text(record: dict) -> str:
+    """'352/1000 connections answered; a request still waiting after 5.9 s'."""
+    how = "still waiting after" if record["longest_wait_unanswered"] else "answered after"
+    return (
+        f"{record['answered_connections']}/{record['connections']} connections answered; "
+        f"a request {how} {wait_text(record['longest_wait_s'])}"
+    )
 
 
 class Progress:
@@ -325,6 +380,8 @@ def run_target(
             record["attempts"] = len(attempts)
             records.append(record)
             flag = "  LOAD GENERATOR SATURATED" if record["loadgen_saturated"] else ""
+            if record["starved"]:
+                flag += f"  STARVED: {starved_text(record)}"
             if record["other_cpu_fraction"] > NOISY_OTHER_FRACTION:
                 flag += f"  noisy: {record['other_cpu_fraction']:.0%} of the server CPU was busy"
             elif len(attempts) > 1:
@@ -332,7 +389,8 @@ def run_target(
             progress.step(
                 f"{scenario.name:<13} {target.name:<26} rep {rep + 1}/{reps}: "
                 f"{record['rps']:>9,.0f} req/s  p99 {record['latency_us']['p99']:>9,.0f} µs  "
-                f"errors {record['errors']}{flag}"
+                f"errors {record['errors']}  answered {record['answered_connections']}/"
+                f"{record['connections']}{flag}"
             )
     finally:
         server.stop()

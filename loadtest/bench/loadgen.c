@@ -15,9 +15,17 @@
  *   loadgen --serve PORT       (a reference C echo server, see serve())
  *   loadgen --selftest         (prints the histogram's worst relative error)
  *   loadgen --port P [--host 127.0.0.1] [--connections N] [--duration S] [--warmup S]
- *           [--timeout S] [--ramp-timeout S] --request WEIGHT LINE EXPECTED [--request ...]
- * First every connection is opened and answered once (the ramp, up to --ramp-timeout), then
- * the load runs for --warmup seconds unrecorded and --duration seconds recorded.
+ *           [--timeout S] [--connect-timeout S] --request WEIGHT LINE EXPECTED [--request ...]
+ * First every connection is opened (up to --connect-timeout; --ramp-timeout is the old name).
+ * Then, from one fixed start, every connection sends its first request; the load runs for
+ * --warmup seconds unrecorded and --duration seconds recorded (the window).
+ *
+ * Fairness: no connection is waited for before measuring, so a server that never answers some
+ * connections shows it. Per connection the generator counts the replies in the window and
+ * keeps when its oldest unanswered request was first sent (the fixed start for the first one;
+ * a request retried after a reconnect keeps its original time). The longest wait is the
+ * longest of: requests answered in the window, and requests still unanswered at the end (their
+ * age then: "still waiting after X s"). A connection with no reply in the window is starved.
  * LINE and EXPECTED are given without the trailing newline. The result is one JSON object on
  * stdout; diagnostics go to stderr. Exit code 0 on a completed run (errors are counted, not
  * fatal), 2 on bad arguments or when not a single connection could be opened.
@@ -63,8 +71,8 @@ typedef struct {
     uint64_t completed;
 } request_kind;
 
-/* PRIMED: connected and answered once, waiting for every other connection to get there. */
-enum conn_state { IDLE_DEAD, CONNECTING, SENDING, RECEIVING, PRIMED };
+/* CONNECTED: connected, waiting for the fixed start to send its first request. */
+enum conn_state { IDLE_DEAD, CONNECTING, SENDING, RECEIVING, CONNECTED };
 
 typedef struct {
     int fd;
@@ -74,6 +82,8 @@ typedef struct {
     size_t received;
     uint64_t started_ns;     /* when the request was sent (or connect began) */
     uint64_t retry_at_ns;    /* for IDLE_DEAD slots */
+    uint64_t waiting_since_ns;   /* first send of the oldest unanswered request */
+    uint64_t answered;       /* replies received in the window */
     char *buffer;
 } connection;
 
@@ -89,8 +99,8 @@ static uint64_t rng_state = 0x9E3779B97F4A7C15ULL;
 static uint64_t err_connect, err_closed, err_mismatch, err_timeout;
 static uint64_t completed_total;
 static int recording;
-static int ramping = 1;      /* until every connection has had one reply */
-static int primed_count;
+static int starting = 1;     /* connecting: until every connection is connected */
+static uint64_t longest_answered_ns;   /* longest wait of a request answered in the window */
 
 static uint64_t now_ns(void) {
     struct timespec ts;
@@ -181,6 +191,11 @@ static int selftest(void) {
 
 /* ---- connections ---------------------------------------------------------------------- */
 
+static int compare_u64(const void *a, const void *b) {
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return (x > y) - (x < y);
+}
+
 static int pick_kind(void) {
     if (kind_count == 1) return 0;
     rng_state ^= rng_state << 13;   /* xorshift64: cheap and good enough to mix requests */
@@ -224,7 +239,8 @@ static void start_connect(connection *c, uint64_t now) {
 }
 
 static void drop(connection *c, uint64_t now, uint64_t *counter) {
-    if (recording) (*counter)++;
+    /* A failed connect always counts: a connection that never got in must not go unnoticed. */
+    if (recording || counter == &err_connect) (*counter)++;
     if (c->fd >= 0) close(c->fd);   /* close() also removes it from the epoll set */
     c->fd = -1;
     c->state = IDLE_DEAD;
@@ -287,11 +303,12 @@ static void on_readable(connection *c, int accept_new) {
             hist_record(&k->hist, latency);
             k->completed++;
             completed_total++;
+            c->answered++;
+            uint64_t wait = now - c->waiting_since_ns;
+            if (wait > longest_answered_ns) longest_answered_ns = wait;
         }
-        if (ramping) {
-            c->state = PRIMED;   /* served once; the load starts when every connection is */
-            primed_count++;
-        } else if (accept_new) {
+        c->waiting_since_ns = now;   /* the next request is sent right now */
+        if (accept_new) {
             next_request(c, now);
         } else {
             c->state = IDLE_DEAD;   /* draining: no new request, keep the socket for close */
@@ -313,6 +330,11 @@ static void on_writable(connection *c, uint64_t now, int accept_new) {
         if (!accept_new) {
             c->state = IDLE_DEAD;
             c->retry_at_ns = UINT64_MAX;
+            return;
+        }
+        if (starting) {   /* hold the first request until the fixed start */
+            c->state = CONNECTED;
+            watch(c, EPOLLIN | EPOLLRDHUP, EPOLL_CTL_MOD);
             return;
         }
         c->state = SENDING;   /* so push_request switches the watch to EPOLLIN */
@@ -382,7 +404,7 @@ static void usage(void) {
     fprintf(stderr,
             "usage: loadgen --serve PORT | --selftest\n"
             "       loadgen --port P [--host H] [--connections N] [--duration S] [--warmup S]\n"
-            "               [--timeout S] [--ramp-timeout S]\n"
+            "               [--timeout S] [--connect-timeout S]\n"
             "               --request WEIGHT LINE EXPECTED [--request ...]\n");
     exit(2);
 }
@@ -400,7 +422,7 @@ static char *with_newline(const char *text, size_t *length) {
 int main(int argc, char **argv) {
     const char *host = "127.0.0.1";
     int port = 0, connections = 100;
-    double duration = 5.0, warmup = 1.0, timeout = 30.0, ramp_timeout = 30.0;
+    double duration = 5.0, warmup = 1.0, timeout = 30.0, connect_timeout = 10.0;
     if (argc == 3 && !strcmp(argv[1], "--serve")) return serve(atoi(argv[2]));
     if (argc == 2 && !strcmp(argv[1], "--selftest")) return selftest();
     for (int i = 1; i < argc; i++) {
@@ -410,7 +432,8 @@ int main(int argc, char **argv) {
         else if (!strcmp(argv[i], "--duration") && i + 1 < argc) duration = atof(argv[++i]);
         else if (!strcmp(argv[i], "--warmup") && i + 1 < argc) warmup = atof(argv[++i]);
         else if (!strcmp(argv[i], "--timeout") && i + 1 < argc) timeout = atof(argv[++i]);
-        else if (!strcmp(argv[i], "--ramp-timeout") && i + 1 < argc) ramp_timeout = atof(argv[++i]);
+        else if ((!strcmp(argv[i], "--connect-timeout") || !strcmp(argv[i], "--ramp-timeout"))
+                 && i + 1 < argc) connect_timeout = atof(argv[++i]);
         else if (!strcmp(argv[i], "--request") && i + 3 < argc && kind_count < MAX_KINDS) {
             request_kind *k = &kinds[kind_count++];
             k->weight = (unsigned)atoi(argv[++i]);
@@ -450,12 +473,13 @@ int main(int argc, char **argv) {
         start_connect(&conns[i], start);
     }
 
-    /* Known once the ramp is over: every connection accepted by the server and answered once,
-     * so "N connections" means N connections the server really serves. */
+    /* Known at the fixed start: when every connection is connected (or the connect timeout
+     * is over). Nothing waits for replies, so a connection the server never serves shows up
+     * as starved instead of delaying the measurement until it is served. */
     uint64_t warmup_end = UINT64_MAX;
     uint64_t end = UINT64_MAX;
-    uint64_t ramp_deadline = start + (uint64_t)(ramp_timeout * 1e9);
-    double ramp_seconds = 0;
+    uint64_t connect_deadline = start + (uint64_t)(connect_timeout * 1e9);
+    double connect_seconds = 0;
     uint64_t timeout_ns = (uint64_t)(timeout * 1e9);
     uint64_t next_sweep = start + 100000000ULL;
     double cpu_user0 = 0, cpu_sys0 = 0;
@@ -468,8 +492,7 @@ int main(int argc, char **argv) {
         for (int e = 0; e < ready; e++) {
             connection *c = events[e].data.ptr;
             if (c->fd < 0) continue;
-            if (c->state == PRIMED) {   /* nothing should arrive: the server closed it */
-                primed_count--;
+            if (c->state == CONNECTED) {   /* nothing should arrive: the server closed it */
                 drop(c, now, &err_closed);
             } else if (events[e].events & (EPOLLOUT)) on_writable(c, now, 1);
             else if (events[e].events & (EPOLLIN | EPOLLERR | EPOLLHUP)) {
@@ -478,13 +501,20 @@ int main(int argc, char **argv) {
             }
         }
         now = now_ns();
-        if (ramping && (primed_count == connections || now >= ramp_deadline)) {
-            ramping = 0;
-            ramp_seconds = (double)(now - start) / 1e9;
-            for (int i = 0; i < connections; i++)
-                if (conns[i].state == PRIMED) next_request(&conns[i], now);
-            warmup_end = now + (uint64_t)(warmup * 1e9);
-            end = warmup_end + (uint64_t)(duration * 1e9);
+        if (starting) {
+            int connected = 0;
+            for (int i = 0; i < connections; i++) connected += conns[i].state == CONNECTED;
+            if (connected == connections || now >= connect_deadline) {
+                /* The fixed start: every connection waits from now, connected or not yet. */
+                starting = 0;
+                connect_seconds = (double)(now - start) / 1e9;
+                for (int i = 0; i < connections; i++) {
+                    conns[i].waiting_since_ns = now;
+                    if (conns[i].state == CONNECTED) next_request(&conns[i], now);
+                }
+                warmup_end = now + (uint64_t)(warmup * 1e9);
+                end = warmup_end + (uint64_t)(duration * 1e9);
+            }
         }
         if (!recording && now >= warmup_end) {
             recording = 1;
@@ -502,7 +532,7 @@ int main(int argc, char **argv) {
                 connection *c = &conns[i];
                 if (c->state == IDLE_DEAD && c->fd < 0 && now >= c->retry_at_ns) {
                     start_connect(c, now);
-                } else if (c->state != IDLE_DEAD && c->state != PRIMED &&
+                } else if (c->state != IDLE_DEAD && c->state != CONNECTED &&
                            now - c->started_ns > timeout_ns) {
                     drop(c, now, c->state == CONNECTING ? &err_connect : &err_timeout);
                 }
@@ -514,6 +544,19 @@ int main(int argc, char **argv) {
     double cpu_user = cpu_seconds(1) - cpu_user0;
     double cpu_sys = cpu_seconds(0) - cpu_sys0;
     recording = 0;
+
+    /* Fairness, before the drain answers anything more. Every connection still has a request
+     * outstanding (closed loop), or is reconnecting to retry one: its age counts as a wait. */
+    uint64_t longest_unanswered_ns = 0;
+    uint64_t *answered = malloc((size_t)connections * sizeof *answered);
+    int answered_connections = 0;
+    for (int i = 0; i < connections; i++) {
+        uint64_t age = measure_end - conns[i].waiting_since_ns;
+        if (age > longest_unanswered_ns) longest_unanswered_ns = age;
+        answered[i] = conns[i].answered;
+        answered_connections += conns[i].answered > 0;
+    }
+    qsort(answered, (size_t)connections, sizeof *answered, compare_u64);
     fprintf(stderr, "measure-end\n");
     fflush(stderr);
 
@@ -538,8 +581,10 @@ int main(int argc, char **argv) {
 
     double elapsed = (double)(measure_end - measure_start) / 1e9;
     FILE *out = stdout;
-    fprintf(out, "{\"connections\": %d, \"connected\": %d, \"ramp_s\": %.3f, ",
-            connections, connected_at_start, ramp_seconds);
+    /* ramp_s is the old name of connect_s, kept for readers of older results. */
+    fprintf(out, "{\"connections\": %d, \"connected\": %d, \"connect_s\": %.3f, "
+            "\"ramp_s\": %.3f, ", connections, connected_at_start, connect_seconds,
+            connect_seconds);
     fprintf(out, "\"elapsed_s\": %.6f, ", elapsed);
     fprintf(out, "\"requests\": %llu, \"rps\": %.2f, ", (unsigned long long)completed_total,
             elapsed > 0 ? (double)completed_total / elapsed : 0.0);
@@ -550,6 +595,21 @@ int main(int argc, char **argv) {
             (unsigned long long)err_mismatch, (unsigned long long)err_timeout);
     fprintf(out, "\"cpu_s\": {\"user\": %.6f, \"system\": %.6f}, \"cpu_fraction\": %.4f, ",
             cpu_user, cpu_sys, elapsed > 0 ? (cpu_user + cpu_sys) / elapsed : 0.0);
+    uint64_t longest_ns = longest_answered_ns > longest_unanswered_ns ? longest_answered_ns
+                                                                      : longest_unanswered_ns;
+    fprintf(out,
+            "\"fairness\": {\"connections\": %d, \"answered_connections\": %d, "
+            "\"starved\": %s, \"requests_per_connection\": {\"min\": %llu, "
+            "\"median\": %llu, \"max\": %llu}, \"longest_wait_s\": %.6f, "
+            "\"longest_wait_unanswered\": %s, \"longest_answered_wait_s\": %.6f, "
+            "\"longest_unanswered_wait_s\": %.6f}, ",
+            connections, answered_connections,
+            answered_connections < connections ? "true" : "false",
+            (unsigned long long)answered[0], (unsigned long long)answered[connections / 2],
+            (unsigned long long)answered[connections - 1], (double)longest_ns / 1e9,
+            longest_unanswered_ns > longest_answered_ns ? "true" : "false",
+            (double)longest_answered_ns / 1e9, (double)longest_unanswered_ns / 1e9);
+    free(answered);
     fprintf(out, "\"latency_us\": ");
     print_latency(out, &overall);
     fprintf(out, ", \"kinds\": [");

@@ -78,13 +78,14 @@ class Request:
 
 def command(
     binary: Path, port: int, connections: int, duration: float, warmup: float,
-    requests: Sequence[Request], timeout: float = 30.0,
+    requests: Sequence[Request], timeout: float = 30.0, connect_timeout: float = 10.0,
 ) -> list[str]:
     """The command line that runs one closed-loop measurement against 127.0.0.1:port."""
     args = [
         str(binary), "--host", "127.0.0.1", "--port", str(port),
         "--connections", str(connections), "--duration", str(duration),
         "--warmup", str(warmup), "--timeout", str(timeout),
+        "--connect-timeout", str(connect_timeout),
     ]
     for request in requests:
         args += ["--request", str(request.weight), request.line, request.expected]
