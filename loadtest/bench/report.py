@@ -7,12 +7,12 @@ import os
 import platform
 from pathlib import Path
 
-from loadtest.bench.harness import NOISY_OTHER_FRACTION
+from loadtest.bench.harness import NOISY_OTHER_FRACTION, starved_text, wait_text
 
 KIND_COLORS = {"ours": "#1f77b4", "no-metrics": "#9ecae1", "textbook": "#ff7f0e"}
 FAMILY_COLORS = ("#1f77b4", "#2ca02c", "#9467bd", "#d62728", "#8c564b")
 KIND_NAMES = {"ours": "ours", "no-metrics": "ours, metrics off", "textbook": "textbook"}
-CHARTS = ("throughput.png", "latency.png", "resources.png")
+CHARTS = ("throughput.png", "latency.png", "resources.png", "fairness.png")
 
 
 def machine_info() -> dict:
@@ -110,6 +110,46 @@ def _fmt_us(value: float) -> str:
     return f"{value:,.0f}" if value >= 100 else f"{value:.1f}"
 
 
+def _has_fairness(median: dict) -> bool:
+    """Results written before the fairness figures existed have none: show dashes."""
+    return "answered_connections" in median
+
+
+def _fmt_answered(median: dict) -> str:
+    if not _has_fairness(median):
+        return "-"
+    text = f"{median['answered_connections']}/{median['connections']}"
+    return text + " ⚠" if median["starved"] else text
+
+
+def _fmt_per_connection(median: dict) -> str:
+    if not _has_fairness(median):
+        return "-"
+    return (f"{median['requests_per_connection_min']:,}\u2013"
+            f"{median['requests_per_connection_max']:,}")
+
+
+def _fmt_wait(median: dict) -> str:
+    if not _has_fairness(median):
+        return "-"
+    wait = wait_text(median["longest_wait_s"])
+    return f"still waiting after {wait}" if median["longest_wait_unanswered"] else wait
+
+
+def starved_lines(results: dict, scenario: str | None = None) -> list[str]:
+    """One warning per starved (scenario, target), optionally of one scenario only."""
+    titles = {name: info["title"] for name, info in results["scenarios"].items()}
+    lines = []
+    for run in results["runs"]:
+        median = run["median"]
+        if scenario not in (None, run["scenario"]) or not median.get("starved"):
+            continue
+        where = "" if scenario else f" ({titles.get(run['scenario'], run['scenario'])})"
+        runs = f"{median['starved_reps']} of {len(run['reps'])} runs"
+        lines.append(f"⚠ {run['target']}{where}: {starved_text(median)} ({runs} starved)")
+    return lines
+
+
 def write_markdown(results: dict, directory: Path) -> Path:
     """bench.md: one table per scenario, the comparison tables, and the charts."""
     meta = results["meta"]
@@ -134,17 +174,29 @@ def write_markdown(results: dict, directory: Path) -> Path:
         "core(s) not used by the server (interrupts, other processes; above "
         f"{NOISY_OTHER_FRACTION:.0%} a run is measured again, up to {meta['noisy_retries']} "
         "times, keeping the quietest attempt; still above it, it is flagged as noisy).",
-        "",
+        "- **Fairness:** every connection sends its first request at one fixed start and nothing "
+        "waits for a connection to be served before measuring. *answered* is the connections "
+        "that got at least one reply in the measured window (of N); *req/conn* the fewest and "
+        "most replies one connection got; *longest wait* the longest any request waited, "
+        "counting requests never answered at their age at the end (\"still waiting after\"). "
+        "These three are from the worst run, not the median. A run in which any connection got "
+        "no reply is **starved** and flagged ⚠.",
     ]
+    starved = starved_lines(results)
+    lines += [f"- **{line}**" for line in starved] if starved else [
+        "- No run starved a connection: every connection was answered in every window."
+    ]
+    lines.append("")
     runs = _by_key(results)
     comparison = {(row["scenario"], row["family"]): row for row in comparisons(results)}
     for scenario, info in results["scenarios"].items():
         lines += [f"## {info['title']}", ""]
         lines.append(
-            "| server | req/s | p50 µs | p99 µs | p99.9 µs | errors | server CPU | CPU µs/req | "
-            "peak RSS | threads | loadgen CPU | other on server CPU | vs textbook | metrics cost |"
+            "| server | req/s | p50 µs | p99 µs | p99.9 µs | errors | answered | req/conn | "
+            "longest wait | server CPU | CPU µs/req | peak RSS | threads | loadgen CPU | "
+            "other on server CPU | vs textbook | metrics cost |"
         )
-        lines.append("|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|")
+        lines.append("|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|")
         for target in results["targets"]:
             run = runs.get((scenario, target["name"]))
             if run is None:
@@ -158,6 +210,7 @@ def write_markdown(results: dict, directory: Path) -> Path:
             lines.append(
                 f"| {target['name']} | {rps} | {_fmt_us(latency['p50'])} | "
                 f"{_fmt_us(latency['p99'])} | {_fmt_us(latency['p999'])} | {median['errors']} | "
+                f"{_fmt_answered(median)} | {_fmt_per_connection(median)} | {_fmt_wait(median)} | "
                 f"{median['server_cpu_s']:.2f} s ({median['server_cpu_fraction']:.0%}) | "
                 f"{median['server_cpu_us_per_request']:,.1f} | "
                 f"{median['peak_rss_bytes'] / 2**20:.0f} MiB | {median['threads']:.0f} | "
@@ -166,6 +219,8 @@ def write_markdown(results: dict, directory: Path) -> Path:
                 f"{_fmt_cost(row.get('metrics_cost'))} |"
             )
         lines.append("")
+        for line in starved_lines(results, scenario):
+            lines += [f"> **{line}**", ""]
     families = results["families"]
     scenario_names = list(results["scenarios"])
     for title, key, fmt in (
@@ -196,7 +251,7 @@ def write_markdown(results: dict, directory: Path) -> Path:
 
 
 def write_charts(results: dict, directory: Path) -> list[str]:
-    """throughput.png, latency.png and resources.png; returns the file names."""
+    """throughput.png, latency.png, resources.png and fairness.png; returns the file names."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display: write files only
@@ -295,7 +350,90 @@ def write_charts(results: dict, directory: Path) -> list[str]:
     figure.tight_layout(rect=(0, 0.03, 1, 1))
     figure.savefig(directory / "resources.png", dpi=110)
     pyplot.close(figure)
+    write_fairness_chart(results, directory / "fairness.png")
     return list(CHARTS)
+
+
+STARVED_COLOR = "#d62728"
+
+
+def write_fairness_chart(results: dict, path: Path) -> None:
+    """fairness.png: per scenario, connections answered of N and the longest wait (log)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    meta = results["meta"]
+    runs = _by_key(results)
+    scenarios = results["scenarios"]
+    pairs = min(2, max(1, len(scenarios)))   # two scenarios side by side, two panels each
+    rows = -(-len(scenarios) // pairs)
+    height = max(2.6, 0.24 * len(results["targets"]) + 1.4)
+    legend_inches, title_inches = 0.75, 0.35   # fixed room for the legend, footer and title
+    total = height * rows + legend_inches + title_inches
+    figure, axes = pyplot.subplots(rows, 2 * pairs, figsize=(7.2 * pairs, total),
+                                   squeeze=False)
+    window = meta["duration_s"]
+    for index, (scenario, info) in enumerate(scenarios.items()):
+        answered_axis = axes[index // pairs][2 * (index % pairs)]
+        wait_axis = axes[index // pairs][2 * (index % pairs) + 1]
+        medians = [(target, runs[(scenario, target["name"])]["median"])
+                   for target in results["targets"]
+                   if (scenario, target["name"]) in runs
+                   and _has_fairness(runs[(scenario, target["name"])]["median"])]
+        names = [target["name"] for target, _ in medians]
+        positions = range(len(medians))
+        shares = [100 * m["answered_connections"] / max(1, m["connections"]) for _, m in medians]
+        colors = [STARVED_COLOR if m["starved"] else KIND_COLORS[t["kind"]] for t, m in medians]
+        answered_axis.barh(list(positions), shares, color=colors)
+        for position, (_, median) in zip(positions, medians, strict=True):
+            label = f"{median['answered_connections']}/{median['connections']}"
+            answered_axis.text(2, position, ("⚠ " if median["starved"] else "") + label,
+                               va="center", fontsize=6,
+                               color="white" if not median["starved"] else "black")
+        answered_axis.set_yticks(list(positions), names, fontsize=7)
+        answered_axis.invert_yaxis()
+        answered_axis.set_xlim(0, 100)
+        answered_axis.set_xlabel("connections answered in the window (% of N)", fontsize=8)
+        answered_axis.set_title(info["title"], fontsize=9)
+        for position, (target, median) in zip(positions, medians, strict=True):
+            still = median["longest_wait_unanswered"]
+            wait_axis.scatter(
+                [median["longest_wait_s"] * 1e6], [position], s=30 if still else 22,
+                marker=">" if still else "o",
+                color=STARVED_COLOR if still else KIND_COLORS[target["kind"]],
+            )
+        waits = [m["longest_wait_s"] * 1e6 for _, m in medians] or [window * 1e6]
+        wait_axis.set_xlim(min(waits) / 3, max(max(waits), window * 1e6) * 3)
+        wait_axis.axvline(window * 1e6, color="grey", linestyle="--", linewidth=0.8)
+        wait_axis.text(window * 1e6, -0.6, " window", fontsize=6, color="grey", va="bottom")
+        wait_axis.set_yticks(list(positions), [""] * len(medians))
+        wait_axis.set_ylim(len(medians) - 0.5, -1)
+        wait_axis.set_xscale("log")
+        wait_axis.xaxis.set_major_formatter(FuncFormatter(_duration_label))
+        wait_axis.xaxis.set_minor_formatter(NullFormatter())
+        wait_axis.set_xlabel("longest wait of any request (log scale)", fontsize=8)
+        wait_axis.set_title(f"{info['title']}: longest wait", fontsize=9)
+        wait_axis.grid(axis="x", alpha=0.3)
+    for axis in list(axes.flat)[2 * len(scenarios):]:
+        axis.set_visible(False)
+    handles = [_patch(KIND_COLORS[kind], KIND_NAMES[kind])
+               for kind in ("ours", "no-metrics", "textbook")]
+    handles += [
+        _patch(STARVED_COLOR, "starved: a connection got no reply in the window"),
+        Line2D([], [], marker=">", linestyle="", color=STARVED_COLOR,
+               label="still waiting at the end (never answered)"),
+    ]
+    figure.legend(handles=handles, loc="lower center", fontsize=7, ncol=3,
+                  bbox_to_anchor=(0.5, 0.2 / total))
+    figure.suptitle("Fairness: connections answered and the longest wait (worst run)")
+    figure.text(0.5, 0.04 / total, machine_line(meta), ha="center", fontsize=7)
+    figure.tight_layout(rect=(0, legend_inches / total, 1, 1 - title_inches / total))
+    figure.savefig(path, dpi=110)
+    pyplot.close(figure)
 
 
 def _rate_label(rate: float, _position: object = None) -> str:
