@@ -45,6 +45,7 @@ MIB = 1024 * 1024
 # holds 100 steady connections should grow neither; these leave room for allocator noise only.
 DEFAULT_MAX_RSS_GROWTH_MIB = 32.0
 DEFAULT_MAX_FD_GROWTH = 16
+DEFAULT_REPORT_DIR = ROOT / "results" / "soak"
 DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)([hms])")
 
 
@@ -79,8 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--duration", type=parse_duration, default=parse_duration("10m"),
                         help="how long Locust runs: 45s, 2m, 1h30m, 24h (default 10m)")
     parser.add_argument("--report-dir", type=Path, default=Path("results/soak"),
-                        help="where report.json, report.md, the charts and logs go "
-                        "(default results/soak)")
+                        help="where report.json, report.md, the charts and logs go (default "
+                        "results/soak, which also writes results/soak.json and the docs' soak "
+                        "figures)")
     parser.add_argument("--interval", type=parse_duration, default=5.0,
                         help="seconds between samples (default 5)")
     parser.add_argument("--warmup", type=parse_duration, default=None,
@@ -503,6 +505,13 @@ def run(args: argparse.Namespace) -> int:
     (report_dir / "report.json").write_text(json.dumps(report, indent=1) + "\n")
     charts = draw_charts(samples, report_dir, warmup) if any(samples.servers.values()) else []
     write_markdown(report, charts, report_dir / "report.md")
+    if report_dir == DEFAULT_REPORT_DIR:
+        # The docs quote this run: results/soak.json (committed; the report dir is not) and the
+        # sections of README.md and docs/RELIABILITY.md written from it.
+        from loadtest import docfigures
+
+        for path in docfigures.publish_soak(report):
+            print(f"soak: wrote {path.relative_to(ROOT)}")
     print(f"soak: {'PASSED' if not problems else 'FAILED'}; report in {report_dir}/report.md")
     for problem in problems:
         print(f"soak: problem: {problem}")
