@@ -3,7 +3,7 @@ VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
 
-.PHONY: install test test-fast lint up bench soak clean
+.PHONY: install test test-fast lint up bench soak docs docs-check clean
 
 DURATION ?= 10m
 
@@ -34,6 +34,12 @@ bench: install  ## measure each server in isolation; writes results/
 
 soak: install  ## the servers under the default Locust load for DURATION (make soak DURATION=24h); report in results/soak/
 	$(PY) -m loadtest.soak --duration $(DURATION) --report-dir results/soak
+
+docs: install  ## write the measured figures from results/ into README.md and docs/ (check: make docs-check)
+	$(PY) -m loadtest.docfigures
+
+docs-check: install  ## fail with a diff when a figure in README.md or docs/ differs from results/
+	$(PY) -m loadtest.docfigures --check
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -185,6 +185,11 @@ def main(argv: list[str] | None = None) -> int:
     markdown = report.write_markdown(results, args.out)
     progress.note(f"bench: wrote {args.out}/bench.json, {markdown.name} and "
                   + ", ".join(results["charts"]))
+    if args.out.resolve() == DEFAULT_OUT.resolve():  # the committed results: refresh the docs
+        from loadtest import docfigures
+
+        for path in docfigures.refresh():
+            progress.note(f"bench: wrote {path.relative_to(harness.ROOT)}")
     return 0
 
 
