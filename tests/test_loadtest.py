@@ -19,7 +19,8 @@ import pytest
 from locust.event import EventHook
 
 from loadtest.client import LineClient
-from loadtest.exporter import ClientStats, fine_key, latency_rows, render_metrics
+from loadtest.client_metrics import render_metrics
+from loadtest.client_stats import ClientStats, fine_key, latency_rows
 from loadtest.workload import KnobError, Workload
 from tests.conftest import RunningServer, launch_server, stop_server
 from tests.loadtest_helpers import (

@@ -1,0 +1,72 @@
+"""The Locust master's ``/metrics`` page: client-side statistics as Prometheus text."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from loadtest.client import CONNECT
+from loadtest.client_stats import BUCKETS_SECONDS, ClientStats, Series
+from loadtest.workload import COMMANDS
+
+PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
+
+
+def render_metrics(
+    stats: ClientStats, users_by_target: Mapping[str, int], targets: Iterable[str]
+) -> bytes:
+    """Prometheus text; every selected target has all its series (zeros included)."""
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.core import (
+        CounterMetricFamily,
+        GaugeMetricFamily,
+        HistogramMetricFamily,
+    )
+
+    shown_targets = list(dict.fromkeys([*targets, *(t for t, _ in stats.series)]))
+    keys = list(dict.fromkeys(
+        [(t, c) for t in shown_targets for c in (*COMMANDS, CONNECT)] + list(stats.series)
+    ))
+
+    class Snapshot:
+        def collect(self) -> Iterable[Any]:
+            users = GaugeMetricFamily(
+                "locust_users", "Users running now, per target (summed over workers)",
+                labels=["target"],
+            )
+            for target in shown_targets:
+                users.add_metric([target], users_by_target.get(target, 0))
+            requests = CounterMetricFamily(
+                "locust_requests", "Requests sent, failures included", labels=["target", "command"]
+            )
+            failures = CounterMetricFamily(
+                "locust_failures", "Requests that failed (error, timeout or wrong reply)",
+                labels=["target", "command"],
+            )
+            durations = HistogramMetricFamily(
+                "locust_request_duration_seconds",
+                "Client-side time from sending a request to reading its whole reply "
+                "(successful requests only)",
+                labels=["target", "command"],
+            )
+            empty = Series()
+            for target, command in keys:
+                series = stats.series.get((target, command), empty)
+                requests.add_metric([target, command], series.requests)
+                failures.add_metric([target, command], series.failures)
+                cumulative, buckets = 0, []
+                for bound, count in zip((*BUCKETS_SECONDS, math.inf), series.buckets, strict=True):
+                    cumulative += count
+                    buckets.append(("+Inf" if bound == math.inf else repr(bound), cumulative))
+                durations.add_metric([target, command], buckets, series.duration_sum)
+            connect_errors = CounterMetricFamily(
+                "locust_connect_errors", "Failed connection attempts", labels=["target"]
+            )
+            for target in shown_targets:
+                connect_errors.add_metric([target], stats.connect_errors(target))
+            yield from (users, requests, failures, durations, connect_errors)
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(Snapshot())
+    return generate_latest(registry)

@@ -1,0 +1,167 @@
+"""Client-side statistics per target and command, in microseconds.
+
+Locust rounds response times to whole milliseconds, and loopback replies take tens of
+microseconds, so every request event is also recorded here, per target and command, in two
+histograms: Prometheus buckets from 50 µs and a fine one (1 µs steps below 1 ms, three
+significant digits above) for p50/p99/p99.9 in microseconds. A worker ships what it recorded
+since its last report as a msgpack-friendly message; the master merges the messages.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from loadtest.client import CONNECT
+from loadtest.workload import COMMANDS, TARGETS
+
+BUCKETS_SECONDS = (
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+)
+PERCENTILES = ((0.5, "p50_us"), (0.99, "p99_us"), (0.999, "p999_us"))
+
+
+def fine_key(microseconds: int) -> int:
+    """Bucket a duration: exact below 1000 µs, three significant digits (under 1 % error) above."""
+    scale = 1
+    while microseconds >= 1000 * scale:
+        scale *= 10
+    return microseconds // scale * scale
+
+
+@dataclass
+class Series:
+    """Counts for one (target, command). Durations are of successful requests only."""
+
+    requests: int = 0
+    failures: int = 0
+    duration_sum: float = 0.0
+    buckets: list[int] = field(default_factory=lambda: [0] * (len(BUCKETS_SECONDS) + 1))
+    fine: dict[int, int] = field(default_factory=dict)
+
+    def record(self, seconds: float, failed: bool) -> None:
+        """Count one request; time it only if it succeeded."""
+        self.requests += 1
+        if failed:
+            self.failures += 1
+            return
+        self.duration_sum += seconds
+        self.buckets[bisect.bisect_left(BUCKETS_SECONDS, seconds)] += 1
+        key = fine_key(max(0, round(seconds * 1_000_000)))
+        self.fine[key] = self.fine.get(key, 0) + 1
+
+    @property
+    def timed(self) -> int:
+        """How many durations were recorded (the successful requests)."""
+        return self.requests - self.failures
+
+    def percentile_us(self, fraction: float) -> int | None:
+        """The smallest recorded bucket that covers `fraction` of the timed requests."""
+        if not self.timed:
+            return None
+        rank = max(1, math.ceil(fraction * self.timed))
+        seen = 0
+        for key in sorted(self.fine):
+            seen += self.fine[key]
+            if seen >= rank:
+                return key
+        return max(self.fine)
+
+    def merge(self, other: Series) -> None:
+        """Add another series' counts to this one."""
+        self.requests += other.requests
+        self.failures += other.failures
+        self.duration_sum += other.duration_sum
+        for index, count in enumerate(other.buckets):
+            self.buckets[index] += count
+        for key, count in other.fine.items():
+            self.fine[key] = self.fine.get(key, 0) + count
+
+
+class ClientStats:
+    """All series of one process (a worker's since its last report; the master's in total)."""
+
+    def __init__(self) -> None:
+        self.series: dict[tuple[str, str], Series] = {}
+
+    def record(self, target: str, command: str, seconds: float, failed: bool) -> None:
+        """Count one request event."""
+        key = (target, command)
+        series = self.series.get(key)
+        if series is None:
+            series = self.series[key] = Series()
+        series.record(seconds, failed)
+
+    def reset(self) -> None:
+        """Forget everything (Locust reset its statistics)."""
+        self.series.clear()
+
+    def to_message(self) -> list[list[Any]]:
+        """A msgpack-friendly copy (only str keys and lists) for a worker report."""
+        return [
+            [target, command, s.requests, s.failures, s.duration_sum, list(s.buckets),
+             [[key, count] for key, count in s.fine.items()]]
+            for (target, command), s in self.series.items()
+        ]
+
+    def merge_message(self, message: Iterable[list[Any]]) -> None:
+        """Add a worker's report."""
+        for target, command, requests, failures, duration_sum, buckets, fine in message:
+            incoming = Series(requests, failures, duration_sum, list(buckets),
+                              {int(key): int(count) for key, count in fine})
+            key = (str(target), str(command))
+            if key in self.series:
+                self.series[key].merge(incoming)
+            else:
+                self.series[key] = incoming
+
+    def drain(self) -> list[list[Any]]:
+        """The message for the master, and start over."""
+        message = self.to_message()
+        self.reset()
+        return message
+
+    def connect_errors(self, target: str) -> int:
+        """Failed connection attempts to a target."""
+        series = self.series.get((target, CONNECT))
+        return series.failures if series else 0
+
+
+def latency_rows(stats: ClientStats) -> list[dict[str, Any]]:
+    """One row per (target, command): counts and p50/p99/p99.9/max in microseconds."""
+    rows = []
+    for (target, command), series in sorted(stats.series.items(), key=_series_order):
+        row: dict[str, Any] = {
+            "target": target, "command": command,
+            "requests": series.requests, "failures": series.failures,
+        }
+        for fraction, name in PERCENTILES:
+            row[name] = series.percentile_us(fraction)
+        row["max_us"] = max(series.fine) if series.fine else None
+        rows.append(row)
+    return rows
+
+
+def _series_order(item: tuple[tuple[str, str], Series]) -> tuple[int, int, str, str]:
+    target, command = item[0]
+    commands = (*COMMANDS, CONNECT)
+    return (
+        TARGETS.index(target) if target in TARGETS else len(TARGETS),
+        commands.index(command) if command in commands else len(commands),
+        target, command,
+    )
+
+
+def latency_table(rows: list[dict[str, Any]]) -> str:
+    """The rows as a fixed-width text table (printed at the end of a run, served at /latency)."""
+    header = ("target", "command", "requests", "failures", "p50 µs", "p99 µs", "p99.9 µs", "max µs")
+    keys = ("target", "command", "requests", "failures", "p50_us", "p99_us", "p999_us", "max_us")
+    lines = [f"{header[0]:<10}{header[1]:<9}" + "".join(f"{h:>11}" for h in header[2:])]
+    for row in rows:
+        cells = ["-" if row[k] is None else str(row[k]) for k in keys]
+        lines.append(f"{cells[0]:<10}{cells[1]:<9}" + "".join(f"{c:>11}" for c in cells[2:]))
+    return "\n".join(lines)
