@@ -53,13 +53,16 @@ def test_a_tiny_run_measures_every_server_and_says_where_and_how(tiny_run) -> No
         median = run["median"]
         for key in ("rps", "server_cpu_s", "server_cpu_us_per_request", "peak_rss_bytes",
                     "threads", "loadgen_cpu_fraction", "loadgen_saturated", "other_cpu_fraction",
-                    "errors"):
+                    "errors", "connections", "answered_connections", "starved",
+                    "requests_per_connection_min", "requests_per_connection_max",
+                    "longest_wait_s", "longest_wait_unanswered"):
             assert key in median, (run["target"], key)
         assert set(median["latency_us"]) >= {"p50", "p99", "p999"}
         # Every reply was checked byte for byte by the load generator.
         assert median["errors"] == 0, (run["target"], run["reps"][0]["error_kinds"])
         assert run["reps"][0]["requests"] > 0 and median["peak_rss_bytes"] > 0
         assert run["reps"][0]["connected"] == results["scenarios"]["echo64"]["connections"]
+        assert median["connections"] == results["scenarios"]["echo64"]["connections"]
     families = {row["family"] for row in results["comparisons"]}
     assert families == set(FAMILIES)
     assert "rep 1/1" in progress  # progress is shown while it runs
@@ -72,6 +75,7 @@ def test_a_tiny_run_writes_a_markdown_table_and_valid_png_charts(tiny_run) -> No
         assert (out / chart).read_bytes()[:8] == PNG_MAGIC, chart
     markdown = (out / "bench.md").read_text()
     assert "| server | req/s | p50 µs | p99 µs | p99.9 µs |" in markdown
+    assert "| answered | req/conn | longest wait |" in markdown
     for target in results["targets"]:
         assert f"| {target['name']} |" in markdown
     for chart in report.CHARTS:

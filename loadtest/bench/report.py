@@ -372,9 +372,10 @@ def write_fairness_chart(results: dict, path: Path) -> None:
     pairs = min(2, max(1, len(scenarios)))   # two scenarios side by side, two panels each
     rows = -(-len(scenarios) // pairs)
     height = max(2.6, 0.24 * len(results["targets"]) + 1.4)
-    legend_inches, title_inches = 0.75, 0.35   # fixed room for the legend, footer and title
+    legend_inches, title_inches = 0.75, 0.3   # fixed room for the legend, footer and title
     total = height * rows + legend_inches + title_inches
-    figure, axes = pyplot.subplots(rows, 2 * pairs, figsize=(7.2 * pairs, total),
+    # At least 10.5 in wide, so the when/where footer fits under a single scenario.
+    figure, axes = pyplot.subplots(rows, 2 * pairs, figsize=(max(10.5, 7.2 * pairs), total),
                                    squeeze=False)
     window = meta["duration_s"]
     for index, (scenario, info) in enumerate(scenarios.items()):
