@@ -185,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     markdown = report.write_markdown(results, args.out)
     progress.note(f"bench: wrote {args.out}/bench.json, {markdown.name} and "
                   + ", ".join(results["charts"]))
+    for line in report.starved_lines(results):  # repeated last, where nobody can miss it
+        progress.note(f"bench: {line}")
     if args.out.resolve() == DEFAULT_OUT.resolve():  # the committed results: refresh the docs
         from loadtest import docfigures
 
