@@ -1,0 +1,162 @@
+"""The docs' measured figures come from results/ and cannot drift from them unnoticed."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from loadtest import docfigures
+from loadtest.workload import KNOBS
+
+ROOT = Path(__file__).resolve().parent.parent
+BLOCK = re.compile(r"<!-- (figures|source):([a-z0-9-]+):begin -->.*?<!-- \1:\2:end -->", re.S)
+# A measured rate: `85,482 req/s`, `75-85k echo requests/s` (en dash too), `12,000 requests per
+# second`.
+RATE = re.compile(r"\d[\d,.]*(?:\s*(?:\u2013|-|to)\s*\d[\d,.]*)?\s*k?\s+(?:echo\s+)?"
+                  r"(?:req/s|requests/s|requests per second)")
+PER_CORE = re.compile(r"\d[\d,.]*\s*k?\s+(?:echo\s+)?(?:req/s|requests(?:/s| per second)?)"
+                      r"[^.]{0,20}?\bper core")
+# A soak-sized total: `824,445 requests`.
+TOTAL = re.compile(r"\b\d{1,3}(?:,\d{3})+\s+requests\b(?!/s| per)")
+# Outside the generated sections, only these figures may stand, each with the reason.
+NOT_MEASURED = {
+    "3,000 requests per second": "offered load, 300 users / 100 ms think time: arithmetic",
+}
+
+
+def _docs() -> list[Path]:
+    return docfigures.doc_paths(ROOT)
+
+
+def _outside_blocks(text: str) -> str:
+    return " ".join(BLOCK.sub(" ", text).split())
+
+
+def _inside_generated(text: str) -> str:
+    return " ".join(" ".join(m.group(0) for m in BLOCK.finditer(text)
+                             if m.group(1) == "figures").split())
+
+
+def test_every_marked_section_matches_the_committed_results():
+    stale = docfigures.stale(_docs(), docfigures.Sources())
+    assert not stale, ("sections differ from results/ (run `make docs`):\n"
+                       + "\n".join(stale.values()))
+
+
+def test_every_generated_section_is_used_somewhere():
+    text = "".join(path.read_text() for path in _docs())
+    unused = [name for name in docfigures.RENDERERS if f"<!-- figures:{name}:begin -->" not in text]
+    assert not unused
+
+
+def test_figures_outside_the_sections_are_not_copies_of_measurements():
+    generated = " ".join(_inside_generated(path.read_text()) for path in _docs())
+    found = []
+    for path in _docs():
+        outside = _outside_blocks(path.read_text())
+        for pattern in (RATE, PER_CORE, TOTAL):
+            for match in pattern.finditer(outside):
+                figure = match.group(0)
+                if figure in NOT_MEASURED or figure in generated:
+                    continue
+                found.append(f"{path.relative_to(ROOT)}: {figure!r}")
+    assert not found, ("measured figures written by hand; generate them "
+                       "(loadtest/docfigures.py) or link to where they are: " + "; ".join(found))
+
+
+def test_locust_capacity_is_written_in_one_place_and_linked_from_the_others():
+    places = []
+    for path in _docs():
+        text = path.read_text()
+        places += [(path.name, m.group(0)) for m in BLOCK.finditer(text)
+                   if "source:locust-capacity" in m.group(0)]
+        assert not PER_CORE.search(_outside_blocks(text)), path
+    assert [name for name, _ in places] == ["LOADTEST.md"]
+    assert PER_CORE.search(" ".join(places[0][1].split())) or "requests per second" in places[0][1]
+    readme = (ROOT / "README.md").read_text()
+    assert "docs/LOADTEST.md#locusts-capacity-here" in readme
+    assert "### Locust's capacity here" in (ROOT / "docs" / "LOADTEST.md").read_text()
+
+
+def test_the_check_fails_on_a_hand_edited_figure_and_the_generator_repairs_it(tmp_path):
+    shutil.copy(ROOT / "README.md", tmp_path / "README.md")
+    shutil.copytree(ROOT / "docs", tmp_path / "docs")
+    readme = tmp_path / "README.md"
+    text = readme.read_text()
+    section = re.search(r"<!-- figures:bench-run:begin -->.*?<!-- figures:bench-run:end -->",
+                        text, re.S).group(0)
+    edited = re.sub(r"\| threaded \| [\d,]+", "| threaded | 99,999", section, count=1)
+    assert edited != section
+    readme.write_text(text.replace(section, edited))
+    command = [sys.executable, "-m", "loadtest.docfigures", "--root", str(tmp_path)]
+
+    check = subprocess.run([*command, "--check"], capture_output=True, text=True, cwd=ROOT,
+                           timeout=60, check=False)
+    assert check.returncode == 1
+    assert "-| threaded | 99,999" in check.stdout
+    assert "README.md" in check.stderr and "make docs" in check.stderr
+
+    write = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=60,
+                           check=False)
+    assert write.returncode == 0, write.stderr
+    assert readme.read_text() == (ROOT / "README.md").read_text()
+    assert subprocess.run([*command, "--check"], cwd=ROOT, timeout=60,
+                          check=False).returncode == 0
+
+
+def test_a_new_result_makes_the_docs_stale(tmp_path):
+    bench = json.loads((ROOT / "results" / "bench.json").read_text())
+    bench["meta"]["ceiling"]["rps"] = 123_456.0
+    (tmp_path / "bench.json").write_text(json.dumps(bench))
+    shutil.copy(ROOT / "results" / "soak.json", tmp_path / "soak.json")
+    stale = docfigures.stale(_docs(), docfigures.Sources(tmp_path))
+    assert {path.name for path in stale} == {"README.md", "BENCHMARK.md"}
+    assert all("123,456 req/s" in diff for diff in stale.values())
+
+
+def test_a_soak_report_becomes_the_summary_the_docs_quote(tmp_path):
+    report = {
+        "started": "2027-01-02T03:04:05+00:00", "finished": "2027-01-03T03:04:09+00:00",
+        "settings": {"duration_s": 86400.0, "users_per_target": 100},
+        "passed": True, "locust": {"requests": 25_000_300, "failures": 0},
+        "figures": {model: {"requests": 8_333_333.0, "request_errors": 0.0,
+                            "rss_first_third_mib": 40.04, "rss_growth_mib": 1.234,
+                            "fd_growth": 0.0}
+                    for model in ("threaded", "pool", "gevent")},
+    }
+    summary = docfigures.soak_summary(report)
+    text = docfigures.soak_readme(summary)
+    assert text.startswith("A 24-hour soak at 100 users per server (2027-01-02): 24,999,999")
+    assert "+1.23 MiB (threaded)" in text and "no descriptor growth" in text
+    table = docfigures.soak_table(summary)
+    assert "| gevent | 8,333,333 | 0 | 40.0 | +1.23 | 0 |" in table
+
+
+def test_a_missing_result_is_said_not_invented(tmp_path):
+    sources = docfigures.Sources(tmp_path)
+    for name, render in docfigures.RENDERERS.items():
+        assert render(sources) in (docfigures.NO_BENCH, docfigures.NO_SOAK), name
+
+
+def test_unbalanced_markers_are_refused(tmp_path):
+    broken = "<!-- figures:bench-run:begin -->\nno end\n"
+    with pytest.raises(docfigures.FiguresError, match="unbalanced"):
+        docfigures.render_text(broken, docfigures.Sources(tmp_path))
+    with pytest.raises(docfigures.FiguresError, match="unknown figures section"):
+        docfigures.render_text("<!-- figures:nope:begin -->\n<!-- figures:nope:end -->",
+                               docfigures.Sources(tmp_path))
+
+
+def test_locust_help_lists_every_knob():
+    result = subprocess.run([sys.executable, "-m", "loadtest", "--help"], capture_output=True,
+                            text=True, cwd=ROOT, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+    assert "--headless" in result.stdout  # Locust's own options too
+    missing = [knob.flag for knob in KNOBS if knob.flag not in result.stdout]
+    assert not missing
