@@ -1,0 +1,123 @@
+"""The lessons: each one claim about the models, how to see it live, and how it is checked.
+
+One catalog for two audiences. In the Locust web UI a lesson is a *scenario*: a preset of the
+workload knobs (`--scenario io-wait`), with a paragraph saying what to watch on the dashboard.
+`python -m loadtest.lessons` runs the same claim against each model alone, with the same CPU
+allotment, and prints a verdict (its measurement lives in `loadtest.lessons.runner`).
+
+Standard library only: the Locust image imports this file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+# ~1 ms of /work on this project's machines (services.protocol.WORK_ROUND_NS = 95 ns a round).
+WORK_1MS_ROUNDS = 10_000
+WORK_100MS_ROUNDS = 1_000_000
+
+
+@dataclass(frozen=True)
+class Lesson:
+    """One claim of the arena, its Locust preset and what a user should see."""
+
+    id: str
+    title: str  # short, for the select box
+    claim: str  # the claim being tested, in one sentence
+    watch: str  # what to look at on the dashboard
+    expect: str  # what you should see
+    knobs: Mapping[str, str] = field(default_factory=dict)  # knob dest -> value (Locust preset)
+
+    @property
+    def description(self) -> str:
+        """One paragraph: the claim, what to watch, what you should see."""
+        return f"{self.claim} Watch: {self.watch} Expect: {self.expect}"
+
+
+STEADY_KNOBS: Mapping[str, str] = {
+    "payload_bytes": "32", "ping_share": "0.05", "sleep_share": "0.1", "sleep_ms": "5",
+    "work_share": "0.05", "work_rounds": str(WORK_1MS_ROUNDS), "think_ms": "100",
+    "users_per_target": "100",
+}
+# Each scenario starts from these and sets what it is about, so switching scenarios in the edit
+# form never keeps a share from the previous one.
+_ONLY_ECHO = {"ping_share": "0", "sleep_share": "0", "work_share": "0"}
+
+LESSONS: tuple[Lesson, ...] = (
+    Lesson(
+        "steady", "steady: light mixed traffic",
+        "Under light load every model keeps up: the concurrency model matters when something "
+        "is scarce.",
+        "requests/s and client latency per server.",
+        "the servers look alike (each user thinks 100 ms between requests).",
+        STEADY_KNOBS,
+    ),
+    Lesson(
+        "io-wait", "io-wait: every request waits 20 ms",
+        "Switching helps waiting: a thread or greenlet per connection overlaps the waits, a "
+        "pool of N workers runs only N at a time.",
+        "requests/s, the pool's queue depth and busy workers, client p99.",
+        "threaded and gevent near users / 20 ms; the pool near workers / 20 ms, its queue full "
+        "and its p99 in seconds.",
+        {**STEADY_KNOBS, **_ONLY_ECHO, "sleep_share": "1", "sleep_ms": "20", "think_ms": "0"},
+    ),
+    Lesson(
+        "cpu-work", "cpu-work: every request burns ~1 ms of CPU",
+        "Switching does not help computing: threads and greenlets share one core under the "
+        "GIL; only processes add cores.",
+        "requests/s against CPU per server, event-loop blocking on gevent.",
+        "threaded and gevent at about one core's worth (~1,000 req/s); a process pool can go "
+        "past it when it has spare cores. Side by side the servers share the machine's cores, "
+        "so `make lessons` checks this claim with one server at a time.",
+        {**STEADY_KNOBS, **_ONLY_ECHO, "work_share": "1", "work_rounds": str(WORK_1MS_ROUNDS),
+         "think_ms": "0"},
+    ),
+    Lesson(
+        "pool-bound", "pool-bound: more waits than pool workers",
+        "A pool's size bounds its concurrency: with more concurrent waits than workers, "
+        "requests queue for a worker.",
+        "the pool's queue depth and busy workers, requests/s per server.",
+        "the pool capped near workers / 50 ms while threaded and gevent serve every user; the "
+        "pool's queue stays full.",
+        {**STEADY_KNOBS, **_ONLY_ECHO, "sleep_share": "1", "sleep_ms": "50", "think_ms": "100"},
+    ),
+    Lesson(
+        "many-clients", "many-clients: 1000 connections per server",
+        "Under many busy connections a fair server answers every one of them: a thread each "
+        "costs memory and scheduling, a greenlet or a reactor slot almost nothing.",
+        "connections, threads / greenlets, memory, client p99 per server.",
+        "1000 connections on each server; threaded holds 1000 threads and more memory. Needs "
+        "the number of users at 1000 x targets (users per target applies when a test starts).",
+        {**STEADY_KNOBS, **_ONLY_ECHO, "users_per_target": "1000", "think_ms": "500"},
+    ),
+    Lesson(
+        "blocked-loop", "blocked-loop: 2 % of requests are ~100 ms of CPU",
+        "One blocking call blocks every greenlet: while one request computes, the event loop "
+        "serves nobody; an OS thread is preempted instead.",
+        "gevent's event-loop blocked time and its echo p99 next to threaded's.",
+        "gevent's echo p99 jumps to about the /work time (every greenlet waited behind it) "
+        "and its blocked seconds climb; threaded's echo p99 stays lower.",
+        {**STEADY_KNOBS, **_ONLY_ECHO, "work_share": "0.02",
+         "work_rounds": str(WORK_100MS_ROUNDS), "think_ms": "10"},
+    ),
+    Lesson(
+        "overload", "overload: no think time",
+        "Without think time each server runs at its capacity: the models' costs per request "
+        "show.",
+        "requests/s and CPU per server, client latency.",
+        "every server at its limit; the differences are the cost of each model's machinery.",
+        {**STEADY_KNOBS, "think_ms": "0"},
+    ),
+)
+LESSONS_BY_ID: Mapping[str, Lesson] = {lesson.id: lesson for lesson in LESSONS}
+DEFAULT_LESSON = "steady"
+
+
+def get(lesson_id: str) -> Lesson:
+    """The lesson called `lesson_id`; KeyError names the choices."""
+    try:
+        return LESSONS_BY_ID[lesson_id]
+    except KeyError:
+        choices = ", ".join(LESSONS_BY_ID)
+        raise KeyError(f"unknown lesson {lesson_id!r}; choose from {choices}") from None
