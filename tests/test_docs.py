@@ -160,3 +160,30 @@ def test_locust_help_lists_every_knob():
     assert "--headless" in result.stdout  # Locust's own options too
     missing = [knob.flag for knob in KNOBS if knob.flag not in result.stdout]
     assert not missing
+
+
+def _with_fairness(starved_target: str | None) -> docfigures.Bench:
+    bench = json.loads((ROOT / "results" / "bench.json").read_text())
+    for run in bench["runs"]:
+        connections = bench["scenarios"][run["scenario"]]["connections"]
+        starved = run["scenario"] == "echo64-c1000" and run["target"] == starved_target
+        run["median"].update({
+            "connections": connections, "answered_connections": 352 if starved else connections,
+            "starved": starved, "starved_reps": int(starved),
+            "requests_per_connection_min": 0 if starved else 20,
+            "requests_per_connection_median": 40, "requests_per_connection_max": 900,
+            "longest_wait_s": 5.9 if starved else 0.031, "longest_wait_unanswered": starved,
+        })
+    return docfigures.Bench(bench)
+
+
+def test_the_fairness_figures_are_quoted_when_the_results_have_them():
+    starved = _with_fairness("threaded")
+    reading = " ".join(docfigures.bench_reading(starved).split())
+    assert ("threaded answered 352 of 1000 connections (a request still waiting after 5.9 s; "
+            "0\u2013900 requests per connection)") in reading
+    assert reading.count("Not every connection was served in the measured window") == 1
+    assert "48,050 (496) \u26a0 352/1000 answered" in docfigures.bench_run(starved)
+
+    fair = " ".join(docfigures.bench_reading(_with_fairness(None)).split())
+    assert "Every server answered all 1000 connections in every measured window" in fair
