@@ -179,9 +179,8 @@ def _has_fairness(bench: Bench) -> bool:
 
 
 def _fastest_echo(bench: Bench) -> tuple[str, dict] | None:
-    ours = [(t["name"], bench.median("echo64", t["name"])) for t in bench.targets
-            if t["kind"] == "ours"]
-    ours = [(name, median) for name, median in ours if median is not None]
+    ours = [(t["name"], median) for t in bench.targets
+            if t["kind"] == "ours" and (median := bench.median("echo64", t["name"])) is not None]
     return max(ours, key=lambda pair: pair[1]["rps"]) if ours else None
 
 
@@ -348,8 +347,8 @@ def _reading_many_connections(bench: Bench) -> str | None:
 
 def _fairness_sentence(bench: Bench, scenario: str, connections: int) -> str:
     """What the committed run says about every connection being served in the window."""
-    medians = [(t["name"], bench.median(scenario, t["name"])) for t in bench.targets]
-    medians = [(name, m) for name, m in medians if m is not None]
+    medians = [(t["name"], m) for t in bench.targets
+               if (m := bench.median(scenario, t["name"])) is not None]
     if not medians or not all("answered_connections" in m for _, m in medians):
         return ("The load generator waits until each connection has been answered once before "
                 "measuring; this run did not record whether every connection was answered during "
