@@ -11,49 +11,42 @@ reactor, and the reactor stops reading that connection until the batch is answer
 stops reading, and submits nothing more, while `MAX_UNSENT_OUTPUT` bytes of replies wait for a
 client that does not read. The rest queues in the kernel, so a connection holds at most about
 two reads of input and the replies to one batch.
+
+Failures are contained, not fatal. A worker process that dies breaks its executor for good;
+`executors.WorkerPool` replaces it (from its sentinel, or from the first failed future), and the
+batches that were in flight run once more on the new workers: every command is idempotent. A
+batch that fails twice, or a task that raised, is answered `ERR server-busy` line by line and its
+connection stays open; a client never waits forever. An unexpected exception while serving one
+connection closes that connection only. Only what cannot be contained is fatal (exit code 1, via
+`Server.run_or_exit`): a broken listener, or an executor that cannot be rebuilt.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import multiprocessing
-import os
 import selectors
-import signal
 import socket
 import threading
 import time
 from collections import deque
 from collections.abc import Iterable
-from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import BrokenExecutor, Future
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from services import protocol
 from services.config import Settings
 from services.servers.base import MAX_ACCEPT_BACKOFF, Server
+from services.servers.executors import WorkerPool
 from services.session import READ_SIZE, Session, reject
 
 MAX_UNSENT_OUTPUT = 256 * 1024  # replies waiting for a slow reader before it is throttled
 ACCEPTS_PER_WAKEUP = 64  # accept a burst of connections, but let established ones be served
 SLOW_COMMANDS = (b"/sleep ", b"/work ")  # worth a submission of their own
-PR_SET_PDEATHSIG = 1  # prctl(2): signal a worker when the server process dies
-ACCEPT, WAKE = object(), object()  # selector keys that are not connections
-
-
-def _prepare_worker() -> None:
-    """Worker processes ignore SIGINT/SIGTERM (the server drains them) and die with the server."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):
-        pass  # not Linux: the executor still exits when its call queue breaks
-
-
-def _warm_up(_index: int) -> int:
-    return os.getpid()
+ACCEPT, WAKE, WORKER_EXIT = object(), object(), object()  # selector keys that are not connections
+# The reply to each line of a batch that failed twice (a worker died under it twice, or it
+# raised twice): an error the client can retry on, on a connection that stays open.
+BATCH_FAILED_REPLY = b"ERR server-busy a worker failed while answering this request; retry\n"
 
 
 class Connection(Session):
@@ -82,26 +75,18 @@ class PoolServer(Server):
     def __init__(self, settings: Settings) -> None:
         super().__init__(settings)
         self.workers = settings.workers
-        # The workers are forked now, before any socket or thread exists: a fork after the
-        # metrics thread holds a lock could deadlock, and the workers must own no socket.
-        self.executor: Executor
-        if settings.executor == "process":
-            self.executor = ProcessPoolExecutor(
-                settings.workers, mp_context=multiprocessing.get_context("fork"),
-                initializer=_prepare_worker,
-            )
-            self.executor.submit(_warm_up, 0).result()  # under fork this starts every worker
-            # The executor keeps its processes private; we need their pids for CPU and shutdown.
-            self.worker_pids = sorted(getattr(self.executor, "_processes", {}))
-        else:
-            self.executor = ThreadPoolExecutor(settings.workers, thread_name_prefix="worker")
-            self.worker_pids = []
+        # Process workers come from a forkserver started now, before any socket or thread:
+        # replacements fork from it too (why: services/servers/executors.py).
+        self.pool = WorkerPool(settings.executor, settings.workers, self.log)
+        self.watched: list[int] = []  # worker sentinels registered in the selector
+        self.retried_requests = 0
         self.selector = selectors.DefaultSelector()
         self.connections: dict[int, Connection] = {}  # fd -> connection, reactor thread only
         self.ready: list[Connection] = []  # connections with lines to submit this round
         self.submissions: dict[int, int] = {}  # id(future) -> lines, in submission order
         self.submissions_total = 0
-        self.completed: deque[tuple[list[Connection], Future, float]] = deque()
+        # (connections, batches, future, started, executor generation, attempt)
+        self.completed: deque[tuple] = deque()
         self.wake_reader, self.wake_writer = socket.socketpair()
         self.wake_pending = False
         self.stop_requested = threading.Event()
@@ -124,6 +109,7 @@ class PoolServer(Server):
         self.wake_reader.setblocking(False)
         self.selector.register(self.listener, selectors.EVENT_READ, ACCEPT)
         self.selector.register(self.wake_reader, selectors.EVENT_READ, WAKE)
+        self.watch_workers()
         self.reactor = threading.Thread(
             target=self.run_or_exit, args=("reactor", self.run_reactor), name="reactor",
             daemon=True,
@@ -137,17 +123,7 @@ class PoolServer(Server):
         self.wake()
         if self.reactor is not None:
             self.reactor.join(grace + 2.0)
-        self.executor.shutdown(wait=False, cancel_futures=True)
-        self.end_workers()
-
-    def end_workers(self) -> None:
-        """Terminate and reap worker processes, so no orphan outlives the server."""
-        # ProcessPoolExecutor offers no public way to end busy workers before Python 3.14.
-        processes = getattr(self.executor, "_processes", None) or {}
-        for process in list(processes.values()):
-            process.terminate()
-        for process in list(processes.values()):
-            process.join(2.0)
+        self.pool.end()  # no worker outlives the server
 
     def wake(self) -> None:
         """Interrupt the reactor's select() (from any thread)."""
@@ -174,12 +150,17 @@ class PoolServer(Server):
                     self.accept_burst()
                 elif key.data is WAKE:
                     self.drain_wakeups()
+                elif key.data is WORKER_EXIT:
+                    self.heal(self.pool.generation)
                 else:
                     connection = key.data
-                    if events & selectors.EVENT_WRITE:
-                        self.flush(connection)
-                    if events & selectors.EVENT_READ and connection.sock.fileno() >= 0:
-                        self.read(connection)
+                    try:
+                        if events & selectors.EVENT_WRITE:
+                            self.flush(connection)
+                        if events & selectors.EVENT_READ and connection.sock.fileno() >= 0:
+                            self.read(connection)
+                    except Exception:
+                        self.contain(connection)
             if self.stop_requested.is_set() and not draining:
                 draining = True
                 self.begin_draining()
@@ -326,33 +307,126 @@ class PoolServer(Server):
                 share = cheap[start:start + size]
                 self.submit([c for c, _ in share], [batch for _, batch in share])
 
-    def submit(self, connections: list[Connection], batches: list[list[bytes]]) -> None:
+    def submit(self, connections: list[Connection], batches: list[list[bytes]],
+               attempt: int = 0) -> None:
         """Send batches of request lines (one per connection) to the executor as one task."""
         started = time.perf_counter() if self.timed else 0.0
-        future = self.executor.submit(protocol.answer_batches, batches)
+        pool = self.pool
+        generation = pool.generation
+        try:
+            future = pool.executor.submit(protocol.answer_batches, batches)
+        except BrokenExecutor:  # broke before its failed futures or sentinel reached us
+            self.heal(generation)
+            generation = pool.generation
+            future = pool.executor.submit(protocol.answer_batches, batches)
         self.submissions[id(future)] = sum(map(len, batches))
         self.submissions_total += 1
 
         def done(future: Future) -> None:  # runs in an executor thread
-            self.completed.append((connections, future, started))
+            self.completed.append((connections, batches, future, started, generation, attempt))
             self.wake()
 
         future.add_done_callback(done)
 
-    def deliver(self, connections: list[Connection], future: Future, started: float) -> None:
+    def deliver(self, connections: list[Connection], batches: list[list[bytes]], future: Future,
+                started: float, generation: int, attempt: int) -> None:
         """Hand each connection the replies of its batch."""
         self.submissions.pop(id(future), None)
         try:
             results = future.result()
-        except Exception as error:  # a worker died: these batches are lost
-            self.rate_limited.warning("worker", "batch failed: %r", error)
-            for connection in connections:
-                connection.inflight = 0
-                self.close(connection, "reset")
+        except Exception as error:
+            self.task_failed(connections, batches, error, generation, attempt)
             return
         elapsed = time.perf_counter() - started if self.timed else 0.0
         for connection, answers in zip(connections, results, strict=True):
-            self.deliver_one(connection, answers, elapsed)
+            try:
+                self.deliver_one(connection, answers, elapsed)
+            except Exception:
+                self.contain(connection)
+
+    # -- failures --------------------------------------------------------------------------
+    def task_failed(self, connections: list[Connection], batches: list[list[bytes]],
+                    error: Exception, generation: int, attempt: int) -> None:
+        """Run a failed task's batches once more (every command is idempotent), then give up.
+
+        A broken executor is replaced first and the task goes again as it was. A task that
+        raised is a bug: logged, counted, and each connection's batch retried on its own, so
+        the one that raises again does not take the others down with it.
+        """
+        broken = isinstance(error, BrokenExecutor)
+        if broken:
+            self.heal(generation)
+        else:
+            self.stats.count_internal_error("worker")
+            self.log.error("a task raised (attempt %d of 2)", attempt + 1, exc_info=error)
+        live = []
+        for connection, batch in zip(connections, batches, strict=True):
+            if connection.sock.fileno() >= 0:
+                live.append((connection, batch))
+            else:
+                connection.inflight = 0
+        if attempt == 0 and live:
+            self.retried_requests += sum(len(batch) for _, batch in live)
+            if broken:
+                self.submit([c for c, _ in live], [b for _, b in live], attempt + 1)
+            else:
+                for connection, batch in live:
+                    self.submit([connection], [batch], attempt + 1)
+            return
+        for connection, batch in live:
+            try:
+                self.answer_failed(connection, batch)
+            except Exception:
+                self.contain(connection)
+
+    def answer_failed(self, connection: Connection, batch: list[bytes]) -> None:
+        """Answer each line of a twice-failed batch with ERR server-busy; keep the connection."""
+        connection.inflight = 0
+        for _ in batch:
+            connection.tally.count_error("server-busy")
+        self.send(connection, BATCH_FAILED_REPLY * len(batch))
+        self.schedule(connection)
+        self.update_interest(connection)
+
+    def heal(self, generation: int) -> None:
+        """Replace the executor if `generation` is still the current one, and watch its workers.
+
+        Raises when no executor can be built: that escapes the reactor and ends the process.
+        """
+        if generation != self.pool.generation:
+            return  # replaced already: this failure belonged to the old executor
+        self.unwatch_workers()  # before the old sentinels are closed with their processes
+        self.pool.replace(generation)
+        self.watch_workers()
+
+    def watch_workers(self) -> None:
+        """Register the workers' sentinels: the selector then says when one of them exits."""
+        for sentinel in self.pool.sentinels():
+            self.selector.register(sentinel, selectors.EVENT_READ, WORKER_EXIT)
+            self.watched.append(sentinel)
+
+    def unwatch_workers(self) -> None:
+        """Forget the current workers' sentinels."""
+        for sentinel in self.watched:
+            with contextlib.suppress(KeyError, ValueError):
+                self.selector.unregister(sentinel)
+        self.watched = []
+
+    def contain(self, connection: Connection) -> None:
+        """An unexpected exception while serving one connection: log, count, close only it."""
+        self.stats.count_internal_error("reactor")
+        self.log.error("serving a connection failed; closing that connection", exc_info=True)
+        connection.pending.clear()
+        connection.inflight = 0
+        try:
+            self.close(connection, "error")
+        except Exception:  # forget it by hand, so the reactor's own state stays consistent
+            with contextlib.suppress(Exception):
+                self.selector.unregister(connection.sock)
+            for fileno, known in list(self.connections.items()):
+                if known is connection:
+                    del self.connections[fileno]
+            self.stats.close_session(connection, "error")
 
     def deliver_one(self, connection: Connection, answers: list, elapsed: float) -> None:
         """Count and send one connection's replies, then queue its next lines."""
@@ -441,19 +515,6 @@ class PoolServer(Server):
                 self.close(connection, "idle")
 
     # -- metrics ---------------------------------------------------------------------------
-    def worker_cpu_seconds(self) -> float:
-        """CPU time of the worker processes, read from /proc (0 for thread workers)."""
-        ticks = os.sysconf("SC_CLK_TCK")
-        total = 0.0
-        for pid in self.worker_pids:
-            try:
-                with open(f"/proc/{pid}/stat", "rb") as stat:
-                    fields = stat.read().rpartition(b")")[2].split()
-                total += (int(fields[11]) + int(fields[12])) / ticks  # utime + stime
-            except (OSError, IndexError, ValueError):
-                continue
-        return total
-
     def extra_metrics(self) -> Iterable[Metric]:
         """Workers, their load and queue (estimated from the batches in flight), their CPU."""
         sizes = list(self.submissions.values())  # oldest first, as the executor takes them
@@ -476,5 +537,13 @@ class PoolServer(Server):
         )
         yield CounterMetricFamily(
             "arena_pool_worker_cpu_seconds", "CPU time of the worker processes",
-            value=self.worker_cpu_seconds(),
+            value=self.pool.cpu_seconds(),
+        )
+        yield CounterMetricFamily(
+            "arena_pool_worker_restarts", "Executors replaced because a worker died",
+            value=self.pool.restarts,
+        )
+        yield CounterMetricFamily(
+            "arena_pool_retried_requests", "Requests run again after their task failed",
+            value=self.retried_requests,
         )
