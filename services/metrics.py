@@ -1,15 +1,34 @@
 """Prometheus metrics, built on a registry passed in and computed at scrape time.
 
-Connections keep plain per-connection counters (`session.Tally`); this collector sums them when
-Prometheus scrapes, so the hot path takes no lock and touches no metric object. Names and
-meanings: docs/METRICS.md.
+Connections keep plain per-connection counters (`session.Tally`); a scrape folds the ones that
+changed into running totals (`ServerStats.snapshot`), so the hot path takes no lock and touches
+no metric object, and an idle connection costs almost nothing per scrape. Names and meanings:
+docs/METRICS.md.
+
+`/metrics` is served by `MetricsServer`, a small HTTP/1.1 server on an OS thread with OS
+sockets, for every model. Under gevent this is what matters: `prometheus_client`'s server would
+run on a green thread and wait for the very loop a `/work` request blocks, so the scrape that
+should show the blocked loop would not come back. An OS thread gets the GIL every switch
+interval (5 ms) even while the loop computes, and reads the tallies the loop writes (under the
+stats lock, itself an OS lock: `session.os_lock`). It serves every model, not only gevent,
+because one small server is simpler than two, costs the same (the scrape's cost is the
+collector, not the HTTP), and gives every model the same limits: a real listen backlog, a read
+timeout, a request-size limit, one scrape at a time. The gevent-specific part is only
+`os_primitives`, which asks gevent for the original socket and thread functions and falls back,
+with a warning, to `prometheus_client.start_http_server` if they are missing.
 """
 
 from __future__ import annotations
 
+import _thread
+import logging
+import socket
+import sys
+import time
 from collections.abc import Callable, Iterable, Iterator
+from typing import Any, NamedTuple
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry, generate_latest, start_http_server
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -17,6 +36,7 @@ from prometheus_client.core import (
     InfoMetricFamily,
     Metric,
 )
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
@@ -25,6 +45,11 @@ from services import protocol
 from services.session import DURATION_BUCKETS, Histogram, ServerStats
 
 ExtraMetrics = Callable[[], Iterable[Metric]]
+
+BACKLOG = 64  # scrapers that may wait while one scrape is answered (socketserver's is 5)
+READ_TIMEOUT = 2.0  # seconds a client may take to send its request head
+MAX_REQUEST = 8192  # bytes of request head (request line and headers) accepted
+log = logging.getLogger("arena.metrics")
 
 
 def histogram_family(
@@ -128,7 +153,137 @@ def build_registry(stats: ServerStats, info: dict[str, str], extra: ExtraMetrics
     return registry
 
 
+class OsPrimitives(NamedTuple):
+    """The OS's own socket class, thread starter and sleep, whatever gevent patched."""
+
+    socket: type[socket.socket]
+    start_thread: Callable[[Callable[..., object], tuple[Any, ...]], int]
+    sleep: Callable[[float], None]
+
+
+def os_primitives() -> OsPrimitives | None:
+    """The unpatched socket and thread functions; None if gevent patched and cannot give them.
+
+    Checked at start-up: a native thread with *patched* sockets would wait on gevent's hub, the
+    very thing it must not do (docs/METRICS.md).
+    """
+    monkey = sys.modules.get("gevent.monkey")  # imported only if the gevent model patched
+    if monkey is None:
+        return OsPrimitives(socket.socket, _thread.start_new_thread, time.sleep)
+    try:
+        if not monkey.is_module_patched("socket"):
+            log.warning("gevent is loaded but did not patch socket: serving /metrics as usual")
+        # get_original returns the module's current object when it was not patched.
+        return OsPrimitives(
+            monkey.get_original("socket", "socket"),
+            monkey.get_original("_thread", "start_new_thread"),
+            monkey.get_original("time", "sleep"),
+        )
+    except (AttributeError, ImportError, KeyError):
+        return None
+
+
+def _reply(status: str, body: bytes, content_type: str = "text/plain; charset=utf-8") -> bytes:
+    head = (
+        f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    )
+    return head.encode("ascii") + body
+
+
+class MetricsServer:
+    """GET /metrics over HTTP/1.1 from one OS thread, one connection at a time, then close."""
+
+    def __init__(self, registry: CollectorRegistry, primitives: OsPrimitives) -> None:
+        self.registry = registry
+        self.primitives = primitives
+        self.listener: socket.socket | None = None
+
+    def start(self, host: str, port: int) -> int:
+        """Bind and serve in a daemon OS thread; returns the real port."""
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        listener = self.primitives.socket(family, socket.SOCK_STREAM)
+        try:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind((host, port))
+            listener.listen(BACKLOG)
+        except OSError:
+            listener.close()
+            raise
+        self.listener = listener
+        self.primitives.start_thread(self.serve_forever, ())
+        return int(listener.getsockname()[1])
+
+    def serve_forever(self) -> None:
+        """Answer scrapes until the process ends; no error stops the loop."""
+        listener = self.listener
+        assert listener is not None
+        new_socket = self.primitives.socket
+        while True:
+            try:
+                # Not accept(): it wraps the descriptor in the socket module's *current* class,
+                # which under gevent is the green one.
+                fd, _address = listener._accept()  # type: ignore[attr-defined]
+            except OSError:
+                self.primitives.sleep(0.1)  # out of descriptors, most likely: do not spin
+                continue
+            connection = new_socket(listener.family, socket.SOCK_STREAM, fileno=fd)
+            try:
+                connection.settimeout(READ_TIMEOUT)
+                connection.sendall(self.answer(self.read_head(connection)))
+            except OSError:
+                pass  # the client went away or was too slow: nothing to answer
+            finally:
+                connection.close()
+
+    @staticmethod
+    def read_head(connection: socket.socket) -> bytes | None:
+        """The request head, or None if it is larger than MAX_REQUEST or ends early."""
+        deadline = time.monotonic() + READ_TIMEOUT
+        head = b""
+        while b"\r\n\r\n" not in head and b"\n\n" not in head:
+            if len(head) > MAX_REQUEST:
+                return None
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError("request head too slow")
+            connection.settimeout(remaining)
+            data = connection.recv(4096)
+            if not data:
+                return None
+            head += data
+        return head
+
+    def answer(self, head: bytes | None) -> bytes:
+        """The whole HTTP response to one request head."""
+        if head is None:
+            return _reply("400 Bad Request", b"bad or oversized request\n")
+        parts = head.split(b"\n", 1)[0].split()
+        if len(parts) != 3 or not parts[2].startswith(b"HTTP/"):
+            return _reply("400 Bad Request", b"bad request line\n")
+        method, target = parts[0], parts[1].split(b"?", 1)[0]
+        if target != b"/metrics":
+            return _reply("404 Not Found", b"only /metrics is served here\n")
+        if method not in (b"GET", b"HEAD"):
+            return _reply("405 Method Not Allowed", b"use GET\n")
+        try:
+            body = generate_latest(self.registry)
+        except Exception as error:  # a collector bug: say so, keep serving
+            return _reply("500 Internal Server Error", f"collect failed: {error!r}\n".encode())
+        response = _reply("200 OK", body, CONTENT_TYPE_LATEST)
+        if method == b"HEAD":
+            return response[: len(response) - len(body)]
+        return response
+
+
 def serve_metrics(registry: CollectorRegistry, host: str, port: int) -> int:
-    """Serve /metrics in a daemon thread; returns the real port (port 0 binds a free one)."""
-    httpd, _thread = start_http_server(port, addr=host, registry=registry)
-    return int(httpd.server_address[1])
+    """Serve /metrics from an OS thread; returns the real port (port 0 binds a free one)."""
+    primitives = os_primitives()
+    if primitives is None:
+        log.warning(
+            "gevent offers no original socket or thread: /metrics falls back to "
+            "prometheus_client's server on a green thread, which waits while the loop is blocked"
+        )
+        httpd, _thread_handle = start_http_server(port, addr=host, registry=registry)
+        return int(httpd.server_address[1])
+    return MetricsServer(registry, primitives).start(host, port)

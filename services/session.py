@@ -1,10 +1,19 @@
 """One connection's life, written once for every model.
 
 `LineFramer` cuts bytes into bounded lines, `Tally` counts what one connection did (plain
-integers, no locks: only the connection's own thread, greenlet or reactor touches it, and
-`ServerStats` sums them at scrape time), and `serve_blocking` is the whole session loop for the
-models that give each connection its own flow of control (threads and greenlets). The pool's
-reactor drives the same framer, protocol and tally from events instead.
+integers, no locks: only the connection's own thread, greenlet or reactor writes it, and
+`ServerStats` folds it into running totals at scrape and close time), and `serve_blocking` is
+the whole session loop for the models that give each connection its own flow of control
+(threads and greenlets). The pool's reactor drives the same framer, protocol and tally from
+events instead.
+
+How a scrape stays cheap and exact (`ServerStats.snapshot`): the totals are kept folded in one
+`Tally`; a scrape folds only the live tallies that changed since their last fold, by delta (the
+value read once, minus the value last folded, which is then remembered). `Tally.record` sets a
+`changed` flag after its counts; the fold clears it *before* reading, so a request racing the
+scrape is either read now or flagged again and read next time: never lost, never counted twice,
+without a lock on the hot path. Byte counters are compared directly (the models add to them
+outside `record`). An idle connection costs a flag and two integer comparisons per scrape.
 """
 
 from __future__ import annotations
@@ -12,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
+import sys
 import threading
 import time
 from bisect import bisect_left
@@ -90,7 +100,7 @@ class Histogram:
 class Tally:
     """What one connection did: requests by command and outcome, errors, durations, bytes."""
 
-    __slots__ = ("durations", "errors", "received", "requests", "sent")
+    __slots__ = ("changed", "durations", "errors", "mark", "received", "requests", "sent")
 
     def __init__(self) -> None:
         self.requests = [0] * (2 * len(protocol.COMMANDS))  # [command * 2 + failed]
@@ -98,6 +108,10 @@ class Tally:
         self.durations = [Histogram() for _ in protocol.COMMANDS]
         self.received = 0
         self.sent = 0
+        # Requests or errors counted since the last fold into the server's totals.
+        self.changed = False
+        # What was folded so far (None: nothing yet); only ServerStats touches it, under its lock.
+        self.mark: Tally | None = None
 
     def record(self, answer: protocol.Answer, seconds: float) -> None:
         """Count one answered request that took `seconds` from read to reply."""
@@ -110,10 +124,12 @@ class Tally:
         histogram = self.durations[command]  # Histogram.observe, inlined: this is per request
         histogram.counts[bisect_left(DURATION_BUCKETS, seconds)] += 1
         histogram.total += seconds
+        self.changed = True  # last: a fold that cleared the flag before these counts sees it again
 
     def count_error(self, code: str) -> None:
         """Count a protocol error that answered no request (line-too-long, server-busy)."""
         self.errors[code] = self.errors.get(code, 0) + 1
+        self.changed = True
 
     def add(self, other: Tally) -> None:
         """Fold another tally into this one."""
@@ -124,6 +140,50 @@ class Tally:
             mine.add(theirs)
         self.received += other.received
         self.sent += other.sent
+
+    def copy(self) -> Tally:
+        """A new tally with the same counts."""
+        twin = Tally()
+        twin.add(self)
+        return twin
+
+    def fold_into(self, total: Tally) -> None:
+        """Add to `total` what this tally counted since its last fold (under the stats lock).
+
+        Each value is read once; the value read is both what the delta is taken from and what
+        is remembered, so an increment racing the fold is folded now or next time, exactly once.
+        """
+        self.changed = False  # before reading: a record() racing this fold flags it again
+        mark = self.mark
+        if mark is None:
+            mark = self.mark = Tally()
+        received, sent = self.received, self.sent
+        total.received += received - mark.received
+        total.sent += sent - mark.sent
+        mark.received, mark.sent = received, sent
+        requests = self.requests[:]  # a C-level copy: atomic with respect to other threads
+        if requests != mark.requests:
+            total.requests = [
+                t + n - m for t, n, m in zip(total.requests, requests, mark.requests, strict=True)
+            ]
+            mark.requests = requests
+        if self.errors != mark.errors:
+            errors = dict(self.errors)
+            for code, count in errors.items():
+                total.errors[code] = total.errors.get(code, 0) + count - mark.errors.get(code, 0)
+            mark.errors = errors
+        for into, folded, live in zip(total.durations, mark.durations, self.durations, strict=True):
+            counts = live.counts[:]
+            if counts != folded.counts:
+                into.counts = [
+                    t + n - m for t, n, m in zip(into.counts, counts, folded.counts, strict=True)
+                ]
+                folded.counts = counts
+            seconds = live.total
+            if seconds != folded.total:
+                # Float deltas: the sum of seconds is exact up to rounding (counts are exact).
+                into.total += seconds - folded.total
+                folded.total = seconds
 
 
 class Session:
@@ -150,13 +210,31 @@ class Session:
             pass  # already gone
 
 
+def os_lock() -> threading.Lock:
+    """A lock of the OS even under gevent's monkey-patching, where `threading.Lock` is green.
+
+    The metrics server reads the stats from a native thread (services.metrics), which must never
+    block on a gevent lock. Greenlets may take an OS lock as long as they do not yield while
+    holding it: the stats lock is held only for dictionary and counter updates.
+    """
+    monkey = sys.modules.get("gevent.monkey")  # imported only if the gevent model patched
+    if monkey is not None:
+        try:
+            if monkey.is_module_patched("threading"):
+                return monkey.get_original("_thread", "allocate_lock")()
+        except (AttributeError, ImportError, KeyError):
+            log.warning("gevent's original locks are unavailable: the stats lock is a green one")
+    return threading.Lock()
+
+
 @dataclass
 class ServerStats:
-    """Every connection of one server: the live sessions and the totals of closed ones."""
+    """Every connection of one server: the live sessions and the running totals."""
 
     max_connections: int
     sessions: dict[int, Session] = field(default_factory=dict)
-    closed: Tally = field(default_factory=Tally)
+    # Every closed connection, plus each live one up to its last fold (see the module doc).
+    folded: Tally = field(default_factory=Tally)
     connections_total: int = 0
     rejected: int = 0
     close_reasons: dict[str, int] = field(default_factory=lambda: dict.fromkeys(CLOSE_REASONS, 0))
@@ -165,8 +243,9 @@ class ServerStats:
     internal_errors: dict[str, int] = field(default_factory=dict)
     draining: bool = False
     # Held only when a connection opens or closes and while scraping, never per request: it
-    # keeps a closing connection from being counted both live and closed in one scrape.
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    # keeps a closing connection from being counted both live and closed in one scrape, and
+    # serializes folds. An OS lock, because the metrics thread may be a native one (gevent).
+    lock: threading.Lock = field(default_factory=os_lock)
     all_closed: threading.Condition = field(init=False)
 
     def __post_init__(self) -> None:
@@ -179,7 +258,7 @@ class ServerStats:
         with self.lock:
             if len(self.sessions) >= self.max_connections:
                 self.rejected += 1
-                self.closed.count_error("server-busy")
+                self.folded.count_error("server-busy")
                 return None
             session = (factory or Session)(sock, line_limit)
             self.sessions[id(session)] = session
@@ -187,13 +266,18 @@ class ServerStats:
             return session
 
     def close_session(self, session: Session, reason: str) -> None:
-        """Close the socket and move the connection's tally into the totals."""
+        """Close the socket and fold the rest of the connection's tally into the totals."""
         with contextlib.suppress(OSError):
             session.sock.close()
         with self.lock:
             if self.sessions.pop(id(session), None) is None:
                 return
-            self.closed.add(session.tally)
+            tally = session.tally
+            if tally.mark is None:
+                self.folded.add(tally)  # never scraped while live: add it whole, as cheap as ever
+            else:
+                tally.fold_into(self.folded)
+                tally.mark = None
             self.close_reasons[session.close_reason or reason] += 1
             if not self.sessions:
                 self.all_closed.notify_all()
@@ -209,13 +293,22 @@ class ServerStats:
             self.internal_errors[where] = self.internal_errors.get(where, 0) + 1
 
     def snapshot(self) -> Tally:
-        """The totals of every connection, closed and live, as one tally."""
-        total = Tally()
+        """The totals of every connection, closed and live, as one tally (a copy).
+
+        Folds only the live tallies changed since their last fold: an idle connection costs a
+        flag check and two integer comparisons, so a scrape stays cheap at 10,000 connections.
+        """
+        folded = self.folded
         with self.lock:
-            total.add(self.closed)
-            for session in list(self.sessions.values()):
-                total.add(session.tally)
-        return total
+            for session in self.sessions.values():  # changed only under this lock
+                tally = session.tally
+                mark = tally.mark
+                if mark is None:
+                    if tally.changed or tally.received or tally.sent:
+                        tally.fold_into(folded)
+                elif tally.changed or tally.received != mark.received or tally.sent != mark.sent:
+                    tally.fold_into(folded)
+            return folded.copy()
 
     def live(self) -> Iterator[Session]:
         """A stable copy of the live sessions to iterate over."""
