@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import gc
 import logging
 import multiprocessing
 import multiprocessing.forkserver
@@ -258,11 +259,19 @@ class WorkerPool:
 
     def end(self) -> None:
         """Shut the executor down; kill and reap its worker processes by their recorded pids."""
+        manager = getattr(self.executor, "_executor_manager_thread", None)
         self.executor.shutdown(wait=False, cancel_futures=True)
         self.kill(self.workers)
         alive = self.reap(self.workers)
         if alive:
             self.log.error("worker processes %s still alive after SIGKILL", alive)
+        if isinstance(manager, threading.Thread):
+            # Once it is done, nothing holds the queues: their named semaphores are unlinked
+            # now, instead of the resource tracker warning about "leaked" ones at exit.
+            manager.join(REAP_TIMEOUT)
+            del manager
+            self.executor = ThreadPoolExecutor(1)  # no thread until something is submitted
+            gc.collect()
 
     def cpu_seconds(self) -> float:
         """CPU time of every worker process this pool has run (0 for thread workers)."""
