@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import _thread
 import logging
+import os
 import socket
 import sys
 import time
@@ -142,13 +143,58 @@ class ArenaCollector(Collector):
         yield from self.extra()
 
 
+class ProcessMetrics(ProcessCollector):
+    """The client library's process metrics, with open descriptors counted without a listing.
+
+    `ProcessCollector` lists /proc/self/fd to count descriptors: about 15 ms at 10,000
+    connections here, more than the rest of a scrape. Linux (6.2 and later) reports the count
+    as the directory's size; the listing remains the fallback where that size is 0.
+    """
+
+    def collect(self) -> Iterable[Metric]:
+        """process_* metrics as the client library names them."""
+        if not self._btime:
+            return []
+        result: list[Metric] = []
+        try:
+            with open("/proc/self/stat", "rb") as stat:
+                parts = stat.read().rsplit(b")", 1)[1].split()
+            result += [
+                GaugeMetricFamily("process_virtual_memory_bytes",
+                                  "Virtual memory size in bytes.", value=float(parts[20])),
+                GaugeMetricFamily("process_resident_memory_bytes",
+                                  "Resident memory size in bytes.",
+                                  value=float(parts[21]) * self._pagesize),
+                GaugeMetricFamily("process_start_time_seconds",
+                                  "Start time of the process since unix epoch in seconds.",
+                                  value=float(parts[19]) / self._ticks + self._btime),
+                CounterMetricFamily("process_cpu_seconds",
+                                    "Total user and system CPU time spent in seconds.",
+                                    value=(float(parts[11]) + float(parts[12])) / self._ticks),
+            ]
+            with open("/proc/self/limits", "rb") as limits:
+                max_fds = next(
+                    float(line.split()[3]) for line in limits if line.startswith(b"Max open file")
+                )
+            open_fds = os.stat("/proc/self/fd").st_size or len(os.listdir("/proc/self/fd"))
+            result += [
+                GaugeMetricFamily("process_open_fds", "Number of open file descriptors.",
+                                  value=float(open_fds)),
+                GaugeMetricFamily("process_max_fds", "Maximum number of open file descriptors.",
+                                  value=max_fds),
+            ]
+        except (OSError, StopIteration, IndexError, ValueError):
+            pass  # not Linux, or /proc unreadable: what was read is still exposed
+        return result
+
+
 def build_registry(stats: ServerStats, info: dict[str, str], extra: ExtraMetrics) -> (
     CollectorRegistry
 ):
     """A fresh registry with the arena metrics and the client library's process collectors."""
     registry = CollectorRegistry()
     registry.register(ArenaCollector(stats, info, extra))
-    ProcessCollector(registry=registry)
+    ProcessMetrics(registry=registry)
     PlatformCollector(registry=registry)
     return registry
 

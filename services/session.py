@@ -27,6 +27,8 @@ import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from itertools import compress
+from operator import add, ne, sub
 
 from services import protocol
 
@@ -93,8 +95,27 @@ class Histogram:
 
     def add(self, other: Histogram) -> None:
         """Fold another histogram's observations into this one."""
-        self.counts = [a + b for a, b in zip(self.counts, other.counts, strict=True)]
+        self.counts = list(map(add, self.counts, other.counts))
         self.total += other.total
+
+
+_ZERO_COUNTS = [0] * (len(DURATION_BUCKETS) + 1)
+_SLOTS = range(2 * len(protocol.COMMANDS))  # indexes of Tally.requests
+
+
+class FoldMark:
+    """What was folded so far from one live tally: its values as last read."""
+
+    __slots__ = ("counts", "errors", "received", "requests", "sent", "totals")
+
+    def __init__(self) -> None:
+        self.requests = [0] * (2 * len(protocol.COMMANDS))
+        self.errors: dict[str, int] = {}
+        # Shared zero lists until a command's histogram is first folded (never mutated).
+        self.counts = [_ZERO_COUNTS] * len(protocol.COMMANDS)
+        self.totals = [0.0] * len(protocol.COMMANDS)
+        self.received = 0
+        self.sent = 0
 
 
 class Tally:
@@ -111,19 +132,20 @@ class Tally:
         # Requests or errors counted since the last fold into the server's totals.
         self.changed = False
         # What was folded so far (None: nothing yet); only ServerStats touches it, under its lock.
-        self.mark: Tally | None = None
+        self.mark: FoldMark | None = None
 
     def record(self, answer: protocol.Answer, seconds: float) -> None:
         """Count one answered request that took `seconds` from read to reply."""
         command, _reply, error, _close = answer
+        # The histogram before the request count, the flag last: the order a fold relies on.
+        histogram = self.durations[command]  # Histogram.observe, inlined: this is per request
+        histogram.counts[bisect_left(DURATION_BUCKETS, seconds)] += 1
+        histogram.total += seconds
         if error is None:
             self.requests[command * 2] += 1
         else:
             self.requests[command * 2 + 1] += 1
             self.errors[error] = self.errors.get(error, 0) + 1
-        histogram = self.durations[command]  # Histogram.observe, inlined: this is per request
-        histogram.counts[bisect_left(DURATION_BUCKETS, seconds)] += 1
-        histogram.total += seconds
         self.changed = True  # last: a fold that cleared the flag before these counts sees it again
 
     def count_error(self, code: str) -> None:
@@ -133,7 +155,7 @@ class Tally:
 
     def add(self, other: Tally) -> None:
         """Fold another tally into this one."""
-        self.requests = [a + b for a, b in zip(self.requests, other.requests, strict=True)]
+        self.requests = list(map(add, self.requests, other.requests))
         for code, count in other.errors.items():
             self.errors[code] = self.errors.get(code, 0) + count
         for mine, theirs in zip(self.durations, other.durations, strict=True):
@@ -152,38 +174,38 @@ class Tally:
 
         Each value is read once; the value read is both what the delta is taken from and what
         is remembered, so an increment racing the fold is folded now or next time, exactly once.
+        Only the histograms of commands whose request counts changed are read: `record` counts
+        the histogram before the request, so a request count read here implies its histogram
+        entry, read after it. A connection that made one more echo folds two short lists.
         """
         self.changed = False  # before reading: a record() racing this fold flags it again
         mark = self.mark
         if mark is None:
-            mark = self.mark = Tally()
+            mark = self.mark = FoldMark()
         received, sent = self.received, self.sent
         total.received += received - mark.received
         total.sent += sent - mark.sent
         mark.received, mark.sent = received, sent
-        requests = self.requests[:]  # a C-level copy: atomic with respect to other threads
-        if requests != mark.requests:
-            total.requests = [
-                t + n - m for t, n, m in zip(total.requests, requests, mark.requests, strict=True)
-            ]
+        before = mark.requests
+        if self.requests != before:
+            requests = self.requests[:]  # a C-level copy: atomic with respect to other threads
+            total.requests = list(map(add, total.requests, map(sub, requests, before)))
             mark.requests = requests
+            folded_counts, folded_totals = mark.counts, mark.totals
+            for index in {slot >> 1 for slot in compress(_SLOTS, map(ne, requests, before))}:
+                live, into = self.durations[index], total.durations[index]
+                counts = live.counts[:]
+                into.counts = list(map(add, into.counts, map(sub, counts, folded_counts[index])))
+                folded_counts[index] = counts
+                seconds = live.total
+                # Float deltas: the sum of seconds is exact up to rounding (counts are exact).
+                into.total += seconds - folded_totals[index]
+                folded_totals[index] = seconds
         if self.errors != mark.errors:
             errors = dict(self.errors)
             for code, count in errors.items():
                 total.errors[code] = total.errors.get(code, 0) + count - mark.errors.get(code, 0)
             mark.errors = errors
-        for into, folded, live in zip(total.durations, mark.durations, self.durations, strict=True):
-            counts = live.counts[:]
-            if counts != folded.counts:
-                into.counts = [
-                    t + n - m for t, n, m in zip(into.counts, counts, folded.counts, strict=True)
-                ]
-                folded.counts = counts
-            seconds = live.total
-            if seconds != folded.total:
-                # Float deltas: the sum of seconds is exact up to rounding (counts are exact).
-                into.total += seconds - folded.total
-                folded.total = seconds
 
 
 class Session:
