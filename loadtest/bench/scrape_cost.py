@@ -1,0 +1,223 @@
+"""`python -m loadtest.bench.scrape_cost`: server CPU per /metrics scrape at many idle connections.
+
+For each model: start the server, open `--connections` connections, send one `/ping` on each
+(so every connection's tally holds something), let them idle, scrape once (that scrape folds
+every tally once), measure the server's idle CPU rate, then scrape `--scrapes` times back to
+back. The cost of one scrape is the server process's CPU time over the scrapes (utime + stime
+of all its threads, from /proc/PID/stat), minus the idle rate over the same wall time, divided
+by the number of scrapes. Prints a table and writes results/scrape_cost.json.
+
+`--root` runs the servers of another checkout (e.g. `git worktree add /tmp/old COMMIT`), to
+compare commits with the same tool. Method and figures: docs/METRICS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import re
+import resource
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+MODELS = ("threaded", "pool", "gevent")
+READY = re.compile(rb"ready model=(\S+) host=(\S+) port=(\d+) metrics_port=(\d+)")
+MODEL_ARGS = {"pool": ("--workers", "2")}  # as on the project's 2-core machines
+BATCH = 200  # connections opened before their replies are read
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process, all threads, in seconds (from /proc/PID/stat)."""
+    with open(f"/proc/{pid}/stat", "rb") as stat:
+        fields = stat.read().rsplit(b")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS  # fields 14 and 15 of proc(5)
+
+
+def raise_fd_limit(needed: int) -> int:
+    """Raise this process's open-file limit (inherited by the server) to its hard limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    if hard < needed:
+        sys.exit(f"scrape_cost: the open-file hard limit is {hard}; {needed} needed")
+    return hard
+
+
+class Server:
+    """A server subprocess started like the tests do, on free loopback ports."""
+
+    def __init__(self, root: Path, model: str, connections: int) -> None:
+        command = [
+            sys.executable, "-m", "services", model, "--host", "127.0.0.1", "--port", "0",
+            "--metrics-port", "0", "--max-connections", str(connections + 100),
+            "--idle-timeout", "3600", *MODEL_ARGS.get(model, ()),
+        ]
+        self.proc = subprocess.Popen(
+            command, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True,
+        )
+        self.log: list[bytes] = []
+        ready = threading.Event()
+        found: list[re.Match[bytes]] = []
+
+        def pump() -> None:
+            assert self.proc.stderr is not None
+            for line in iter(self.proc.stderr.readline, b""):
+                self.log.append(line)
+                match = READY.search(line)
+                if match and not found:
+                    found.append(match)
+                    ready.set()
+            ready.set()
+
+        threading.Thread(target=pump, daemon=True).start()
+        ready.wait(60)
+        if not found:
+            self.stop()
+            raise RuntimeError(f"{model} did not start:\n" + b"".join(self.log).decode())
+        self.port, self.metrics_port = int(found[0].group(3)), int(found[0].group(4))
+
+    def scrape(self) -> float:
+        """Scrape /metrics once; returns the wall time in seconds."""
+        started = time.perf_counter()
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=60) as response:
+            response.read()
+        return time.perf_counter() - started
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL of its session if it does not exit."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+
+def open_idle(port: int, count: int) -> list[socket.socket]:
+    """`count` connections that each answered one /ping, then stay open and idle."""
+    held: list[socket.socket] = []
+    while len(held) < count:
+        batch = [
+            socket.create_connection(("127.0.0.1", port), timeout=60)
+            for _ in range(min(BATCH, count - len(held)))
+        ]
+        for sock in batch:
+            sock.sendall(b"/ping\n")
+        for sock in batch:
+            reply = b""
+            while not reply.endswith(b"\n"):
+                data = sock.recv(64)
+                if not data:
+                    raise RuntimeError(f"connection {len(held)} closed: {reply!r}")
+                reply += data
+            if reply != b"PONG\n":
+                raise RuntimeError(f"unexpected reply {reply!r}")
+        held.extend(batch)
+    return held
+
+
+def measure(root: Path, model: str, connections: int, scrapes: int, idle: float) -> dict:
+    """One model's figures."""
+    server = Server(root, model, connections)
+    held: list[socket.socket] = []
+    try:
+        empty = [server.scrape() for _ in range(3)]
+        started = time.perf_counter()
+        held = open_idle(server.port, connections)
+        opening = time.perf_counter() - started
+        time.sleep(1.0)  # let the threads or greenlets settle into their reads
+        first = server.scrape()
+        cpu0, wall0 = cpu_seconds(server.proc.pid), time.perf_counter()
+        time.sleep(idle)
+        idle_rate = (cpu_seconds(server.proc.pid) - cpu0) / (time.perf_counter() - wall0)
+        cpu0, wall0 = cpu_seconds(server.proc.pid), time.perf_counter()
+        walls = [server.scrape() for _ in range(scrapes)]
+        wall = time.perf_counter() - wall0
+        cpu = cpu_seconds(server.proc.pid) - cpu0
+        net = max(0.0, cpu - idle_rate * wall)
+        return {
+            "connections": connections,
+            "scrapes": scrapes,
+            "cpu_ms_per_scrape": round(1000 * net / scrapes, 2),
+            "raw_cpu_ms_per_scrape": round(1000 * cpu / scrapes, 2),
+            "idle_cpu_ms_per_s": round(1000 * idle_rate, 2),
+            "wall_ms_median": round(1000 * statistics.median(walls), 2),
+            "first_scrape_wall_ms": round(1000 * first, 2),
+            "empty_server_wall_ms_median": round(1000 * statistics.median(empty), 2),
+            "open_seconds": round(opening, 2),
+        }
+    finally:
+        for sock in held:
+            sock.close()
+        server.stop()
+
+
+def commit_of(root: Path) -> str:
+    """The checked-out commit of `root` (and '+dirty' when it has local changes)."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True).stdout
+    commit = git("rev-parse", "--short", "HEAD").strip() or "unknown"
+    return commit + ("+dirty" if git("status", "--porcelain", "--", "services").strip() else "")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Measure every model and write the JSON file."""
+    parser = argparse.ArgumentParser(prog="python -m loadtest.bench.scrape_cost",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default=",".join(MODELS),
+                        help="comma-separated models (default: all)")
+    parser.add_argument("--connections", type=int, default=10_000,
+                        help="idle connections held during the scrapes (default 10000)")
+    parser.add_argument("--scrapes", type=int, default=50,
+                        help="scrapes measured per model (default 50)")
+    parser.add_argument("--idle", type=float, default=3.0,
+                        help="seconds of idle CPU measured before scraping (default 3)")
+    parser.add_argument("--root", type=Path, default=ROOT,
+                        help="checkout whose servers to run (default: this one)")
+    parser.add_argument("--out", type=Path, default=ROOT / "results" / "scrape_cost.json",
+                        help="JSON output (default results/scrape_cost.json)")
+    args = parser.parse_args(argv)
+    models = [name.strip() for name in args.models.split(",") if name.strip()]
+    unknown = set(models) - set(MODELS)
+    if unknown:
+        parser.error(f"unknown models {', '.join(sorted(unknown))}; choose from {MODELS}")
+    raise_fd_limit(args.connections + 200)
+    results: dict[str, dict] = {}
+    for model in models:
+        figures = measure(args.root, model, args.connections, args.scrapes, args.idle)
+        results[model] = figures
+        print(f"{model:9} {figures['connections']} idle connections: "
+              f"{figures['cpu_ms_per_scrape']:7.2f} ms CPU per scrape "
+              f"(raw {figures['raw_cpu_ms_per_scrape']:.2f}, idle {figures['idle_cpu_ms_per_s']}"
+              f" ms/s), wall median {figures['wall_ms_median']:.2f} ms, "
+              f"first scrape {figures['first_scrape_wall_ms']:.1f} ms", flush=True)
+    report = {
+        "what": "server CPU per /metrics scrape at idle connections (docs/METRICS.md)",
+        "when": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "commit": commit_of(args.root),
+        "cpus": os.cpu_count(),
+        "clock_ticks_per_second": TICKS,
+        "models": results,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"scrape_cost: wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
