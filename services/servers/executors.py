@@ -225,6 +225,10 @@ class WorkerPool:
         if isinstance(manager, threading.Thread):
             manager.join(REAP_TIMEOUT)  # it reaps the workers: their exit codes are set after
         self.reap(old_workers)
+        if not dead and self.kind == "process":
+            # Every worker was alive when we looked: the helper died (its children die with
+            # it, and their status is lost: code 255), or the executor's pipes broke.
+            self.log.error("the executor broke with no worker seen dead; replacing it")
         for worker in old_workers:
             exitcode = worker.process.exitcode if worker.process is not None else None
             if worker.pid in dead or self.kind != "process":

@@ -78,7 +78,7 @@ class PoolServer(Server):
         # Process workers come from a forkserver started now, before any socket or thread:
         # replacements fork from it too (why: services/servers/executors.py).
         self.pool = WorkerPool(settings.executor, settings.workers, self.log)
-        self.watched: list[int] = []  # worker sentinels registered in the selector
+        self.watched: dict[int, int] = {}  # worker sentinel fd -> its executor's generation
         self.retried_requests = 0
         self.selector = selectors.DefaultSelector()
         self.connections: dict[int, Connection] = {}  # fd -> connection, reactor thread only
@@ -151,7 +151,10 @@ class PoolServer(Server):
                 elif key.data is WAKE:
                     self.drain_wakeups()
                 elif key.data is WORKER_EXIT:
-                    self.heal(self.pool.generation)
+                    # Unknown once unwatched: a stale event of a replaced executor's worker.
+                    generation = self.watched.get(key.fd)
+                    if generation is not None:
+                        self.heal(generation)
                 else:
                     connection = key.data
                     try:
@@ -403,14 +406,14 @@ class PoolServer(Server):
         """Register the workers' sentinels: the selector then says when one of them exits."""
         for sentinel in self.pool.sentinels():
             self.selector.register(sentinel, selectors.EVENT_READ, WORKER_EXIT)
-            self.watched.append(sentinel)
+            self.watched[sentinel] = self.pool.generation
 
     def unwatch_workers(self) -> None:
         """Forget the current workers' sentinels."""
         for sentinel in self.watched:
             with contextlib.suppress(KeyError, ValueError):
                 self.selector.unregister(sentinel)
-        self.watched = []
+        self.watched = {}
 
     def contain(self, connection: Connection) -> None:
         """An unexpected exception while serving one connection: log, count, close only it."""
