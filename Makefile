@@ -3,7 +3,7 @@ VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
 
-.PHONY: install test test-fast lint up bench soak docs docs-check clean
+.PHONY: install test test-fast lint up bench soak lessons docs docs-check clean
 
 DURATION ?= 10m
 
@@ -34,6 +34,9 @@ bench: install  ## measure each server in isolation; writes results/
 
 soak: install  ## the servers under the default Locust load for DURATION (make soak DURATION=24h); report in results/soak/
 	$(PY) -m loadtest.soak --duration $(DURATION) --report-dir results/soak
+
+lessons: install  ## check each lesson's claim against each model alone; writes results/lessons/ (LESSONS_ARGS=--quick)
+	$(PY) -m loadtest.lessons $(LESSONS_ARGS)
 
 docs: install  ## write the measured figures from results/ into README.md and docs/ (check: make docs-check)
 	$(PY) -m loadtest.docfigures

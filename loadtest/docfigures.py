@@ -7,8 +7,9 @@ result files, into a marked section of the Markdown:
     ...generated, do not edit by hand...
     <!-- figures:bench-table:end -->
 
-Sources: `results/bench.json` (`python -m loadtest.bench`) and `results/soak.json`
-(`python -m loadtest.soak`, the small summary it writes next to its full report). Both tools call
+Sources: `results/bench.json` (`python -m loadtest.bench`), `results/soak.json`
+(`python -m loadtest.soak`, the small summary it writes next to its full report) and
+`results/lessons/lessons.json` (`python -m loadtest.lessons`). The tools call
 :func:`refresh` after writing, so a fresh run refreshes the docs; `make docs` runs this by hand.
 `--check` writes nothing: it exits 1 and prints a diff when a section differs from what would be
 written (tests/test_docs.py runs it), so a figure cannot drift from its source unnoticed.
@@ -58,6 +59,7 @@ class Sources:
         self.results = results
         self.bench = _load(results / "bench.json")
         self.soak = _load(results / "soak.json")
+        self.lessons = _load(results / "lessons" / "lessons.json")
 
 
 def _load(path: Path) -> dict | None:
@@ -515,10 +517,38 @@ def soak_table(soak: dict) -> str:
     return "\n".join(lines)
 
 
+# -- lessons (results/lessons/lessons.json, python -m loadtest.lessons) ------------------------
+
+LESSONS_DIR = "results/lessons"
+
+
+def lessons_readme(data: dict) -> str:
+    """The README's Lessons section: when and where, one row per lesson, the charts."""
+    from loadtest.lessons.report import VERDICT_MARK, machine_line
+
+    lines = [
+        wrap(f"Latest run: **{machine_line(data)}**. {data['background']['text']} Every "
+             f"figure, table and reading: [{LESSONS_DIR}/lessons.md]({LESSONS_DIR}/lessons.md)."),
+        "",
+        "| lesson | claim | verdict | why |",
+        "|---|---|---|---|",
+    ]
+    for entry in data["lessons"]:
+        cells = (entry["id"], entry["claim"], f"**{VERDICT_MARK[entry['verdict']]}**",
+                 entry["reason"])
+        lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
+    charts = [entry for entry in data["lessons"] if entry.get("chart")]
+    if charts:
+        lines.append("")
+        lines += [f"![{entry['id']}]({LESSONS_DIR}/{entry['chart']})" for entry in charts]
+    return "\n".join(lines)
+
+
 # -- sections and files ----------------------------------------------------------------------
 
 NO_BENCH = "(No benchmark result is committed: run `make bench`.)"
 NO_SOAK = "(No soak result is committed: run `make soak`.)"
+NO_LESSONS = "(No lessons result is committed: run `make lessons`.)"
 
 
 def _bench(render: Callable[[Bench], str]) -> Callable[[Sources], str]:
@@ -536,6 +566,7 @@ RENDERERS: dict[str, Callable[[Sources], str]] = {
     "bench-ceiling": _bench(bench_ceiling),
     "soak-summary": _soak(soak_readme),
     "soak-table": _soak(soak_table),
+    "lessons": lambda sources: lessons_readme(sources.lessons) if sources.lessons else NO_LESSONS,
 }
 
 

@@ -1,0 +1,160 @@
+"""`python -m loadtest.lessons`: check each lesson's claim against each model alone.
+
+Prints progress, then per lesson the claim, the hypothesis in numbers, the figures per model and
+a verdict with its reason; writes lessons.json, lessons.md and one chart per lesson (default
+results/lessons/, which also refreshes the Lessons section of the README). Exit code 1 when a
+claim fails, 2 on bad arguments; an inconclusive lesson (a busy machine, a narrowed --models)
+is said, not failed. See docs/LESSONS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from loadtest.bench import harness, loadgen
+from loadtest.bench.report import machine_info
+from loadtest.lessons import checks, report, runner
+from services import models
+
+DEFAULT_OUT = harness.ROOT / "results" / "lessons"
+# Above this share of the whole machine busy before the run, say the figures will be noisy.
+BUSY_MACHINE = 0.15
+
+
+def _names(text: str, allowed: Sequence[str], what: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in allowed]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown {what} {', '.join(unknown) or '(none given)'}; choose from "
+            + ", ".join(allowed))
+    return [name for name in allowed if name in names]  # the canonical order
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line."""
+    parser = argparse.ArgumentParser(
+        prog="python -m loadtest.lessons",
+        description="Check each lesson's claim against each server model alone, with the same "
+        "CPU allotment, and write verdicts, figures and charts.")
+    parser.add_argument(
+        "--lessons", default=list(checks.CHECKED_IDS),
+        type=lambda text: _names(text, checks.CHECKED_IDS, "lesson"),
+        help="comma-separated lessons (default: all): " + ", ".join(checks.CHECKED_IDS))
+    parser.add_argument(
+        "--models", default=list(models.NAMES),
+        type=lambda text: _names(text, models.NAMES, "model"),
+        help="comma-separated models (default: all): " + ", ".join(models.NAMES))
+    parser.add_argument("--quick", action="store_true",
+                        help=f"one short run per figure ({runner.QUICK.duration:g} s; CI), "
+                        f"instead of the median of {runner.FULL.reps} x "
+                        f"{runner.FULL.duration:g} s")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                        help="output directory (default: results/lessons/)")
+    return parser
+
+
+def _background_text(before: float, after: float) -> str:
+    busiest = max(before, after)
+    text = (f"other processes kept {before:.0%} of the machine's CPU busy before the run and "
+            f"{after:.0%} after")
+    if busiest > BUSY_MACHINE:
+        return text + " — a busy machine: figures flagged ⚠ are noisy."
+    return text + " — quiet."
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the chosen lessons and write the results; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    pace = runner.QUICK if args.quick else runner.FULL
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        print(f"lessons: cannot write to {args.out}: {error.strerror}", file=sys.stderr)
+        return 2
+    try:
+        rig = runner.make_rig(pace, harness.Progress(0))
+    except loadgen.LoadgenError as error:
+        print(f"lessons: {error}", file=sys.stderr)
+        return 2
+    if rig.one_core.loadgen:
+        os.sched_setaffinity(0, rig.one_core.loadgen)  # our own sampling stays off the server
+    cpus = len(os.sched_getaffinity(0) | (rig.all_cores.server or frozenset()))
+    work = runner.calibrate()
+    plans = [runner.plan(lesson, args.models, work, cpus) for lesson in args.lessons]
+    for item in plans:
+        item.setup["window_s"] = max(rig.window(run) for run in item.runs)
+    progress = rig.progress = harness.Progress(sum(len(item.runs) for item in plans) * pace.reps)
+    background = harness.background_load()
+    progress.note(
+        f"lessons: {len(plans)} lessons x {', '.join(args.models)}: {progress.total} "
+        f"measurements, about {harness._clock(runner.estimate_seconds(plans, pace))}; "
+        f"{rig.one_core.describe()} (cores: server on CPU "
+        f"{','.join(map(str, sorted(rig.all_cores.server or ())))}, load generator too); "
+        f"/work ~1 ms = {work.rounds_1ms:,} rounds")
+    if background > BUSY_MACHINE:
+        progress.note(f"lessons: warning: other processes keep {background:.0%} of the CPU "
+                      "busy; figures will be noisy and failing checks inconclusive")
+    entries: list[dict] = []
+
+    def on_lesson(item: runner.Plan, figures: dict[str, dict]) -> None:
+        lesson = checks.lesson(item.lesson)
+        verdict = checks.decide(item.lesson, figures, item.setup)
+        entry = {
+            "id": item.lesson, "title": lesson.title, "claim": lesson.claim,
+            "hypothesis": checks.HYPOTHESES[item.lesson](item.setup),
+            "verdict": verdict.verdict, "reason": verdict.reason, "setup": item.setup,
+            "figures": figures, "reading": report.reading(item.lesson, figures, item.setup),
+        }
+        entries.append(entry)
+        progress.note("\n" + report.console_block(entry) + "\n")
+
+    try:
+        runner.run_plans(plans, rig, on_lesson)
+    except (harness.HarnessError, loadgen.LoadgenError) as error:
+        print(f"lessons: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("lessons: interrupted; nothing written", file=sys.stderr)
+        return 130
+    after = harness.background_load()
+    results: dict[str, Any] = {
+        "when": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": machine_info(),
+        "pace": {"quick": pace.quick, "reps": pace.reps, "duration_s": pace.duration,
+                 "warmup_s": pace.warmup, "noisy_retries": pace.noisy_retries},
+        "method": (f"each model alone; {rig.one_core.describe()} (the cores lesson: server "
+                   "and load generator on every CPU); the C load generator of the benchmark, "
+                   "closed loop, every reply checked; a figure is flagged noisy (⚠) when other "
+                   f"processes took more than {harness.NOISY_OTHER_FRACTION:.0%} of the "
+                   "server's CPU, and a check that fails on noisy figures is inconclusive."),
+        "background": {"before": round(background, 3), "after": round(after, 3),
+                       "text": _background_text(background, after)},
+        "work": {"rounds_1ms": work.rounds_1ms, "rounds_100ms": work.rounds_100ms,
+                 "round_ns": round(work.round_ns, 2)},
+        "lessons": entries,
+    }
+    for entry in entries:
+        entry["chart"] = report.write_chart(entry, results, args.out)
+    report.write_json(results, args.out)
+    markdown = report.write_markdown(results, args.out)
+    print(report.summary_table(results))
+    progress.note(f"lessons: wrote {args.out}/lessons.json, {markdown.name} and "
+                  + ", ".join(entry["chart"] for entry in entries if entry["chart"]))
+    progress.note("lessons: " + results["background"]["text"])
+    if args.out.resolve() == DEFAULT_OUT.resolve():  # the committed results: refresh the docs
+        from loadtest import docfigures
+
+        for path in docfigures.refresh():
+            progress.note(f"lessons: wrote {path.relative_to(harness.ROOT)}")
+    return 1 if any(entry["verdict"] == checks.FAILS for entry in entries) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

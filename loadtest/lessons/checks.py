@@ -1,0 +1,368 @@
+"""The verdicts: each lesson's hypothesis in numbers, decided from the figures it measured.
+
+Pure functions over plain dictionaries (the figures as `lessons.json` stores them), so every
+verdict can be tested on synthetic figures without starting a server. The measurement that
+produces the figures is `loadtest.lessons.runner`.
+
+A verdict is `holds`, `fails`, or `inconclusive`. A check that fails on figures measured while
+other processes used the server's CPU is *inconclusive*: a busy neighbour cannot be told from
+the model, so the run neither passes nor fails on noise; the reason says so. A check that holds
+on noisy figures holds, and its reason says the machine was busy.
+
+Model roles are read from the registry, never listed: the pool is the model with workers; every
+other model switches between connections (a thread or a greenlet per connection); gevent is the
+event loop and threaded the preempted OS threads of `blocked-loop`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+
+from loadtest.lessons.catalog import LESSONS_BY_ID, Lesson
+from services import models
+
+HOLDS, FAILS, INCONCLUSIVE = "holds", "fails", "inconclusive"
+
+POOL = "pool"  # the model whose concurrency is its number of workers
+EVENT_LOOP = "gevent"  # one loop for every connection: a blocking call blocks them all
+OS_THREADS = "threaded"  # the OS preempts a long request
+
+# io-wait: the switching models against a pool of IO_POOL_WORKERS on /sleep.
+IO_SPEEDUP = 10.0
+IO_IDEAL_SHARE = 0.70
+# cpu-work: the switching models within CPU_SPREAD of each other; none above one core's worth
+# (rate x /work time) by more than CORE_SLACK, the calibration's own error.
+CPU_SPREAD = 0.25
+CORE_SLACK = 0.15
+# pool-bound: rate within POOL_TOLERANCE of workers / sleep; doubling the workers doubles it.
+POOL_TOLERANCE = 0.25
+# cores: the process pool on two cores against the threaded server.
+CORES_RATIO = 1.6
+# Below this many cores of the server's allotment actually available (others took the rest),
+# the cores lesson cannot be decided.
+CORES_AVAILABLE = 1.6
+# blocked-loop: gevent's echo p99 with the long /work against without it.
+BLOCKED_FACTOR = 10.0
+
+CORES = Lesson(
+    "cores", "cores: /work on two cores",
+    "Processes use cores, threads and greenlets do not: under the GIL a thread per connection and "
+    "an event loop compute on one core at a time, a pool of worker processes on all of them.",
+    "requests/s and the cores each server used.",
+    "the process pool near two cores' worth of /work; threaded and gevent near one.",
+)
+CHECK_ONLY: tuple[Lesson, ...] = (CORES,)  # checked here, not a Locust scenario
+# The lessons with a verdict, in the order they run and print.
+CHECKED_IDS: tuple[str, ...] = (
+    "io-wait", "cpu-work", "pool-bound", "cores", "many-clients", "blocked-loop",
+)
+
+
+def lesson(lesson_id: str) -> Lesson:
+    """The catalog entry of a checked lesson (the check-only ones included)."""
+    extra = {entry.id: entry for entry in CHECK_ONLY}
+    return extra.get(lesson_id) or LESSONS_BY_ID[lesson_id]
+
+
+def switching_models(names: Iterable[str] = models.NAMES) -> list[str]:
+    """The models that switch between connections: every registered model but the pool."""
+    return [name for name in names if name != POOL]
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """holds, fails or inconclusive, and why, in one sentence with the deciding figures."""
+
+    verdict: str
+    reason: str
+
+
+def _noisy(figures: Mapping[str, Mapping], names: Iterable[str]) -> list[str]:
+    return [name for name in names if figures.get(name, {}).get("noisy")]
+
+
+def _decide(problems: list[str], ok: str, figures: Mapping[str, Mapping],
+            used: Iterable[str]) -> Verdict:
+    """Holds without problems; with problems fails, or is inconclusive if a used run was noisy."""
+    noisy = _noisy(figures, used)
+    busy = ""
+    if noisy:
+        shares = ", ".join(f"{name} {figures[name].get('other_cpu', 0):.0%}" for name in noisy)
+        busy = f"the machine was busy (other processes on the server's CPU: {shares})"
+    if not problems:
+        return Verdict(HOLDS, ok + (f"; measured while {busy}" if busy else ""))
+    text = "; ".join(problems)
+    if noisy:
+        return Verdict(INCONCLUSIVE, f"{text}; but {busy}, so this cannot be told from noise")
+    return Verdict(FAILS, text)
+
+
+def _missing(figures: Mapping[str, Mapping], needed: Iterable[str]) -> Verdict | None:
+    absent = [name for name in needed if name not in figures]
+    if absent:
+        return Verdict(INCONCLUSIVE, "not checked: needs " + ", ".join(absent)
+                       + " (narrowed by --models)")
+    return None
+
+
+def _rate(value: float) -> str:
+    return f"{value:,.0f} req/s"
+
+
+def _ms(value: float) -> str:
+    return f"{value:,.1f} ms" if value < 10 else f"{value:,.0f} ms"
+
+
+# -- io-wait ---------------------------------------------------------------------------------
+
+
+def check_io_wait(figures: Mapping[str, Mapping], setup: Mapping) -> Verdict:
+    """Switching models >= IO_SPEEDUP x the pool and each >= IO_IDEAL_SHARE of the ideal."""
+    switching = switching_models(figures)
+    missing = _missing(figures, [POOL]) or (
+        None if switching else Verdict(INCONCLUSIVE, "not checked: needs a switching model"))
+    if missing:
+        return missing
+    ideal = setup["connections"] / (setup["sleep_ms"] / 1000)
+    pool = figures[POOL]["rps"]
+    problems = []
+    for name in switching:
+        rps = figures[name]["rps"]
+        if rps < IO_IDEAL_SHARE * ideal:
+            problems.append(f"{name} {_rate(rps)} is {rps / ideal:.0%} of the ideal "
+                            f"{_rate(ideal)} (needs {IO_IDEAL_SHARE:.0%})")
+        if rps < IO_SPEEDUP * pool:
+            problems.append(f"{name} is {rps / max(pool, 1e-9):.1f}x the pool's {_rate(pool)} "
+                            f"(needs {IO_SPEEDUP:g}x)")
+    shares = ", ".join(f"{name} {figures[name]['rps'] / ideal:.0%} of the ideal and "
+                       f"{figures[name]['rps'] / max(pool, 1e-9):.0f}x the pool"
+                       for name in switching)
+    ok = (f"{shares} ({_rate(pool)} with {setup['pool_workers']} workers; ideal {_rate(ideal)} "
+          f"= {setup['connections']} connections / {setup['sleep_ms']} ms)")
+    return _decide(problems, ok, figures, [POOL, *switching])
+
+
+def hypothesis_io_wait(setup: Mapping) -> str:
+    """The claim in numbers."""
+    ideal = setup["connections"] / (setup["sleep_ms"] / 1000)
+    return (f"On /sleep {setup['sleep_ms']} with {setup['connections']} connections, every "
+            f"model but the pool answers >= {IO_SPEEDUP:g}x a pool of {setup['pool_workers']} "
+            f"workers, and each >= {IO_IDEAL_SHARE:.0%} of the ideal {_rate(ideal)} "
+            f"(connections / sleep).")
+
+
+# -- cpu-work --------------------------------------------------------------------------------
+
+
+def check_cpu_work(figures: Mapping[str, Mapping], setup: Mapping) -> Verdict:
+    """Switching models within CPU_SPREAD of each other; none above one core's worth."""
+    switching = switching_models(figures)
+    if len(switching) < 2 and not figures:
+        return Verdict(INCONCLUSIVE, "not checked: no model measured")
+    worth = 1000 / setup["work_ms"]
+    problems = []
+    rates = {name: figures[name]["rps"] for name in switching}
+    if len(rates) >= 2:
+        low, high = min(rates.values()), max(rates.values())
+        if high > (1 + CPU_SPREAD) * low:
+            problems.append("the switching models differ by " + f"{high / max(low, 1e-9) - 1:.0%}"
+                            + f" (needs within {CPU_SPREAD:.0%}): " + ", ".join(
+                                f"{name} {_rate(rate)}" for name, rate in rates.items()))
+    for name, figure in figures.items():
+        if figure["rps"] > (1 + CORE_SLACK) * worth:
+            problems.append(f"{name} {_rate(figure['rps'])} is {figure['rps'] / worth:.2f} cores' "
+                            f"worth of /work (one core: {_rate(worth)})")
+    spread = (f"within {max(rates.values()) / max(min(rates.values()), 1e-9) - 1:.0%} of each "
+              "other, " if len(rates) >= 2 else "")
+    ok = (", ".join(f"{name} {_rate(figure['rps'])} ({figure['rps'] / worth:.2f} of a core's "
+                    "worth)" for name, figure in figures.items())
+          + f": {spread}none above one core's worth ({_rate(worth)} of {setup['work_ms']:.2f} ms "
+          "/work)")
+    return _decide(problems, ok, figures, list(figures))
+
+
+def hypothesis_cpu_work(setup: Mapping) -> str:
+    """The claim in numbers."""
+    worth = 1000 / setup["work_ms"]
+    return (f"On one core, /work of {setup['work_ms']:.2f} ms with {setup['connections']} "
+            f"connections: the models that switch between connections are within "
+            f"{CPU_SPREAD:.0%} of each other, and no model goes above one core's worth "
+            f"({_rate(worth)}, +{CORE_SLACK:.0%} for the calibration).")
+
+
+# -- pool-bound ------------------------------------------------------------------------------
+
+
+def check_pool_bound(figures: Mapping[str, Mapping], setup: Mapping) -> Verdict:
+    """The pool's rate ~ workers / sleep for each size; twice the workers, twice the rate."""
+    missing = _missing(figures, [POOL])
+    if missing:
+        return missing
+    runs = sorted(figures[POOL]["runs"], key=lambda run: run["workers"])
+    problems = []
+    for run in runs:
+        expected = run["workers"] / (setup["sleep_ms"] / 1000)
+        if abs(run["rps"] / expected - 1) > POOL_TOLERANCE:
+            problems.append(f"{run['workers']} workers: {_rate(run['rps'])}, "
+                            f"{run['rps'] / expected:.0%} of workers / sleep = {_rate(expected)} "
+                            f"(needs within {POOL_TOLERANCE:.0%})")
+    ratio = runs[-1]["rps"] / max(runs[0]["rps"], 1e-9) if len(runs) >= 2 else None
+    factor = runs[-1]["workers"] / runs[0]["workers"] if len(runs) >= 2 else None
+    if ratio is not None and factor is not None and abs(ratio / factor - 1) > POOL_TOLERANCE:
+        problems.append(f"{factor:g}x the workers gave {ratio:.2f}x the rate "
+                        f"(needs {factor:g}x within {POOL_TOLERANCE:.0%})")
+    ok = ", ".join(f"{run['workers']} workers {_rate(run['rps'])} "
+                   f"({run['rps'] / (run['workers'] / (setup['sleep_ms'] / 1000)):.0%} of workers "
+                   "/ sleep)" for run in runs)
+    if ratio is not None:
+        ok += f"; {factor:g}x the workers, {ratio:.2f}x the rate"
+    noisy_pool = any(run.get("noisy") for run in runs)
+    pool_noise = {POOL: {"noisy": noisy_pool,
+                         "other_cpu": max(run.get("other_cpu", 0) for run in runs)}}
+    return _decide(problems, ok, pool_noise, [POOL])
+
+
+def hypothesis_pool_bound(setup: Mapping) -> str:
+    """The claim in numbers."""
+    sizes = " and ".join(str(workers) for workers in setup["pool_workers"])
+    return (f"On /sleep {setup['sleep_ms']} with {setup['connections']} connections, a pool of "
+            f"{sizes} workers answers workers / sleep (within {POOL_TOLERANCE:.0%}), so doubling "
+            "the workers doubles the rate; the switching models serve every connection.")
+
+
+# -- cores -----------------------------------------------------------------------------------
+
+
+def check_cores(figures: Mapping[str, Mapping], setup: Mapping) -> Verdict:
+    """The process pool on two cores >= CORES_RATIO x the threaded server on /work."""
+    if setup.get("cpus", 0) < 2:
+        return Verdict(INCONCLUSIVE, f"not checked: this machine gives {setup.get('cpus', 0)} "
+                       "CPU(s) to the server, the lesson needs 2")
+    missing = _missing(figures, [POOL, OS_THREADS])
+    if missing:
+        return missing
+    pool, threaded = figures[POOL], figures[OS_THREADS]
+    ratio = pool["rps"] / max(threaded["rps"], 1e-9)
+    used = ", ".join(f"{name} {figure['server_cores']:.2f}" for name, figure in figures.items())
+    text = (f"the process pool answered {ratio:.2f}x the threaded server ({_rate(pool['rps'])} vs "
+            f"{_rate(threaded['rps'])}); cores used: {used}; the load generator shared the cores "
+            f"and took {pool['loadgen_cores']:.2f} of a core")
+    if threaded["other_cores"] > setup["cpus"] - 1:
+        # Others took more than the one core threads can use: the threaded figure is too low.
+        return Verdict(INCONCLUSIVE, f"{text}; but other processes took "
+                       f"{threaded['other_cores']:.2f} cores during the threaded run, so its one "
+                       "core was not free")
+    if ratio >= CORES_RATIO:
+        return Verdict(HOLDS, text)
+    # Not enough: was there a second core to use? Cores the server could have had = its
+    # allotment minus what others (load generator excluded) took.
+    available = setup["cpus"] - pool["other_cores"]
+    if available < CORES_AVAILABLE:
+        return Verdict(INCONCLUSIVE, f"{text}; the machine could not give 2 quiet cores: other "
+                       f"processes took {pool['other_cores']:.2f} cores during the pool's run")
+    return Verdict(FAILS, f"{text} (needs {CORES_RATIO:g}x)")
+
+
+def hypothesis_cores(setup: Mapping) -> str:
+    """The claim in numbers."""
+    return (f"With the server given {setup.get('cpus', 2)} cores, /work of "
+            f"{setup['work_ms']:.2f} ms and {setup['connections']} connections: a pool of "
+            f"{setup['pool_workers']} worker processes answers >= {CORES_RATIO:g}x the threaded "
+            "server.")
+
+
+# -- many-clients ----------------------------------------------------------------------------
+
+
+def check_many_clients(figures: Mapping[str, Mapping], setup: Mapping) -> Verdict:
+    """Every connection of every model answered in the window; the longest waits reported."""
+    if not figures:
+        return Verdict(INCONCLUSIVE, "not checked: no model measured")
+    problems = []
+    for name, figure in figures.items():
+        if figure["answered"] < figure["connections"]:
+            how = "still waiting after" if figure["longest_wait_unanswered"] else "waited"
+            problems.append(f"{name} answered {figure['answered']}/{figure['connections']} "
+                            f"connections (a request {how} {figure['longest_wait_s']:.1f} s)")
+    ok = (f"every connection answered in the {setup['window_s']:g} s window; longest wait: "
+          + ", ".join(f"{name} {_ms(figure['longest_wait_s'] * 1000)}"
+                      for name, figure in figures.items()))
+    return _decide(problems, ok, figures, list(figures))
+
+
+def hypothesis_many_clients(setup: Mapping) -> str:
+    """The claim in numbers."""
+    return (f"With {setup['connections']} connections sending echo without pause, every "
+            f"connection of every model gets a reply within the {setup['window_s']:g} s window "
+            "(none starved); the longest wait is reported per model.")
+
+
+# -- blocked-loop ----------------------------------------------------------------------------
+
+
+def check_blocked_loop(figures: Mapping[str, Mapping], setup: Mapping) -> Verdict:
+    """gevent's echo p99 >= the /work time and >= 10x alone; threaded's below; loop blocked."""
+    missing = _missing(figures, [EVENT_LOOP, OS_THREADS])
+    if missing:
+        return missing
+    work = setup["work_ms"]
+    loop, threads = figures[EVENT_LOOP], figures[OS_THREADS]
+    problems = []
+    if loop["echo_p99_ms"] < work:
+        problems.append(f"{EVENT_LOOP}'s echo p99 {_ms(loop['echo_p99_ms'])} is below the /work "
+                        f"time {_ms(work)}")
+    if loop["echo_p99_ms"] < BLOCKED_FACTOR * loop["echo_p99_alone_ms"]:
+        problems.append(f"{EVENT_LOOP}'s echo p99 {_ms(loop['echo_p99_ms'])} is only "
+                        f"{loop['echo_p99_ms'] / max(loop['echo_p99_alone_ms'], 1e-9):.1f}x its "
+                        f"p99 without /work ({_ms(loop['echo_p99_alone_ms'])}; needs "
+                        f"{BLOCKED_FACTOR:g}x)")
+    if threads["echo_p99_ms"] >= work:
+        interval = threads.get("switch_interval_s")
+        why = (f" (its switch interval is {interval * 1000:g} ms: a longer interval preempts "
+               "the long request later)" if interval else "")
+        problems.append(f"{OS_THREADS}'s echo p99 {_ms(threads['echo_p99_ms'])} is not below "
+                        f"the /work time {_ms(work)}{why}")
+    blocked = loop.get("blocked_s")
+    if blocked is None:
+        problems.append(f"{EVENT_LOOP}'s /metrics gave no arena_event_loop_blocked_seconds_total")
+    elif blocked <= 0:
+        problems.append(f"{EVENT_LOOP}'s arena_event_loop_blocked_seconds_total did not rise")
+    ok = (f"{EVENT_LOOP}'s echo p99 {_ms(loop['echo_p99_ms'])} >= the /work time {_ms(work)} and "
+          f"{loop['echo_p99_ms'] / max(loop['echo_p99_alone_ms'], 1e-9):.0f}x its p99 without "
+          f"/work ({_ms(loop['echo_p99_alone_ms'])}); {OS_THREADS}'s echo p99 "
+          f"{_ms(threads['echo_p99_ms'])} stays below it; the loop was blocked "
+          f"{blocked or 0:.1f} s of a {loop.get('blocked_span_s', 0):.1f} s run")
+    return _decide(problems, ok, figures, [EVENT_LOOP, OS_THREADS])
+
+
+def hypothesis_blocked_loop(setup: Mapping) -> str:
+    """The claim in numbers."""
+    return (f"With {setup['connections']} connections sending {setup['work_share']:.0%} /work of "
+            f"{setup['work_ms']:.0f} ms among echo requests, {EVENT_LOOP}'s echo p99 reaches the "
+            f"/work time and >= {BLOCKED_FACTOR:g}x its echo p99 without /work, and "
+            "arena_event_loop_blocked_seconds_total rises; "
+            f"{OS_THREADS}'s echo p99 stays below the /work time.")
+
+
+CHECKS: Mapping[str, Callable[[Mapping[str, Mapping], Mapping], Verdict]] = {
+    "io-wait": check_io_wait,
+    "cpu-work": check_cpu_work,
+    "pool-bound": check_pool_bound,
+    "cores": check_cores,
+    "many-clients": check_many_clients,
+    "blocked-loop": check_blocked_loop,
+}
+HYPOTHESES: Mapping[str, Callable[[Mapping], str]] = {
+    "io-wait": hypothesis_io_wait,
+    "cpu-work": hypothesis_cpu_work,
+    "pool-bound": hypothesis_pool_bound,
+    "cores": hypothesis_cores,
+    "many-clients": hypothesis_many_clients,
+    "blocked-loop": hypothesis_blocked_loop,
+}
+
+
+def decide(lesson_id: str, figures: Mapping[str, Mapping], setup: Mapping) -> Verdict:
+    """The verdict of one lesson."""
+    return CHECKS[lesson_id](figures, setup)

@@ -1,0 +1,458 @@
+"""Show the lessons' results: console blocks, lessons.json, lessons.md and one chart per lesson."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+from loadtest.bench.report import _duration_label, _rate_label
+from loadtest.lessons import checks
+
+VERDICT_MARK = {checks.HOLDS: "holds", checks.FAILS: "FAILS", checks.INCONCLUSIVE: "inconclusive"}
+VERDICT_COLOR = {checks.HOLDS: "#2ca02c", checks.FAILS: "#d62728",
+                 checks.INCONCLUSIVE: "#ff7f0e"}
+BAR = "#1f77b4"
+NOISY_BAR = "#9ecae1"
+LIMIT = "#d62728"
+
+
+def machine_line(results: Mapping) -> str:
+    """`2026-12-03 10:00 UTC · AMD EPYC, 2 cores, Linux 6.18, Python 3.11.7 · full run`."""
+    machine = results["machine"]
+    pace = results["pace"]
+    how = ("quick run (--quick), one run per figure" if pace["quick"] else
+           f"full run, median of {pace['reps']} runs per figure")
+    return (f"{results['when']} · {machine['cpu_model']}, {machine['cores']} cores, "
+            f"{machine['system']}, Python {machine['python']} · {how}")
+
+
+def _ms(value: float) -> str:
+    return f"{value:,.2f}" if value < 1 else f"{value:,.1f}" if value < 100 else f"{value:,.0f}"
+
+
+def _pct(value: float) -> str:
+    return f"{value:.0%}"
+
+
+def _noise(figure: Mapping) -> str:
+    return f"{figure.get('other_cpu', 0):.0%}" + (" ⚠" if figure.get("noisy") else "")
+
+
+Column = tuple[str, Callable[[Mapping], str]]
+RPS: Column = ("req/s", lambda f: f"{f['rps']:,.0f}")
+P99: Column = ("p99 ms", lambda f: _ms(f["p99_ms"]))
+NOISE: Column = ("others on server CPU", _noise)
+COLUMNS: dict[str, list[Column]] = {
+    "io-wait": [RPS, ("of ideal", lambda f: _pct(f["of_ideal"])), P99, NOISE],
+    "cpu-work": [RPS, ("of one core's worth", lambda f: f"{f['cores_worth']:.2f}"),
+                 ("server CPU (cores)", lambda f: f"{f['server_cores']:.2f}"), P99, NOISE],
+    "pool-bound": [RPS, ("expected", lambda f: f"{f['expected_rps']:,.0f}"),
+                   ("of expected", lambda f: _pct(f["of_expected"])), P99, NOISE],
+    "cores": [RPS, ("server CPU (cores)", lambda f: f"{f['server_cores']:.2f}"),
+              ("load generator (cores)", lambda f: f"{f['loadgen_cores']:.2f}"),
+              ("others (cores)", lambda f: f"{f['other_cores']:.2f}"
+               + (" ⚠" if f.get("noisy") else ""))],
+    "many-clients": [
+        ("answered", lambda f: f"{f['answered']}/{f['connections']}"
+         + (" ⚠" if f["starved"] else "")),
+        ("longest wait", lambda f: ("still waiting after " if f["longest_wait_unanswered"]
+                                    else "") + f"{_ms(f['longest_wait_s'] * 1000)} ms"),
+        ("replies per connection", lambda f: "{min:,}\u2013{max:,}".format(
+            **f["requests_per_connection"])),
+        RPS, P99, ("threads", lambda f: f"{f['threads']:,}"),
+        ("peak RSS MiB", lambda f: f"{f['peak_rss_mib']:.0f}"), NOISE],
+    "blocked-loop": [
+        ("echo p99 ms", lambda f: _ms(f["echo_p99_ms"])),
+        ("echo p99 ms, no /work", lambda f: _ms(f["echo_p99_alone_ms"])),
+        ("/work p50 ms", lambda f: _ms(f["work_p50_ms"])),
+        ("loop blocked s", lambda f: f"{f['blocked_s']:.2f}" if "blocked_s" in f else "-"),
+        RPS, NOISE],
+}
+
+
+def rows(lesson: str, figures: Mapping[str, Mapping]) -> list[tuple[str, Mapping]]:
+    """(label, figure) per table row: one per model, one per pool size in pool-bound."""
+    out: list[tuple[str, Mapping]] = []
+    for model, figure in figures.items():
+        if lesson == "pool-bound" and "runs" in figure:
+            out += [(f"{model}, {run['workers']} workers", run) for run in figure["runs"]]
+        else:
+            out.append((model, figure))
+    return out
+
+
+def table(lesson: str, figures: Mapping[str, Mapping]) -> list[list[str]]:
+    """Header row then one row per model (or pool size)."""
+    columns = COLUMNS[lesson]
+    body = [[label] + [render(figure) for _, render in columns]
+            for label, figure in rows(lesson, figures)]
+    return [["model"] + [name for name, _ in columns], *body]
+
+
+# -- readings --------------------------------------------------------------------------------
+
+
+def _join(parts: list[str]) -> str:
+    return ", ".join(parts) if parts else "(no model measured)"
+
+
+def reading(lesson: str, figures: Mapping[str, Mapping], setup: Mapping) -> str:
+    """What the figures say, in a few sentences."""
+    pool = figures.get(checks.POOL)
+    switching = {name: figures[name] for name in checks.switching_models(figures)}
+    if lesson == "io-wait":
+        text = (f"Every /sleep holds what runs it for {setup['sleep_ms']} ms. A thread or "
+                f"greenlet per connection overlaps the {setup['connections']} waits: "
+                + _join([f"{name} {f['rps']:,.0f} req/s ({_pct(f['of_ideal'])} of the ideal)"
+                         for name, f in switching.items()]) + ".")
+        if pool:
+            text += (f" The pool runs each request on one of its {setup['pool_workers']} "
+                     f"workers, so only {setup['pool_workers']} wait at a time: "
+                     f"{pool['rps']:,.0f} req/s, and a p99 of {_ms(pool['p99_ms'])} ms spent "
+                     "queueing for a worker.")
+        return text
+    if lesson == "cpu-work":
+        return (f"Each /work computes {setup['work_ms']:.2f} ms holding the GIL; on one core, "
+                "threads and greenlets only take turns, so each model does about one core's "
+                "worth: " + _join([f"{name} {f['rps']:,.0f} req/s ({f['cores_worth']:.2f} of a "
+                                   "core's worth)" for name, f in figures.items()])
+                + ". What is left between them is each model's cost per request, not "
+                "concurrency.")
+    if lesson == "pool-bound":
+        text = (f"{setup['connections']} connections each ask for a {setup['sleep_ms']} ms "
+                "wait. ")
+        if pool:
+            text += ("The pool's rate follows its size: " + _join(
+                [f"{run['workers']} workers {run['rps']:,.0f} req/s (expected "
+                 f"{run['expected_rps']:,.0f})" for run in pool["runs"]])
+                + "; the other requests queue. ")
+        if switching:
+            text += ("A thread or greenlet per connection serves every connection at once: "
+                     + _join([f"{name} {f['rps']:,.0f} req/s of {f['expected_rps']:,.0f}"
+                              for name, f in switching.items()]) + ".")
+        return text.strip()
+    if lesson == "cores":
+        return (f"The server got {setup['cores']} cores. " + _join(
+            [f"{name} used {f['server_cores']:.2f} cores for {f['rps']:,.0f} req/s"
+             for name, f in figures.items()])
+            + ". Worker processes each hold their own GIL and compute in parallel; a thread "
+            "per connection or one event loop computes on one core at a time, whatever the "
+            "cores. The load generator shared the cores and its CPU is reported separately.")
+    if lesson == "many-clients":
+        return (f"{setup['connections']} connections send echo without pause. " + _join(
+            [f"{name}: {f['answered']}/{f['connections']} answered, longest wait "
+             f"{_ms(f['longest_wait_s'] * 1000)} ms, {f['threads']:,} threads, "
+             f"{f['peak_rss_mib']:.0f} MiB" for name, f in figures.items()])
+            + ". A thread per connection costs a thread and its stack each, and the GIL must "
+            "hand over between them; a greenlet or a reactor slot costs almost nothing.")
+    if lesson == "blocked-loop":
+        loop, threads = figures.get(checks.EVENT_LOOP), figures.get(checks.OS_THREADS)
+        text = (f"{setup['work_share']:.0%} of requests compute {setup['work_ms']:.0f} ms. ")
+        if loop:
+            text += (f"{checks.EVENT_LOOP} runs one greenlet at a time: an echo that arrives "
+                     f"during /work waits for it, so its echo p99 is {_ms(loop['echo_p99_ms'])} "
+                     f"ms (without /work {_ms(loop['echo_p99_alone_ms'])} ms) and its probe saw "
+                     f"the loop blocked {loop.get('blocked_s', 0):.1f} s of a "
+                     f"{loop.get('blocked_span_s', 0):.1f} s run. ")
+        if threads:
+            interval = threads.get("switch_interval_s")
+            every = f"every {interval * 1000:g} ms" if interval else "every switch interval"
+            text += (f"{checks.OS_THREADS}: the long request's thread must hand over the GIL "
+                     f"{every}, so echo waits less: p99 {_ms(threads['echo_p99_ms'])} ms. ")
+        if pool:
+            text += (f"The pool's echo requests wait for one of its {setup['pool_workers']} "
+                     f"busy workers: p99 {_ms(pool['echo_p99_ms'])} ms.")
+        return text.strip()
+    return ""
+
+
+# -- console ---------------------------------------------------------------------------------
+
+
+def _aligned(cells: list[list[str]]) -> list[str]:
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
+    return ["  ".join(cell.ljust(width) if i == 0 else cell.rjust(width)
+                      for i, (cell, width) in enumerate(zip(row, widths, strict=True)))
+            for row in cells]
+
+
+def console_block(entry: Mapping) -> str:
+    """One lesson as printed: claim, hypothesis, figures per model, verdict with its reason."""
+    lines = [f"== {entry['title']}",
+             f"claim:      {entry['claim']}",
+             f"hypothesis: {entry['hypothesis']}",
+             "figures:"]
+    if entry["figures"]:
+        lines += ["  " + line for line in _aligned(table(entry["id"], entry["figures"]))]
+    lines.append(f"verdict:    {VERDICT_MARK[entry['verdict']]} — {entry['reason']}")
+    return "\n".join(lines)
+
+
+def summary_table(results: Mapping) -> str:
+    """The final table: one line per lesson with its verdict."""
+    cells = [["lesson", "verdict", "reason"]]
+    for entry in results["lessons"]:
+        reason = entry["reason"] if len(entry["reason"]) <= 110 else entry["reason"][:107] + "..."
+        cells.append([entry["id"], VERDICT_MARK[entry["verdict"]], reason])
+    widths = [max(len(row[i]) for row in cells) for i in range(2)]
+    return "\n".join(f"{row[0].ljust(widths[0])}  {row[1].ljust(widths[1])}  {row[2]}"
+                     for row in cells)
+
+
+# -- files -----------------------------------------------------------------------------------
+
+
+def write_json(results: Mapping, directory: Path) -> Path:
+    """lessons.json: every lesson's claim, verdict, figures and reading."""
+    path = directory / "lessons.json"
+    path.write_text(json.dumps(results, indent=1, ensure_ascii=False) + "\n")
+    return path
+
+
+def markdown_table(cells: list[list[str]]) -> list[str]:
+    """A Markdown table, first column left, the others right-aligned."""
+    return ["| " + " | ".join(cells[0]) + " |",
+            "|---|" + "--:|" * (len(cells[0]) - 1),
+            *("| " + " | ".join(row) + " |" for row in cells[1:])]
+
+
+def write_markdown(results: Mapping, directory: Path) -> Path:
+    """lessons.md: per lesson the claim, hypothesis, figures, verdict, reading and chart."""
+    lines = [
+        "# Socket Arena lessons, checked in isolation",
+        "",
+        f"- **When / where:** {machine_line(results)}.",
+        f"- **How:** {results['method']}",
+        f"- **Machine load:** {results['background']['text']}",
+        "",
+        "| lesson | verdict |",
+        "|---|---|",
+        *(f"| [{entry['id']}](#{entry['id']}) | {VERDICT_MARK[entry['verdict']]} |"
+          for entry in results["lessons"]),
+        "",
+    ]
+    for entry in results["lessons"]:
+        lines += [
+            f"## {entry['id']}", "",
+            f"**Claim.** {entry['claim']}", "",
+            f"**Hypothesis.** {entry['hypothesis']}", "",
+            *(markdown_table(table(entry["id"], entry["figures"])) if entry["figures"] else []),
+            "",
+            f"**Verdict: {VERDICT_MARK[entry['verdict']]}** — {entry['reason']}.", "",
+            f"**Reading.** {entry['reading']}", "",
+        ]
+        if entry.get("chart"):
+            lines += [f"![{entry['id']}]({entry['chart']})", ""]
+    path = directory / "lessons.md"
+    path.write_text("\n".join(lines).rstrip("\n") + "\n")
+    return path
+
+
+# -- charts ----------------------------------------------------------------------------------
+
+
+def write_chart(entry: Mapping, results: Mapping, directory: Path) -> str | None:
+    """<id>.png for one lesson; returns the file name (None without figures)."""
+    if not entry["figures"]:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display: write files only
+    from matplotlib import pyplot
+
+    draw = CHARTS[entry["id"]]
+    wide = entry["id"] in ("many-clients", "blocked-loop")
+    figure, axes = pyplot.subplots(1, 2 if wide else 1, figsize=(11 if wide else 8, 4.4),
+                                   squeeze=False)
+    draw(list(axes.flat), entry)
+    verdict = VERDICT_MARK[entry["verdict"]]
+    figure.suptitle(f"{entry['title']} — {verdict}", color=VERDICT_COLOR[entry["verdict"]],
+                    fontsize=11)
+    figure.text(0.5, 0.01, machine_line(results), ha="center", fontsize=7)
+    figure.tight_layout(rect=(0, 0.04, 1, 0.95))
+    name = f"{entry['id']}.png"
+    figure.savefig(directory / name, dpi=100)
+    pyplot.close(figure)
+    return name
+
+
+def _bars(axis, labels: list[str], values: list[float], noisy: list[bool], unit: str,
+          fmt: Callable[[float], str], reach: list[float] | None = None) -> None:
+    """Horizontal bars with their values; noisy ones lighter. `reach`: where each label may
+    start (past a marker drawn on the bar)."""
+    from matplotlib.ticker import FuncFormatter
+
+    colors = [NOISY_BAR if flag else BAR for flag in noisy]
+    axis.barh(labels, values, color=colors)
+    axis.invert_yaxis()
+    axis.set_xlabel(unit)
+    axis.xaxis.set_major_formatter(FuncFormatter(_rate_label))
+    starts = reach or values
+    for index, value in enumerate(values):
+        axis.text(max(value, starts[index]), index,
+                  " " + fmt(value) + ("  (noisy ⚠)" if noisy[index] else ""),
+                  va="center", fontsize=8)
+    axis.set_xlim(0, max([*values, *starts, 1]) * 1.35)
+    axis.grid(axis="x", alpha=0.3)
+    if any(noisy):
+        from matplotlib.patches import Patch
+
+        axis.legend(handles=[Patch(color=NOISY_BAR, label="noisy: other processes took "
+                                   "the server's CPU")], fontsize=7, loc="lower right")
+
+
+def _limit(axis, value: float, text: str, color: str = LIMIT) -> None:
+    """A dashed vertical line with its label written along it, inside the axes."""
+    from matplotlib.transforms import blended_transform_factory
+
+    low, high = axis.get_xlim()
+    if axis.get_xscale() == "linear" and value * 1.1 > high:
+        axis.set_xlim(low, value * 1.1)  # the line and its label stay inside the axes
+    axis.axvline(value, color=color, linestyle="--", linewidth=1)
+    where = blended_transform_factory(axis.transData, axis.transAxes)
+    axis.text(value, 0.98, text + " ", color=color, fontsize=7, rotation=90, ha="right",
+              va="top", transform=where)
+
+
+def _chart_io_wait(axes, entry: Mapping) -> None:
+    figures, setup = entry["figures"], entry["setup"]
+    labels = [f"{m} ({f['workers']} workers)" if "workers" in f else m
+              for m, f in figures.items()]
+    values = [f["rps"] for f in figures.values()]
+    _bars(axes[0], labels, values, [f["noisy"] for f in figures.values()], "requests / s",
+          lambda v: f"{v:,.0f}")
+    ideal = setup["connections"] / (setup["sleep_ms"] / 1000)
+    _limit(axes[0], ideal, f"ideal {ideal:,.0f}", "grey")
+    _limit(axes[0], checks.IO_IDEAL_SHARE * ideal, f"{checks.IO_IDEAL_SHARE:.0%} of ideal")
+    axes[0].set_title(f"/sleep {setup['sleep_ms']} ms, {setup['connections']} connections, "
+                      "server on one core", fontsize=9)
+
+
+def _chart_cpu_work(axes, entry: Mapping) -> None:
+    figures, setup = entry["figures"], entry["setup"]
+    values = [f["rps"] for f in figures.values()]
+    _bars(axes[0], list(figures), values, [f["noisy"] for f in figures.values()],
+          "requests / s", lambda v: f"{v:,.0f}")
+    worth = 1000 / setup["work_ms"]
+    _limit(axes[0], worth, f"one core's worth {worth:,.0f}", "grey")
+    axes[0].set_title(f"/work {setup['work_ms']:.2f} ms, {setup['connections']} connections, "
+                      "server on one core", fontsize=9)
+
+
+def _chart_pool_bound(axes, entry: Mapping) -> None:
+    setup = entry["setup"]
+    pairs = rows("pool-bound", entry["figures"])
+    labels = [label for label, _ in pairs]
+    expected = [f["expected_rps"] for _, f in pairs]
+    _bars(axes[0], labels, [f["rps"] for _, f in pairs], [f["noisy"] for _, f in pairs],
+          "requests / s", lambda v: f"{v:,.0f}", reach=expected)
+    for index, value in enumerate(expected):
+        axes[0].plot([value] * 2, [index - 0.4, index + 0.4], color=LIMIT, linewidth=2)
+    axes[0].text(0.99, 0.5, "red: expected, workers (or connections) / sleep", color=LIMIT,
+                 fontsize=7, ha="right", transform=axes[0].transAxes)
+    axes[0].set_title(f"/sleep {setup['sleep_ms']} ms, {setup['connections']} connections, "
+                      "server on one core", fontsize=9)
+
+
+def _chart_cores(axes, entry: Mapping) -> None:
+    figures, setup = entry["figures"], entry["setup"]
+    cores = iter([f["server_cores"] for f in figures.values()])
+    _bars(axes[0], list(figures), [f["rps"] for f in figures.values()],
+          [f["noisy"] for f in figures.values()], "requests / s",
+          lambda v: f"{v:,.0f}, {next(cores):.2f} cores used")
+    worth = 1000 / setup["work_ms"]
+    _limit(axes[0], worth, "one core", "grey")
+    _limit(axes[0], setup["cores"] * worth, f"{setup['cores']} cores", "grey")
+    axes[0].set_title(f"/work {setup['work_ms']:.2f} ms, {setup['connections']} connections, "
+                      f"server on {setup['cores']} cores (load generator shares them)",
+                      fontsize=9)
+
+
+def _chart_many_clients(axes, entry: Mapping) -> None:
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    figures, setup = entry["figures"], entry["setup"]
+    names = list(figures)
+    shares = [100 * f["answered"] / max(1, f["connections"]) for f in figures.values()]
+    colors = [LIMIT if f["starved"] else BAR for f in figures.values()]
+    axes[0].barh(names, shares, color=colors)
+    axes[0].invert_yaxis()
+    for index, figure in enumerate(figures.values()):
+        axes[0].text(2, index, f"{figure['answered']}/{figure['connections']}", va="center",
+                     fontsize=8, color="white")
+    axes[0].set_xlim(0, 100)
+    axes[0].set_xlabel("connections answered in the window (%)")
+    axes[0].set_title(f"echo, {setup['connections']} connections, server on one core",
+                      fontsize=9)
+    waits = [f["longest_wait_s"] * 1e6 for f in figures.values()]
+    axes[1].scatter(waits, range(len(names)), color=colors, s=40)
+    for index, figure in enumerate(figures.values()):
+        still = "still waiting " if figure["longest_wait_unanswered"] else ""
+        axes[1].text(waits[index], index, f"  {still}{_ms(figure['longest_wait_s'] * 1e3)} ms",
+                     va="center", fontsize=8)
+    axes[1].set_yticks(range(len(names)), names)
+    axes[1].set_ylim(len(names) - 0.5, -0.5)
+    axes[1].set_xscale("log")
+    axes[1].set_xlim(min(waits) / 3, max(waits) * 10)
+    axes[1].xaxis.set_major_formatter(FuncFormatter(_duration_label))
+    axes[1].xaxis.set_minor_formatter(NullFormatter())
+    axes[1].set_xlabel("longest wait of any request (log scale)")
+    axes[1].set_title("longest wait per model", fontsize=9)
+    axes[1].grid(axis="x", alpha=0.3)
+
+
+def _chart_blocked_loop(axes, entry: Mapping) -> None:
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    figures, setup = entry["figures"], entry["setup"]
+    names = list(figures)
+    positions = range(len(names))
+    with_work = [f["echo_p99_ms"] * 1e3 for f in figures.values()]
+    alone = [f["echo_p99_alone_ms"] * 1e3 for f in figures.values()]
+    axis = axes[0]
+    axis.barh([p - 0.2 for p in positions], alone, height=0.4, color="#9ecae1",
+              label="echo only")
+    axis.barh([p + 0.2 for p in positions], with_work, height=0.4, color=BAR,
+              label=f"with {setup['work_share']:.0%} /work")
+    for position, value in zip(positions, with_work, strict=True):
+        axis.text(value, position + 0.2, f" {_ms(value / 1e3)} ms", va="center", fontsize=8)
+    axis.set_yticks(list(positions), names)
+    axis.invert_yaxis()
+    axis.set_xscale("log")
+    axis.xaxis.set_major_formatter(FuncFormatter(_duration_label))
+    axis.xaxis.set_minor_formatter(NullFormatter())
+    axis.axvline(setup["work_ms"] * 1e3, color=LIMIT, linestyle="--", linewidth=1,
+                 label=f"the /work time, {setup['work_ms']:.0f} ms")
+    axis.set_xlim(min([*alone, *with_work]) / 3, max([*with_work, setup["work_ms"] * 1e3]) * 40)
+    axis.set_xlabel("echo p99 (log scale)")
+    axis.set_title(f"echo p99, {setup['connections']} connections, server on one core",
+                   fontsize=9)
+    axis.legend(fontsize=7, loc="upper right")
+    blocked = [(name, f["blocked_s"], f.get("blocked_span_s", 0.0))
+               for name, f in figures.items() if "blocked_s" in f]
+    axis = axes[1]
+    if blocked:
+        axis.bar([name for name, _, _ in blocked], [span for _, _, span in blocked],
+                 color="#dddddd", label="the run (connect, warm-up, window)")
+        axis.bar([name for name, _, _ in blocked], [value for _, value, _ in blocked],
+                 color=BAR, width=0.5, label="event loop blocked")
+        for index, (_, value, span) in enumerate(blocked):
+            share = f" ({value / span:.0%})" if span else ""
+            axis.text(index, value, f"{value:.2f} s{share}", ha="center", va="bottom",
+                      fontsize=8)
+        axis.set_ylim(0, max(span for _, _, span in blocked) * 1.25 or 1)
+        axis.legend(fontsize=7, loc="upper right")
+    axis.set_ylabel("seconds")
+    axis.set_title("arena_event_loop_blocked_seconds_total: its rise during one run",
+                   fontsize=9)
+
+
+CHARTS: dict[str, Callable] = {
+    "io-wait": _chart_io_wait,
+    "cpu-work": _chart_cpu_work,
+    "pool-bound": _chart_pool_bound,
+    "cores": _chart_cores,
+    "many-clients": _chart_many_clients,
+    "blocked-loop": _chart_blocked_loop,
+}

@@ -1,0 +1,425 @@
+"""Measure each lesson against each model alone, with the same CPU allotment.
+
+Every measurement starts one server alone, pinned to the same core(s) whatever the model (its
+pool workers inherit the pinning), runs the C load generator of the benchmark pinned to the
+other core, and stops the server: the comparison measures the models, not how the scheduler
+split a machine between them. The `cores` lesson gives the server both cores; the load
+generator then shares them, and its own CPU is measured and reported.
+
+The pieces are the benchmark's (`loadtest.bench.harness`, `loadgen`, `scenarios`); this module
+only says what each lesson runs and turns the measurements into the figures `checks` decides on.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from loadtest.bench import harness, loadgen
+from loadtest.bench import scenarios as bench_scenarios
+from loadtest.bench.scenarios import Scenario
+from loadtest.lessons import checks
+
+METRICS_PORT = re.compile(r"metrics_port=(\d+)")
+BLOCKED_METRIC = "arena_event_loop_blocked_seconds_total"
+# Two-core runs: CPU time others (the load generator excluded) took on the server's cores above
+# this many cores makes the figure noisy.
+NOISY_OTHER_CORES = 0.3
+
+IO_SLEEP_MS, IO_CONNECTIONS, IO_POOL_WORKERS = 20, 100, 2
+CPU_CONNECTIONS = 100
+POOL_SLEEP_MS, POOL_CONNECTIONS, POOL_SIZES = 50, 20, (2, 4)
+CORES_POOL_WORKERS = 2
+MANY_CONNECTIONS = 1000
+BLOCKED_CONNECTIONS, BLOCKED_WORK_WEIGHT, BLOCKED_ECHO_WEIGHT = 4, 2, 98
+# Lessons whose rates are low (pool-bound: 40 req/s) or whose p99 needs samples (blocked-loop)
+# measure at least this long, even with --quick.
+MIN_WINDOW_S = 2.0
+
+
+@dataclass(frozen=True)
+class Pace:
+    """How long and how often each measurement runs."""
+
+    quick: bool
+    duration: float  # measured seconds per repetition
+    warmup: float
+    reps: int  # figures are medians of the repetitions
+    noisy_retries: int  # a repetition measured while others used the server's CPU is redone
+
+
+QUICK = Pace(True, 1.0, 0.5, 1, 0)
+FULL = Pace(False, 3.0, 0.5, 3, 1)
+
+
+@dataclass(frozen=True)
+class Work:
+    """/work sizes for this machine, calibrated in this process (same interpreter as servers)."""
+
+    rounds_1ms: int
+    rounds_100ms: int
+    round_ns: float
+
+    @property
+    def ms_1(self) -> float:
+        """The real length of the ~1 ms /work here."""
+        return self.rounds_1ms * self.round_ns / 1e6
+
+    @property
+    def ms_100(self) -> float:
+        """The real length of the ~100 ms /work here."""
+        return self.rounds_100ms * self.round_ns / 1e6
+
+
+def calibrate() -> Work:
+    """Rounds of /work for ~1 ms and ~100 ms: the quickest of three calibrations (a busy
+    machine only ever makes a calibration slower)."""
+    _, round_ns = min((bench_scenarios.calibrate_work_rounds() for _ in range(3)),
+                      key=lambda result: result[1])
+    return Work(max(1, round(1e6 / round_ns)), max(1, round(1e8 / round_ns)), round_ns)
+
+
+@dataclass(frozen=True)
+class Run:
+    """One server, one load, measured `reps` times."""
+
+    model: str
+    variant: str  # "" or what differs from the model's other run ("workers 4", "alone")
+    server_args: tuple[str, ...]
+    scenario: Scenario
+    two_cores: bool = False
+    scrape: bool = False  # read /metrics before and after each repetition
+    min_window: float = 0.0
+
+    @property
+    def label(self) -> str:
+        """`pool (workers 4)`."""
+        return f"{self.model} ({self.variant})" if self.variant else self.model
+
+
+@dataclass
+class Plan:
+    """What one lesson runs, with the parameters its check and report need."""
+
+    lesson: str
+    setup: dict
+    runs: list[Run] = field(default_factory=list)
+
+
+def _pool(workers: int) -> tuple[str, ...]:
+    return ("--executor", "process", "--workers", str(workers))
+
+
+def _args(model: str, pool_workers: int) -> tuple[str, ...]:
+    return _pool(pool_workers) if model == checks.POOL else ()
+
+
+def plan(lesson: str, models: Sequence[str], work: Work, cpus: int) -> Plan:
+    """The runs of one lesson over the chosen models."""
+    setup: dict[str, Any]
+    runs: list[Run]
+    if lesson == "io-wait":
+        setup = {"connections": IO_CONNECTIONS, "sleep_ms": IO_SLEEP_MS,
+                 "pool_workers": IO_POOL_WORKERS, "cores": 1}
+        scenario = Scenario(lesson, f"/sleep {IO_SLEEP_MS}", IO_CONNECTIONS,
+                            (bench_scenarios.sleep(IO_SLEEP_MS),))
+        runs = [Run(m, "", _args(m, IO_POOL_WORKERS), scenario) for m in models]
+    elif lesson == "cpu-work":
+        setup = {"connections": CPU_CONNECTIONS, "work_ms": work.ms_1,
+                 "work_rounds": work.rounds_1ms, "pool_workers": IO_POOL_WORKERS, "cores": 1}
+        scenario = Scenario(lesson, "/work ~1 ms", CPU_CONNECTIONS,
+                            (bench_scenarios.work(work.rounds_1ms),))
+        runs = [Run(m, "", _args(m, IO_POOL_WORKERS), scenario) for m in models]
+    elif lesson == "pool-bound":
+        setup = {"connections": POOL_CONNECTIONS, "sleep_ms": POOL_SLEEP_MS,
+                 "pool_workers": list(POOL_SIZES), "cores": 1}
+        scenario = Scenario(lesson, f"/sleep {POOL_SLEEP_MS}", POOL_CONNECTIONS,
+                            (bench_scenarios.sleep(POOL_SLEEP_MS),))
+        runs = []
+        for m in models:
+            sizes = POOL_SIZES if m == checks.POOL else (0,)
+            runs += [Run(m, f"workers {size}" if size else "", _args(m, size), scenario,
+                         min_window=MIN_WINDOW_S) for size in sizes]
+    elif lesson == "cores":
+        setup = {"connections": CPU_CONNECTIONS, "work_ms": work.ms_1,
+                 "work_rounds": work.rounds_1ms, "pool_workers": CORES_POOL_WORKERS,
+                 "cores": cpus, "cpus": cpus}
+        scenario = Scenario(lesson, "/work ~1 ms, all cores", CPU_CONNECTIONS,
+                            (bench_scenarios.work(work.rounds_1ms),))
+        runs = [Run(m, "", _args(m, CORES_POOL_WORKERS), scenario, two_cores=True)
+                for m in models]
+    elif lesson == "many-clients":
+        setup = {"connections": MANY_CONNECTIONS, "echo_bytes": 64, "cores": 1}
+        scenario = Scenario(lesson, f"echo 64 B, {MANY_CONNECTIONS} conns", MANY_CONNECTIONS,
+                            (bench_scenarios.echo(64),))
+        runs = [Run(m, "", _args(m, cpus), scenario) for m in models]
+    elif lesson == "blocked-loop":
+        share = BLOCKED_WORK_WEIGHT / (BLOCKED_WORK_WEIGHT + BLOCKED_ECHO_WEIGHT)
+        setup = {"connections": BLOCKED_CONNECTIONS, "work_ms": work.ms_100,
+                 "work_rounds": work.rounds_100ms, "work_share": share,
+                 "pool_workers": IO_POOL_WORKERS, "cores": 1}
+        mix = Scenario(lesson, "echo + 2 % /work ~100 ms", BLOCKED_CONNECTIONS,
+                       (bench_scenarios.echo(64, BLOCKED_ECHO_WEIGHT),
+                        bench_scenarios.work(work.rounds_100ms, BLOCKED_WORK_WEIGHT)))
+        alone = Scenario(lesson, "echo only", BLOCKED_CONNECTIONS, (bench_scenarios.echo(64),))
+        runs = []
+        for m in models:
+            runs += [Run(m, "alone", _args(m, IO_POOL_WORKERS), alone, min_window=MIN_WINDOW_S),
+                     Run(m, "", _args(m, IO_POOL_WORKERS), mix, scrape=True,
+                         min_window=MIN_WINDOW_S)]
+    else:
+        raise KeyError(f"no plan for lesson {lesson!r}")
+    return Plan(lesson, setup, runs)
+
+
+# -- measuring -------------------------------------------------------------------------------
+
+
+def server_command(model: str, args: Sequence[str]) -> list[str]:
+    """`python -m services MODEL ...` on free loopback ports."""
+    return [sys.executable, "-m", "services", model, *args, "--host", "127.0.0.1", "--port", "0",
+            "--metrics-port", "0"]
+
+
+def scrape(server: harness.ServerProcess) -> dict[str, float]:
+    """The server's unlabelled samples from /metrics ({} when it serves none)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    ports = [METRICS_PORT.search(line) for line in server.log]
+    port = next((int(match.group(1)) for match in ports if match), 0)
+    if not port:
+        return {}
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+            text = response.read().decode()
+    except OSError:
+        return {}
+    return {sample.name: sample.value for family in text_string_to_metric_families(text)
+            for sample in family.samples if not sample.labels}
+
+
+def other_cores(record: Mapping, shared: bool) -> float:
+    """CPU (in cores) others took on the server's CPUs; when the load generator shares them
+    (two cores, or no pinning) it is not counted: it is there by design, reported on its own."""
+    other = record["other_cpu_fraction"]
+    return max(0.0, other - record["loadgen_cpu_fraction"]) if shared else other
+
+
+def is_noisy(record: Mapping, shared: bool) -> bool:
+    """Did other processes take enough of the server's CPU to make the figure doubtful?"""
+    limit = NOISY_OTHER_CORES if shared else harness.NOISY_OTHER_FRACTION
+    return other_cores(record, shared) > limit
+
+
+@dataclass
+class Rig:
+    """The load generator, the pinnings and the pace every run shares."""
+
+    binary: Path
+    pace: Pace
+    one_core: harness.Pinning
+    all_cores: harness.Pinning
+    progress: harness.Progress
+
+    def window(self, run: Run) -> float:
+        """Measured seconds per repetition of this run."""
+        return max(self.pace.duration, run.min_window)
+
+    def pinning(self, run: Run) -> harness.Pinning:
+        """The CPUs of this run."""
+        return self.all_cores if run.two_cores else self.one_core
+
+    def shared(self, run: Run) -> bool:
+        """Does the load generator share the server's CPUs in this run?"""
+        pinning = self.pinning(run)
+        return pinning.server is None or pinning.server == pinning.loadgen
+
+    def measure(self, lesson: str, run: Run) -> dict:
+        """Start the server alone, measure it `reps` times, stop it; the median figures."""
+        pinning, shared = self.pinning(run), self.shared(run)
+        server = harness.ServerProcess(run.label, server_command(run.model, run.server_args),
+                                       pinning.server)
+        records = []
+        try:
+            for rep in range(self.pace.reps):
+                attempts = []
+                for _ in range(1 + self.pace.noisy_retries):
+                    attempts.append(self._once(server, run, pinning))
+                    if not is_noisy(attempts[-1], shared):
+                        break
+                record = min(attempts, key=lambda item: other_cores(item, shared))
+                records.append(record)
+                self._report(lesson, run, rep, record)
+        finally:
+            server.stop()
+        return summarize(records, shared)
+
+    def _once(self, server: harness.ServerProcess, run: Run, pinning: harness.Pinning) -> dict:
+        before = scrape(server) if run.scrape else {}
+        started = time.monotonic()
+        record = harness.measure_once(server, run.scenario, self.binary, self.window(run),
+                                      self.pace.warmup, pinning)
+        if run.scrape:
+            after = scrape(server)
+            record["metrics"] = {name: after[name] - before.get(name, 0.0) for name in after
+                                 if name.endswith("_total")}
+            record["metrics_after"] = after
+            # Counters rise over the whole load generator run (connect, warm-up, window).
+            record["metrics_span_s"] = time.monotonic() - started
+        return record
+
+    def _report(self, lesson: str, run: Run, rep: int, record: dict) -> None:
+        shared = self.shared(run)
+        noise = other_cores(record, shared)
+        flag = (f"  noisy: others took {noise:.0%} of the server's CPU"
+                if is_noisy(record, shared) else "")
+        if record["starved"]:
+            flag += f"  STARVED: {harness.starved_text(record)}"
+        self.progress.step(
+            f"{lesson:<12} {run.label:<18} {run.scenario.title:<26} rep {rep + 1}/"
+            f"{self.pace.reps}: {record['rps']:>8,.0f} req/s  p99 "
+            f"{record['latency_us']['p99'] / 1000:>8,.1f} ms  errors {record['errors']}{flag}"
+        )
+
+
+def summarize(records: list[dict], shared: bool) -> dict:
+    """The harness's medians, plus per request kind, /metrics deltas and the noise."""
+    import statistics
+
+    summary = harness.summarize(records)
+    summary["kinds"] = [
+        {"requests": statistics.median(r["kinds"][i]["requests"] for r in records),
+         "latency_us": {key: statistics.median(r["kinds"][i]["latency_us"][key] for r in records)
+                        for key in records[0]["kinds"][i]["latency_us"]}}
+        for i in range(len(records[0]["kinds"]))
+    ]
+    if "metrics" in records[0]:
+        summary["metrics"] = {name: statistics.median(r["metrics"].get(name, 0.0)
+                                                      for r in records)
+                              for name in records[0]["metrics"]}
+        summary["metrics_after"] = records[-1]["metrics_after"]
+        summary["metrics_span_s"] = statistics.median(r["metrics_span_s"] for r in records)
+    summary["other_cores"] = max(other_cores(r, shared) for r in records)
+    summary["noisy"] = any(is_noisy(r, shared) for r in records)
+    summary["reps"] = len(records)
+    return summary
+
+
+# -- figures ---------------------------------------------------------------------------------
+
+
+def _base(summary: Mapping) -> dict:
+    return {"rps": round(summary["rps"], 1), "p99_ms": round(summary["latency_us"]["p99"] / 1e3, 2),
+            "errors": summary["errors"], "noisy": summary["noisy"],
+            "other_cpu": round(summary["other_cores"], 3)}
+
+
+def figures(plan_: Plan, results: Mapping[Run, dict]) -> dict[str, dict]:
+    """Per model, the figures the lesson's check reads (see checks.py)."""
+    setup = plan_.setup
+    out: dict[str, dict] = {}
+    for run in plan_.runs:
+        summary = results[run]
+        figure = out.setdefault(run.model, {})
+        base = _base(summary)
+        if plan_.lesson == "io-wait":
+            ideal = setup["connections"] / (setup["sleep_ms"] / 1000)
+            figure.update(base, of_ideal=round(summary["rps"] / ideal, 3))
+            if run.model == checks.POOL:
+                figure["workers"] = setup["pool_workers"]
+        elif plan_.lesson == "cpu-work":
+            figure.update(base, cores_worth=round(summary["rps"] * setup["work_ms"] / 1000, 3),
+                          server_cores=round(summary["server_cpu_fraction"], 3))
+        elif plan_.lesson == "pool-bound":
+            if run.model == checks.POOL:
+                workers = int(run.variant.split()[-1])
+                expected = workers / (setup["sleep_ms"] / 1000)
+                figure.setdefault("runs", []).append(
+                    {"workers": workers, **base, "expected_rps": expected,
+                     "of_expected": round(summary["rps"] / expected, 3)})
+            else:
+                expected = setup["connections"] / (setup["sleep_ms"] / 1000)
+                figure.update(base, expected_rps=expected,
+                              of_expected=round(summary["rps"] / expected, 3))
+        elif plan_.lesson == "cores":
+            figure.update(base, server_cores=round(summary["server_cpu_fraction"], 3),
+                          loadgen_cores=round(summary["loadgen_cpu_fraction"], 3),
+                          other_cores=round(summary["other_cores"], 3))
+        elif plan_.lesson == "many-clients":
+            figure.update(
+                base, connections=summary["connections"],
+                answered=summary["answered_connections"], starved=summary["starved"],
+                longest_wait_s=round(summary["longest_wait_s"], 4),
+                longest_wait_unanswered=summary["longest_wait_unanswered"],
+                requests_per_connection={
+                    "min": summary["requests_per_connection_min"],
+                    "median": summary["requests_per_connection_median"],
+                    "max": summary["requests_per_connection_max"]},
+                threads=summary["threads"],
+                peak_rss_mib=round(summary["peak_rss_bytes"] / 2**20, 1))
+        elif plan_.lesson == "blocked-loop":
+            echo = summary["kinds"][0]
+            if run.variant == "alone":
+                figure["echo_p99_alone_ms"] = round(echo["latency_us"]["p99"] / 1e3, 3)
+                figure["noisy_alone"] = summary["noisy"]
+                figure["other_cpu_alone"] = round(summary["other_cores"], 3)
+            else:
+                work = summary["kinds"][1]
+                metrics = summary.get("metrics", {})
+                figure.update(
+                    base, echo_p99_ms=round(echo["latency_us"]["p99"] / 1e3, 2),
+                    echo_p50_ms=round(echo["latency_us"]["p50"] / 1e3, 3),
+                    echo_requests=echo["requests"], work_requests=work["requests"],
+                    work_p50_ms=round(work["latency_us"]["p50"] / 1e3, 1),
+                    work_min_ms=round(work["latency_us"]["min"] / 1e3, 1))
+                if BLOCKED_METRIC in metrics:
+                    figure["blocked_s"] = round(metrics[BLOCKED_METRIC], 3)
+                    figure["blocked_span_s"] = round(summary["metrics_span_s"], 2)
+                interval = [value for name, value in summary.get("metrics_after", {}).items()
+                            if "switch_interval" in name]
+                if interval:
+                    figure["switch_interval_s"] = interval[0]
+    if plan_.lesson == "blocked-loop":  # a figure is noisy if either of its two runs was
+        for figure in out.values():
+            figure["noisy"] = figure.get("noisy", False) or figure.pop("noisy_alone", False)
+            figure["other_cpu"] = max(figure.get("other_cpu", 0), figure.pop("other_cpu_alone", 0))
+    if plan_.lesson == "pool-bound" and checks.POOL in out:
+        runs = out[checks.POOL]["runs"]
+        out[checks.POOL]["noisy"] = any(run["noisy"] for run in runs)
+        out[checks.POOL]["other_cpu"] = max(run["other_cpu"] for run in runs)
+    return out
+
+
+def estimate_seconds(plans: Sequence[Plan], pace: Pace) -> float:
+    """A rough duration of all plans: server start-up, warm-up and window per repetition."""
+    total = 0.0
+    for item in plans:
+        for run in item.runs:
+            window = max(pace.duration, run.min_window)
+            total += 2.0 + pace.reps * (pace.warmup + window + 0.8)
+    return total
+
+
+def run_plans(plans: Sequence[Plan], rig: Rig,
+              on_lesson: Callable[[Plan, dict[str, dict]], None]) -> None:
+    """Measure every plan in order; call on_lesson with its figures after each."""
+    for item in plans:
+        results = {run: rig.measure(item.lesson, run) for run in item.runs}
+        on_lesson(item, figures(item, results))
+
+
+def make_rig(pace: Pace, progress: harness.Progress) -> Rig:
+    """Build the load generator and choose the pinnings (raises loadgen.LoadgenError)."""
+    binary = loadgen.build()
+    harness.raise_open_file_limit()
+    one_core = harness.Pinning.choose(True)
+    cpus = frozenset(os.sched_getaffinity(0))
+    all_cores = harness.Pinning(cpus, cpus)
+    return Rig(binary, pace, one_core, all_cores, progress)

@@ -1,0 +1,357 @@
+"""python -m loadtest.lessons: arguments, verdicts on synthetic figures, the report, a real run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from loadtest import docfigures
+from loadtest.lessons import __main__ as cli
+from loadtest.lessons import catalog, checks, report, runner
+from services import models
+
+ROOT = Path(__file__).resolve().parent.parent
+POOL, LOOP, THREADS = checks.POOL, checks.EVENT_LOOP, checks.OS_THREADS
+SWITCHING = checks.switching_models()
+
+
+# -- arguments -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--lessons", "no-such-lesson"], "unknown lesson no-such-lesson; choose from io-wait"),
+    (["--lessons", "steady"], "unknown lesson steady"),  # a Locust scenario without a verdict
+    (["--lessons", ","], "unknown lesson (none given)"),
+    (["--models", "no-such-model"], "unknown model no-such-model; choose from "
+     + ", ".join(models.NAMES)),
+    (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+])
+def test_bad_arguments_exit_2_with_a_clear_message(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_narrowed_lessons_and_models_keep_the_canonical_order():
+    args = cli.build_parser().parse_args(["--lessons", "cores,io-wait", "--models",
+                                          ",".join(reversed(models.NAMES))])
+    assert args.lessons == ["io-wait", "cores"]
+    assert args.models == list(models.NAMES)
+
+
+def test_every_checked_lesson_has_a_claim_a_check_and_a_chart():
+    for lesson_id in checks.CHECKED_IDS:
+        entry = checks.lesson(lesson_id)
+        assert entry.claim and entry.title.startswith(lesson_id)
+        assert lesson_id in checks.CHECKS and lesson_id in checks.HYPOTHESES
+        assert lesson_id in report.CHARTS and lesson_id in report.COLUMNS
+    # The check-only lesson stays out of the Locust scenario select.
+    assert "cores" not in catalog.LESSONS_BY_ID
+
+
+# -- verdicts on synthetic figures -----------------------------------------------------------
+
+
+def _quiet(**figures) -> dict:
+    return {"noisy": False, "other_cpu": 0.02, **figures}
+
+
+def _noisy(figure: dict) -> dict:
+    return {**figure, "noisy": True, "other_cpu": 0.6}
+
+
+IO_SETUP = {"connections": 100, "sleep_ms": 20, "pool_workers": 2}
+
+
+def _io(switching_rps: float, pool_rps: float) -> dict:
+    return {name: _quiet(rps=pool_rps if name == POOL else switching_rps)
+            for name in models.NAMES}
+
+
+def test_io_wait_holds_when_switching_overlaps_the_waits():
+    verdict = checks.check_io_wait(_io(4800, 99), IO_SETUP)
+    assert verdict.verdict == checks.HOLDS, verdict.reason
+    assert "96% of the ideal" in verdict.reason
+
+
+@pytest.mark.parametrize(("switching_rps", "pool_rps", "why"), [
+    (3000, 99, "60% of the ideal"),      # below 70 % of connections / sleep
+    (4800, 600, "8.0x the pool"),        # not 10x the pool
+])
+def test_io_wait_fails(switching_rps, pool_rps, why):
+    verdict = checks.check_io_wait(_io(switching_rps, pool_rps), IO_SETUP)
+    assert verdict.verdict == checks.FAILS
+    assert why in verdict.reason
+
+
+def test_a_failure_on_noisy_figures_is_inconclusive_and_says_why():
+    figures = _io(3000, 99)
+    figures[SWITCHING[0]] = _noisy(figures[SWITCHING[0]])
+    verdict = checks.check_io_wait(figures, IO_SETUP)
+    assert verdict.verdict == checks.INCONCLUSIVE
+    assert "machine was busy" in verdict.reason and "60%" in verdict.reason
+
+
+def test_a_pass_on_noisy_figures_holds_and_says_the_machine_was_busy():
+    figures = _io(4800, 99)
+    figures[POOL] = _noisy(figures[POOL])
+    verdict = checks.check_io_wait(figures, IO_SETUP)
+    assert verdict.verdict == checks.HOLDS
+    assert "busy" in verdict.reason
+
+
+def test_a_lesson_without_the_model_it_needs_is_not_checked():
+    figures = {name: f for name, f in _io(4800, 99).items() if name != POOL}
+    verdict = checks.check_io_wait(figures, IO_SETUP)
+    assert verdict.verdict == checks.INCONCLUSIVE
+    assert "needs pool" in verdict.reason
+
+
+CPU_SETUP = {"connections": 100, "work_ms": 1.0}
+
+
+def _cpu(rates: dict[str, float]) -> dict:
+    return {name: _quiet(rps=rate) for name, rate in rates.items()}
+
+
+def test_cpu_work_holds_at_one_cores_worth_each():
+    rates = {name: 950 - 30 * index for index, name in enumerate(models.NAMES)}
+    assert checks.check_cpu_work(_cpu(rates), CPU_SETUP).verdict == checks.HOLDS
+
+
+def test_cpu_work_fails_when_switching_models_differ_or_pass_one_core():
+    spread = {name: 950 for name in models.NAMES}
+    spread[SWITCHING[0]] = 500
+    verdict = checks.check_cpu_work(_cpu(spread), CPU_SETUP)
+    assert verdict.verdict == checks.FAILS and "differ by 90%" in verdict.reason
+    above = {name: 950 for name in models.NAMES}
+    above[POOL] = 1900
+    verdict = checks.check_cpu_work(_cpu(above), CPU_SETUP)
+    assert verdict.verdict == checks.FAILS and "1.90 cores' worth" in verdict.reason
+
+
+POOL_SETUP = {"connections": 20, "sleep_ms": 50, "pool_workers": [2, 4]}
+
+
+def _pool_bound(rates: dict[int, float]) -> dict:
+    runs = [_quiet(workers=workers, rps=rate) for workers, rate in rates.items()]
+    return {POOL: {"runs": runs, "noisy": False, "other_cpu": 0.0},
+            **{name: _quiet(rps=395, expected_rps=400) for name in SWITCHING}}
+
+
+def test_pool_bound_holds_at_workers_over_sleep():
+    verdict = checks.check_pool_bound(_pool_bound({2: 39, 4: 78}), POOL_SETUP)
+    assert verdict.verdict == checks.HOLDS, verdict.reason
+    assert "2x the workers, 2.00x the rate" in verdict.reason
+
+
+@pytest.mark.parametrize(("rates", "why"), [
+    ({2: 39, 4: 40}, "2x the workers gave 1.03x the rate"),
+    ({2: 20, 4: 40}, "50% of workers / sleep"),
+])
+def test_pool_bound_fails(rates, why):
+    verdict = checks.check_pool_bound(_pool_bound(rates), POOL_SETUP)
+    assert verdict.verdict == checks.FAILS
+    assert why in verdict.reason
+
+
+CORES_SETUP = {"connections": 100, "work_ms": 1.0, "pool_workers": 2, "cpus": 2, "cores": 2}
+
+
+def _cores(pool_rps: float, pool_other: float = 0.05, threaded_other: float = 0.05) -> dict:
+    figures = {name: _quiet(rps=950, server_cores=1.0, loadgen_cores=0.02, other_cores=0.05)
+               for name in models.NAMES}
+    figures[POOL] = _quiet(rps=pool_rps, server_cores=pool_rps / 1000, loadgen_cores=0.03,
+                           other_cores=pool_other)
+    figures[THREADS]["other_cores"] = threaded_other
+    return figures
+
+
+def test_cores_holds_when_the_process_pool_uses_both_cores():
+    verdict = checks.check_cores(_cores(1800), CORES_SETUP)
+    assert verdict.verdict == checks.HOLDS
+    assert "1.89x" in verdict.reason and "load generator" in verdict.reason
+
+
+def test_cores_fails_when_two_quiet_cores_were_not_used():
+    verdict = checks.check_cores(_cores(1100), CORES_SETUP)
+    assert verdict.verdict == checks.FAILS and "needs 1.6x" in verdict.reason
+
+
+def test_cores_says_when_the_machine_cannot_give_two_quiet_cores():
+    verdict = checks.check_cores(_cores(1100, pool_other=0.8), CORES_SETUP)
+    assert verdict.verdict == checks.INCONCLUSIVE
+    assert "could not give 2 quiet cores" in verdict.reason
+    busy_threaded = checks.check_cores(_cores(1800, threaded_other=1.3), CORES_SETUP)
+    assert busy_threaded.verdict == checks.INCONCLUSIVE
+    one_cpu = checks.check_cores(_cores(1800), {**CORES_SETUP, "cpus": 1})
+    assert one_cpu.verdict == checks.INCONCLUSIVE and "needs 2" in one_cpu.reason
+
+
+MANY_SETUP = {"connections": 1000, "window_s": 3.0}
+
+
+def _many(answered: int) -> dict:
+    return {name: _quiet(connections=1000, answered=1000, starved=False, longest_wait_s=0.35,
+                         longest_wait_unanswered=False) for name in models.NAMES} | {
+        THREADS: _quiet(connections=1000, answered=answered, starved=answered < 1000,
+                        longest_wait_s=3.4, longest_wait_unanswered=answered < 1000)}
+
+
+def test_many_clients_holds_when_every_connection_is_answered():
+    verdict = checks.check_many_clients(_many(1000), MANY_SETUP)
+    assert verdict.verdict == checks.HOLDS
+    assert f"{THREADS} 3,400 ms" in verdict.reason
+
+
+def test_many_clients_fails_on_a_starved_connection():
+    verdict = checks.check_many_clients(_many(352), MANY_SETUP)
+    assert verdict.verdict == checks.FAILS
+    assert "answered 352/1000" in verdict.reason and "still waiting after 3.4 s" in verdict.reason
+
+
+BLOCKED_SETUP = {"connections": 4, "work_ms": 100.0, "work_share": 0.02, "window_s": 3.0,
+                 "pool_workers": 2}
+
+
+def _blocked(loop_p99: float = 250, threads_p99: float = 30, blocked: float | None = 2.5,
+             alone: float = 0.5) -> dict:
+    figures = {name: _quiet(echo_p99_ms=400, echo_p99_alone_ms=1) for name in models.NAMES}
+    figures[LOOP] = _quiet(echo_p99_ms=loop_p99, echo_p99_alone_ms=alone)
+    if blocked is not None:
+        figures[LOOP].update(blocked_s=blocked, blocked_span_s=3.8)
+    figures[THREADS] = _quiet(echo_p99_ms=threads_p99, echo_p99_alone_ms=0.4,
+                              switch_interval_s=0.005)
+    return figures
+
+
+def test_blocked_loop_holds_when_the_loop_waits_and_threads_are_preempted():
+    verdict = checks.check_blocked_loop(_blocked(), BLOCKED_SETUP)
+    assert verdict.verdict == checks.HOLDS, verdict.reason
+
+
+@pytest.mark.parametrize(("kwargs", "why"), [
+    ({"loop_p99": 60}, "below the /work time"),
+    ({"alone": 40}, "only 6.2x its p99 without /work"),
+    ({"threads_p99": 180}, "switch interval is 5 ms"),
+    ({"blocked": 0.0}, "did not rise"),
+    ({"blocked": None}, "gave no arena_event_loop_blocked_seconds_total"),
+])
+def test_blocked_loop_fails(kwargs, why):
+    verdict = checks.check_blocked_loop(_blocked(**kwargs), BLOCKED_SETUP)
+    assert verdict.verdict == checks.FAILS
+    assert why in verdict.reason
+
+
+# -- report ----------------------------------------------------------------------------------
+
+
+def _results(tmp_path: Path) -> dict:
+    entries = []
+    cases = {"io-wait": (_io(4800, 99), IO_SETUP),
+             "cpu-work": (_cpu(dict.fromkeys(models.NAMES, 950)),
+                          CPU_SETUP),
+             "pool-bound": (_pool_bound({2: 39, 4: 78}), POOL_SETUP),
+             "cores": (_cores(1800), CORES_SETUP),
+             "many-clients": (_many(352), MANY_SETUP),
+             "blocked-loop": (_blocked(), BLOCKED_SETUP)}
+    for lesson_id, (figures, setup) in cases.items():
+        figures = json.loads(json.dumps(figures))  # as lessons.json gives them back
+        for figure in figures.values():
+            figure.setdefault("rps", 500.0)
+            figure.setdefault("p99_ms", 21.5)
+            figure.setdefault("of_ideal", figure.get("rps", 0) / 5000)
+            figure.setdefault("cores_worth", figure.get("rps", 0) / 1000)
+            figure.setdefault("server_cores", 1.0)
+            figure.setdefault("expected_rps", 400)
+            figure.setdefault("of_expected", 0.98)
+            figure.setdefault("requests_per_connection", {"min": 0, "median": 4, "max": 9})
+            figure.setdefault("threads", 3)
+            figure.setdefault("peak_rss_mib", 40.0)
+            figure.setdefault("work_p50_ms", 101.0)
+            for run in figure.get("runs", []):
+                run.update(p99_ms=500.0, expected_rps=run["workers"] * 20,
+                           of_expected=run["rps"] / (run["workers"] * 20))
+        verdict = checks.decide(lesson_id, figures, setup)
+        entries.append({"id": lesson_id, "title": checks.lesson(lesson_id).title,
+                        "claim": checks.lesson(lesson_id).claim,
+                        "hypothesis": checks.HYPOTHESES[lesson_id](setup),
+                        "verdict": verdict.verdict, "reason": verdict.reason, "setup": setup,
+                        "figures": figures,
+                        "reading": report.reading(lesson_id, figures, setup)})
+    return {"when": "2026-12-02 10:00 UTC",
+            "machine": {"cpu_model": "Test CPU", "cores": 2, "system": "Linux 6",
+                        "python": "3.11.7"},
+            "pace": {"quick": False, "reps": 3, "duration_s": 3.0},
+            "method": "each model alone.",
+            "background": {"before": 0.02, "after": 0.03, "text": "quiet."},
+            "lessons": entries}
+
+
+def test_report_prints_and_writes_every_lesson(tmp_path):
+    results = _results(tmp_path)
+    for entry in results["lessons"]:
+        block = report.console_block(entry)
+        for part in ("claim:", "hypothesis:", "figures:", "verdict:", entry["claim"]):
+            assert part in block
+        for model in entry["figures"]:
+            assert model in block
+        assert entry["reading"]
+    summary = report.summary_table(results)
+    assert "many-clients  FAILS" in summary and "io-wait       holds" in summary
+    for entry in results["lessons"]:
+        entry["chart"] = report.write_chart(entry, results, tmp_path)
+        assert (tmp_path / f"{entry['id']}.png").stat().st_size > 10_000
+    report.write_json(results, tmp_path)
+    markdown = report.write_markdown(results, tmp_path).read_text()
+    assert "**Verdict: FAILS**" in markdown and "![blocked-loop](blocked-loop.png)" in markdown
+    assert json.loads((tmp_path / "lessons.json").read_text())["lessons"][0]["id"] == "io-wait"
+
+
+def test_the_readme_section_is_written_from_lessons_json(tmp_path):
+    results = _results(tmp_path)
+    for entry in results["lessons"]:
+        entry["chart"] = f"{entry['id']}.png"
+    (tmp_path / "lessons").mkdir()
+    report.write_json(results, tmp_path / "lessons")
+    text = ("intro\n<!-- figures:lessons:begin -->\nold\n<!-- figures:lessons:end -->\n")
+    fresh = docfigures.render_text(text, docfigures.Sources(tmp_path))
+    assert "Latest run: **2026-12-02 10:00 UTC" in fresh
+    assert "| many-clients |" in fresh and "**FAILS**" in fresh
+    assert "![cores](results/lessons/cores.png)" in fresh
+    empty = docfigures.render_text(text, docfigures.Sources(tmp_path / "nothing"))
+    assert docfigures.NO_LESSONS in empty
+
+
+# -- a real run ------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_quick_real_run_writes_figures_verdicts_and_a_chart(tmp_path):
+    """Shape only: the verdict depends on how busy the machine is (the full run decides)."""
+    narrowed = [name for name in models.NAMES if name in (THREADS, POOL)]
+    result = subprocess.run(
+        [sys.executable, "-m", "loadtest.lessons", "--quick", "--lessons", "io-wait",
+         "--models", ",".join(narrowed), "--out", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=240, check=False)
+    assert result.returncode in (0, 1), result.stderr
+    data = json.loads((tmp_path / "lessons.json").read_text())
+    assert {"when", "machine", "lessons"} <= set(data)
+    [entry] = data["lessons"]
+    assert entry["id"] == "io-wait"
+    assert entry["claim"] == catalog.get("io-wait").claim
+    assert entry["verdict"] in (checks.HOLDS, checks.FAILS, checks.INCONCLUSIVE)
+    assert entry["reading"] and entry["reason"]
+    assert set(entry["figures"]) == set(narrowed)
+    for figure in entry["figures"].values():
+        assert figure["rps"] > 0 and figure["p99_ms"] > 0
+    assert (tmp_path / "io-wait.png").stat().st_size > 10_000
+    assert (tmp_path / "lessons.md").exists()
+    assert "verdict:" in result.stderr and "[  2/2]" in result.stderr
+    assert "io-wait" in result.stdout  # the final summary table
+    assert runner.QUICK.quick
