@@ -7,7 +7,13 @@ How many users run: every concrete class has ``fixed_count`` users (``--users-pe
 default 100), and classes whose target is not in ``--targets`` get none. Locust's ``-u`` (300 in
 locust.conf) is then only a cap: below 100 x targets, Locust spreads it evenly over the targets.
 Both are applied when a test starts (:func:`apply_target_selection`), on the master or the
-stand-alone runner, which is where Locust decides how many users of each class to run.
+stand-alone runner, which is where Locust decides how many users of each class to run. When the
+users per target come from the scenario (the knob is blank), the scenario decides the total:
+:func:`scenario_user_count` raises ``-u`` to users per target x targets, so one click on
+``many-clients`` runs its 1000 users per target.
+
+Each concrete class also has its target's address as Locust's ``host`` (:func:`sync_hosts`), so
+Locust's web UI neither asks for a host nor offers to override one.
 """
 
 from __future__ import annotations
@@ -21,7 +27,13 @@ from typing import Any
 from locust import User, task
 
 from loadtest.client import LineClient
-from loadtest.workload import DEFAULT_USERS_PER_TARGET, current_workload, filler
+from loadtest.workload import (
+    DEFAULT_USERS_PER_TARGET,
+    KnobError,
+    Workload,
+    current_workload,
+    filler,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +52,7 @@ class SocketUser(User):
 
     abstract = True
     target: str = ""
+    host = ""  # tcp://host:port of the target, kept in step with the knobs by sync_hosts
     fixed_count = DEFAULT_USERS_PER_TARGET
 
     def __init__(self, environment: Any) -> None:
@@ -93,7 +106,8 @@ class SocketUser(User):
 def apply_target_selection(environment: Any, **_kwargs: Any) -> None:
     """Give selected targets' user classes `--users-per-target` users and the others none."""
     workload = current_workload(environment.parsed_options)
-    classes = [cls for cls in environment.user_classes if issubclass(cls, SocketUser)]
+    sync_hosts(environment, workload)
+    classes = socket_user_classes(environment)
     for cls in classes:
         selected = cls.target in workload.targets
         cls.fixed_count = workload.users_per_target if selected else 0
@@ -107,5 +121,53 @@ def apply_target_selection(environment: Any, **_kwargs: Any) -> None:
             num_users, wanted, num_users, ",".join(workload.targets),
         )
     logger.info(
-        "targets %s with %d users each", ",".join(workload.targets), workload.users_per_target
+        "scenario %s: targets %s with %d users each; %s", workload.scenario,
+        ",".join(workload.targets), workload.users_per_target,
+        ", ".join(f"{knob.flag} {value} ({source})" for knob, value, source in
+                  workload.knob_values()),
     )
+
+
+def socket_user_classes(environment: Any) -> list[type[SocketUser]]:
+    """The concrete user classes of this Locust that load a target."""
+    return [cls for cls in environment.user_classes if issubclass(cls, SocketUser)]
+
+
+def address_url(address: tuple[str, int]) -> str:
+    """(host, port) as the knobs write it: tcp://host:port."""
+    host, port = address
+    return f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{host}:{port}"
+
+
+def sync_hosts(environment: Any, workload: Workload | None = None) -> None:
+    """Set each user class's `host` to its target's current address."""
+    workload = workload or current_workload(environment.parsed_options)
+    for cls in socket_user_classes(environment):
+        cls.host = address_url(workload.addresses[cls.target])
+
+
+def scenario_user_count(workload: Workload, user_count: int | None) -> int | None:
+    """The number of users to start: at least users per target x targets when the scenario sets
+    the users per target; `user_count` (Locust's -u, a cap) when the knob was given."""
+    if "users_per_target" in workload.given:
+        return user_count
+    return max(user_count or 0, workload.users_per_target * len(workload.targets))
+
+
+def prepare_run(environment: Any, **_kwargs: Any) -> None:
+    """The ``init`` listener: user classes' hosts from the knobs, -u raised for the scenario."""
+    options = environment.parsed_options
+    if options is None:
+        return
+    try:
+        workload = current_workload(options)
+    except KnobError:
+        return  # workload.check_options reports it and exits
+    sync_hosts(environment, workload)
+    given = getattr(options, "num_users", None)
+    if given is not None:
+        options.num_users = scenario_user_count(workload, given)
+        if options.num_users != given:
+            logger.info("scenario %s runs %d users per target: %d users instead of -u %d "
+                        "(give --users-per-target to make -u a cap)", workload.scenario,
+                        workload.users_per_target, options.num_users, given)

@@ -1,8 +1,15 @@
-"""The Locust web UI's additions: ``/metrics``, ``/latency``, the latency tab, the knob check.
+"""The Locust web UI's additions: ``/metrics``, ``/latency``, two tabs, the knob check.
 
 Locust's UI renders extra tabs from template arguments and fills them from an
 ``extended_stats`` entry in its ``/stats/requests`` poll; its ``/swarm`` handler stores any form
 text, so the knobs are validated here first and refused the way the form shows errors.
+
+What a user sees, checked in Chromium (tests/test_webui_browser.py):
+- tab titles survive Locust's upper-casing (no ``µ``: it becomes a Greek capital Mu, "MS");
+- the custom parameters keep the order of ``workload.KNOBS`` (scenario, workload, targets):
+  Jinja's ``tojson`` would sort them alphabetically;
+- the header's "Host" names the targets, and no host warning shows: each user class has its own
+  address, which Locust would otherwise report as "override the host for the User classes".
 """
 
 from __future__ import annotations
@@ -12,19 +19,48 @@ from typing import TYPE_CHECKING, Any
 
 from loadtest.client_metrics import PROMETHEUS_TEXT
 from loadtest.client_stats import latency_rows, latency_table
+from loadtest.lessons import catalog
+from loadtest.users import address_url, scenario_user_count, sync_hosts
 from loadtest.workload import KnobError, Workload, current_workload
 
 if TYPE_CHECKING:
     from loadtest.exporter import Exporter
 
 LATENCY_TAB = "socket-arena-latency"
+SCENARIO_TAB = "socket-arena-scenario"
+LATENCY_TITLE = "Latency (microseconds)"
+SCENARIO_TITLE = "Scenario"
+PICK_ANOTHER = ("Edit (or stop and start a new test) → Custom parameters → Scenario; knobs left "
+                "blank take its values")
+
+
+def targets_summary(workload: Workload) -> str:
+    """What the header's "Host" shows: each selected target and its address."""
+    return ", ".join(f"{t} {address_url(workload.addresses[t])}" for t in workload.targets)
+
+
+def scenario_rows(workload: Workload) -> list[dict[str, str]]:
+    """The Scenario tab: the lesson's paragraph, then every workload knob and where it came from."""
+    lesson = catalog.get(workload.scenario)
+    rows = [
+        {"item": "Scenario", "value": lesson.title},
+        {"item": "Claim", "value": lesson.claim},
+        {"item": "Watch", "value": lesson.watch},
+        {"item": "Expect", "value": lesson.expect},
+        {"item": "Pick another", "value": PICK_ANOTHER},
+    ]
+    for knob, value, source in workload.knob_values():
+        rows.append({"item": knob.flag, "value": f"{value} ({source})"})
+    return rows
 
 
 def add_web_routes(web_ui: Any, exporter: Exporter) -> None:
-    """Serve /metrics and /latency, add the latency tab, and check knobs before /swarm."""
+    """Serve /metrics and /latency, add the tabs, tidy the start form, check knobs before /swarm."""
     from flask import Response, jsonify, request
+    from werkzeug.datastructures import ImmutableMultiDict
 
     app = web_ui.app
+    environment = exporter.environment
 
     @app.route("/metrics")
     def metrics() -> Response:
@@ -37,57 +73,109 @@ def add_web_routes(web_ui: Any, exporter: Exporter) -> None:
             return jsonify(rows)
         return Response(latency_table(rows) + "\n", mimetype="text/plain; charset=utf-8")
 
-    # The latency tab: Locust's UI renders extra tabs from these template arguments and fills
-    # them from an "extended_stats" entry in its /stats/requests poll.
-    web_ui.template_args["extended_tabs"] = [{"title": "Latency (µs)", "key": LATENCY_TAB}]
-    web_ui.template_args["extended_tables"] = [{
-        "key": LATENCY_TAB,
-        "structure": [
-            {"key": "target", "title": "Target"},
-            {"key": "command", "title": "Command"},
-            {"key": "requests", "title": "Requests"},
-            {"key": "failures", "title": "Failures"},
-            {"key": "p50_us", "title": "p50 µs"},
-            {"key": "p99_us", "title": "p99 µs"},
-            {"key": "p999_us", "title": "p99.9 µs"},
-            {"key": "max_us", "title": "max µs"},
-        ],
-    }]
-    web_ui.template_args["extended_csv_files"] = [
-        {"href": "/latency?format=json", "title": "Download client-side latency (µs) as JSON"}
+    # Locust's UI renders extra tabs from these template arguments and fills them from an
+    # "extended_stats" entry in its /stats/requests poll. It upper-cases tab titles, so no µ.
+    web_ui.template_args["extended_tabs"] = [
+        {"title": SCENARIO_TITLE, "key": SCENARIO_TAB},
+        {"title": LATENCY_TITLE, "key": LATENCY_TAB},
     ]
+    web_ui.template_args["extended_tables"] = [
+        {
+            "key": SCENARIO_TAB,
+            "structure": [{"key": "item", "title": "What"}, {"key": "value", "title": "Now"}],
+        },
+        {
+            "key": LATENCY_TAB,
+            "structure": [
+                {"key": "target", "title": "Target"},
+                {"key": "command", "title": "Command"},
+                {"key": "requests", "title": "Requests"},
+                {"key": "failures", "title": "Failures"},
+                {"key": "p50_us", "title": "p50"},
+                {"key": "p99_us", "title": "p99"},
+                {"key": "p999_us", "title": "p99.9"},
+                {"key": "max_us", "title": "max"},
+            ],
+        },
+    ]
+    web_ui.template_args["extended_csv_files"] = [
+        {"href": "/latency?format=json", "title": "Download client-side latency (microseconds)"}
+    ]
+    # The page embeds its arguments with Jinja's tojson, whose default policy sorts keys: the
+    # custom parameters would show alphabetically, the scenario among the targets. Keep the
+    # order they were added in (workload.KNOBS).
+    app.jinja_env.policies["json.dumps_kwargs"] = {"sort_keys": False}
+
+    update_template_args = web_ui.update_template_args
+
+    def update_template_args_without_host_warnings() -> None:
+        update_template_args()
+        try:
+            summary = targets_summary(current_workload(environment.parsed_options))
+        except KnobError:
+            summary = ""
+        # Locust sees one host per user class and warns that a Host would override them all;
+        # the targets are set under Custom parameters instead, and the header lists them.
+        web_ui.template_args.update(
+            override_host_warning=False, missing_host_warning=False, host=summary
+        )
+
+    web_ui.update_template_args = update_template_args_without_host_warnings
 
     @app.after_request
-    def add_latency_to_stats(response: Response) -> Response:
+    def add_tables_to_stats(response: Response) -> Response:
         if not request.path.endswith("/stats/requests") or response.mimetype != "application/json":
             return response
         body = response.get_json(silent=True)
         if isinstance(body, dict):
-            body["extended_stats"] = [{"key": LATENCY_TAB, "data": latency_rows(exporter.stats)}]
+            extended = [{"key": LATENCY_TAB, "data": latency_rows(exporter.stats)}]
+            try:
+                workload = current_workload(environment.parsed_options)
+                extended.append({"key": SCENARIO_TAB, "data": scenario_rows(workload)})
+            except KnobError:
+                pass
+            body["extended_stats"] = extended
             response.set_data(json.dumps(body))
         return response
 
+    def refuse(message: str) -> Response:
+        return jsonify({"success": False, "message": message, "host": environment.host})
+
     @app.before_request
-    def refuse_bad_knobs() -> Any:
+    def check_knobs_before_swarm() -> Any:
         # Locust's own /swarm handler would store any text (or fail with a 500 on a number field);
         # check the knobs first and answer the way the form shows errors.
         if request.method != "POST" or not request.path.endswith("/swarm"):
             return None
-        options = vars(exporter.environment.parsed_options)
+        options = vars(environment.parsed_options)
         submitted = {**options, **request.form.to_dict()}
         try:
             new = Workload.from_options(submitted)
         except KnobError as error:
-            return jsonify({"success": False, "message": str(error),
-                            "host": exporter.environment.host})
-        runner = exporter.environment.runner
-        if runner is not None and runner.state in ("spawning", "running"):
-            old = current_workload(exporter.environment.parsed_options)
-            if (new.targets, new.users_per_target) != (old.targets, old.users_per_target):
-                return jsonify({
-                    "success": False,
-                    "message": "--targets and --users-per-target apply when a test starts: "
-                               "stop the test to change them",
-                    "host": exporter.environment.host,
-                })
+            return refuse(str(error))
+        old = current_workload(environment.parsed_options)
+        host = request.form.get("host", "").strip()
+        if host and host != targets_summary(old):
+            return refuse("Locust's Host is not used: each target has its own address under "
+                          "Custom parameters (threaded_target, ...)")
+        running = environment.runner is not None and environment.runner.state in (
+            "spawning", "running")
+        if running and (new.targets, new.users_per_target) != (old.targets, old.users_per_target):
+            return refuse(
+                f"targets {','.join(new.targets)} with {new.users_per_target} users each "
+                f"(scenario {new.scenario}): targets and users per target apply when a test "
+                "starts; stop the test and start a new one with these settings"
+            )
+        # Rewrite the form Locust's handler reads: without the Host (which would overwrite every
+        # user class's host), and with the number of users the scenario asks for.
+        form = [(key, value) for key, value in request.form.items(multi=True) if key != "host"]
+        try:
+            user_count: int | None = int(request.form["user_count"])
+        except (KeyError, ValueError):
+            user_count = None  # Locust's handler reports it
+        if user_count is not None:
+            raised = str(scenario_user_count(new, user_count))
+            form = [(key, raised if key == "user_count" else value) for key, value in form]
+        request.form = ImmutableMultiDict(form)
+        sync_hosts(environment, new)
         return None

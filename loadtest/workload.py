@@ -6,6 +6,12 @@ in the web UI's edit form takes effect on the next request without restarting th
 validated in one place, :meth:`Workload.from_options`, which the command line, the web UI's start
 and edit forms and the users all go through; a bad value is refused with a message that names the
 knob, the allowed range and the value given.
+
+``--scenario`` picks a lesson of ``loadtest.lessons.catalog``; the lesson's preset fills every
+workload knob left blank. A knob's default is blank, so a value given anywhere (flag, ``LOCUST_*``
+variable, config file, a field typed into the web form) wins over the scenario, and clearing the
+field hands the knob back to it. Parsed options keep the knobs as text: Locust's web form casts a
+posted value to the type of the stored one, and text is the one type every value (blank too) has.
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
+
+from loadtest.lessons import catalog
 
 # The protocol's limits and /work cost, from the one place they are defined (the Locust image
 # ships services/protocol.py, which imports only the standard library).
@@ -71,6 +79,27 @@ def _number(low: float, high: float) -> Callable[[object], float]:
     return parse
 
 
+def _choice(choices: tuple[str, ...]) -> Callable[[object], str]:
+    def parse(value: object) -> str:
+        text = str(value).strip()
+        if text not in choices:
+            raise KnobError(f"must be one of {', '.join(choices)}, got {text!r}")
+        return text
+
+    return parse
+
+
+def _blank_or(parse: Callable[[object], Any]) -> Callable[[object], Any]:
+    """A parser that reads a blank value as None: "not given, take it from the scenario"."""
+
+    def parse_or_none(value: object) -> Any:
+        if value is None or not str(value).strip():
+            return None
+        return parse(value)
+
+    return parse_or_none
+
+
 def _address(value: object) -> str:
     text = str(value).strip()
     parse_address(text)
@@ -117,6 +146,9 @@ class Knob:
     default: str
     parse: Callable[[object], Any]
     help: str
+    # A workload knob: blank by default, and a blank value means "the scenario's preset".
+    from_scenario: bool = False
+    choices: tuple[str, ...] | None = None
 
     @property
     def dest(self) -> str:
@@ -129,31 +161,42 @@ class Knob:
         return "LOCUST_" + self.dest.upper()
 
 
+def _workload_knob(flag: str, parse: Callable[[object], Any], text: str) -> Knob:
+    return Knob(flag, "", _blank_or(parse), f"{text}; blank = scenario's", from_scenario=True)
+
+
+SCENARIOS = tuple(lesson.id for lesson in catalog.LESSONS)
+# The order here is the order of `--help`, the docs and the web UI's "Custom parameters": the
+# scenario first, then what each user does, then where the users go. The help texts are the web
+# form's labels too, on one line: keep them short.
 KNOBS: tuple[Knob, ...] = (
+    Knob("--scenario", catalog.DEFAULT_LESSON, _choice(SCENARIOS),
+         "the lesson: sets the workload knobs left blank; see the Scenario tab",
+         choices=SCENARIOS),
+    _workload_knob("--think-ms", _number(0, 600_000),
+                   "mean ms a user pauses between requests (0.5x-1.5x)"),
+    _workload_knob("--sleep-share", _number(0, 1), "fraction of requests that are /sleep"),
+    _workload_knob("--sleep-ms", _integer(0, MAX_SLEEP_MS), "ms each /sleep waits on the server"),
+    _workload_knob("--work-share", _number(0, 1), "fraction of requests that are /work"),
+    _workload_knob("--work-rounds", _integer(0, MAX_WORK_ROUNDS),
+                   "CPU rounds per /work, ~10,000 a ms"),
+    _workload_knob("--ping-share", _number(0, 1), "fraction of requests that are /ping"),
+    _workload_knob("--payload-bytes", _integer(0, MAX_PAYLOAD_BYTES),
+                   "bytes of text per echo, /sleep, /work"),
+    _workload_knob("--users-per-target", _integer(1, 100_000),
+                   "users per target, at test start"),
+    Knob("--timeout-s", "10", _number(0.1, 3600),
+         "seconds to wait for a connect or a reply (plus what the request asks for)"),
+    Knob("--targets", ",".join(TARGETS), _target_list,
+         f"target: which ones to load, {','.join(TARGETS)}; at test start"),
     *(
         Knob(f"--{target}-target", DEFAULT_ADDRESSES[target], _address,
-             f"Address of the {target} server, tcp://host:port")
+             f"target: the {target} server's address, tcp://host:port")
         for target in TARGETS
     ),
-    Knob("--targets", ",".join(TARGETS), _target_list,
-         "Comma-separated targets to load (threaded,pool,gevent); applied when a test starts"),
-    Knob("--users-per-target", str(DEFAULT_USERS_PER_TARGET), _integer(1, 100_000),
-         "Concurrent users per target (-u caps the total); applied when a test starts"),
-    Knob("--payload-bytes", "32", _integer(0, MAX_PAYLOAD_BYTES),
-         "Bytes of text in each echo, /sleep and /work request"),
-    Knob("--ping-share", "0.05", _number(0, 1), "Fraction of requests that are /ping"),
-    Knob("--sleep-share", "0.1", _number(0, 1), "Fraction of requests that are /sleep"),
-    Knob("--sleep-ms", "5", _integer(0, MAX_SLEEP_MS),
-         "Milliseconds each /sleep waits on the server"),
-    Knob("--work-share", "0.05", _number(0, 1), "Fraction of requests that are /work"),
-    Knob("--work-rounds", "10000", _integer(0, MAX_WORK_ROUNDS),
-         "CPU rounds of each /work request (about 10,000 per millisecond)"),
-    Knob("--think-ms", "100", _number(0, 600_000),
-         "Mean pause between a user's requests in ms (uniform from 0.5x to 1.5x this)"),
-    Knob("--timeout-s", "10", _number(0.1, 3600),
-         "Socket timeout in seconds for connecting and for each reply (plus a /sleep's own time)"),
 )
 KNOBS_BY_DEST = {knob.dest: knob for knob in KNOBS}
+WORKLOAD_KNOBS = tuple(knob for knob in KNOBS if knob.from_scenario)
 
 
 def add_arguments(parser: Any, **_kwargs: Any) -> None:
@@ -171,7 +214,7 @@ def add_arguments(parser: Any, **_kwargs: Any) -> None:
             continue
         parser.add_argument(
             knob.flag, default=knob.default, type=_argparse_type(knob), env_var=knob.env_var,
-            help=knob.help, include_in_web_ui=True,
+            help=knob.help, include_in_web_ui=True, choices=knob.choices,
         )
 
 
@@ -184,12 +227,14 @@ def check_options(environment: Any, **_kwargs: Any) -> None:
         sys.exit(2)
 
 
-def _argparse_type(knob: Knob) -> Callable[[str], Any]:
-    def convert(value: str) -> Any:
+def _argparse_type(knob: Knob) -> Callable[[str], str]:
+    # Validate, but keep the text (see the module docstring): Workload.from_options parses it.
+    def convert(value: str) -> str:
         try:
-            return knob.parse(value)
+            knob.parse(value)
         except KnobError as error:
             raise argparse.ArgumentTypeError(str(error)) from None
+        return value.strip()
 
     convert.__name__ = knob.dest  # argparse names the type in some messages
     return convert
@@ -210,6 +255,9 @@ class Workload:
     work_rounds: int
     think_ms: float
     timeout_s: float
+    scenario: str = catalog.DEFAULT_LESSON
+    # The workload knobs given explicitly (not blank), which the scenario did not set.
+    given: frozenset[str] = frozenset()
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any] | Any) -> Workload:
@@ -224,11 +272,16 @@ class Workload:
                 values[knob.dest] = knob.parse(value)
             except KnobError as error:
                 raise KnobError(f"{knob.flag} {error}") from None
+        lesson = catalog.get(values["scenario"])
+        given = frozenset(k.dest for k in KNOBS if k.from_scenario and values[k.dest] is not None)
+        for knob in KNOBS:
+            if knob.from_scenario and values[knob.dest] is None:
+                values[knob.dest] = knob.parse(scenario_value(lesson, knob.dest))
         shares = values["ping_share"] + values["sleep_share"] + values["work_share"]
         if shares > 1 + 1e-9:
             raise KnobError(
                 "--ping-share + --sleep-share + --work-share must not exceed 1 (the rest is echo), "
-                f"got {shares:g}"
+                f"got {shares:g} (scenario {lesson.id}: blank shares are its own)"
             )
         return cls(
             addresses={t: parse_address(values[f"{t}_target"]) for t in TARGETS},
@@ -242,7 +295,20 @@ class Workload:
             work_rounds=values["work_rounds"],
             think_ms=values["think_ms"],
             timeout_s=values["timeout_s"],
+            scenario=lesson.id,
+            given=given,
         )
+
+    def knob_values(self) -> list[tuple[Knob, str, str]]:
+        """(knob, value as text, where it came from) for every workload knob, in KNOBS order."""
+        rows = []
+        for knob in KNOBS:
+            if knob.from_scenario:
+                source = "given" if knob.dest in self.given else f"scenario {self.scenario}"
+                value = getattr(self, knob.dest)
+                text = str(value) if isinstance(value, int) else f"{value:g}"
+                rows.append((knob, text, source))
+        return rows
 
     def pick_command(self, draw: float) -> str:
         """Map a uniform draw in [0, 1) to a command according to the shares."""
@@ -281,6 +347,14 @@ class Workload:
             # Ten times the nominal CPU time: a loaded 2-core box runs the rounds much slower.
             return self.timeout_s + 10 * self.work_rounds / WORK_ROUNDS_PER_SECOND
         return self.timeout_s
+
+
+def scenario_value(lesson: catalog.Lesson, dest: str) -> str:
+    """A lesson's preset for a workload knob; the default lesson's when the lesson leaves it out."""
+    value = lesson.knobs.get(dest)
+    if value is None:
+        value = catalog.get(catalog.DEFAULT_LESSON).knobs[dest]
+    return value
 
 
 @functools.lru_cache(maxsize=8)
