@@ -18,10 +18,14 @@ from typing import Any
 import pytest
 from locust.event import EventHook
 
+from loadtest import locustfile
 from loadtest.client import LineClient
 from loadtest.client_metrics import render_metrics
 from loadtest.client_stats import ClientStats, fine_key, latency_rows
-from loadtest.workload import KnobError, Workload
+from loadtest.lessons import catalog
+from loadtest.users import scenario_user_count
+from loadtest.workload import KNOBS, KNOBS_BY_DEST, WORKLOAD_KNOBS, KnobError, Workload
+from services import models
 from tests.conftest import RunningServer, launch_server, stop_server
 from tests.loadtest_helpers import (
     COMMANDS,
@@ -82,6 +86,68 @@ def test_requests_carry_the_knobs_and_expect_the_protocols_reply():
     )
     picked = [shares.pick_command(draw) for draw in (0.1, 0.3, 0.6, 0.9)]
     assert picked == ["ping", "sleep", "work", "echo"]
+
+
+def test_a_scenario_fills_the_knobs_left_blank_and_a_given_knob_wins():
+    io_wait = Workload.from_options({"scenario": "io-wait"})
+    assert (io_wait.sleep_share, io_wait.ping_share, io_wait.work_share) == (1, 0, 0)
+    assert io_wait.think_ms == 0 and io_wait.given == frozenset()
+    kept = Workload.from_options({"scenario": "io-wait", "sleep_ms": " 5 ", "think_ms": ""})
+    assert (kept.sleep_ms, kept.think_ms, kept.sleep_share) == (5, 0, 1)
+    assert kept.given == {"sleep_ms"}
+    sources = {knob.dest: source for knob, _, source in kept.knob_values()}
+    assert sources["sleep_ms"] == "given" and sources["think_ms"] == "scenario io-wait"
+    # No scenario named: the default lesson, which is the old default workload.
+    assert Workload.from_options({}) == Workload.from_options({"scenario": "steady"})
+    steady = Workload.from_options({})
+    assert (steady.think_ms, steady.sleep_ms, steady.users_per_target) == (100, 5, 100)
+
+
+def test_an_unknown_scenario_is_refused_with_the_choices():
+    with pytest.raises(KnobError) as refused:
+        Workload.from_options({"scenario": "nap"})
+    assert "--scenario" in str(refused.value) and "io-wait" in str(refused.value)
+
+
+@pytest.mark.parametrize("lesson", catalog.LESSONS, ids=lambda lesson: lesson.id)
+def test_every_lesson_presets_valid_workload_knobs(lesson):
+    assert set(lesson.knobs) <= {knob.dest for knob in WORKLOAD_KNOBS}
+    workload = Workload.from_options({"scenario": lesson.id})
+    for dest, value in lesson.knobs.items():
+        assert getattr(workload, dest) == KNOBS_BY_DEST[dest].parse(value), dest
+    assert lesson.claim and lesson.watch and lesson.expect
+
+
+def test_docs_lessons_has_every_lessons_claim_watch_and_expect():
+    docs = " ".join((Path(__file__).parent.parent / "docs" / "LESSONS.md").read_text().split())
+    for lesson in catalog.LESSONS:
+        assert f"## `{lesson.id}`" in docs
+        for text in (lesson.claim, lesson.watch, lesson.expect):
+            assert " ".join(text.split()) in docs, (lesson.id, text)
+
+
+def test_the_scenario_sets_the_number_of_users_unless_users_per_target_is_given():
+    many = Workload.from_options({"scenario": "many-clients"})
+    assert scenario_user_count(many, 300) == 1000 * len(many.targets)
+    capped = Workload.from_options({"scenario": "many-clients", "users_per_target": "10"})
+    assert scenario_user_count(capped, 300) == 300  # -u is a cap again
+    one = Workload.from_options({"targets": models.NAMES[0]})
+    assert scenario_user_count(one, 300) == 300  # never lowered
+
+
+def test_the_knobs_are_ordered_scenario_workload_targets():
+    kinds = ["scenario" if knob.choices else "workload" if knob.from_scenario or
+             knob.dest == "timeout_s" else "targets" for knob in KNOBS]
+    assert kinds == sorted(kinds, key=["scenario", "workload", "targets"].index)
+
+
+def test_one_user_class_per_model_with_its_address_as_host():
+    for model in models.MODELS:
+        [cls] = [value for value in vars(locustfile).values()
+                 if getattr(value, "target", None) == model.name]
+        assert cls.__name__.lower() == model.name.replace("-", "") + "user"
+        assert cls.host == f"tcp://127.0.0.1:{model.port}"
+        assert not cls.abstract
 
 
 class RecordedEvents:
@@ -262,6 +328,28 @@ def test_headless_run_loads_all_targets_with_100_users_each_and_no_failures(serv
         assert percentiles[0] > 0 and percentiles == sorted(percentiles)
     after = {target: server_counts(server) for target, server in servers.items()}
     check_servers_saw_the_same_traffic(before, after, totals)
+
+
+@pytest.mark.locust
+@pytest.mark.slow
+def test_scenario_from_the_environment_sets_the_mix_and_a_given_knob_keeps_its_value(
+        servers, tmp_path):
+    prefix = tmp_path / "io"
+    run = start_locust(
+        tmp_path, "io", ["--headless", "-t", "6s", "--sleep-ms", "5", "--csv", str(prefix)],
+        locust_env(addresses(servers), LOCUST_SCENARIO="io-wait"))
+    try:
+        code = run.wait(timeout=120)
+    finally:
+        run.kill()
+    assert code == 0, run.stderr[-3000:]
+    totals = csv_totals(tmp_path / "io_stats.csv")
+    # io-wait: only /sleep requests (plus each user's connect), to every target.
+    assert {command for _, command in totals} == {"sleep", "connect"}, totals
+    assert all(totals[(target, "sleep")][0] > 0 for target in TARGETS)
+    assert "--sleep-ms 5 (given)" in run.stderr
+    assert "--sleep-share 1 (scenario io-wait)" in run.stderr
+    assert "--think-ms 0 (scenario io-wait)" in run.stderr
 
 
 @pytest.mark.locust
@@ -457,8 +545,12 @@ def test_bad_knob_in_the_web_ui_is_refused_and_nothing_starts(tmp_path):
         poll("the web UI", run.web_ready, timeout=60)
         page = run.get("/")
         assert '"num_users": 300' in page  # the start form offers 100 users x 3 targets
-        for knob in ("threaded_target", "targets", "payload_bytes", "sleep_share", "think_ms"):
-            assert f'"{knob}"' in page
+        # Every knob in the start form, in the order of KNOBS (Jinja would sort them), and
+        # neither of Locust's host warnings.
+        positions = [page.index(f'"{knob.dest}": {{"default_value"') for knob in KNOBS]
+        assert positions == sorted(positions)
+        assert '"override_host_warning": false' in page
+        assert '"missing_host_warning": false' in page
         answer = run.post("/swarm", {"user_count": "300", "spawn_rate": "100", "think_ms": "soon"})
         assert answer["success"] is False
         assert "--think-ms must be a number" in answer["message"]
