@@ -37,6 +37,9 @@ class Settings:
     grace: float = 10.0  # seconds to finish received requests on SIGTERM/SIGINT
     executor: str = "process"  # pool model only: process or thread workers
     workers: int = os.cpu_count() or 1  # pool model only: executor workers
+    # threaded model only: sys.setswitchinterval, the seconds a thread may hold the GIL while
+    # another waits; 0.05 instead of CPython's 0.005 (services/servers/threaded.py says why)
+    switch_interval: float = 0.05
     backlog: int = 1024  # listen backlog: socketserver's 5 refuses 100 clients connecting at once
     log_level: str = "INFO"
 
@@ -105,6 +108,9 @@ OPTIONS: dict[str, tuple[Callable[[str], object], str]] = {
     "grace": (_non_negative_float, "seconds to answer received requests on SIGTERM/SIGINT"),
     "executor": (_choice(EXECUTORS), "pool model: run requests in process or thread workers"),
     "workers": (parse_positive_int, "pool model: number of executor workers (default: CPU count)"),
+    "switch_interval": (
+        _positive_float, "threaded model: seconds a thread may hold the GIL while another waits",
+    ),
     "backlog": (parse_positive_int, "listen backlog of the protocol socket"),
     "log_level": (_log_level, "DEBUG, INFO, WARNING or ERROR"),
 }
