@@ -30,7 +30,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterable
-from concurrent.futures import BrokenExecutor, Future
+from concurrent.futures import BrokenExecutor, CancelledError, Future
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
@@ -311,9 +311,11 @@ class PoolServer(Server):
                 self.submit([c for c, _ in share], [batch for _, batch in share])
 
     def submit(self, connections: list[Connection], batches: list[list[bytes]],
-               attempt: int = 0) -> None:
+               attempt: int = 0, first_started: float | None = None) -> None:
         """Send batches of request lines (one per connection) to the executor as one task."""
-        started = time.perf_counter() if self.timed else 0.0
+        # A retry keeps its first submission's time: the failed attempt was waited for too.
+        started = first_started if first_started is not None else (
+            time.perf_counter() if self.timed else 0.0)
         pool = self.pool
         generation = pool.generation
         try:
@@ -338,7 +340,7 @@ class PoolServer(Server):
         try:
             results = future.result()
         except Exception as error:
-            self.task_failed(connections, batches, error, generation, attempt)
+            self.task_failed(connections, batches, error, generation, attempt, started)
             return
         elapsed = time.perf_counter() - started if self.timed else 0.0
         for connection, answers in zip(connections, results, strict=True):
@@ -349,7 +351,7 @@ class PoolServer(Server):
 
     # -- failures --------------------------------------------------------------------------
     def task_failed(self, connections: list[Connection], batches: list[list[bytes]],
-                    error: Exception, generation: int, attempt: int) -> None:
+                    error: Exception, generation: int, attempt: int, started: float) -> None:
         """Run a failed task's batches once more (every command is idempotent), then give up.
 
         A broken executor is replaced first and the task goes again as it was. A task that
@@ -359,6 +361,8 @@ class PoolServer(Server):
         broken = isinstance(error, BrokenExecutor)
         if broken:
             self.heal(generation)
+        elif isinstance(error, CancelledError):
+            broken = True  # queued on an executor that was replaced: not a bug, run it again
         else:
             self.stats.count_internal_error("worker")
             self.log.error("a task raised (attempt %d of 2)", attempt + 1, exc_info=error)
@@ -371,10 +375,10 @@ class PoolServer(Server):
         if attempt == 0 and live:
             self.retried_requests += sum(len(batch) for _, batch in live)
             if broken:
-                self.submit([c for c, _ in live], [b for _, b in live], attempt + 1)
+                self.submit([c for c, _ in live], [b for _, b in live], attempt + 1, started)
             else:
                 for connection, batch in live:
-                    self.submit([connection], [batch], attempt + 1)
+                    self.submit([connection], [batch], attempt + 1, started)
             return
         for connection, batch in live:
             try:
