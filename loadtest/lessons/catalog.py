@@ -68,9 +68,10 @@ LESSONS: tuple[Lesson, ...] = (
         "Switching does not help computing: threads and greenlets share one core under the "
         "GIL; only processes add cores.",
         "requests/s against CPU per server, event-loop blocking on gevent.",
-        "threaded and gevent at about one core's worth (~1,000 req/s); a process pool can go "
-        "past it when it has spare cores. Side by side the servers share the machine's cores, "
-        "so `make lessons` checks this claim with one server at a time.",
+        "threaded and gevent at about one core's worth (1 ms of CPU each: about 1,000 a "
+        "second); a process pool can go past it when it has spare cores. Side by side the "
+        "servers share the machine's cores, so `make lessons` checks this claim with one "
+        "server at a time.",
         {**STEADY_KNOBS, **_ONLY_ECHO, "work_share": "1", "work_rounds": str(WORK_1MS_ROUNDS),
          "think_ms": "0"},
     ),
