@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
             "figures": figures, "reading": report.reading(item.lesson, figures, item.setup),
         }
         entries.append(entry)
-        progress.note("\n" + report.console_block(entry) + "\n")
+        print("\n" + report.console_block(entry) + "\n", flush=True)  # results: stdout
 
     try:
         runner.run_plans(plans, rig, on_lesson)
