@@ -267,3 +267,13 @@ def test_a_user_picks_a_lesson_and_sees_the_mix_change(locust_ui, browser):
     assert answer["success"] is False
     assert "apply when a test starts" in answer["message"]
     assert run.post("/stop")["success"]
+    poll("the test to stop", lambda: run.stats()["state"] == "stopped", timeout=WAIT_S)
+
+    # A new test whose users per target come from the scenario starts users per target x
+    # targets, whatever smaller number the form says (the same code raises many-clients to 3000).
+    one = TARGETS[0]
+    answer = run.post("/swarm", {"user_count": "3", "spawn_rate": "100", "scenario": "steady",
+                                 "targets": one})
+    assert answer["success"], answer
+    poll("100 users on one target", lambda: run.stats()["user_count"] == 100, timeout=WAIT_S)
+    assert run.post("/stop")["success"]
