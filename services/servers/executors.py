@@ -25,7 +25,7 @@ metrics thread and the old executor's threads run. Three ways to fork its worker
   workers answer, as it imports its preload first) and holds 18 MB RSS, 3 MB of it its own;
   multiprocessing's resource tracker comes with it (13 MB RSS, 7 MB own). Replacing a broken
   executor (kill the survivors, fork and warm up two workers) took 0.08 s; a new client was
-  answered 0.08 s after a worker's SIGKILL on an idle server, 0.4 s under 100 busy clients.
+  answered 0.08 s after a worker's SIGKILL on an idle server, 0.4-0.7 s under 100 busy clients.
 
 What the forkserver changes, and how it is handled:
 - A process-group SIGTERM (a terminal, `kill -TERM -PGID`) reaches the helper too, and its death
