@@ -44,6 +44,9 @@ CORES_RATIO = 1.6
 CORES_AVAILABLE = 1.6
 # blocked-loop: gevent's echo p99 with the long /work against without it.
 BLOCKED_FACTOR = 10.0
+# CPython's own GIL switch interval (sys.getswitchinterval() unless changed): the threaded
+# server may set a longer one; blocked-loop then measures it at both.
+CPYTHON_SWITCH_INTERVAL = 0.005
 
 CORES = Lesson(
     "cores", "cores: /work on two cores",
@@ -317,12 +320,9 @@ def check_blocked_loop(figures: Mapping[str, Mapping], setup: Mapping) -> Verdic
                         f"{loop['echo_p99_ms'] / max(loop['echo_p99_alone_ms'], 1e-9):.1f}x its "
                         f"p99 without /work ({_ms(loop['echo_p99_alone_ms'])}; needs "
                         f"{BLOCKED_FACTOR:g}x)")
-    if threads["echo_p99_ms"] >= work:
-        interval = threads.get("switch_interval_s")
-        why = (f" (its switch interval is {interval * 1000:g} ms: a longer interval preempts "
-               "the long request later)" if interval else "")
-        problems.append(f"{OS_THREADS}'s echo p99 {_ms(threads['echo_p99_ms'])} is not below "
-                        f"the /work time {_ms(work)}{why}")
+    preempted, trade_off = _preemption(threads, work)
+    if not preempted:
+        problems.append(trade_off)
     blocked = loop.get("blocked_s")
     if blocked is None:
         problems.append(f"{EVENT_LOOP}'s /metrics gave no arena_event_loop_blocked_seconds_total")
@@ -330,10 +330,42 @@ def check_blocked_loop(figures: Mapping[str, Mapping], setup: Mapping) -> Verdic
         problems.append(f"{EVENT_LOOP}'s arena_event_loop_blocked_seconds_total did not rise")
     ok = (f"{EVENT_LOOP}'s echo p99 {_ms(loop['echo_p99_ms'])} >= the /work time {_ms(work)} and "
           f"{loop['echo_p99_ms'] / max(loop['echo_p99_alone_ms'], 1e-9):.0f}x its p99 without "
-          f"/work ({_ms(loop['echo_p99_alone_ms'])}); {OS_THREADS}'s echo p99 "
-          f"{_ms(threads['echo_p99_ms'])} stays below it; the loop was blocked "
+          f"/work ({_ms(loop['echo_p99_alone_ms'])}); {trade_off}; the loop was blocked "
           f"{blocked or 0:.1f} s of a {loop.get('blocked_span_s', 0):.1f} s run")
-    return _decide(problems, ok, figures, [EVENT_LOOP, OS_THREADS])
+    used = {EVENT_LOOP: loop, OS_THREADS: _threads_noise(threads)}
+    return _decide(problems, ok, used, [EVENT_LOOP, OS_THREADS])
+
+
+def _interval(figure: Mapping) -> str:
+    interval = figure.get("switch_interval_s")
+    return f"{interval * 1000:g} ms" if interval else "its"
+
+
+def _preemption(threads: Mapping, work: float) -> tuple[bool, str]:
+    """Is the threaded server's echo p99 below the /work time: at the server's own switch
+    interval, or else at CPython's (a longer interval chosen for fairness preempts later)?"""
+    own = threads["echo_p99_ms"]
+    at_cpython = threads.get("at_cpython_interval")
+    if own < work:
+        return True, (f"{OS_THREADS}'s echo p99 {_ms(own)} stays below it (switch interval "
+                      f"{_interval(threads)})")
+    if at_cpython and at_cpython["echo_p99_ms"] < work:
+        return True, (f"{OS_THREADS}'s echo p99 stays below it at CPython's "
+                      f"{_interval(at_cpython)} switch interval ({_ms(at_cpython['echo_p99_ms'])})"
+                      f", not at the server's {_interval(threads)} ({_ms(own)}): the longer "
+                      "interval, set so a thousand busy threads are all served, lets a long "
+                      "request hold the GIL longer: the trade-off")
+    cpython = (f", {_ms(at_cpython['echo_p99_ms'])} at CPython's {_interval(at_cpython)}"
+               if at_cpython else "")
+    return False, (f"{OS_THREADS}'s echo p99 {_ms(own)} (switch interval {_interval(threads)})"
+                   f"{cpython} is not below the /work time {_ms(work)}")
+
+
+def _threads_noise(threads: Mapping) -> Mapping:
+    """The threaded figures' noise, its run at CPython's switch interval included."""
+    at_cpython = threads.get("at_cpython_interval") or {}
+    return {"noisy": threads.get("noisy") or at_cpython.get("noisy", False),
+            "other_cpu": max(threads.get("other_cpu", 0), at_cpython.get("other_cpu", 0))}
 
 
 def hypothesis_blocked_loop(setup: Mapping) -> str:
@@ -342,7 +374,9 @@ def hypothesis_blocked_loop(setup: Mapping) -> str:
             f"{setup['work_ms']:.0f} ms among echo requests, {EVENT_LOOP}'s echo p99 reaches the "
             f"/work time and >= {BLOCKED_FACTOR:g}x its echo p99 without /work, and "
             "arena_event_loop_blocked_seconds_total rises; "
-            f"{OS_THREADS}'s echo p99 stays below the /work time.")
+            f"{OS_THREADS}'s echo p99 stays below the /work time, measured at the server's own "
+            f"GIL switch interval and at CPython's {CPYTHON_SWITCH_INTERVAL * 1000:g} ms (a "
+            "longer interval, chosen for fairness, preempts later: the trade-off is shown).")
 
 
 CHECKS: Mapping[str, Callable[[Mapping[str, Mapping], Mapping], Verdict]] = {
