@@ -92,6 +92,25 @@ class Server(ABC):
         self.rate_limited.warning(f"accept-{name}", "accept() failed: %s", error)
         return 0.1 if error.errno in CAPACITY_ERRNOS else 0.0
 
+    def check_listener(self) -> None:
+        """Raise OSError when the listening socket was closed or replaced under the server.
+
+        A loop waiting in epoll (gevent's accept, the pool's reactor) never calls accept() on
+        a closed descriptor: epoll just drops it, and the server would live on serving nobody.
+        One getsockopt per sweep notices it; the sweep's `run_or_exit` then ends the process.
+        """
+        listener = self.listener
+        if listener is None:
+            return
+        try:
+            listening = listener.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+        except OSError:
+            if not self.stats.draining:
+                raise  # EBADF (closed) or ENOTSOCK (the number now names another file)
+            return
+        if not listening and not self.stats.draining:  # the number was reused by a connection
+            raise OSError(errno.EINVAL, "the protocol socket no longer listens")
+
     def run_or_exit(self, name: str, loop: Callable[[], None]) -> None:
         """Run a serving loop (accept, sweep, reactor, probe); if it raises, exit the process.
 
@@ -186,11 +205,15 @@ class BlockingServer(Server):
         self.spawn(serve_blocking, session, self.stats, self.settings.metrics)
 
     def sweep_loop(self) -> None:
-        """Close idle connections; sockets carry no timeout, which keeps every read cheap."""
+        """Close idle connections; sockets carry no timeout, which keeps every read cheap.
+
+        Each sweep also checks that the listener still listens (`check_listener`).
+        """
         idle_timeout = self.settings.idle_timeout
         interval = min(1.0, idle_timeout / 4)
         while not self.stopping.wait(interval):
             self.stats.sweep_idle(idle_timeout)
+            self.check_listener()
 
     def stop(self, grace: float) -> None:
         """Stop accepting, let every connection finish what it read, then close the rest."""
