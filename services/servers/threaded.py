@@ -11,36 +11,44 @@ server changes both:
   Session threads are started with `_thread.start_new_thread`, which returns at once. They
   need no `Thread` object: nothing joins them (`stop` waits for the sessions in `ServerStats`
   to close), and `arena_threads` counts the process's OS threads.
-- CPython asks a thread to drop the GIL after 5 ms (`sys.setswitchinterval`). Requests here
-  take microseconds, so forced switches add hand-overs without making anyone faster; a
-  thread waiting in `take_gil` also goes back in line each time its wait times out. This
-  server sets 50 ms (`--switch-interval`; process-wide; a label of `arena_server_info`).
-  The price: a long `/work` holds the GIL up to 50 ms before it has to let the others run,
-  not 5 ms -- still less than the ~100 ms `/work` of the blocked-loop lesson, which a
-  greenlet never gives up at all.
+- CPython asks a thread to drop the GIL after 5 ms (`sys.setswitchinterval`), and a thread
+  waiting for the GIL goes back in line each time that wait times out -- the accept thread
+  included, which so waits behind hundreds of session threads. Requests here take
+  microseconds, so forced switches add hand-overs without making anyone faster. This server
+  sets 50 ms (`--switch-interval`; process-wide; a label of `arena_server_info`).
 
-Measured on the 2-core machine (C load generator, 1000 connections without think time,
-1 s warm-up then a 5 s window, server pinned to one CPU, load generator to the other; the
-machine was shared and loud -- neighbours took up to 85-90 % of both CPUs -- so each figure is
-a range over repeated runs):
+Measured on the 2-core machine (C load generator, 1000 connections without think time, 1 s
+warm-up then a 5 s window, server pinned to one CPU, load generator to the other). The machine
+was shared and loud -- other processes took 30-80 % of the server's CPU -- so every figure is a
+range over repeated runs, and waits are inflated:
 
-| accept thread | 1000 busy connections answered in the window |
-|---|---|
-| `Thread.start()`, 5 ms (before) / socketserver textbook | 335-632 / 342 |
-| `_thread.start_new_thread`, 5 ms | 493-1000 |
-| `_thread.start_new_thread`, 50 ms (this server) | 1000 in 11 of 12 runs (980 once) |
+| 1000 busy connections | answered in the window | longest wait |
+|---|---|---|
+| `Thread.start()`, 5 ms (before) / socketserver textbook | 335-632 / 342 | the whole run |
+| `_thread.start_new_thread`, 5 ms | 493-1000 | 2.8 s - the whole run |
+| `_thread.start_new_thread`, 20 ms | 999-1000 | 4.5 s - the whole run |
+| `_thread.start_new_thread`, 50 ms (this server) | 1000 in 18 of 19 runs (980 once) | 1.2-5.8 s |
+
+The price of 50 ms: a long `/work` keeps the GIL up to 50 ms before the others get a turn.
+With 98 echo clients next to 2 clients looping on a ~100 ms `/work`, the echo p99 was 78-94 ms
+at 5 ms, 185-203 ms at 20 ms and 255-278 ms at 50 ms; gevent's was 1.0-1.3 s (its loop never
+lets go), and the `/work` itself took 0.26-0.75 s on the loaded CPU. `--switch-interval 0.005`
+gives the fine-grained preemption back at the cost of starving some busy connections. At 100
+connections five alternating pairs showed no consistent throughput difference between 5 and
+50 ms (CPU per request 18-45 us either way; the noise was larger than any effect).
 
 Tried and left out: accepting a burst of up to 64 or 1024 connections per wake-up (poll, then
 non-blocking accepts) changed nothing measurable (each `accept()` releases the GIL anyway);
 accepting through `ctypes.PyDLL` (`accept4` without releasing the GIL) accepted the 1000
 connections in 0.4 s instead of 1-2.4 s, but the waits that followed were the same, so it is
-not worth a foreign-function call on the accept path; switch intervals of 0.1-1 s were no
-better than 50 ms and would let a long `/work` hold every other client longer.
+not worth a foreign-function call on the accept path; intervals of 0.1-1 s were no better than
+50 ms and would let a long `/work` hold every other client longer.
 
-What is left: with 1000 threads contending for one GIL the order in which they get it is not
-first-come first-served, so on the loaded machine a few requests still waited 1-3 s (p99
-0.4-0.6 s) while every connection was being served. The pool and gevent servers, which serve
-every connection from one loop in turn, stay fair there (see docs/RELIABILITY.md).
+What is left: with 1000 threads contending for one GIL, the order in which they get it is not
+first-come first-served, so on the loaded machine a few requests still waited 1-6 s (p99
+0.4-1 s) although every connection was being served. The pool and gevent servers, which serve
+every connection from one loop in turn, stayed at 0.35-0.5 s (gevent up to 1.7 s once) in the
+same conditions (docs/RELIABILITY.md).
 """
 
 from __future__ import annotations
