@@ -311,7 +311,7 @@ class Rig:
         if record["starved"]:
             flag += f"  STARVED: {harness.starved_text(record)}"
         self.progress.step(
-            f"{lesson:<12} {run.label:<18} {run.scenario.title:<26} rep {rep + 1}/"
+            f"{lesson:<12} {run.label:<29} {run.scenario.title:<24} rep {rep + 1}/"
             f"{self.pace.reps}: {record['rps']:>8,.0f} req/s  p99 "
             f"{record['latency_us']['p99'] / 1000:>8,.1f} ms  errors {record['errors']}{flag}"
         )
