@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _background_text(before: float, after: float) -> str:
     busiest = max(before, after)
-    text = (f"other processes kept {before:.0%} of the machine's CPU busy before the run and "
+    text = (f"Other processes kept {before:.0%} of the machine's CPU busy before the run and "
             f"{after:.0%} after")
     if busiest > BUSY_MACHINE:
         return text + " — a busy machine: figures flagged ⚠ are noisy."
