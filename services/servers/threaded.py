@@ -45,10 +45,10 @@ not worth a foreign-function call on the accept path; intervals of 0.1-1 s were 
 50 ms and would let a long `/work` hold every other client longer.
 
 What is left: with 1000 threads contending for one GIL, the order in which they get it is not
-first-come first-served, so on the loaded machine a few requests still waited 1-6 s (p99
-0.4-1 s) although every connection was being served. The pool and gevent servers, which serve
-every connection from one loop in turn, stayed at 0.35-0.5 s (gevent up to 1.7 s once) in the
-same conditions (docs/RELIABILITY.md).
+first-come first-served, so a few requests still wait over a second (1.0-1.4 s in quiet runs,
+up to 6 s in loud ones; p99 0.4-1 s) although every connection is served. The pool and gevent
+servers, which serve every connection from one loop in turn, stay at 47-84 ms when quiet
+(docs/RELIABILITY.md; tests/test_fairness.py expects the threaded failure).
 """
 
 from __future__ import annotations
