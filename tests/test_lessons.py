@@ -90,11 +90,18 @@ def test_io_wait_fails(switching_rps, pool_rps, why):
 
 
 def test_a_failure_on_noisy_figures_is_inconclusive_and_says_why():
-    figures = _io(3000, 99)
-    figures[SWITCHING[0]] = _noisy(figures[SWITCHING[0]])
+    figures = _io(4800, 99)
+    figures[SWITCHING[0]] = _noisy({**figures[SWITCHING[0]], "rps": 3000})
     verdict = checks.check_io_wait(figures, IO_SETUP)
     assert verdict.verdict == checks.INCONCLUSIVE
     assert "machine was busy" in verdict.reason and "60%" in verdict.reason
+
+
+def test_a_failure_on_quiet_figures_fails_whatever_the_other_models_noise():
+    figures = _io(4800, 99)
+    figures[SWITCHING[0]]["rps"] = 3000
+    figures[POOL] = _noisy(figures[POOL])  # noisy, but the 60 % is the quiet model's own
+    assert checks.check_io_wait(figures, IO_SETUP).verdict == checks.FAILS
 
 
 def test_a_pass_on_noisy_figures_holds_and_says_the_machine_was_busy():

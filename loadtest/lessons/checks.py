@@ -85,20 +85,36 @@ def _noisy(figures: Mapping[str, Mapping], names: Iterable[str]) -> list[str]:
     return [name for name in names if figures.get(name, {}).get("noisy")]
 
 
-def _decide(problems: list[str], ok: str, figures: Mapping[str, Mapping],
+class Problems(list):
+    """What failed, each with the models whose figures show it."""
+
+    def add(self, text: str, *names: str) -> None:
+        """One failed part of the hypothesis, shown by these models' figures."""
+        self.append((names, text))
+
+
+def _decide(problems: Problems, ok: str, figures: Mapping[str, Mapping],
             used: Iterable[str]) -> Verdict:
-    """Holds without problems; with problems fails, or is inconclusive if a used run was noisy."""
-    noisy = _noisy(figures, used)
-    busy = ""
-    if noisy:
-        shares = ", ".join(f"{name} {figures[name].get('other_cpu', 0):.0%}" for name in noisy)
-        busy = f"the machine was busy (other processes on the server's CPU: {shares})"
+    """Holds without problems. With problems it fails, unless every problem shows in a noisy
+    figure: then it is inconclusive (a busy neighbour cannot be told from the model)."""
+    noisy = set(_noisy(figures, used))
     if not problems:
+        busy = _busy(figures, [name for name in used if name in noisy])
         return Verdict(HOLDS, ok + (f"; measured while {busy}" if busy else ""))
-    text = "; ".join(problems)
-    if noisy:
-        return Verdict(INCONCLUSIVE, f"{text}; but {busy}, so this cannot be told from noise")
+    text = "; ".join(problem for _, problem in problems)
+    if all(noisy.intersection(names) for names, _ in problems):
+        involved = [name for name in used if any(name in names for names, _ in problems)
+                    and name in noisy]
+        return Verdict(INCONCLUSIVE, f"{text}; but {_busy(figures, involved)}, so this cannot "
+                       "be told from noise")
     return Verdict(FAILS, text)
+
+
+def _busy(figures: Mapping[str, Mapping], names: list[str]) -> str:
+    if not names:
+        return ""
+    shares = ", ".join(f"{name} {figures[name].get('other_cpu', 0):.0%}" for name in names)
+    return f"the machine was busy (other processes on the server's CPU: {shares})"
 
 
 def _missing(figures: Mapping[str, Mapping], needed: Iterable[str]) -> Verdict | None:
@@ -129,15 +145,15 @@ def check_io_wait(figures: Mapping[str, Mapping], setup: Mapping) -> Verdict:
         return missing
     ideal = setup["connections"] / (setup["sleep_ms"] / 1000)
     pool = figures[POOL]["rps"]
-    problems = []
+    problems = Problems()
     for name in switching:
         rps = figures[name]["rps"]
         if rps < IO_IDEAL_SHARE * ideal:
-            problems.append(f"{name} {_rate(rps)} is {rps / ideal:.0%} of the ideal "
-                            f"{_rate(ideal)} (needs {IO_IDEAL_SHARE:.0%})")
+            problems.add(f"{name} {_rate(rps)} is {rps / ideal:.0%} of the ideal "
+                         f"{_rate(ideal)} (needs {IO_IDEAL_SHARE:.0%})", name)
         if rps < IO_SPEEDUP * pool:
-            problems.append(f"{name} is {rps / max(pool, 1e-9):.1f}x the pool's {_rate(pool)} "
-                            f"(needs {IO_SPEEDUP:g}x)")
+            problems.add(f"{name} is {rps / max(pool, 1e-9):.1f}x the pool's {_rate(pool)} "
+                         f"(needs {IO_SPEEDUP:g}x)", name, POOL)
     shares = ", ".join(f"{name} {figures[name]['rps'] / ideal:.0%} of the ideal and "
                        f"{figures[name]['rps'] / max(pool, 1e-9):.0f}x the pool"
                        for name in switching)
@@ -164,18 +180,18 @@ def check_cpu_work(figures: Mapping[str, Mapping], setup: Mapping) -> Verdict:
     if len(switching) < 2 and not figures:
         return Verdict(INCONCLUSIVE, "not checked: no model measured")
     worth = 1000 / setup["work_ms"]
-    problems = []
+    problems = Problems()
     rates = {name: figures[name]["rps"] for name in switching}
     if len(rates) >= 2:
         low, high = min(rates.values()), max(rates.values())
         if high > (1 + CPU_SPREAD) * low:
-            problems.append("the switching models differ by " + f"{high / max(low, 1e-9) - 1:.0%}"
-                            + f" (needs within {CPU_SPREAD:.0%}): " + ", ".join(
-                                f"{name} {_rate(rate)}" for name, rate in rates.items()))
+            problems.add("the switching models differ by " + f"{high / max(low, 1e-9) - 1:.0%}"
+                         + f" (needs within {CPU_SPREAD:.0%}): " + ", ".join(
+                             f"{name} {_rate(rate)}" for name, rate in rates.items()), *rates)
     for name, figure in figures.items():
         if figure["rps"] > (1 + CORE_SLACK) * worth:
-            problems.append(f"{name} {_rate(figure['rps'])} is {figure['rps'] / worth:.2f} cores' "
-                            f"worth of /work (one core: {_rate(worth)})")
+            problems.add(f"{name} {_rate(figure['rps'])} is {figure['rps'] / worth:.2f} cores' "
+                         f"worth of /work (one core: {_rate(worth)})", name)
     spread = (f"within {max(rates.values()) / max(min(rates.values()), 1e-9) - 1:.0%} of each "
               "other, " if len(rates) >= 2 else "")
     ok = (", ".join(f"{name} {_rate(figure['rps'])} ({figure['rps'] / worth:.2f} of a core's "
@@ -203,18 +219,18 @@ def check_pool_bound(figures: Mapping[str, Mapping], setup: Mapping) -> Verdict:
     if missing:
         return missing
     runs = sorted(figures[POOL]["runs"], key=lambda run: run["workers"])
-    problems = []
+    problems = Problems()
     for run in runs:
         expected = run["workers"] / (setup["sleep_ms"] / 1000)
         if abs(run["rps"] / expected - 1) > POOL_TOLERANCE:
-            problems.append(f"{run['workers']} workers: {_rate(run['rps'])}, "
-                            f"{run['rps'] / expected:.0%} of workers / sleep = {_rate(expected)} "
-                            f"(needs within {POOL_TOLERANCE:.0%})")
+            problems.add(f"{run['workers']} workers: {_rate(run['rps'])}, "
+                         f"{run['rps'] / expected:.0%} of workers / sleep = {_rate(expected)} "
+                         f"(needs within {POOL_TOLERANCE:.0%})", POOL)
     ratio = runs[-1]["rps"] / max(runs[0]["rps"], 1e-9) if len(runs) >= 2 else None
     factor = runs[-1]["workers"] / runs[0]["workers"] if len(runs) >= 2 else None
     if ratio is not None and factor is not None and abs(ratio / factor - 1) > POOL_TOLERANCE:
-        problems.append(f"{factor:g}x the workers gave {ratio:.2f}x the rate "
-                        f"(needs {factor:g}x within {POOL_TOLERANCE:.0%})")
+        problems.add(f"{factor:g}x the workers gave {ratio:.2f}x the rate "
+                     f"(needs {factor:g}x within {POOL_TOLERANCE:.0%})", POOL)
     ok = ", ".join(f"{run['workers']} workers {_rate(run['rps'])} "
                    f"({run['rps'] / (run['workers'] / (setup['sleep_ms'] / 1000)):.0%} of workers "
                    "/ sleep)" for run in runs)
@@ -282,12 +298,12 @@ def check_many_clients(figures: Mapping[str, Mapping], setup: Mapping) -> Verdic
     """Every connection of every model answered in the window; the longest waits reported."""
     if not figures:
         return Verdict(INCONCLUSIVE, "not checked: no model measured")
-    problems = []
+    problems = Problems()
     for name, figure in figures.items():
         if figure["answered"] < figure["connections"]:
             how = "still waiting after" if figure["longest_wait_unanswered"] else "waited"
-            problems.append(f"{name} answered {figure['answered']}/{figure['connections']} "
-                            f"connections (a request {how} {figure['longest_wait_s']:.1f} s)")
+            problems.add(f"{name} answered {figure['answered']}/{figure['connections']} "
+                         f"connections (a request {how} {figure['longest_wait_s']:.1f} s)", name)
     ok = (f"every connection answered in the {setup['window_s']:g} s window; longest wait: "
           + ", ".join(f"{name} {_ms(figure['longest_wait_s'] * 1000)}"
                       for name, figure in figures.items()))
@@ -311,23 +327,25 @@ def check_blocked_loop(figures: Mapping[str, Mapping], setup: Mapping) -> Verdic
         return missing
     work = setup["work_ms"]
     loop, threads = figures[EVENT_LOOP], figures[OS_THREADS]
-    problems = []
+    problems = Problems()
     if loop["echo_p99_ms"] < work:
-        problems.append(f"{EVENT_LOOP}'s echo p99 {_ms(loop['echo_p99_ms'])} is below the /work "
-                        f"time {_ms(work)}")
+        problems.add(f"{EVENT_LOOP}'s echo p99 {_ms(loop['echo_p99_ms'])} is below the /work "
+                     f"time {_ms(work)}", EVENT_LOOP)
     if loop["echo_p99_ms"] < BLOCKED_FACTOR * loop["echo_p99_alone_ms"]:
-        problems.append(f"{EVENT_LOOP}'s echo p99 {_ms(loop['echo_p99_ms'])} is only "
-                        f"{loop['echo_p99_ms'] / max(loop['echo_p99_alone_ms'], 1e-9):.1f}x its "
-                        f"p99 without /work ({_ms(loop['echo_p99_alone_ms'])}; needs "
-                        f"{BLOCKED_FACTOR:g}x)")
+        problems.add(f"{EVENT_LOOP}'s echo p99 {_ms(loop['echo_p99_ms'])} is only "
+                     f"{loop['echo_p99_ms'] / max(loop['echo_p99_alone_ms'], 1e-9):.1f}x its "
+                     f"p99 without /work ({_ms(loop['echo_p99_alone_ms'])}; needs "
+                     f"{BLOCKED_FACTOR:g}x)", EVENT_LOOP)
     preempted, trade_off = _preemption(threads, work)
     if not preempted:
-        problems.append(trade_off)
+        problems.add(trade_off, OS_THREADS)
     blocked = loop.get("blocked_s")
     if blocked is None:
-        problems.append(f"{EVENT_LOOP}'s /metrics gave no arena_event_loop_blocked_seconds_total")
+        # Not a measurement: no noise excuses a missing metric.
+        problems.add(f"{EVENT_LOOP}'s /metrics gave no arena_event_loop_blocked_seconds_total")
     elif blocked <= 0:
-        problems.append(f"{EVENT_LOOP}'s arena_event_loop_blocked_seconds_total did not rise")
+        problems.add(f"{EVENT_LOOP}'s arena_event_loop_blocked_seconds_total did not rise",
+                     EVENT_LOOP)
     ok = (f"{EVENT_LOOP}'s echo p99 {_ms(loop['echo_p99_ms'])} >= the /work time {_ms(work)} and "
           f"{loop['echo_p99_ms'] / max(loop['echo_p99_alone_ms'], 1e-9):.0f}x its p99 without "
           f"/work ({_ms(loop['echo_p99_alone_ms'])}); {trade_off}; the loop was blocked "
