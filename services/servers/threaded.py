@@ -34,8 +34,9 @@ With 98 echo clients next to 2 clients looping on a ~100 ms `/work`, the echo p9
 at 5 ms, 185-203 ms at 20 ms and 255-278 ms at 50 ms; gevent's was 1.0-1.3 s (its loop never
 lets go), and the `/work` itself took 0.26-0.75 s on the loaded CPU. `--switch-interval 0.005`
 gives the fine-grained preemption back at the cost of starving some busy connections. At 100
-connections five alternating pairs showed no consistent throughput difference between 5 and
-50 ms (CPU per request 18-45 us either way; the noise was larger than any effect).
+connections the interval made no difference that the noise let us see: against the
+socketserver textbook in the same benchmark run (`--scenarios echo64`, medians of 3), 0.81-1.08x
+(median 0.95x, 8 runs) at 50 ms and 0.81-1.08x (median 1.00x, 3 runs) at 5 ms.
 
 Tried and left out: accepting a burst of up to 64 or 1024 connections per wake-up (poll, then
 non-blocking accepts) changed nothing measurable (each `accept()` releases the GIL anyway);
