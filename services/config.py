@@ -38,8 +38,11 @@ class Settings:
     executor: str = "process"  # pool model only: process or thread workers
     workers: int = os.cpu_count() or 1  # pool model only: executor workers
     # threaded model only: sys.setswitchinterval, the seconds a thread may hold the GIL while
-    # another waits; 0.05 instead of CPython's 0.005 (services/servers/threaded.py says why)
-    switch_interval: float = 0.05
+    # another waits (CPython's 0.005 by default; services/servers/threaded.py shows the trade-off)
+    switch_interval: float = 0.005
+    # threaded model only: above this many live connections, requests take turns in arrival
+    # order (0: always); below it the GIL alone decides who runs next
+    turns_above: int = 256
     backlog: int = 1024  # listen backlog: socketserver's 5 refuses 100 clients connecting at once
     log_level: str = "INFO"
 
@@ -56,6 +59,13 @@ def parse_positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise ValueError("must be at least 1")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise ValueError("must be zero or more")
     return value
 
 
@@ -110,6 +120,10 @@ OPTIONS: dict[str, tuple[Callable[[str], object], str]] = {
     "workers": (parse_positive_int, "pool model: number of executor workers (default: CPU count)"),
     "switch_interval": (
         _positive_float, "threaded model: seconds a thread may hold the GIL while another waits",
+    ),
+    "turns_above": (
+        _non_negative_int,
+        "threaded model: above this many connections, requests take turns in arrival order",
     ),
     "backlog": (parse_positive_int, "listen backlog of the protocol socket"),
     "log_level": (_log_level, "DEBUG, INFO, WARNING or ERROR"),

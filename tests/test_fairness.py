@@ -31,7 +31,7 @@ LONGEST_WAIT_BOUND = 1.0  # seconds: no request may wait this long (issue 9)
 # Runs measured again when other processes took more than harness.NOISY_OTHER_FRACTION of the
 # server's CPU: on a shared machine a neighbour, not the server, can make a request wait.
 NOISY_RETRIES = 2
-MODEL_ARGS = {"threaded": (), "pool": ("--workers", "2"), "gevent": ()}
+MODEL_ARGS = {"pool": ("--workers", "2")}  # as on 2 cores; the other models need no flags
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,7 @@ def measured(loadgen_binary) -> Iterator:
         if model in results:
             return results[model]
         ensure_descriptors(CONNECTIONS)  # before the server starts: it inherits the limit
-        command = [sys.executable, "-m", "services", model, *MODEL_ARGS[model],
+        command = [sys.executable, "-m", "services", model, *MODEL_ARGS.get(model, ()),
                    "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0"]
         server = harness.ServerProcess(model, command, pinning.server)
         servers.append(server)
@@ -90,19 +90,8 @@ def test_every_busy_connection_is_answered_in_the_window(measured, model, record
     assert record["answered_connections"] == CONNECTIONS, harness.starved_text(record)
 
 
-# The threaded server answers every connection now, but with 1000 threads the GIL is not
-# handed over first-come first-served: a few requests waited 1.0-1.4 s even in quiet runs
-# (services/servers/threaded.py). Not strict, so the day it passes shows as XPASS.
-THREADED_WAITS = pytest.mark.xfail(
-    reason="issue 9: threaded requests still wait 1.0-1.4 s at 1000 busy connections",
-    strict=False,
-)
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "model", [pytest.param(m, marks=THREADED_WAITS) if m == "threaded" else m for m in MODELS]
-)
+@pytest.mark.parametrize("model", MODELS)
 def test_no_request_waits_a_second(measured, model):
     record = measured(model)
     if record["other_cpu_fraction"] > harness.NOISY_OTHER_FRACTION:

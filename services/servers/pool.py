@@ -516,6 +516,7 @@ class PoolServer(Server):
 
     def sweep(self, deadline: float) -> None:
         """Close connections idle since before `deadline` with nothing in progress."""
+        self.check_listener()  # a listener closed under epoll would otherwise go unnoticed
         for connection in list(self.connections.values()):
             if (not connection.inflight and not connection.pending and not connection.output
                     and connection.last_active < deadline):

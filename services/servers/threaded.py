@@ -2,54 +2,46 @@
 
 The textbook version (socketserver's `ThreadingMixIn`) starves under load: at 1000 busy
 clients it answered only about a third of them in 6 s, and the rest waited the whole run
-(issue 9). Two things keep the accept thread from getting the GIL often enough, and this
-server changes both:
+(issue 9). Three changes make every connection served, each for a measured reason:
 
 - `threading.Thread.start()` waits until the new thread has run. With hundreds of busy
   threads in line for the GIL, every accepted connection costs the accept thread several
-  hand-overs of the GIL: the new thread must get it once, then the accept thread again.
-  Session threads are started with `_thread.start_new_thread`, which returns at once. They
-  need no `Thread` object: nothing joins them (`stop` waits for the sessions in `ServerStats`
-  to close), and `arena_threads` counts the process's OS threads.
-- CPython asks a thread to drop the GIL after 5 ms (`sys.setswitchinterval`), and a thread
-  waiting for the GIL goes back in line each time that wait times out -- the accept thread
-  included, which so waits behind hundreds of session threads. Requests here take
-  microseconds, so forced switches add hand-overs without making anyone faster. This server
-  sets 50 ms (`--switch-interval`; process-wide; a label of `arena_server_info`).
+  hand-overs of the GIL. Session threads are started with `_thread.start_new_thread`, which
+  returns at once; nothing joins them (`stop` waits for the sessions in `ServerStats`), and
+  `arena_threads` counts the process's OS threads.
+- Even then, with 1000 threads ready the GIL is not handed over first-come first-served: a
+  thread coming back from `send()` takes it again before threads that have waited for seconds
+  (0.3-1.4 s longest waits, some connections never served in noisy runs). Above
+  `--turns-above` live connections (256), requests take turns in arrival order
+  (`session.Turns`): a thread holds the turn from its request's arrival to its reply, the
+  others queue on their own locks and are woken by name. A reply the socket cannot take at
+  once gives the turn back first, so a client that does not read holds up nobody.
+- Turns cost a lock hand-over and a context switch per request, so below the threshold (100
+  busy connections, say) the GIL alone decides, as in the textbook.
 
-Measured on the 2-core machine (C load generator, 1000 connections without think time, 1 s
-warm-up then a 5 s window, server pinned to one CPU, load generator to the other). The machine
-was shared and loud -- other processes took 30-80 % of the server's CPU -- so every figure is a
-range over repeated runs, and waits are inflated:
+Measured on the 2-core machine (`python -m loadtest.bench`, C load generator, 1 s warm-up then
+a 5 s window, server on one CPU and load generator on the other; 2026-12-02):
 
-| 1000 busy connections | answered in the window | longest wait |
-|---|---|---|
-| `Thread.start()`, 5 ms (before) / socketserver textbook | 335-632 / 342 | the whole run |
-| `_thread.start_new_thread`, 5 ms | 493-1000 | 2.8 s - the whole run |
-| `_thread.start_new_thread`, 20 ms | 999-1000 | 4.5 s - the whole run |
-| `_thread.start_new_thread`, 50 ms (this server) | 1000 in 18 of 19 runs (980 once) | 1.2-5.8 s |
+| 1000 busy connections | answered in the window | longest wait | requests/s |
+|---|---|---|---|
+| socketserver textbook | 318-440 of 1000 | still waiting after 6 s | 53-66k |
+| `start_new_thread`, no turns | 1000 | 1.26 s | 33k |
+| `start_new_thread` + turns (this server) | 1000 | 52-69 ms | 24-30k |
 
-The price of 50 ms: a long `/work` keeps the GIL up to 50 ms before the others get a turn.
-With 98 echo clients next to 2 clients looping on a ~100 ms `/work`, the echo p99 was 78-94 ms
-at 5 ms, 185-203 ms at 20 ms and 255-278 ms at 50 ms; gevent's was 1.0-1.3 s (its loop never
-lets go), and the `/work` itself took 0.26-0.75 s on the loaded CPU. `--switch-interval 0.005`
-gives the fine-grained preemption back at the cost of starving some busy connections. At 100
-connections the interval made no difference that the noise let us see: against the
-socketserver textbook in the same benchmark run (`--scenarios echo64`, medians of 3), 0.81-1.08x
-(median 0.95x, 8 runs) at 50 ms and 0.81-1.08x (median 1.00x, 3 runs) at 5 ms.
+Fairness costs a third of the throughput at 1000 connections (the pool and gevent servers,
+which serve every connection from one loop in turn, need no such hand-over). At 100
+connections turns are off and the server ran at 0.97-1.11x the textbook's rate in the same runs
+(echo 64 B, medians of 3, four A/B runs), metrics on.
 
-Tried and left out: accepting a burst of up to 64 or 1024 connections per wake-up (poll, then
-non-blocking accepts) changed nothing measurable (each `accept()` releases the GIL anyway);
-accepting through `ctypes.PyDLL` (`accept4` without releasing the GIL) accepted the 1000
-connections in 0.4 s instead of 1-2.4 s, but the waits that followed were the same, so it is
-not worth a foreign-function call on the accept path; intervals of 0.1-1 s were no better than
-50 ms and would let a long `/work` hold every other client longer.
+The GIL switch interval (`--switch-interval`, CPython's 5 ms by default, a label of
+`arena_server_info`) is a trade-off this server leaves at the default: a longer one made the
+accept thread and busy connections fairer before turns existed, but lets a long `/work` hold
+every other client longer (98 echo clients beside 2 looping on a ~100 ms `/work`: echo p99 78-94
+ms at 5 ms, 255-278 ms at 50 ms). With turns, 5 ms served all 1000 connections within 70 ms.
 
-What is left: with 1000 threads contending for one GIL, the order in which they get it is not
-first-come first-served, so a few requests still wait over a second (1.0-1.4 s in quiet runs,
-up to 6 s in loud ones; p99 0.4-1 s) although every connection is served. The pool and gevent
-servers, which serve every connection from one loop in turn, stay at 47-84 ms when quiet
-(docs/RELIABILITY.md; tests/test_fairness.py expects the threaded failure).
+Tried and left out: accepting bursts of 64 or 1024 connections per wake-up (no measurable
+effect); accepting or sending through `ctypes.PyDLL` without releasing the GIL (faster accepts,
+the same waits, a foreign-function call on the hot path); switch intervals of 0.1-1 s.
 """
 
 from __future__ import annotations
@@ -60,10 +52,11 @@ import sys
 import threading
 from collections.abc import Callable, Iterable
 
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from services.config import Settings
 from services.servers.base import BlockingServer
-from services.session import Session, serve_blocking
+from services.session import Session, Turns, serve_blocking
 
 TASKS_DIR = "/proc/self/task"  # one entry per OS thread of this process (Linux)
 
@@ -73,6 +66,10 @@ class ThreadedServer(BlockingServer):
 
     model = "threaded"
     previous_switch_interval: float | None = None
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+        self.turns = Turns(settings.turns_above)
 
     def serve_in_background(self) -> None:
         """Set the GIL switch interval, then accept and sweep."""
@@ -95,7 +92,8 @@ class ThreadedServer(BlockingServer):
 
     def spawn_session(self, session: Session) -> None:
         """Start the connection's thread without waiting for it to run (see the docstring)."""
-        _thread.start_new_thread(serve_blocking, (session, self.stats, self.settings.metrics))
+        _thread.start_new_thread(
+            serve_blocking, (session, self.stats, self.settings.metrics, None, self.turns))
 
     def stop(self, grace: float) -> None:
         """Stop like every blocking server, then give back the process's switch interval."""
@@ -118,4 +116,9 @@ class ThreadedServer(BlockingServer):
         """Live threads: one per connection plus the accept, sweep and metrics threads."""
         yield GaugeMetricFamily(
             "arena_threads", "Live threads in the server process", value=self.live_threads()
+        )
+        yield CounterMetricFamily(
+            "arena_turn_handovers",
+            "Requests that waited for their turn in arrival order (above --turns-above)",
+            value=self.turns.handovers,
         )
