@@ -54,6 +54,18 @@ def test_every_checked_lesson_has_a_claim_a_check_and_a_chart():
     assert "cores" not in catalog.LESSONS_BY_ID
 
 
+@pytest.mark.parametrize(("interval", "extra_runs"), [(0.05, 2), (0.005, 0), (None, 0)])
+def test_blocked_loop_measures_threads_at_cpythons_interval_only_if_the_server_sets_another(
+        monkeypatch, interval, extra_runs):
+    monkeypatch.setattr(runner, "server_switch_interval", lambda: interval)
+    work = runner.Work(10_000, 1_000_000, 100.0)
+    plan = runner.plan("blocked-loop", list(models.NAMES), work, 2)
+    assert len(plan.runs) == 2 * len(models.NAMES) + extra_runs
+    flagged = [run for run in plan.runs if "--switch-interval" in run.server_args]
+    assert len(flagged) == extra_runs
+    assert all(run.model == THREADS for run in flagged)
+
+
 # -- verdicts on synthetic figures -----------------------------------------------------------
 
 

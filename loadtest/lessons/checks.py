@@ -370,8 +370,8 @@ def _preemption(threads: Mapping, work: float) -> tuple[bool, str]:
     if at_cpython and at_cpython["echo_p99_ms"] < work:
         return True, (f"{OS_THREADS}'s echo p99 stays below it at CPython's "
                       f"{_interval(at_cpython)} switch interval ({_ms(at_cpython['echo_p99_ms'])})"
-                      f", not at the server's {_interval(threads)} ({_ms(own)}): the longer "
-                      "interval, set so a thousand busy threads are all served, lets a long "
+                      f", not at the server's {_interval(threads)} ({_ms(own)}): a longer "
+                      "interval (fewer hand-overs between many busy threads) lets a long "
                       "request hold the GIL longer: the trade-off")
     cpython = (f", {_ms(at_cpython['echo_p99_ms'])} at CPython's {_interval(at_cpython)}"
                if at_cpython else "")

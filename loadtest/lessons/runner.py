@@ -189,7 +189,8 @@ def plan(lesson: str, models: Sequence[str], work: Work, cpus: int) -> Plan:
             # The threaded server may set a longer switch interval than CPython's (for
             # fairness between many threads): measured at both, so the trade-off shows.
             variants: list[tuple[str, tuple[str, ...]]] = [("", ())]
-            if m == checks.OS_THREADS:
+            own = server_switch_interval() if m == checks.OS_THREADS else None
+            if own is not None and abs(own - checks.CPYTHON_SWITCH_INTERVAL) > 1e-9:
                 variants.append((CPYTHON_SWITCH, ("--switch-interval",
                                                   f"{checks.CPYTHON_SWITCH_INTERVAL:g}")))
             for name, extra in variants:
@@ -200,6 +201,18 @@ def plan(lesson: str, models: Sequence[str], work: Work, cpus: int) -> Plan:
     else:
         raise KeyError(f"no plan for lesson {lesson!r}")
     return Plan(lesson, setup, runs)
+
+
+def server_switch_interval() -> float | None:
+    """The GIL switch interval the threaded server would set here (None: it has no such
+    setting, or the environment's ARENA_* settings are invalid and it would not start)."""
+    from services.config import ConfigError, load_settings
+
+    try:
+        settings = load_settings([checks.OS_THREADS], os.environ)
+    except ConfigError:
+        return None
+    return getattr(settings, "switch_interval", None)
 
 
 # -- measuring -------------------------------------------------------------------------------
