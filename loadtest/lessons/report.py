@@ -43,13 +43,16 @@ Column = tuple[str, Callable[[Mapping], str]]
 RPS: Column = ("req/s", lambda f: f"{f['rps']:,.0f}")
 P99: Column = ("p99 ms", lambda f: _ms(f["p99_ms"]))
 NOISE: Column = ("others on server CPU", _noise)
+CPU_PER_REQUEST: Column = ("CPU ms per request", lambda f: f"{f['cpu_ms_per_request']:.2f}"
+                           if "cpu_ms_per_request" in f else "-")
 COLUMNS: dict[str, list[Column]] = {
     "io-wait": [RPS, ("of ideal", lambda f: _pct(f["of_ideal"])), P99, NOISE],
     "cpu-work": [RPS, ("of one core's worth", lambda f: f"{f['cores_worth']:.2f}"),
-                 ("server CPU (cores)", lambda f: f"{f['server_cores']:.2f}"), P99, NOISE],
+                 ("server CPU (cores)", lambda f: f"{f['server_cores']:.2f}"), CPU_PER_REQUEST,
+                 P99, NOISE],
     "pool-bound": [RPS, ("expected", lambda f: f"{f['expected_rps']:,.0f}"),
                    ("of expected", lambda f: _pct(f["of_expected"])), P99, NOISE],
-    "cores": [RPS, ("server CPU (cores)", lambda f: f"{f['server_cores']:.2f}"),
+    "cores": [RPS, ("server CPU (cores)", lambda f: f"{f['server_cores']:.2f}"), CPU_PER_REQUEST,
               ("load generator (cores)", lambda f: f"{f['loadgen_cores']:.2f}"),
               ("others (cores)", lambda f: f"{f['other_cores']:.2f}"
                + (" ⚠" if f.get("noisy") else ""))],
@@ -122,11 +125,12 @@ def reading(lesson: str, figures: Mapping[str, Mapping], setup: Mapping) -> str:
         return text
     if lesson == "cpu-work":
         return (f"Each /work computes {setup['work_ms']:.2f} ms holding the GIL; on one core, "
-                "threads and greenlets only take turns, so each model does about one core's "
+                "threads and greenlets only take turns, so no model does more than one core's "
                 "worth: " + _join([f"{name} {f['rps']:,.0f} req/s ({f['cores_worth']:.2f} of a "
                                    "core's worth)" for name, f in figures.items()])
                 + ". What is left between them is each model's cost per request, not "
-                "concurrency.")
+                "concurrency: the server CPU per request shows it (with many threads waiting "
+                "for the GIL, hand-overs cost a share of the core).")
     if lesson == "pool-bound":
         text = (f"{setup['connections']} connections each ask for a {setup['sleep_ms']} ms "
                 "wait. ")

@@ -380,7 +380,8 @@ def figures(plan_: Plan, results: Mapping[Run, dict]) -> dict[str, dict]:
                 figure["workers"] = setup["pool_workers"]
         elif plan_.lesson == "cpu-work":
             figure.update(base, cores_worth=round(summary["rps"] * setup["work_ms"] / 1000, 3),
-                          server_cores=round(summary["server_cpu_fraction"], 3))
+                          server_cores=round(summary["server_cpu_fraction"], 3),
+                          cpu_ms_per_request=round(summary["server_cpu_us_per_request"] / 1e3, 3))
         elif plan_.lesson == "pool-bound":
             if run.model == checks.POOL:
                 workers = int(run.variant.split()[-1])
@@ -394,6 +395,7 @@ def figures(plan_: Plan, results: Mapping[Run, dict]) -> dict[str, dict]:
                               of_expected=round(summary["rps"] / expected, 3))
         elif plan_.lesson == "cores":
             figure.update(base, server_cores=round(summary["server_cpu_fraction"], 3),
+                          cpu_ms_per_request=round(summary["server_cpu_us_per_request"] / 1e3, 3),
                           loadgen_cores=round(summary["loadgen_cpu_fraction"], 3),
                           other_cores=round(summary["other_cores"], 3))
         elif plan_.lesson == "many-clients":
