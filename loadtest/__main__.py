@@ -22,8 +22,9 @@ LOCUSTFILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "locustfil
 
 def with_locustfile(args: list[str]) -> list[str]:
     """The arguments, with `-f` pointing at the project's locustfile unless one is given."""
-    given = any(arg in ("-f", "--locustfile") or arg.startswith(("-f", "--locustfile="))
-                for arg in args)
+    given = any(
+        arg in ("-f", "--locustfile") or arg.startswith(("-f", "--locustfile=")) for arg in args
+    )
     return args if given else ["-f", LOCUSTFILE, *args]
 
 

@@ -25,14 +25,17 @@ def render_metrics(
     )
 
     shown_targets = list(dict.fromkeys([*targets, *(t for t, _ in stats.series)]))
-    keys = list(dict.fromkeys(
-        [(t, c) for t in shown_targets for c in (*COMMANDS, CONNECT)] + list(stats.series)
-    ))
+    keys = list(
+        dict.fromkeys(
+            [(t, c) for t in shown_targets for c in (*COMMANDS, CONNECT)] + list(stats.series)
+        )
+    )
 
     class Snapshot:
         def collect(self) -> Iterable[Any]:
             users = GaugeMetricFamily(
-                "locust_users", "Users running now, per target (summed over workers)",
+                "locust_users",
+                "Users running now, per target (summed over workers)",
                 labels=["target"],
             )
             for target in shown_targets:
@@ -41,7 +44,8 @@ def render_metrics(
                 "locust_requests", "Requests sent, failures included", labels=["target", "command"]
             )
             failures = CounterMetricFamily(
-                "locust_failures", "Requests that failed (error, timeout or wrong reply)",
+                "locust_failures",
+                "Requests that failed (error, timeout or wrong reply)",
                 labels=["target", "command"],
             )
             durations = HistogramMetricFamily(

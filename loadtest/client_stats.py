@@ -19,8 +19,25 @@ from loadtest.client import CONNECT
 from loadtest.workload import COMMANDS, TARGETS
 
 BUCKETS_SECONDS = (
-    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
-    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    0.00005,
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
 )
 PERCENTILES = ((0.5, "p50_us"), (0.99, "p99_us"), (0.999, "p999_us"))
 
@@ -103,16 +120,28 @@ class ClientStats:
     def to_message(self) -> list[list[Any]]:
         """A msgpack-friendly copy (only str keys and lists) for a worker report."""
         return [
-            [target, command, s.requests, s.failures, s.duration_sum, list(s.buckets),
-             [[key, count] for key, count in s.fine.items()]]
+            [
+                target,
+                command,
+                s.requests,
+                s.failures,
+                s.duration_sum,
+                list(s.buckets),
+                [[key, count] for key, count in s.fine.items()],
+            ]
             for (target, command), s in self.series.items()
         ]
 
     def merge_message(self, message: Iterable[list[Any]]) -> None:
         """Add a worker's report."""
         for target, command, requests, failures, duration_sum, buckets, fine in message:
-            incoming = Series(requests, failures, duration_sum, list(buckets),
-                              {int(key): int(count) for key, count in fine})
+            incoming = Series(
+                requests,
+                failures,
+                duration_sum,
+                list(buckets),
+                {int(key): int(count) for key, count in fine},
+            )
             key = (str(target), str(command))
             if key in self.series:
                 self.series[key].merge(incoming)
@@ -136,8 +165,10 @@ def latency_rows(stats: ClientStats) -> list[dict[str, Any]]:
     rows = []
     for (target, command), series in sorted(stats.series.items(), key=_series_order):
         row: dict[str, Any] = {
-            "target": target, "command": command,
-            "requests": series.requests, "failures": series.failures,
+            "target": target,
+            "command": command,
+            "requests": series.requests,
+            "failures": series.failures,
         }
         for fraction, name in PERCENTILES:
             row[name] = series.percentile_us(fraction)
@@ -152,7 +183,8 @@ def _series_order(item: tuple[tuple[str, str], Series]) -> tuple[int, int, str, 
     return (
         TARGETS.index(target) if target in TARGETS else len(TARGETS),
         commands.index(command) if command in commands else len(commands),
-        target, command,
+        target,
+        command,
     )
 
 

@@ -33,12 +33,16 @@ def user_class_name(model_name: str) -> str:
 
 # Locust collects the User subclasses it finds in this module's namespace.
 for _model in models.MODELS:
-    _user = type(user_class_name(_model.name), (SocketUser,), {
-        "__doc__": f"Loads the {_model.name} server ({_model.summary}).",
-        "__module__": __name__,
-        "target": _model.name,
-        "host": workload.DEFAULT_ADDRESSES[_model.name],
-    })
+    _user = type(
+        user_class_name(_model.name),
+        (SocketUser,),
+        {
+            "__doc__": f"Loads the {_model.name} server ({_model.summary}).",
+            "__module__": __name__,
+            "target": _model.name,
+            "host": workload.DEFAULT_ADDRESSES[_model.name],
+        },
+    )
     globals()[_user.__name__] = _user
 del _model, _user
 

@@ -77,27 +77,56 @@ def build_parser() -> argparse.ArgumentParser:
         description="Soak the three servers under the default Locust load; write a report; "
         "exit 1 if memory or descriptors grow beyond the bounds or any request fails.",
     )
-    parser.add_argument("--duration", type=parse_duration, default=parse_duration("10m"),
-                        help="how long Locust runs: 45s, 2m, 1h30m, 24h (default 10m)")
-    parser.add_argument("--report-dir", type=Path, default=Path("results/soak"),
-                        help="where report.json, report.md, the charts and logs go (default "
-                        "results/soak, which also writes results/soak.json and the docs' soak "
-                        "figures)")
-    parser.add_argument("--interval", type=parse_duration, default=5.0,
-                        help="seconds between samples (default 5)")
-    parser.add_argument("--warmup", type=parse_duration, default=None,
-                        help="samples ignored by the verdict at the start (default: a sixth of "
-                        "the duration, at least 10 s and at most 10 min)")
-    parser.add_argument("--max-rss-growth-mib", type=float, default=DEFAULT_MAX_RSS_GROWTH_MIB,
-                        help="largest allowed RSS growth per server, MiB "
-                        f"(default {DEFAULT_MAX_RSS_GROWTH_MIB:g})")
-    parser.add_argument("--max-fd-growth", type=int, default=DEFAULT_MAX_FD_GROWTH,
-                        help=f"largest allowed growth of open descriptors per server "
-                        f"(default {DEFAULT_MAX_FD_GROWTH})")
-    parser.add_argument("--users-per-target", type=int, default=100,
-                        help="Locust users per server (default 100, the default load)")
-    parser.add_argument("--locust-arg", action="append", default=[], metavar="ARG",
-                        help="extra Locust argument, repeatable (e.g. --locust-arg=--think-ms=50)")
+    parser.add_argument(
+        "--duration",
+        type=parse_duration,
+        default=parse_duration("10m"),
+        help="how long Locust runs: 45s, 2m, 1h30m, 24h (default 10m)",
+    )
+    parser.add_argument(
+        "--report-dir",
+        type=Path,
+        default=Path("results/soak"),
+        help="where report.json, report.md, the charts and logs go (default "
+        "results/soak, which also writes results/soak.json and the docs' soak "
+        "figures)",
+    )
+    parser.add_argument(
+        "--interval", type=parse_duration, default=5.0, help="seconds between samples (default 5)"
+    )
+    parser.add_argument(
+        "--warmup",
+        type=parse_duration,
+        default=None,
+        help="samples ignored by the verdict at the start (default: a sixth of "
+        "the duration, at least 10 s and at most 10 min)",
+    )
+    parser.add_argument(
+        "--max-rss-growth-mib",
+        type=float,
+        default=DEFAULT_MAX_RSS_GROWTH_MIB,
+        help=f"largest allowed RSS growth per server, MiB (default {DEFAULT_MAX_RSS_GROWTH_MIB:g})",
+    )
+    parser.add_argument(
+        "--max-fd-growth",
+        type=int,
+        default=DEFAULT_MAX_FD_GROWTH,
+        help=f"largest allowed growth of open descriptors per server "
+        f"(default {DEFAULT_MAX_FD_GROWTH})",
+    )
+    parser.add_argument(
+        "--users-per-target",
+        type=int,
+        default=100,
+        help="Locust users per server (default 100, the default load)",
+    )
+    parser.add_argument(
+        "--locust-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="extra Locust argument, repeatable (e.g. --locust-arg=--think-ms=50)",
+    )
     return parser
 
 
@@ -117,12 +146,29 @@ class Server:
 
 def start_server(model: str, log_path: Path) -> Server:
     """Start `python -m services MODEL` on free loopback ports; wait for its ready line."""
-    command = [sys.executable, "-m", "services", model, "--host", "127.0.0.1", "--port", "0",
-               "--metrics-port", "0", *MODEL_ARGS.get(model, [])]
+    command = [
+        sys.executable,
+        "-m",
+        "services",
+        model,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--metrics-port",
+        "0",
+        *MODEL_ARGS.get(model, []),
+    ]
     env = {key: value for key, value in os.environ.items() if not key.startswith("ARENA_")}
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(command, cwd=ROOT, env={**env, "PYTHONUNBUFFERED": "1"},
-                                stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
+        proc = subprocess.Popen(
+            command,
+            cwd=ROOT,
+            env={**env, "PYTHONUNBUFFERED": "1"},
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+            start_new_session=True,
+        )
     deadline = time.monotonic() + READY_TIMEOUT
     while time.monotonic() < deadline:
         match = READY.search(log_path.read_text(errors="replace"))
@@ -149,21 +195,40 @@ def stop_process(proc: subprocess.Popen[bytes], timeout: float = STOP_TIMEOUT) -
     return proc.returncode
 
 
-def start_locust(servers: dict[str, Server], duration: float, report_dir: Path,
-                 users_per_target: int, extra: list[str]) -> subprocess.Popen[bytes]:
+def start_locust(
+    servers: dict[str, Server],
+    duration: float,
+    report_dir: Path,
+    users_per_target: int,
+    extra: list[str],
+) -> subprocess.Popen[bytes]:
     """A headless Locust with the default load on every server, writing CSV files."""
     command = [
-        sys.executable, "-m", "locust", "-f", str(ROOT / "loadtest" / "locustfile.py"),
-        "--headless", "--only-summary", "-t", f"{round(duration)}s",
-        "-u", str(users_per_target * len(servers)), "--users-per-target", str(users_per_target),
-        "--csv", str(report_dir / "locust"), "--stop-timeout", "10",
+        sys.executable,
+        "-m",
+        "locust",
+        "-f",
+        str(ROOT / "loadtest" / "locustfile.py"),
+        "--headless",
+        "--only-summary",
+        "-t",
+        f"{round(duration)}s",
+        "-u",
+        str(users_per_target * len(servers)),
+        "--users-per-target",
+        str(users_per_target),
+        "--csv",
+        str(report_dir / "locust"),
+        "--stop-timeout",
+        "10",
         *[f"--{model}-target=tcp://127.0.0.1:{server.port}" for model, server in servers.items()],
         *extra,
     ]
     with open(report_dir / "locust.log", "wb") as log:
         # Its own working directory: a stray ./locust.conf must not change the load.
-        return subprocess.Popen(command, cwd=report_dir, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        return subprocess.Popen(
+            command, cwd=report_dir, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
 
 
 # -- sampling --------------------------------------------------------------------------------
@@ -236,8 +301,11 @@ def sample_server(server: Server, elapsed: float) -> ServerSample:
     metrics = scrape(server.metrics_port)
     tasks = metrics.get("arena_threads", metrics.get("arena_greenlets"))
     return ServerSample(
-        t=round(elapsed, 2), rss=process_rss(server.proc.pid), fds=process.num_fds(),
-        threads=process.num_threads(), tasks=tasks,
+        t=round(elapsed, 2),
+        rss=process_rss(server.proc.pid),
+        fds=process.num_fds(),
+        threads=process.num_threads(),
+        tasks=tasks,
         connections=metrics.get("arena_connections_active", 0.0),
         requests=metrics.get("arena_requests_total", 0.0),
         request_errors=metrics.get("request_errors", 0.0),
@@ -261,8 +329,11 @@ def read_locust_history(path: Path) -> tuple[int, int, int] | None:
         if len(cells) != len(header) or "Aggregated" not in cells:
             continue  # a row Locust is still writing
         row = dict(zip(header, cells, strict=True))
-        return (int(row["User Count"]), int(row["Total Request Count"]),
-                int(row["Total Failure Count"]))
+        return (
+            int(row["User Count"]),
+            int(row["Total Request Count"]),
+            int(row["Total Failure Count"]),
+        )
     return None
 
 
@@ -284,8 +355,9 @@ def growth(values: list[float]) -> float:
     return statistics.median(values[-third:]) - statistics.median(values[:third])
 
 
-def judge(samples: Samples, warmup: float, duration: float, max_rss_growth: float,
-          max_fd_growth: int) -> tuple[dict[str, dict[str, float]], list[str]]:
+def judge(
+    samples: Samples, warmup: float, duration: float, max_rss_growth: float, max_fd_growth: int
+) -> tuple[dict[str, dict[str, float]], list[str]]:
     """Growth per server after the warm-up, and every broken bound or error as a sentence."""
     problems: list[str] = []
     figures: dict[str, dict[str, float]] = {}
@@ -293,8 +365,10 @@ def judge(samples: Samples, warmup: float, duration: float, max_rss_growth: floa
         # Under load only: after `duration` Locust stops and its connections close.
         steady = [sample for sample in series if warmup <= sample.t <= duration]
         if len(steady) < 6:
-            problems.append(f"{model}: only {len(steady)} samples after the warm-up; run longer "
-                            "or sample more often (--interval)")
+            problems.append(
+                f"{model}: only {len(steady)} samples after the warm-up; run longer "
+                "or sample more often (--interval)"
+            )
             continue
         rss_growth = growth([sample.rss for sample in steady])
         fd_growth = growth([sample.fds for sample in steady])
@@ -310,15 +384,19 @@ def judge(samples: Samples, warmup: float, duration: float, max_rss_growth: floa
             "protocol_errors": series[-1].protocol_errors,
         }
         if rss_growth > max_rss_growth * MIB:
-            problems.append(f"{model}: RSS grew by {rss_growth / MIB:.1f} MiB "
-                            f"(bound {max_rss_growth:g} MiB)")
+            problems.append(
+                f"{model}: RSS grew by {rss_growth / MIB:.1f} MiB (bound {max_rss_growth:g} MiB)"
+            )
         if fd_growth > max_fd_growth:
-            problems.append(f"{model}: open descriptors grew by {fd_growth:g} "
-                            f"(bound {max_fd_growth})")
+            problems.append(
+                f"{model}: open descriptors grew by {fd_growth:g} (bound {max_fd_growth})"
+            )
         if series[-1].request_errors or series[-1].protocol_errors:
-            problems.append(f"{model}: the server answered {series[-1].request_errors:g} "
-                            f"requests with an error ({series[-1].protocol_errors:g} protocol "
-                            "errors)")
+            problems.append(
+                f"{model}: the server answered {series[-1].request_errors:g} "
+                f"requests with an error ({series[-1].protocol_errors:g} protocol "
+                "errors)"
+            )
     return figures, problems
 
 
@@ -335,8 +413,10 @@ def draw_charts(samples: Samples, report_dir: Path, warmup: float) -> list[str]:
     charts = {
         "rss.png": ("RSS (MiB, server + workers)", lambda s: s.rss / MIB),
         "fds.png": ("open descriptors", lambda s: s.fds),
-        "threads.png": ("OS threads (solid) and arena_threads/arena_greenlets (dashed)",
-                        lambda s: s.threads),
+        "threads.png": (
+            "OS threads (solid) and arena_threads/arena_greenlets (dashed)",
+            lambda s: s.threads,
+        ),
         "requests.png": ("requests answered per second", None),
     }
     written = []
@@ -359,8 +439,12 @@ def draw_charts(samples: Samples, report_dir: Path, warmup: float) -> list[str]:
         if name == "requests.png" and samples.locust:
             failures = [sample.failures for sample in samples.locust]
             if any(failures):
-                axes.plot([s.t for s in samples.locust], failures, color="red",
-                          label="Locust failures (total)")
+                axes.plot(
+                    [s.t for s in samples.locust],
+                    failures,
+                    color="red",
+                    label="Locust failures (total)",
+                )
         axes.axvspan(0, warmup, color="grey", alpha=0.12, label="warm-up (not judged)")
         axes.set_title(title)
         axes.set_xlabel("seconds since the load started")
@@ -426,10 +510,13 @@ def run(args: argparse.Namespace) -> int:
             servers[model] = start_server(model, report_dir / f"server-{model}.log")
             samples.servers[model] = []
         for model, server in servers.items():
-            print(f"soak: {model} on 127.0.0.1:{server.port} (metrics :{server.metrics_port})",
-                  flush=True)
-        locust = start_locust(servers, args.duration, report_dir, args.users_per_target,
-                              args.locust_arg)
+            print(
+                f"soak: {model} on 127.0.0.1:{server.port} (metrics :{server.metrics_port})",
+                flush=True,
+            )
+        locust = start_locust(
+            servers, args.duration, report_dir, args.users_per_target, args.locust_arg
+        )
         load_started = time.monotonic()
         history = report_dir / "locust_stats_history.csv"
         # Locust ends by itself after --duration; the deadline only catches a hung Locust.
@@ -442,17 +529,19 @@ def run(args: argparse.Namespace) -> int:
             line = [f"soak: t={elapsed:6.0f}s"]
             for model, server in servers.items():
                 if server.proc.poll() is not None:
-                    problems.append(f"{model}: the server exited with {server.proc.returncode} "
-                                    f"at t={elapsed:.0f}s")
+                    problems.append(
+                        f"{model}: the server exited with {server.proc.returncode} "
+                        f"at t={elapsed:.0f}s"
+                    )
                     raise SoakError(problems[-1])
                 sample = sample_server(server, elapsed)
                 samples.servers[model].append(sample)
-                line.append(f"{model} rss={sample.rss / MIB:.1f}M fds={sample.fds} "
-                            f"thr={sample.threads}")
+                line.append(
+                    f"{model} rss={sample.rss / MIB:.1f}M fds={sample.fds} thr={sample.threads}"
+                )
             client = sample_locust(locust, history, elapsed)
             samples.locust.append(client)
-            line.append(f"locust users={client.users} req={client.requests} "
-                        f"fail={client.failures}")
+            line.append(f"locust users={client.users} req={client.requests} fail={client.failures}")
             print("  ".join(line), flush=True)
         if locust.poll() is None:
             problems.append("Locust did not stop after its run time")
@@ -471,13 +560,17 @@ def run(args: argparse.Namespace) -> int:
     final = read_locust_history(report_dir / "locust_stats_history.csv")
     locust_requests, locust_failures = (final[1], final[2]) if final else (0, 0)
     locust_requests, locust_failures = final_locust_totals(
-        report_dir / "locust_stats.csv", locust_requests, locust_failures)
-    figures, judged = judge(samples, warmup, args.duration, args.max_rss_growth_mib,
-                           args.max_fd_growth)
+        report_dir / "locust_stats.csv", locust_requests, locust_failures
+    )
+    figures, judged = judge(
+        samples, warmup, args.duration, args.max_rss_growth_mib, args.max_fd_growth
+    )
     problems += judged
     if locust_failures:
-        problems.append(f"Locust: {locust_failures} of {locust_requests} requests failed "
-                        f"(see {report_dir / 'locust_failures.csv'})")
+        problems.append(
+            f"Locust: {locust_failures} of {locust_requests} requests failed "
+            f"(see {report_dir / 'locust_failures.csv'})"
+        )
     if locust_exit not in (0, None) and not locust_failures:
         problems.append(f"Locust exited with {locust_exit} (see {report_dir / 'locust.log'})")
     if not locust_requests:
@@ -486,19 +579,29 @@ def run(args: argparse.Namespace) -> int:
     report = {
         "started": started.isoformat(timespec="seconds"),
         "finished": datetime.now(UTC).isoformat(timespec="seconds"),
-        "settings": {"duration_s": args.duration, "interval_s": args.interval,
-                     "warmup_s": warmup, "users_per_target": args.users_per_target,
-                     "locust_args": args.locust_arg},
-        "bounds": {"max_rss_growth_mib": args.max_rss_growth_mib,
-                   "max_fd_growth": args.max_fd_growth},
+        "settings": {
+            "duration_s": args.duration,
+            "interval_s": args.interval,
+            "warmup_s": warmup,
+            "users_per_target": args.users_per_target,
+            "locust_args": args.locust_arg,
+        },
+        "bounds": {
+            "max_rss_growth_mib": args.max_rss_growth_mib,
+            "max_fd_growth": args.max_fd_growth,
+        },
         "passed": not problems,
         "problems": problems,
         "figures": figures,
-        "locust": {"requests": locust_requests, "failures": locust_failures,
-                   "exit_code": locust_exit},
+        "locust": {
+            "requests": locust_requests,
+            "failures": locust_failures,
+            "exit_code": locust_exit,
+        },
         "samples": {
-            "servers": {model: [asdict(s) for s in series]
-                        for model, series in samples.servers.items()},
+            "servers": {
+                model: [asdict(s) for s in series] for model, series in samples.servers.items()
+            },
             "locust": [asdict(s) for s in samples.locust],
         },
     }

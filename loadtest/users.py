@@ -65,7 +65,9 @@ class SocketUser(User):
         """Create the client; it connects on the first request."""
         workload = current_workload(self.environment.parsed_options)
         self.client = LineClient(
-            self.target, workload.addresses[self.target], self.environment.events.request,
+            self.target,
+            workload.addresses[self.target],
+            self.environment.events.request,
             connect_timeout=workload.timeout_s,
         )
 
@@ -118,13 +120,19 @@ def apply_target_selection(environment: Any, **_kwargs: Any) -> None:
     if num_users is not None and num_users < wanted:
         logger.warning(
             "-u %d is below --users-per-target x targets = %d: spreading %d users over %s",
-            num_users, wanted, num_users, ",".join(workload.targets),
+            num_users,
+            wanted,
+            num_users,
+            ",".join(workload.targets),
         )
     logger.info(
-        "scenario %s: targets %s with %d users each; %s", workload.scenario,
-        ",".join(workload.targets), workload.users_per_target,
-        ", ".join(f"{knob.flag} {value} ({source})" for knob, value, source in
-                  workload.knob_values()),
+        "scenario %s: targets %s with %d users each; %s",
+        workload.scenario,
+        ",".join(workload.targets),
+        workload.users_per_target,
+        ", ".join(
+            f"{knob.flag} {value} ({source})" for knob, value, source in workload.knob_values()
+        ),
     )
 
 
@@ -168,6 +176,11 @@ def prepare_run(environment: Any, **_kwargs: Any) -> None:
     if given is not None:
         options.num_users = scenario_user_count(workload, given)
         if options.num_users != given:
-            logger.info("scenario %s runs %d users per target: %d users instead of -u %d "
-                        "(give --users-per-target to make -u a cap)", workload.scenario,
-                        workload.users_per_target, options.num_users, given)
+            logger.info(
+                "scenario %s runs %d users per target: %d users instead of -u %d "
+                "(give --users-per-target to make -u a cap)",
+                workload.scenario,
+                workload.users_per_target,
+                options.num_users,
+                given,
+            )

@@ -30,8 +30,10 @@ LATENCY_TAB = "socket-arena-latency"
 SCENARIO_TAB = "socket-arena-scenario"
 LATENCY_TITLE = "Latency (microseconds)"
 SCENARIO_TITLE = "Scenario"
-PICK_ANOTHER = ("Edit (or stop and start a new test) → Custom parameters → Scenario; knobs left "
-                "blank take its values")
+PICK_ANOTHER = (
+    "Edit (or stop and start a new test) → Custom parameters → Scenario; knobs left "
+    "blank take its values"
+)
 
 
 def targets_summary(workload: Workload) -> str:
@@ -156,10 +158,14 @@ def add_web_routes(web_ui: Any, exporter: Exporter) -> None:
         old = current_workload(environment.parsed_options)
         host = request.form.get("host", "").strip()
         if host and host != targets_summary(old):
-            return refuse("Locust's Host is not used: each target has its own address under "
-                          "Custom parameters (threaded_target, ...)")
+            return refuse(
+                "Locust's Host is not used: each target has its own address under "
+                "Custom parameters (threaded_target, ...)"
+            )
         running = environment.runner is not None and environment.runner.state in (
-            "spawning", "running")
+            "spawning",
+            "running",
+        )
         if running and (new.targets, new.users_per_target) != (old.targets, old.users_per_target):
             return refuse(
                 f"targets {','.join(new.targets)} with {new.users_per_target} users each "

@@ -170,28 +170,46 @@ SCENARIOS = tuple(lesson.id for lesson in catalog.LESSONS)
 # scenario first, then what each user does, then where the users go. The help texts are the web
 # form's labels too, on one line: keep them short.
 KNOBS: tuple[Knob, ...] = (
-    Knob("--scenario", catalog.DEFAULT_LESSON, _choice(SCENARIOS),
-         "the lesson: sets the workload knobs left blank; see the Scenario tab",
-         choices=SCENARIOS),
-    _workload_knob("--think-ms", _number(0, 600_000),
-                   "mean ms a user pauses between requests (0.5x-1.5x)"),
+    Knob(
+        "--scenario",
+        catalog.DEFAULT_LESSON,
+        _choice(SCENARIOS),
+        "the lesson: sets the workload knobs left blank; see the Scenario tab",
+        choices=SCENARIOS,
+    ),
+    _workload_knob(
+        "--think-ms", _number(0, 600_000), "mean ms a user pauses between requests (0.5x-1.5x)"
+    ),
     _workload_knob("--sleep-share", _number(0, 1), "fraction of requests that are /sleep"),
     _workload_knob("--sleep-ms", _integer(0, MAX_SLEEP_MS), "ms each /sleep waits on the server"),
     _workload_knob("--work-share", _number(0, 1), "fraction of requests that are /work"),
-    _workload_knob("--work-rounds", _integer(0, MAX_WORK_ROUNDS),
-                   "CPU rounds per /work, ~10,000 a ms"),
+    _workload_knob(
+        "--work-rounds", _integer(0, MAX_WORK_ROUNDS), "CPU rounds per /work, ~10,000 a ms"
+    ),
     _workload_knob("--ping-share", _number(0, 1), "fraction of requests that are /ping"),
-    _workload_knob("--payload-bytes", _integer(0, MAX_PAYLOAD_BYTES),
-                   "bytes of text per echo, /sleep, /work"),
-    _workload_knob("--users-per-target", _integer(1, 100_000),
-                   "users per target, at test start"),
-    Knob("--timeout-s", "10", _number(0.1, 3600),
-         "seconds to wait for a connect or a reply (plus what the request asks for)"),
-    Knob("--targets", ",".join(TARGETS), _target_list,
-         f"target: which ones to load, {','.join(TARGETS)}; at test start"),
+    _workload_knob(
+        "--payload-bytes", _integer(0, MAX_PAYLOAD_BYTES), "bytes of text per echo, /sleep, /work"
+    ),
+    _workload_knob("--users-per-target", _integer(1, 100_000), "users per target, at test start"),
+    Knob(
+        "--timeout-s",
+        "10",
+        _number(0.1, 3600),
+        "seconds to wait for a connect or a reply (plus what the request asks for)",
+    ),
+    Knob(
+        "--targets",
+        ",".join(TARGETS),
+        _target_list,
+        f"target: which ones to load, {','.join(TARGETS)}; at test start",
+    ),
     *(
-        Knob(f"--{target}-target", DEFAULT_ADDRESSES[target], _address,
-             f"target: the {target} server's address, tcp://host:port")
+        Knob(
+            f"--{target}-target",
+            DEFAULT_ADDRESSES[target],
+            _address,
+            f"target: the {target} server's address, tcp://host:port",
+        )
         for target in TARGETS
     ),
 )
@@ -213,8 +231,13 @@ def add_arguments(parser: Any, **_kwargs: Any) -> None:
         if knob.flag in known:
             continue
         parser.add_argument(
-            knob.flag, default=knob.default, type=_argparse_type(knob), env_var=knob.env_var,
-            help=knob.help, include_in_web_ui=True, choices=knob.choices,
+            knob.flag,
+            default=knob.default,
+            type=_argparse_type(knob),
+            env_var=knob.env_var,
+            help=knob.help,
+            include_in_web_ui=True,
+            choices=knob.choices,
         )
 
 

@@ -45,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     from services.servers import create_server
 
     logging.basicConfig(
-        level=settings.log_level, stream=sys.stderr,
+        level=settings.log_level,
+        stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     log = logging.getLogger(f"arena.{settings.model}")
@@ -55,10 +56,12 @@ def main(argv: list[str] | None = None) -> int:
         host, port = server.start()
     except OSError as error:
         server.stop(0)
-        _exit_now(_fail(
-            f"cannot listen on {settings.host}:{settings.port}: {error.strerror} "
-            "(choose another with --port or ARENA_PORT)"
-        ))
+        _exit_now(
+            _fail(
+                f"cannot listen on {settings.host}:{settings.port}: {error.strerror} "
+                "(choose another with --port or ARENA_PORT)"
+            )
+        )
     metrics_port = 0
     if settings.metrics:
         registry = build_registry(server.stats, server.info(), server.extra_metrics)
@@ -66,13 +69,19 @@ def main(argv: list[str] | None = None) -> int:
             metrics_port = serve_metrics(registry, settings.host, settings.metrics_port)
         except OSError as error:
             server.stop(0)
-            _exit_now(_fail(
-                f"cannot serve metrics on {settings.host}:{settings.metrics_port}: "
-                f"{error.strerror} (choose another with --metrics-port or ARENA_METRICS_PORT)"
-            ))
+            _exit_now(
+                _fail(
+                    f"cannot serve metrics on {settings.host}:{settings.metrics_port}: "
+                    f"{error.strerror} (choose another with --metrics-port or ARENA_METRICS_PORT)"
+                )
+            )
     log.info(
         "ready model=%s host=%s port=%d metrics_port=%d max_connections=%d idle_timeout=%s",
-        settings.model, host, port, metrics_port, settings.max_connections,
+        settings.model,
+        host,
+        port,
+        metrics_port,
+        settings.max_connections,
         settings.idle_timeout,
     )
     wait_for_signal()

@@ -55,8 +55,9 @@ def session(sock: socket.socket, requests: BinaryIO, replies: BinaryIO) -> int:
             sock.sendall(request + b"\n")
             reply = from_server.readline()
         except OSError as error:  # a reset after the server closed (e.g. a line too long)
-            sys.stderr.write(f"{PROG}: the server closed the connection "
-                             f"({error.strerror or error})\n")
+            sys.stderr.write(
+                f"{PROG}: the server closed the connection ({error.strerror or error})\n"
+            )
             return 1
         if not reply:
             sys.stderr.write(f"{PROG}: the server closed the connection\n")

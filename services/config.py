@@ -119,7 +119,8 @@ OPTIONS: dict[str, tuple[Callable[[str], object], str]] = {
     "executor": (_choice(EXECUTORS), "pool model: run requests in process or thread workers"),
     "workers": (parse_positive_int, "pool model: number of executor workers (default: CPU count)"),
     "switch_interval": (
-        _positive_float, "threaded model: seconds a thread may hold the GIL while another waits",
+        _positive_float,
+        "threaded model: seconds a thread may hold the GIL while another waits",
     ),
     "turns_above": (
         _non_negative_int,
@@ -146,8 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
         "option can also be set as an ARENA_* environment variable; flags win.",
     )
     parser.add_argument(
-        "model", choices=models.NAMES, help="concurrency model: " + "; ".join(
-            f"{model.name}: {model.summary}" for model in models.MODELS),
+        "model",
+        choices=models.NAMES,
+        help="concurrency model: "
+        + "; ".join(f"{model.name}: {model.summary}" for model in models.MODELS),
     )
     for name, (_, text) in OPTIONS.items():
         flag = "--" + name.replace("_", "-")
@@ -156,7 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
         help_text = f"{text} (env {variable}, default {default})"
         if name == "metrics":
             parser.add_argument(
-                flag, dest=name, action=argparse.BooleanOptionalAction, default=None,
+                flag,
+                dest=name,
+                action=argparse.BooleanOptionalAction,
+                default=None,
                 help=help_text,
             )
         else:
@@ -183,8 +189,11 @@ def load_settings(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Set
         try:
             values[name] = parse(text)
         except ValueError as error:
-            reason = str(error) if not str(error).startswith(("invalid literal", "could not")) \
+            reason = (
+                str(error)
+                if not str(error).startswith(("invalid literal", "could not"))
                 else "not a number"
+            )
             raise ConfigError(f"{source}: invalid value {text!r}: {reason}") from None
     known = {f.name for f in fields(Settings)}
     return Settings(**{k: v for k, v in values.items() if k in known})  # type: ignore[arg-type]

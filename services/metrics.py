@@ -54,7 +54,9 @@ log = logging.getLogger("arena.metrics")
 
 
 def histogram_family(
-    name: str, documentation: str, labelled: Iterable[tuple[list[str], Histogram]],
+    name: str,
+    documentation: str,
+    labelled: Iterable[tuple[list[str], Histogram]],
     labels: Iterable[str] = (),
 ) -> HistogramMetricFamily:
     """A Prometheus histogram family from our bucket counters."""
@@ -85,14 +87,16 @@ class ArenaCollector(Collector):
         info.add_metric([], self.info)
         yield info
         yield GaugeMetricFamily(
-            "arena_connections_active", "Connections held now (accepted, not yet closed)",
+            "arena_connections_active",
+            "Connections held now (accepted, not yet closed)",
             value=len(stats.sessions),
         )
         yield CounterMetricFamily(
             "arena_connections", "Connections accepted and served", value=stats.connections_total
         )
         rejected = CounterMetricFamily(
-            "arena_connections_rejected", "Connections refused with ERR server-busy",
+            "arena_connections_rejected",
+            "Connections refused with ERR server-busy",
             labels=["reason"],
         )
         rejected.add_metric(["busy"], stats.rejected)
@@ -160,17 +164,26 @@ class ProcessMetrics(ProcessCollector):
             with open("/proc/self/stat", "rb") as stat:
                 parts = stat.read().rsplit(b")", 1)[1].split()
             result += [
-                GaugeMetricFamily("process_virtual_memory_bytes",
-                                  "Virtual memory size in bytes.", value=float(parts[20])),
-                GaugeMetricFamily("process_resident_memory_bytes",
-                                  "Resident memory size in bytes.",
-                                  value=float(parts[21]) * self._pagesize),
-                GaugeMetricFamily("process_start_time_seconds",
-                                  "Start time of the process since unix epoch in seconds.",
-                                  value=float(parts[19]) / self._ticks + self._btime),
-                CounterMetricFamily("process_cpu_seconds",
-                                    "Total user and system CPU time spent in seconds.",
-                                    value=(float(parts[11]) + float(parts[12])) / self._ticks),
+                GaugeMetricFamily(
+                    "process_virtual_memory_bytes",
+                    "Virtual memory size in bytes.",
+                    value=float(parts[20]),
+                ),
+                GaugeMetricFamily(
+                    "process_resident_memory_bytes",
+                    "Resident memory size in bytes.",
+                    value=float(parts[21]) * self._pagesize,
+                ),
+                GaugeMetricFamily(
+                    "process_start_time_seconds",
+                    "Start time of the process since unix epoch in seconds.",
+                    value=float(parts[19]) / self._ticks + self._btime,
+                ),
+                CounterMetricFamily(
+                    "process_cpu_seconds",
+                    "Total user and system CPU time spent in seconds.",
+                    value=(float(parts[11]) + float(parts[12])) / self._ticks,
+                ),
             ]
             with open("/proc/self/limits", "rb") as limits:
                 max_fds = next(
@@ -178,19 +191,21 @@ class ProcessMetrics(ProcessCollector):
                 )
             open_fds = os.stat("/proc/self/fd").st_size or len(os.listdir("/proc/self/fd"))
             result += [
-                GaugeMetricFamily("process_open_fds", "Number of open file descriptors.",
-                                  value=float(open_fds)),
-                GaugeMetricFamily("process_max_fds", "Maximum number of open file descriptors.",
-                                  value=max_fds),
+                GaugeMetricFamily(
+                    "process_open_fds", "Number of open file descriptors.", value=float(open_fds)
+                ),
+                GaugeMetricFamily(
+                    "process_max_fds", "Maximum number of open file descriptors.", value=max_fds
+                ),
             ]
         except (OSError, StopIteration, IndexError, ValueError):
             pass  # not Linux, or /proc unreadable: what was read is still exposed
         return result
 
 
-def build_registry(stats: ServerStats, info: dict[str, str], extra: ExtraMetrics) -> (
-    CollectorRegistry
-):
+def build_registry(
+    stats: ServerStats, info: dict[str, str], extra: ExtraMetrics
+) -> CollectorRegistry:
     """A fresh registry with the arena metrics and the client library's process collectors."""
     registry = CollectorRegistry()
     registry.register(ArenaCollector(stats, info, extra))

@@ -50,12 +50,30 @@ class Model:
 
 
 MODELS: tuple[Model, ...] = (
-    Model("threaded", "services.servers.threaded:ThreadedServer",
-          "a thread per connection", "blue", 9001, 9101),
-    Model("pool", "services.servers.pool:PoolServer",
-          "a reactor; every request runs in a concurrent.futures pool", "orange", 9002, 9102),
-    Model("gevent", "services.servers.greenlets:GeventServer",
-          "a greenlet per connection on gevent's event loop", "green", 9003, 9103),
+    Model(
+        "threaded",
+        "services.servers.threaded:ThreadedServer",
+        "a thread per connection",
+        "blue",
+        9001,
+        9101,
+    ),
+    Model(
+        "pool",
+        "services.servers.pool:PoolServer",
+        "a reactor; every request runs in a concurrent.futures pool",
+        "orange",
+        9002,
+        9102,
+    ),
+    Model(
+        "gevent",
+        "services.servers.greenlets:GeventServer",
+        "a greenlet per connection on gevent's event loop",
+        "green",
+        9003,
+        9103,
+    ),
 )
 NAMES: tuple[str, ...] = tuple(model.name for model in MODELS)
 _BY_NAME = {model.name: model for model in MODELS}

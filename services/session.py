@@ -38,11 +38,36 @@ READ_SIZE = 65536
 # Request-duration buckets in seconds: sub-millisecond resolution for loopback echo (tens of
 # microseconds) up to the longest /sleep (60 s).
 DURATION_BUCKETS = (
-    0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025,
-    0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    0.000025,
+    0.00005,
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
 )
 CLOSE_REASONS = (
-    "client", "quit", "idle", "line-too-long", "reset", "overload", "shutdown", "error",
+    "client",
+    "quit",
+    "idle",
+    "line-too-long",
+    "reset",
+    "overload",
+    "shutdown",
+    "error",
 )
 log = logging.getLogger("arena.session")
 
@@ -410,8 +435,11 @@ NEVER_CROWDED = Turns(sys.maxsize)  # for models that need no turns: never taken
 
 
 def serve_blocking(
-    session: Session, stats: ServerStats, timed: bool = True,
-    io: tuple[Receive, SendAll] | None = None, turns: Turns | None = None,
+    session: Session,
+    stats: ServerStats,
+    timed: bool = True,
+    io: tuple[Receive, SendAll] | None = None,
+    turns: Turns | None = None,
 ) -> None:
     """Serve one connection in its own thread or greenlet until it ends; never raises.
 

@@ -45,11 +45,17 @@ _T = TypeVar("_T")
 
 # (setting, default, help). The flag is --setting-with-dashes, the variable ARENA_STACK_SETTING.
 PORTS: dict[str, tuple[int, str]] = {
-    **{f"{model.name}_port": (model.port, f"protocol port of the {model.name} server")
-       for model in models.MODELS},
-    **{f"{model.name}_metrics_port": (model.metrics_port,
-                                      f"/metrics port of the {model.name} server")
-       for model in models.MODELS},
+    **{
+        f"{model.name}_port": (model.port, f"protocol port of the {model.name} server")
+        for model in models.MODELS
+    },
+    **{
+        f"{model.name}_metrics_port": (
+            model.metrics_port,
+            f"/metrics port of the {model.name} server",
+        )
+        for model in models.MODELS
+    },
     "locust_port": (8089, "Locust web UI (and its /metrics)"),
     "prometheus_port": (9090, "Prometheus web UI and API"),
 }
@@ -91,24 +97,45 @@ def parse_settings(argv: Sequence[str] | None, environ: Mapping[str, str]) -> St
         description="Run the three servers, the Locust web UI and Prometheus as local processes. "
         f"Every option can also be set as an {ENV_PREFIX}* environment variable; flags win.",
     )
-    parser.add_argument("--host", help="address every service binds and is reached at "
-                        f"(env {ENV_PREFIX}HOST, default 127.0.0.1)")
+    parser.add_argument(
+        "--host",
+        help="address every service binds and is reached at "
+        f"(env {ENV_PREFIX}HOST, default 127.0.0.1)",
+    )
     for setting, (default, text) in PORTS.items():
-        parser.add_argument("--" + setting.replace("_", "-"), dest=setting, metavar="PORT",
-                            help=f"{text} (env {ENV_PREFIX}{setting.upper()}, default {default})")
-    parser.add_argument("--locust", dest="locust", action=argparse.BooleanOptionalAction,
-                        help=f"start the Locust web UI (env {ENV_PREFIX}LOCUST, default on)")
-    parser.add_argument("--autostart", dest="autostart", action=argparse.BooleanOptionalAction,
-                        help="start the load at once instead of waiting for the web UI's Start "
-                        f"button (env {ENV_PREFIX}AUTOSTART, default on)")
-    parser.add_argument("--prometheus", choices=("auto", "on", "off"),
-                        help="run Prometheus: auto = when `prometheus` is on the PATH "
-                        f"(env {ENV_PREFIX}PROMETHEUS, default auto)")
-    parser.add_argument("--grace", metavar="SECONDS",
-                        help="seconds the children get to stop before SIGKILL "
-                        f"(env {ENV_PREFIX}GRACE, default 10)")
-    parser.add_argument("--workers", metavar="N",
-                        help=f"pool server workers (env {ENV_PREFIX}WORKERS, default 2)")
+        parser.add_argument(
+            "--" + setting.replace("_", "-"),
+            dest=setting,
+            metavar="PORT",
+            help=f"{text} (env {ENV_PREFIX}{setting.upper()}, default {default})",
+        )
+    parser.add_argument(
+        "--locust",
+        dest="locust",
+        action=argparse.BooleanOptionalAction,
+        help=f"start the Locust web UI (env {ENV_PREFIX}LOCUST, default on)",
+    )
+    parser.add_argument(
+        "--autostart",
+        dest="autostart",
+        action=argparse.BooleanOptionalAction,
+        help="start the load at once instead of waiting for the web UI's Start "
+        f"button (env {ENV_PREFIX}AUTOSTART, default on)",
+    )
+    parser.add_argument(
+        "--prometheus",
+        choices=("auto", "on", "off"),
+        help="run Prometheus: auto = when `prometheus` is on the PATH "
+        f"(env {ENV_PREFIX}PROMETHEUS, default auto)",
+    )
+    parser.add_argument(
+        "--grace",
+        metavar="SECONDS",
+        help=f"seconds the children get to stop before SIGKILL (env {ENV_PREFIX}GRACE, default 10)",
+    )
+    parser.add_argument(
+        "--workers", metavar="N", help=f"pool server workers (env {ENV_PREFIX}WORKERS, default 2)"
+    )
     args = vars(parser.parse_args(argv))
 
     def raw(name: str) -> str | bool | None:
@@ -213,11 +240,18 @@ def prometheus_config(settings: StackSettings, with_locust: bool) -> str:
     ]
     for model in MODELS:
         port = settings.ports[f"{model}_metrics_port"]
-        lines += [f"  - job_name: {model}", "    static_configs:",
-                  f'      - targets: ["{host}:{port}"]']
+        lines += [
+            f"  - job_name: {model}",
+            "    static_configs:",
+            f'      - targets: ["{host}:{port}"]',
+        ]
     if with_locust:
-        lines += ["  - job_name: locust", "    metrics_path: /metrics", "    static_configs:",
-                  f'      - targets: ["{host}:{settings.ports["locust_port"]}"]']
+        lines += [
+            "  - job_name: locust",
+            "    metrics_path: /metrics",
+            "    static_configs:",
+            f'      - targets: ["{host}:{settings.ports["locust_port"]}"]',
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -229,42 +263,85 @@ def plan(settings: StackSettings, workdir: Path, environ: Mapping[str, str]) -> 
     for model in MODELS:
         port = settings.ports[f"{model}_port"]
         metrics_port = settings.ports[f"{model}_metrics_port"]
-        command = [python, "-m", "services", model, "--host", host, "--port", str(port),
-                   "--metrics-port", str(metrics_port)]
+        command = [
+            python,
+            "-m",
+            "services",
+            model,
+            "--host",
+            host,
+            "--port",
+            str(port),
+            "--metrics-port",
+            str(metrics_port),
+        ]
         if model == "pool":
             command += ["--workers", str(settings.workers)]
-        services.append(Service(
-            model, command, [f"{model}_port", f"{model}_metrics_port"], _pong(reach, port),
-            [f"tcp://{reach}:{port}", f"http://{reach}:{metrics_port}/metrics"],
-        ))
+        services.append(
+            Service(
+                model,
+                command,
+                [f"{model}_port", f"{model}_metrics_port"],
+                _pong(reach, port),
+                [f"tcp://{reach}:{port}", f"http://{reach}:{metrics_port}/metrics"],
+            )
+        )
     locust_file = ROOT / "loadtest" / "locustfile.py"
     with_locust = settings.locust and locust_file.exists()
     if with_locust:
         web_port = settings.ports["locust_port"]
         # The same interpreter as the servers: right also in a venv that is not activated.
-        command = [python, "-m", "locust", "-f", str(locust_file), "--web-host", host,
-                   "--web-port", str(web_port)]
-        command += [f"--{model}-target=tcp://{reach}:{settings.ports[f'{model}_port']}"
-                    for model in MODELS]
+        command = [
+            python,
+            "-m",
+            "locust",
+            "-f",
+            str(locust_file),
+            "--web-host",
+            host,
+            "--web-port",
+            str(web_port),
+        ]
+        command += [
+            f"--{model}-target=tcp://{reach}:{settings.ports[f'{model}_port']}" for model in MODELS
+        ]
         if settings.autostart:
             command.append("--autostart")
-        services.append(Service("locust", command, ["locust_port"],
-                                _http_ok(f"http://{reach}:{web_port}/", any_status=True),
-                                [f"http://{reach}:{web_port}/"]))
+        services.append(
+            Service(
+                "locust",
+                command,
+                ["locust_port"],
+                _http_ok(f"http://{reach}:{web_port}/", any_status=True),
+                [f"http://{reach}:{web_port}/"],
+            )
+        )
     prometheus = shutil.which("prometheus", path=environ.get("PATH"))
     if settings.prometheus == "on" and not prometheus:
-        raise StackError("--prometheus on, but no `prometheus` binary is on the PATH "
-                         "(Debian: apt-get install prometheus)")
+        raise StackError(
+            "--prometheus on, but no `prometheus` binary is on the PATH "
+            "(Debian: apt-get install prometheus)"
+        )
     if settings.prometheus != "off" and prometheus:
         config = workdir / "prometheus.yml"
         config.write_text(prometheus_config(settings, with_locust))
         port = settings.ports["prometheus_port"]
-        command = [prometheus, f"--config.file={config}",
-                   f"--storage.tsdb.path={workdir / 'prometheus-data'}",
-                   f"--web.listen-address={host}:{port}", "--log.level=warn"]
-        services.append(Service("prometheus", command, ["prometheus_port"],
-                                _http_ok(f"http://{reach}:{port}/-/ready"),
-                                [f"http://{reach}:{port}/"]))
+        command = [
+            prometheus,
+            f"--config.file={config}",
+            f"--storage.tsdb.path={workdir / 'prometheus-data'}",
+            f"--web.listen-address={host}:{port}",
+            "--log.level=warn",
+        ]
+        services.append(
+            Service(
+                "prometheus",
+                command,
+                ["prometheus_port"],
+                _http_ok(f"http://{reach}:{port}/-/ready"),
+                [f"http://{reach}:{port}/"],
+            )
+        )
     return services
 
 
@@ -275,12 +352,16 @@ def check_ports(settings: StackSettings, services: list[Service]) -> None:
         for setting in service.ports:
             port = settings.ports[setting]
             if port in seen:
-                raise StackError(f"port {port} is set for both {seen[port]} and {setting}; "
-                                 f"change one with {knob(setting)}")
+                raise StackError(
+                    f"port {port} is set for both {seen[port]} and {setting}; "
+                    f"change one with {knob(setting)}"
+                )
             seen[port] = setting
             if not port_is_free(settings.host, port):
-                raise StackError(f"port {port} ({PORTS[setting][1]}) is already in use; "
-                                 f"choose another with {knob(setting)}")
+                raise StackError(
+                    f"port {port} ({PORTS[setting][1]}) is already in use; "
+                    f"choose another with {knob(setting)}"
+                )
 
 
 def port_is_free(host: str, port: int) -> bool:
@@ -355,7 +436,7 @@ def descendants(pid: int) -> set[int]:
         except OSError:
             continue
         # Fields after the command name, which may hold spaces and parentheses.
-        fields = stat[stat.rindex(")") + 2:].split()
+        fields = stat[stat.rindex(")") + 2 :].split()
         parents[int(entry.name)] = int(fields[1])
     found: set[int] = set()
     frontier = [pid]
@@ -389,12 +470,18 @@ class Stack:
         for index, service in enumerate(self.services):
             self.console.say("starting " + service.name + ": " + " ".join(service.command))
             service.proc = subprocess.Popen(
-                service.command, cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+                service.command,
+                cwd=ROOT,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
             service.pump = threading.Thread(
-                target=_pump, args=(service.proc, self.console, self.console.prefix(
-                    service.name, index)), daemon=True,
+                target=_pump,
+                args=(service.proc, self.console, self.console.prefix(service.name, index)),
+                daemon=True,
             )
             service.pump.start()
         waiting = list(self.services)
@@ -405,8 +492,10 @@ class Stack:
             for service in list(waiting):
                 assert service.proc is not None
                 if service.proc.poll() is not None:
-                    raise StackError(f"{service.name} exited with code {service.proc.returncode} "
-                                     "while starting (see its log above)")
+                    raise StackError(
+                        f"{service.name} exited with code {service.proc.returncode} "
+                        "while starting (see its log above)"
+                    )
                 if service.probe():
                     waiting.remove(service)
                     self.console.say(f"{service.name} is up: " + "  ".join(service.urls))
@@ -422,8 +511,10 @@ class Stack:
             for service in self.services:
                 assert service.proc is not None
                 if service.proc.poll() is not None:
-                    self.console.say(f"{service.name} exited with code "
-                                     f"{service.proc.returncode}; stopping everything")
+                    self.console.say(
+                        f"{service.name} exited with code "
+                        f"{service.proc.returncode}; stopping everything"
+                    )
                     return 1
         self.console.say(f"{self.reason or 'stop'} received; stopping everything")
         return 0
@@ -445,8 +536,9 @@ class Stack:
                 try:
                     service.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
                 except subprocess.TimeoutExpired:
-                    self.console.say(f"{service.name} still running after the grace period: "
-                                     "SIGKILL")
+                    self.console.say(
+                        f"{service.name} still running after the grace period: SIGKILL"
+                    )
         for service in self.services:
             if service.proc is None:
                 continue

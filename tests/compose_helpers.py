@@ -113,9 +113,12 @@ def poll(check: Callable[[], Any], timeout: float, interval: float = 2.0) -> Any
         time.sleep(interval)
 
 
-def http_request(url: str, data: dict[str, str] | None = None,
-                 login: tuple[str, str] | None = None,
-                 headers: dict[str, str] | None = None) -> urllib.request.Request:
+def http_request(
+    url: str,
+    data: dict[str, str] | None = None,
+    login: tuple[str, str] | None = None,
+    headers: dict[str, str] | None = None,
+) -> urllib.request.Request:
     """A GET (or form-POST) request, with HTTP Basic credentials when `login` is given."""
     body = urllib.parse.urlencode(data).encode() if data is not None else None
     request = urllib.request.Request(url, data=body, headers=headers or {})
@@ -125,8 +128,12 @@ def http_request(url: str, data: dict[str, str] | None = None,
     return request
 
 
-def http_json(url: str, data: dict[str, str] | None = None, timeout: float = 10.0,
-              login: tuple[str, str] | None = None) -> Any:
+def http_json(
+    url: str,
+    data: dict[str, str] | None = None,
+    timeout: float = 10.0,
+    login: tuple[str, str] | None = None,
+) -> Any:
     """GET (or form-POST) a URL and decode its JSON body."""
     with urllib.request.urlopen(http_request(url, data, login), timeout=timeout) as response:
         return json.load(response)
@@ -199,15 +206,26 @@ class ComposeProject:
     def env(self) -> dict[str, str]:
         """The environment for compose commands: default knobs, our ports, the classic builder."""
         published = {PUBLISHED_PORT_VARIABLES[s]: str(p) for s, p in self.ports.items()}
-        return {**clean_environment(), "COMPOSE_BAKE": "false", "ARENA_BIND_ADDRESS": "127.0.0.1",
-                "ARENA_LOCUST_LOGIN": ":".join(self.locust_login), **published}
+        return {
+            **clean_environment(),
+            "COMPOSE_BAKE": "false",
+            "ARENA_BIND_ADDRESS": "127.0.0.1",
+            "ARENA_LOCUST_LOGIN": ":".join(self.locust_login),
+            **published,
+        }
 
-    def compose(self, *args: str, timeout: float = 120.0, check: bool = True,
-                env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    def compose(
+        self,
+        *args: str,
+        timeout: float = 120.0,
+        check: bool = True,
+        env: dict[str, str] | None = None,
+    ) -> subprocess.CompletedProcess[str]:
         """Run `docker compose -p NAME -f docker-compose.yml ARGS` and capture its output."""
         command = ["docker", "compose", "-p", self.name, "-f", str(COMPOSE_FILE), *args]
-        result = subprocess.run(command, cwd=ROOT, env=env or self.env, capture_output=True,
-                                text=True, timeout=timeout)
+        result = subprocess.run(
+            command, cwd=ROOT, env=env or self.env, capture_output=True, text=True, timeout=timeout
+        )
         if check and result.returncode != 0:
             raise AssertionError(
                 f"`{' '.join(command[3:])}` exited {result.returncode}\n"
@@ -245,8 +263,9 @@ class ComposeProject:
         """`docker inspect` of the service's (first) container."""
         ids = self.compose("ps", "--all", "-q", service).stdout.split()
         assert ids, f"no container for service {service}"
-        result = subprocess.run(["docker", "inspect", ids[0]],
-                                capture_output=True, text=True, timeout=30, check=True)
+        result = subprocess.run(
+            ["docker", "inspect", ids[0]], capture_output=True, text=True, timeout=30, check=True
+        )
         return json.loads(result.stdout)[0]
 
     def container_state(self, service: str) -> dict[str, Any]:
@@ -261,13 +280,23 @@ class ComposeProject:
         (not even `always`) restarts a container after it (moby/moby#53415).
         """
         # PID 1 is the init process (`init: true`); its one child is the server.
-        self.compose("exec", "-T", service, "sh", "-c", "kill -KILL $(cat /proc/1/task/1/children)",
-                     check=False, timeout=30)
+        self.compose(
+            "exec",
+            "-T",
+            service,
+            "sh",
+            "-c",
+            "kill -KILL $(cat /proc/1/task/1/children)",
+            check=False,
+            timeout=30,
+        )
 
     def server_metrics(self, service: str) -> str:
         """A server's /metrics text, read inside its container (the metrics port is internal)."""
-        script = ("import urllib.request; print(urllib.request.urlopen("
-                  "'http://127.0.0.1:9100/metrics', timeout=5).read().decode())")
+        script = (
+            "import urllib.request; print(urllib.request.urlopen("
+            "'http://127.0.0.1:9100/metrics', timeout=5).read().decode())"
+        )
         return self.compose("exec", "-T", service, "python", "-c", script, timeout=30).stdout
 
     def url(self, service: str, path: str) -> str:
@@ -304,14 +333,14 @@ class ComposeProject:
 
     def down(self) -> subprocess.CompletedProcess[str]:
         """Remove everything the project created (containers, network, named volumes)."""
-        return self.compose("down", "-v", "--remove-orphans", "--timeout", "30",
-                            timeout=180, check=False)
+        return self.compose(
+            "down", "-v", "--remove-orphans", "--timeout", "30", timeout=180, check=False
+        )
 
 
 def image_present(image: str) -> bool:
     """Whether the engine has this image locally (nothing is pulled)."""
-    result = subprocess.run(["docker", "image", "inspect", image], capture_output=True,
-                            timeout=30)
+    result = subprocess.run(["docker", "image", "inspect", image], capture_output=True, timeout=30)
     return result.returncode == 0
 
 

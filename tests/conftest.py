@@ -76,12 +76,25 @@ def _pump(stream, sink: list[bytes], ready: threading.Event, found: list) -> Non
 def launch_server(model: str, *args: str, env: dict[str, str] | None = None) -> RunningServer:
     """Start `python -m services MODEL` on 127.0.0.1 with free ports and wait for its ready line."""
     command = [
-        sys.executable, "-m", "services", model,
-        "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", *args,
+        sys.executable,
+        "-m",
+        "services",
+        model,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--metrics-port",
+        "0",
+        *args,
     ]
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     proc = subprocess.Popen(
-        command, cwd=ROOT, env=full_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        command,
+        cwd=ROOT,
+        env=full_env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
         start_new_session=True,
     )
     log: list[bytes] = []

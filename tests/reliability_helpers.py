@@ -73,7 +73,8 @@ class Scrape:
         """Sum of the samples of `name` carrying every given label (0 when none is exposed)."""
         wanted = set(labels.items())
         return sum(
-            value for (sample, sample_labels), value in self.samples.items()
+            value
+            for (sample, sample_labels), value in self.samples.items()
             if sample == name and wanted <= set(sample_labels)
         )
 
@@ -125,8 +126,9 @@ def ensure_descriptors(count: int) -> None:
 # -- raw clients -----------------------------------------------------------------------------
 
 
-def connect(address: tuple[str, int], timeout: float = REPLY_TIMEOUT,
-            receive_buffer: int | None = None) -> socket.socket:
+def connect(
+    address: tuple[str, int], timeout: float = REPLY_TIMEOUT, receive_buffer: int | None = None
+) -> socket.socket:
     """A client socket (optionally with a small receive buffer, set before the handshake)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     if receive_buffer is not None:
@@ -185,8 +187,9 @@ def reset(sock: socket.socket) -> None:
     sock.close()
 
 
-def push_until_stalled(sock: socket.socket, chunk: bytes, limit: int, stall: float,
-                       timeout: float) -> tuple[int, bool]:
+def push_until_stalled(
+    sock: socket.socket, chunk: bytes, limit: int, stall: float, timeout: float
+) -> tuple[int, bool]:
     """Send `chunk` repeatedly without reading until `limit` bytes went out or no byte went
     out for `stall` seconds; returns (bytes sent, stalled). `timeout` bounds the whole push."""
     sock.setblocking(False)

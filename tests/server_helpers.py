@@ -180,7 +180,10 @@ def promtool_check(text: str) -> str:
             pytest.fail("promtool is required in CI (Debian package `prometheus`)")
         pytest.skip("promtool not installed (Debian package `prometheus`)")
     result = subprocess.run(
-        [promtool, "check", "metrics"], input=text.encode(), capture_output=True, timeout=60,
+        [promtool, "check", "metrics"],
+        input=text.encode(),
+        capture_output=True,
+        timeout=60,
         check=False,
     )
     output = (result.stdout + result.stderr).decode(errors="replace").strip()

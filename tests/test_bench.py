@@ -22,9 +22,28 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, str]
     """One scenario, every model (ours with and without metrics, textbook), one short rep."""
     out = tmp_path_factory.mktemp("bench")
     result = subprocess.run(
-        [sys.executable, "-m", "loadtest.bench", "--scenarios", "echo64", "--duration", "0.3",
-         "--warmup", "0.1", "--reps", "1", "--noisy-retries", "0", "--out", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=240, check=False,
+        [
+            sys.executable,
+            "-m",
+            "loadtest.bench",
+            "--scenarios",
+            "echo64",
+            "--duration",
+            "0.3",
+            "--warmup",
+            "0.1",
+            "--reps",
+            "1",
+            "--noisy-retries",
+            "0",
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
     )
     assert result.returncode == 0, result.stderr
     return out, json.loads((out / "bench.json").read_text()), result.stderr
@@ -32,8 +51,9 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, str]
 
 def test_the_histogram_error_is_below_one_percent() -> None:
     binary = loadgen.build()
-    output = subprocess.run([str(binary), "--selftest"], capture_output=True, text=True,
-                            timeout=60, check=True).stdout
+    output = subprocess.run(
+        [str(binary), "--selftest"], capture_output=True, text=True, timeout=60, check=True
+    ).stdout
     assert json.loads(output)["max_relative_error"] <= 0.01
 
 
@@ -51,11 +71,24 @@ def test_a_tiny_run_measures_every_server_and_says_where_and_how(tiny_run) -> No
     for run in results["runs"]:
         assert len(run["reps"]) == 1
         median = run["median"]
-        for key in ("rps", "server_cpu_s", "server_cpu_us_per_request", "peak_rss_bytes",
-                    "threads", "loadgen_cpu_fraction", "loadgen_saturated", "other_cpu_fraction",
-                    "errors", "connections", "answered_connections", "starved",
-                    "requests_per_connection_min", "requests_per_connection_max",
-                    "longest_wait_s", "longest_wait_unanswered"):
+        for key in (
+            "rps",
+            "server_cpu_s",
+            "server_cpu_us_per_request",
+            "peak_rss_bytes",
+            "threads",
+            "loadgen_cpu_fraction",
+            "loadgen_saturated",
+            "other_cpu_fraction",
+            "errors",
+            "connections",
+            "answered_connections",
+            "starved",
+            "requests_per_connection_min",
+            "requests_per_connection_max",
+            "longest_wait_s",
+            "longest_wait_unanswered",
+        ):
             assert key in median, (run["target"], key)
         assert set(median["latency_us"]) >= {"p50", "p99", "p999"}
         # Every reply was checked byte for byte by the load generator.
@@ -95,7 +128,13 @@ def test_a_saturated_load_generator_is_flagged_next_to_the_number(tiny_run, tmp_
     "module", ["loadtest.bench", "loadtest.soak", "services.stack", "services"]
 )
 def test_every_command_explains_itself_with_help(module: str) -> None:
-    result = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT,
-                            capture_output=True, text=True, timeout=60, check=False)
+    result = subprocess.run(
+        [sys.executable, "-m", module, "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr
     assert "usage:" in result.stdout and "Traceback" not in result.stderr

@@ -68,11 +68,19 @@ def echo_server(silent_every: int = 0) -> Iterator[int]:
         thread.join(timeout=10)
 
 
-def run_loadgen(port: int, connections: int, duration: float, warmup: float,
-                connect_timeout: float = 10.0) -> dict:
+def run_loadgen(
+    port: int, connections: int, duration: float, warmup: float, connect_timeout: float = 10.0
+) -> dict:
     """One real load generator run against 127.0.0.1:port."""
-    args = loadgen.command(loadgen.build(), port, connections, duration, warmup, [PING],
-                           connect_timeout=connect_timeout)
+    args = loadgen.command(
+        loadgen.build(),
+        port,
+        connections,
+        duration,
+        warmup,
+        [PING],
+        connect_timeout=connect_timeout,
+    )
     return loadgen.run(args, lambda _marker: None, timeout=duration + warmup + 60)
 
 
@@ -118,16 +126,27 @@ def test_connections_that_cannot_connect_are_counted_and_starved() -> None:
 
 def _rep(answered: int, wait: float, unanswered: bool, per_connection: tuple[int, int]) -> dict:
     return {
-        "rps": 1000.0, "requests": 1000, "server_cpu_s": 1.0, "server_cpu_fraction": 1.0,
-        "server_cpu_us_per_request": 20.0, "peak_rss_bytes": 50 * 2**20, "threads": 1004,
-        "loadgen_cpu_s": 0.5, "loadgen_cpu_fraction": 0.5, "other_cpu_fraction": 0.0,
+        "rps": 1000.0,
+        "requests": 1000,
+        "server_cpu_s": 1.0,
+        "server_cpu_fraction": 1.0,
+        "server_cpu_us_per_request": 20.0,
+        "peak_rss_bytes": 50 * 2**20,
+        "threads": 1004,
+        "loadgen_cpu_s": 0.5,
+        "loadgen_cpu_fraction": 0.5,
+        "other_cpu_fraction": 0.0,
         "latency_us": {"p50": 5000.0, "p99": 500000.0, "p999": 1000000.0},
-        "errors": 0, "loadgen_saturated": False, "connections": 1000,
-        "answered_connections": answered, "starved": answered < 1000,
+        "errors": 0,
+        "loadgen_saturated": False,
+        "connections": 1000,
+        "answered_connections": answered,
+        "starved": answered < 1000,
         "requests_per_connection_min": per_connection[0],
         "requests_per_connection_median": per_connection[0],
         "requests_per_connection_max": per_connection[1],
-        "longest_wait_s": wait, "longest_wait_unanswered": unanswered,
+        "longest_wait_s": wait,
+        "longest_wait_unanswered": unanswered,
     }
 
 
@@ -136,24 +155,46 @@ def synthetic_results() -> dict:
     threaded = [_rep(352, 5.93, True, (0, 240)), _rep(1000, 0.8, False, (3, 90))]
     gevent = [_rep(1000, 0.031, False, (50, 61)), _rep(1000, 0.029, True, (52, 60))]
     runs = [
-        {"scenario": "echo64-c1000", "target": name, "family": name, "kind": "ours",
-         "command": name, "reps": reps, "median": harness.summarize(reps)}
+        {
+            "scenario": "echo64-c1000",
+            "target": name,
+            "family": name,
+            "kind": "ours",
+            "command": name,
+            "reps": reps,
+            "median": harness.summarize(reps),
+        }
         for name, reps in (("threaded", threaded), ("gevent", gevent))
     ]
     return {
         "meta": {
-            "date": "2026-11-28 15:00 UTC", "pinning": "not pinned", "reps": 2,
-            "duration_s": 5.0, "warmup_s": 1.0, "work_rounds": 1000, "work_round_ns": 50.0,
-            "mix": "echo", "loadgen_saturation_threshold": 0.9, "noisy_retries": 2,
+            "date": "2026-11-28 15:00 UTC",
+            "pinning": "not pinned",
+            "reps": 2,
+            "duration_s": 5.0,
+            "warmup_s": 1.0,
+            "work_rounds": 1000,
+            "work_round_ns": 50.0,
+            "mix": "echo",
+            "loadgen_saturation_threshold": 0.9,
+            "noisy_retries": 2,
             "ceiling": None,
-            "machine": {"cpu_model": "Test CPU", "cores": 2, "memory_bytes": 2**30,
-                        "system": "Linux", "python": "3.12"},
+            "machine": {
+                "cpu_model": "Test CPU",
+                "cores": 2,
+                "memory_bytes": 2**30,
+                "system": "Linux",
+                "python": "3.12",
+            },
         },
-        "scenarios": {"echo64-c1000": {"title": "echo 64 B, 1000 conns", "connections": 1000,
-                                       "echo_size": 64}},
+        "scenarios": {
+            "echo64-c1000": {"title": "echo 64 B, 1000 conns", "connections": 1000, "echo_size": 64}
+        },
         "families": ["threaded", "gevent"],
-        "targets": [{"name": name, "family": name, "kind": "ours", "command": name}
-                    for name in ("threaded", "gevent")],
+        "targets": [
+            {"name": name, "family": name, "kind": "ours", "command": name}
+            for name in ("threaded", "gevent")
+        ],
         "runs": runs,
     }
 
@@ -164,7 +205,9 @@ def test_the_summary_keeps_the_worst_run_of_fairness() -> None:
     assert median["answered_connections"] == 352 and median["connections"] == 1000
     assert median["longest_wait_s"] == 5.93 and median["longest_wait_unanswered"] is True
     assert (median["requests_per_connection_min"], median["requests_per_connection_max"]) == (
-        0, 240)
+        0,
+        240,
+    )
 
 
 def test_bench_md_shows_answered_connections_the_longest_wait_and_flags_starvation(
@@ -177,8 +220,10 @@ def test_bench_md_shows_answered_connections_the_longest_wait_and_flags_starvati
             rows.setdefault(line.split(" | ")[0], line)
     assert "| 352/1000 ⚠ | 0\u2013240 | still waiting after 5.9 s |" in rows["| threaded"]
     assert "| 1000/1000 | 50\u201361 | 31 ms |" in rows["| gevent"]
-    flag = ("⚠ threaded: 352/1000 connections answered; a request still waiting after 5.9 s "
-            "(1 of 2 runs starved)")
+    flag = (
+        "⚠ threaded: 352/1000 connections answered; a request still waiting after 5.9 s "
+        "(1 of 2 runs starved)"
+    )
     assert f"> **{flag}**" in markdown  # under the scenario's table
     assert "⚠ threaded (echo 64 B, 1000 conns): 352/1000 connections answered" in markdown
     assert "gevent:" not in markdown and "No run starved" not in markdown

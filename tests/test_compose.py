@@ -60,8 +60,14 @@ RESTART_TIMEOUT = 60.0  # restart + first healthcheck (every 5 s) + users' recon
 QUIET_INTERVAL = 7.0
 HARDENED_SERVICES = (*SERVER_SERVICES, "locust", "locust-worker")
 # What a user opens: each server's protocol port, Locust's web UI, Prometheus and Grafana.
-PUBLISHED = {"threaded": [9000], "pool": [9000], "gevent": [9000], "locust": [8089],
-             "prometheus": [9090], "grafana": [3000]}
+PUBLISHED = {
+    "threaded": [9000],
+    "pool": [9000],
+    "gevent": [9000],
+    "locust": [8089],
+    "prometheus": [9090],
+    "grafana": [3000],
+}
 
 
 @pytest.fixture(scope="module")
@@ -86,10 +92,20 @@ def stack() -> Iterator[ComposeProject]:
     project = ComposeProject()
     try:
         runnable, missing = project.runnable_services()
-        print(f"compose project {project.name}: starting {runnable}; "
-              f"cannot run here (no image, no build): {missing}")
-        project.compose("up", "-d", "--build", "--wait", "--wait-timeout", str(int(UP_TIMEOUT)),
-                        *runnable, timeout=UP_TIMEOUT + 60)
+        print(
+            f"compose project {project.name}: starting {runnable}; "
+            f"cannot run here (no image, no build): {missing}"
+        )
+        project.compose(
+            "up",
+            "-d",
+            "--build",
+            "--wait",
+            "--wait-timeout",
+            str(int(UP_TIMEOUT)),
+            *runnable,
+            timeout=UP_TIMEOUT + 60,
+        )
         project.started = runnable
         yield project
     finally:
@@ -154,9 +170,14 @@ def test_compose_file_hardens_every_service(compose_cli: ComposeProject) -> None
     assert grafana["GF_AUTH_BASIC_ENABLED"] == "false"
     for name in ("locust", "locust-worker"):
         assert services[name]["environment"]["ARENA_LOCUST_LOGIN"] == "", name
-    with_login = json.loads(compose_cli.compose(
-        "config", "--format", "json",
-        env={**clean_environment(), "ARENA_LOCUST_LOGIN": "me:secret"}).stdout)["services"]
+    with_login = json.loads(
+        compose_cli.compose(
+            "config",
+            "--format",
+            "json",
+            env={**clean_environment(), "ARENA_LOCUST_LOGIN": "me:secret"},
+        ).stdout
+    )["services"]
     for name in ("locust", "locust-worker"):
         assert with_login[name]["environment"]["ARENA_LOCUST_LOGIN"] == "me:secret", name
 
@@ -233,8 +254,9 @@ def test_locust_loads_every_server_with_zero_failures(stack: ComposeProject) -> 
             target = dict(labels).get("target", "")
             requests[target] = requests.get(target, 0.0) + value
         seen.update(users=users, requests=requests)
-        ready = all(users.get(s) == USERS_PER_SERVER and requests.get(s, 0) > 0
-                    for s in SERVER_SERVICES)
+        ready = all(
+            users.get(s) == USERS_PER_SERVER and requests.get(s, 0) > 0 for s in SERVER_SERVICES
+        )
         return {"users": users, "requests": requests, "text": text} if ready else None
 
     state = poll(loaded, TRAFFIC_TIMEOUT)
@@ -311,8 +333,11 @@ def test_every_dashboard_query_returns_data(stack: ComposeProject) -> None:
     assert queries, "the dashboard has no queries"
 
     def empty_queries() -> list[str]:
-        return [f"{panel}: {expr}" for _, panel, expr in queries
-                if not stack.promql(grafana_to_promql(expr))]
+        return [
+            f"{panel}: {expr}"
+            for _, panel, expr in queries
+            if not stack.promql(grafana_to_promql(expr))
+        ]
 
     if poll(lambda: not empty_queries(), SCRAPE_TIMEOUT, interval=5.0) is not True:
         empty = empty_queries()
@@ -339,8 +364,11 @@ def test_a_crashed_server_is_restarted_and_its_users_reconnect(stack: ComposePro
 
     def restarted_and_healthy() -> dict | None:
         state = stack.container_state(victim)
-        back = (state["RestartCount"] > restarts_before and state["Running"]
-                and state.get("Health", {}).get("Status") == "healthy")
+        back = (
+            state["RestartCount"] > restarts_before
+            and state["Running"]
+            and state.get("Health", {}).get("Status") == "healthy"
+        )
         return state if back else None
 
     state = poll(restarted_and_healthy, RESTART_TIMEOUT, interval=1.0)
@@ -367,8 +395,10 @@ def test_a_crashed_server_is_restarted_and_its_users_reconnect(stack: ComposePro
 
     settled = poll(failures_settled, 4 * QUIET_INTERVAL, interval=0.0)
     after = latest[-1]
-    print(f"{victim}: restart {state['RestartCount']}, {active} connections back, "
-          f"Locust failures {before} -> {after}")
+    print(
+        f"{victim}: restart {state['RestartCount']}, {active} connections back, "
+        f"Locust failures {before} -> {after}"
+    )
     assert settled is True, f"Locust's failures keep growing: {latest}"
     assert after.get(victim, 0) > before.get(victim, 0), (before, after)
     for service in SERVER_SERVICES:

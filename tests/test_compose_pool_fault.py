@@ -66,9 +66,17 @@ def stack() -> Iterator[ComposeProject]:
         pytest.skip(f"no Docker engine reachable ({problem}); set ARENA_REQUIRE_DOCKER=1 to fail")
     project = ComposeProject()
     try:
-        project.compose("up", "-d", "--build", "--wait", "--wait-timeout", str(int(UP_TIMEOUT)),
-                        *SERVICES, timeout=UP_TIMEOUT + 60,
-                        env={**project.env, "LOCUST_TARGETS": "pool"})
+        project.compose(
+            "up",
+            "-d",
+            "--build",
+            "--wait",
+            "--wait-timeout",
+            str(int(UP_TIMEOUT)),
+            *SERVICES,
+            timeout=UP_TIMEOUT + 60,
+            env={**project.env, "LOCUST_TARGETS": "pool"},
+        )
         project.started = list(SERVICES)
         yield project
     finally:
@@ -80,8 +88,11 @@ def locust_pool(stack: ComposeProject) -> tuple[float, float, float]:
     text = http_text(stack.url("locust", "/metrics"))
 
     def total(name: str) -> float:
-        return sum(value for labels, value in metric_samples(text, name).items()
-                   if dict(labels).get("target") == "pool")
+        return sum(
+            value
+            for labels, value in metric_samples(text, name).items()
+            if dict(labels).get("target") == "pool"
+        )
 
     return total("locust_users"), total("locust_requests_total"), total("locust_failures_total")
 
@@ -89,20 +100,25 @@ def locust_pool(stack: ComposeProject) -> tuple[float, float, float]:
 def test_a_killed_pool_worker_costs_locust_no_failure(stack: ComposeProject) -> None:
     """SIGKILL one worker inside the pool container under load: failures stay 0 (or the
     container was restarted), the executor is replaced once, the pool answers on its port."""
-    state = poll(lambda: (s := locust_pool(stack))[0] == USERS and s[1] > 0 and s,
-                 TRAFFIC_TIMEOUT, interval=1.0)
+    state = poll(
+        lambda: (s := locust_pool(stack))[0] == USERS and s[1] > 0 and s,
+        TRAFFIC_TIMEOUT,
+        interval=1.0,
+    )
     assert isinstance(state, tuple), f"no load on the pool: {state!r}\n{stack.diagnostics()}"
     _, requests_before, failures_before = state
     restarts_before = stack.container_state("pool")["RestartCount"]
 
-    victim = int(stack.compose("exec", "-T", "pool", "python", "-c", KILL_A_WORKER,
-                               timeout=30).stdout.split()[-1])
+    victim = int(
+        stack.compose(
+            "exec", "-T", "pool", "python", "-c", KILL_A_WORKER, timeout=30
+        ).stdout.split()[-1]
+    )
 
     def healed() -> float | None:
         if stack.container_state("pool")["RestartCount"] > restarts_before:
             return -1.0  # Docker restarted the container: also acceptable
-        samples = metric_samples(stack.server_metrics("pool"),
-                                 "arena_pool_worker_restarts_total")
+        samples = metric_samples(stack.server_metrics("pool"), "arena_pool_worker_restarts_total")
         return sum(samples.values()) or None
 
     restarts = poll(healed, HEAL_TIMEOUT, interval=1.0)
@@ -119,9 +135,11 @@ def test_a_killed_pool_worker_costs_locust_no_failure(stack: ComposeProject) -> 
     _, requests_after, failures_after = readings[-1]
     container_restarted = stack.container_state("pool")["RestartCount"] > restarts_before
     logs = stack.compose("logs", "--no-color", "pool").stdout
-    print(f"pool: worker {victim} killed; executor restarts {restarts:g}; container restarted "
-          f"{container_restarted}; Locust requests {requests_before:g} -> {requests_after:g}, "
-          f"failures {failures_before:g} -> {failures_after:g}")
+    print(
+        f"pool: worker {victim} killed; executor restarts {restarts:g}; container restarted "
+        f"{container_restarted}; Locust requests {requests_before:g} -> {requests_after:g}, "
+        f"failures {failures_before:g} -> {failures_after:g}"
+    )
     assert failures_after == failures_before or container_restarted, (
         f"{failures_after - failures_before:g} failed requests\n{stack.diagnostics()}"
     )

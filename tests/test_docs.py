@@ -18,10 +18,14 @@ ROOT = Path(__file__).resolve().parent.parent
 BLOCK = re.compile(r"<!-- (figures|source):([a-z0-9-]+):begin -->.*?<!-- \1:\2:end -->", re.S)
 # A measured rate: `85,482 req/s`, `75-85k echo requests/s` (en dash too), `12,000 requests per
 # second`.
-RATE = re.compile(r"\d[\d,.]*(?:\s*(?:\u2013|-|to)\s*\d[\d,.]*)?\s*k?\s+(?:echo\s+)?"
-                  r"(?:req/s|requests/s|requests per second)")
-PER_CORE = re.compile(r"\d[\d,.]*\s*k?\s+(?:echo\s+)?(?:req/s|requests(?:/s| per second)?)"
-                      r"[^.]{0,20}?\bper core")
+RATE = re.compile(
+    r"\d[\d,.]*(?:\s*(?:\u2013|-|to)\s*\d[\d,.]*)?\s*k?\s+(?:echo\s+)?"
+    r"(?:req/s|requests/s|requests per second)"
+)
+PER_CORE = re.compile(
+    r"\d[\d,.]*\s*k?\s+(?:echo\s+)?(?:req/s|requests(?:/s| per second)?)"
+    r"[^.]{0,20}?\bper core"
+)
 # A soak-sized total: `824,445 requests`.
 TOTAL = re.compile(r"\b\d{1,3}(?:,\d{3})+\s+requests\b(?!/s| per)")
 # Outside the generated sections, only these figures may stand, each with the reason.
@@ -39,14 +43,16 @@ def _outside_blocks(text: str) -> str:
 
 
 def _inside_generated(text: str) -> str:
-    return " ".join(" ".join(m.group(0) for m in BLOCK.finditer(text)
-                             if m.group(1) == "figures").split())
+    return " ".join(
+        " ".join(m.group(0) for m in BLOCK.finditer(text) if m.group(1) == "figures").split()
+    )
 
 
 def test_every_marked_section_matches_the_committed_results():
     stale = docfigures.stale(_docs(), docfigures.Sources())
-    assert not stale, ("sections differ from results/ (run `make docs`):\n"
-                       + "\n".join(stale.values()))
+    assert not stale, "sections differ from results/ (run `make docs`):\n" + "\n".join(
+        stale.values()
+    )
 
 
 def test_every_generated_section_is_used_somewhere():
@@ -66,16 +72,21 @@ def test_figures_outside_the_sections_are_not_copies_of_measurements():
                 if figure in NOT_MEASURED or figure in generated:
                     continue
                 found.append(f"{path.relative_to(ROOT)}: {figure!r}")
-    assert not found, ("measured figures written by hand; generate them "
-                       "(loadtest/docfigures.py) or link to where they are: " + "; ".join(found))
+    assert not found, (
+        "measured figures written by hand; generate them "
+        "(loadtest/docfigures.py) or link to where they are: " + "; ".join(found)
+    )
 
 
 def test_locust_capacity_is_written_in_one_place_and_linked_from_the_others():
     places = []
     for path in _docs():
         text = path.read_text()
-        places += [(path.name, m.group(0)) for m in BLOCK.finditer(text)
-                   if "source:locust-capacity" in m.group(0)]
+        places += [
+            (path.name, m.group(0))
+            for m in BLOCK.finditer(text)
+            if "source:locust-capacity" in m.group(0)
+        ]
         assert not PER_CORE.search(_outside_blocks(text)), path
     assert [name for name, _ in places] == ["LOADTEST.md"]
     assert PER_CORE.search(" ".join(places[0][1].split())) or "requests per second" in places[0][1]
@@ -89,25 +100,27 @@ def test_the_check_fails_on_a_hand_edited_figure_and_the_generator_repairs_it(tm
     shutil.copytree(ROOT / "docs", tmp_path / "docs")
     readme = tmp_path / "README.md"
     text = readme.read_text()
-    section = re.search(r"<!-- figures:bench-run:begin -->.*?<!-- figures:bench-run:end -->",
-                        text, re.S).group(0)
+    section = re.search(
+        r"<!-- figures:bench-run:begin -->.*?<!-- figures:bench-run:end -->", text, re.S
+    ).group(0)
     edited = re.sub(r"\| threaded \| [\d,]+", "| threaded | 99,999", section, count=1)
     assert edited != section
     readme.write_text(text.replace(section, edited))
     command = [sys.executable, "-m", "loadtest.docfigures", "--root", str(tmp_path)]
 
-    check = subprocess.run([*command, "--check"], capture_output=True, text=True, cwd=ROOT,
-                           timeout=60, check=False)
+    check = subprocess.run(
+        [*command, "--check"], capture_output=True, text=True, cwd=ROOT, timeout=60, check=False
+    )
     assert check.returncode == 1
     assert "-| threaded | 99,999" in check.stdout
     assert "README.md" in check.stderr and "make docs" in check.stderr
 
-    write = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=60,
-                           check=False)
+    write = subprocess.run(
+        command, capture_output=True, text=True, cwd=ROOT, timeout=60, check=False
+    )
     assert write.returncode == 0, write.stderr
     assert readme.read_text() == (ROOT / "README.md").read_text()
-    assert subprocess.run([*command, "--check"], cwd=ROOT, timeout=60,
-                          check=False).returncode == 0
+    assert subprocess.run([*command, "--check"], cwd=ROOT, timeout=60, check=False).returncode == 0
 
 
 def test_a_new_result_makes_the_docs_stale(tmp_path):
@@ -122,13 +135,21 @@ def test_a_new_result_makes_the_docs_stale(tmp_path):
 
 def test_a_soak_report_becomes_the_summary_the_docs_quote(tmp_path):
     report = {
-        "started": "2027-01-02T03:04:05+00:00", "finished": "2027-01-03T03:04:09+00:00",
+        "started": "2027-01-02T03:04:05+00:00",
+        "finished": "2027-01-03T03:04:09+00:00",
         "settings": {"duration_s": 86400.0, "users_per_target": 100},
-        "passed": True, "locust": {"requests": 25_000_300, "failures": 0},
-        "figures": {model: {"requests": 8_333_333.0, "request_errors": 0.0,
-                            "rss_first_third_mib": 40.04, "rss_growth_mib": 1.234,
-                            "fd_growth": 0.0}
-                    for model in ("threaded", "pool", "gevent")},
+        "passed": True,
+        "locust": {"requests": 25_000_300, "failures": 0},
+        "figures": {
+            model: {
+                "requests": 8_333_333.0,
+                "request_errors": 0.0,
+                "rss_first_third_mib": 40.04,
+                "rss_growth_mib": 1.234,
+                "fd_growth": 0.0,
+            }
+            for model in ("threaded", "pool", "gevent")
+        },
     }
     summary = docfigures.soak_summary(report)
     text = docfigures.soak_readme(summary)
@@ -141,8 +162,11 @@ def test_a_soak_report_becomes_the_summary_the_docs_quote(tmp_path):
 def test_a_missing_result_is_said_not_invented(tmp_path):
     sources = docfigures.Sources(tmp_path)
     for name, render in docfigures.RENDERERS.items():
-        assert render(sources) in (docfigures.NO_BENCH, docfigures.NO_SOAK,
-                                  docfigures.NO_LESSONS), name
+        assert render(sources) in (
+            docfigures.NO_BENCH,
+            docfigures.NO_SOAK,
+            docfigures.NO_LESSONS,
+        ), name
 
 
 def test_unbalanced_markers_are_refused(tmp_path):
@@ -150,13 +174,20 @@ def test_unbalanced_markers_are_refused(tmp_path):
     with pytest.raises(docfigures.FiguresError, match="unbalanced"):
         docfigures.render_text(broken, docfigures.Sources(tmp_path))
     with pytest.raises(docfigures.FiguresError, match="unknown figures section"):
-        docfigures.render_text("<!-- figures:nope:begin -->\n<!-- figures:nope:end -->",
-                               docfigures.Sources(tmp_path))
+        docfigures.render_text(
+            "<!-- figures:nope:begin -->\n<!-- figures:nope:end -->", docfigures.Sources(tmp_path)
+        )
 
 
 def test_locust_help_lists_every_knob():
-    result = subprocess.run([sys.executable, "-m", "loadtest", "--help"], capture_output=True,
-                            text=True, cwd=ROOT, timeout=120, check=False)
+    result = subprocess.run(
+        [sys.executable, "-m", "loadtest", "--help"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr
     assert "--headless" in result.stdout  # Locust's own options too
     missing = [knob.flag for knob in KNOBS if knob.flag not in result.stdout]
@@ -168,21 +199,29 @@ def _with_fairness(starved_target: str | None) -> docfigures.Bench:
     for run in bench["runs"]:
         connections = bench["scenarios"][run["scenario"]]["connections"]
         starved = run["scenario"] == "echo64-c1000" and run["target"] == starved_target
-        run["median"].update({
-            "connections": connections, "answered_connections": 352 if starved else connections,
-            "starved": starved, "starved_reps": int(starved),
-            "requests_per_connection_min": 0 if starved else 20,
-            "requests_per_connection_median": 40, "requests_per_connection_max": 900,
-            "longest_wait_s": 5.9 if starved else 0.031, "longest_wait_unanswered": starved,
-        })
+        run["median"].update(
+            {
+                "connections": connections,
+                "answered_connections": 352 if starved else connections,
+                "starved": starved,
+                "starved_reps": int(starved),
+                "requests_per_connection_min": 0 if starved else 20,
+                "requests_per_connection_median": 40,
+                "requests_per_connection_max": 900,
+                "longest_wait_s": 5.9 if starved else 0.031,
+                "longest_wait_unanswered": starved,
+            }
+        )
     return docfigures.Bench(bench)
 
 
 def test_the_fairness_figures_are_quoted_when_the_results_have_them():
     starved = _with_fairness("threaded")
     reading = " ".join(docfigures.bench_reading(starved).split())
-    assert ("threaded answered 352 of 1000 connections (a request still waiting after 5.9 s; "
-            "0\u2013900 requests per connection)") in reading
+    assert (
+        "threaded answered 352 of 1000 connections (a request still waiting after 5.9 s; "
+        "0\u2013900 requests per connection)"
+    ) in reading
     assert reading.count("Not every connection was served in the measured window") == 1
     assert "48,050 (496) \u26a0 352/1000 answered" in docfigures.bench_run(starved)
 

@@ -55,19 +55,33 @@ def measured(loadgen_binary) -> Iterator:
         if model in results:
             return results[model]
         ensure_descriptors(CONNECTIONS)  # before the server starts: it inherits the limit
-        command = [sys.executable, "-m", "services", model, *MODEL_ARGS.get(model, ()),
-                   "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0"]
+        command = [
+            sys.executable,
+            "-m",
+            "services",
+            model,
+            *MODEL_ARGS.get(model, ()),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--metrics-port",
+            "0",
+        ]
         server = harness.ServerProcess(model, command, pinning.server)
         servers.append(server)
         scenario = Scenario("fairness", "echo 64 B, 1000 busy conns", CONNECTIONS, (echo(64),))
         attempts = []
         try:
             for _ in range(1 + NOISY_RETRIES):
-                attempts.append(harness.measure_once(
-                    server, scenario, loadgen_binary, WINDOW, WARMUP, pinning))
-                print(f"\n[fairness] {model}: {harness.starved_text(attempts[-1])}; "
-                      f"{attempts[-1]['rps']:,.0f} requests/s; other work took "
-                      f"{attempts[-1]['other_cpu_fraction']:.0%} of the server's CPU")
+                attempts.append(
+                    harness.measure_once(server, scenario, loadgen_binary, WINDOW, WARMUP, pinning)
+                )
+                print(
+                    f"\n[fairness] {model}: {harness.starved_text(attempts[-1])}; "
+                    f"{attempts[-1]['rps']:,.0f} requests/s; other work took "
+                    f"{attempts[-1]['other_cpu_fraction']:.0%} of the server's CPU"
+                )
                 if attempts[-1]["other_cpu_fraction"] <= harness.NOISY_OTHER_FRACTION:
                     break
         finally:
@@ -95,7 +109,9 @@ def test_every_busy_connection_is_answered_in_the_window(measured, model, record
 def test_no_request_waits_a_second(measured, model):
     record = measured(model)
     if record["other_cpu_fraction"] > harness.NOISY_OTHER_FRACTION:
-        pytest.skip(f"{record['other_cpu_fraction']:.0%} of the server's CPU went to other "
-                    "work in every attempt: too noisy to judge a 1 s wait "
-                    f"({harness.starved_text(record)})")
+        pytest.skip(
+            f"{record['other_cpu_fraction']:.0%} of the server's CPU went to other "
+            "work in every attempt: too noisy to judge a 1 s wait "
+            f"({harness.starved_text(record)})"
+        )
     assert record["longest_wait_s"] < LONGEST_WAIT_BOUND, harness.starved_text(record)

@@ -62,8 +62,11 @@ locust_run = [pytest.mark.locust, pytest.mark.slow]
         ({"targets": "threaded,nginx"}, "--targets", "nginx"),
         ({"targets": "pool,pool"}, "--targets", "twice"),
         ({"targets": ""}, "--targets", "at least one"),
-        ({"ping_share": "0.5", "sleep_share": "0.4", "work_share": "0.2"}, "--work-share",
-         "exceed 1"),
+        (
+            {"ping_share": "0.5", "sleep_share": "0.4", "work_share": "0.2"},
+            "--work-share",
+            "exceed 1",
+        ),
     ],
 )
 def test_bad_knob_values_are_refused_with_the_knob_named(values, flag, hint):
@@ -136,15 +139,24 @@ def test_the_scenario_sets_the_number_of_users_unless_users_per_target_is_given(
 
 
 def test_the_knobs_are_ordered_scenario_workload_targets():
-    kinds = ["scenario" if knob.choices else "workload" if knob.from_scenario or
-             knob.dest == "timeout_s" else "targets" for knob in KNOBS]
+    kinds = [
+        "scenario"
+        if knob.choices
+        else "workload"
+        if knob.from_scenario or knob.dest == "timeout_s"
+        else "targets"
+        for knob in KNOBS
+    ]
     assert kinds == sorted(kinds, key=["scenario", "workload", "targets"].index)
 
 
 def test_one_user_class_per_model_with_its_address_as_host():
     for model in models.MODELS:
-        [cls] = [value for value in vars(locustfile).values()
-                 if getattr(value, "target", None) == model.name]
+        [cls] = [
+            value
+            for value in vars(locustfile).values()
+            if getattr(value, "target", None) == model.name
+        ]
         assert cls.__name__.lower() == model.name.replace("-", "") + "user"
         assert cls.host == f"tcp://127.0.0.1:{model.port}"
         assert not cls.abstract
@@ -160,8 +172,10 @@ class RecordedEvents:
 
     def outcomes(self) -> list[tuple[str, str | None]]:
         """(name, exception text or None) per event, in order."""
-        return [(e["name"], None if e["exception"] is None else str(e["exception"]))
-                for e in self.events]
+        return [
+            (e["name"], None if e["exception"] is None else str(e["exception"]))
+            for e in self.events
+        ]
 
 
 @pytest.fixture
@@ -213,7 +227,13 @@ def test_client_counts_a_refused_connect_and_sends_nothing():
 
 def test_fine_histogram_keeps_three_significant_digits():
     assert [fine_key(us) for us in (0, 7, 999, 1000, 1234, 98765, 1234567)] == [
-        0, 7, 999, 1000, 1230, 98700, 1230000,
+        0,
+        7,
+        999,
+        1000,
+        1230,
+        98700,
+        1230000,
     ]
     stats = ClientStats()
     for microseconds in range(1, 1001):
@@ -310,7 +330,8 @@ def test_headless_run_loads_all_targets_with_100_users_each_and_no_failures(serv
     prefix = tmp_path / "run"
     # No -u: loadtest/locust.conf must give 100 users per target on its own (cwd is tmp_path).
     run, totals = run_headless_to_success(
-        tmp_path, "headless", ["--headless", "-t", "12s", "--csv", str(prefix)], servers)
+        tmp_path, "headless", ["--headless", "-t", "12s", "--csv", str(prefix)], servers
+    )
     assert all(requests > 0 and failures == 0 for requests, failures in totals.values()), totals
     # Every user connected exactly once: 100 per target, none reconnected.
     assert all(totals[(target, "connect")][0] == USERS_PER_TARGET for target in TARGETS)
@@ -333,11 +354,15 @@ def test_headless_run_loads_all_targets_with_100_users_each_and_no_failures(serv
 @pytest.mark.locust
 @pytest.mark.slow
 def test_scenario_from_the_environment_sets_the_mix_and_a_given_knob_keeps_its_value(
-        servers, tmp_path):
+    servers, tmp_path
+):
     prefix = tmp_path / "io"
     run = start_locust(
-        tmp_path, "io", ["--headless", "-t", "6s", "--sleep-ms", "5", "--csv", str(prefix)],
-        locust_env(addresses(servers), LOCUST_SCENARIO="io-wait"))
+        tmp_path,
+        "io",
+        ["--headless", "-t", "6s", "--sleep-ms", "5", "--csv", str(prefix)],
+        locust_env(addresses(servers), LOCUST_SCENARIO="io-wait"),
+    )
     try:
         code = run.wait(timeout=120)
     finally:
@@ -362,12 +387,20 @@ def test_killed_server_shows_failures_and_users_recover_when_it_returns(tmp_path
         "gevent": launch_server("gevent"),
     }
     prefix = tmp_path / "kill"
-    run = start_locust(tmp_path, "kill", ["--autostart", "-t", "300s", "--csv", str(prefix)],
-                       locust_env(addresses(started)), web_port=free_port())
+    run = start_locust(
+        tmp_path,
+        "kill",
+        ["--autostart", "-t", "300s", "--csv", str(prefix)],
+        locust_env(addresses(started)),
+        web_port=free_port(),
+    )
     try:
         poll("the web UI", run.web_ready, timeout=60)
-        poll("100 users per target", lambda: run.metrics().users() == dict.fromkeys(TARGETS, 100),
-             timeout=60)
+        poll(
+            "100 users per target",
+            lambda: run.metrics().users() == dict.fromkeys(TARGETS, 100),
+            timeout=60,
+        )
         poll("threaded answering", lambda: successes(run.metrics(), "threaded") > 0, timeout=30)
 
         os.killpg(started["threaded"].proc.pid, signal.SIGKILL)
@@ -385,13 +418,17 @@ def test_killed_server_shows_failures_and_users_recover_when_it_returns(tmp_path
         answered_before_return = successes(run.metrics(), "threaded")
         poll(
             "all 100 users connected to the restarted server",
-            lambda: Metrics.parse(started["threaded"].metrics_text()).value(
-                "arena_connections_active") == USERS_PER_TARGET,
+            lambda: (
+                Metrics.parse(started["threaded"].metrics_text()).value("arena_connections_active")
+                == USERS_PER_TARGET
+            ),
             timeout=60,
         )
-        poll("requests succeeding again",
-             lambda: successes(run.metrics(), "threaded") > answered_before_return + 100,
-             timeout=60)
+        poll(
+            "requests succeeding again",
+            lambda: successes(run.metrics(), "threaded") > answered_before_return + 100,
+            timeout=60,
+        )
 
         assert run.post("/stop")["success"]
         poll("the test to stop", lambda: run.stats()["state"] == "stopped", timeout=60)
@@ -424,24 +461,47 @@ def test_distributed_master_aggregates_two_workers_and_passes_knob_changes_on(se
     master_port = free_port()
     prefix = tmp_path / "dist"
     master = start_locust(
-        tmp_path, "master",
-        ["--master", "--master-bind-host", "127.0.0.1", "--master-bind-port", str(master_port),
-         "--expect-workers", "2", "--autostart", "-t", "300s", "--csv", str(prefix)],
-        locust_env(addresses(servers)), web_port=free_port(),
+        tmp_path,
+        "master",
+        [
+            "--master",
+            "--master-bind-host",
+            "127.0.0.1",
+            "--master-bind-port",
+            str(master_port),
+            "--expect-workers",
+            "2",
+            "--autostart",
+            "-t",
+            "300s",
+            "--csv",
+            str(prefix),
+        ],
+        locust_env(addresses(servers)),
+        web_port=free_port(),
     )
     # Workers get no target addresses of their own: the master's settings must reach them.
     workers = [
-        start_locust(tmp_path, f"worker{n}",
-                     ["--worker", "--master-host", "127.0.0.1", "--master-port", str(master_port)],
-                     locust_env({}))
+        start_locust(
+            tmp_path,
+            f"worker{n}",
+            ["--worker", "--master-host", "127.0.0.1", "--master-port", str(master_port)],
+            locust_env({}),
+        )
         for n in (1, 2)
     ]
     try:
         poll("the web UI", master.web_ready, timeout=60)
-        poll("100 users per target over 2 workers",
-             lambda: master.metrics().users() == dict.fromkeys(TARGETS, 100), timeout=90)
-        poll("every target and command on the master",
-             lambda: all(v[0] > 0 for v in master.metrics().totals().values()), timeout=60)
+        poll(
+            "100 users per target over 2 workers",
+            lambda: master.metrics().users() == dict.fromkeys(TARGETS, 100),
+            timeout=90,
+        )
+        poll(
+            "every target and command on the master",
+            lambda: all(v[0] > 0 for v in master.metrics().totals().values()),
+            timeout=60,
+        )
 
         # Edit the running test: a bigger payload must reach the workers' users without a restart.
         edit = {"user_count": "300", "spawn_rate": "100", "payload_bytes": "1000"}
@@ -455,8 +515,11 @@ def test_distributed_master_aggregates_two_workers_and_passes_knob_changes_on(se
 
         assert master.post("/stop")["success"]
         poll("the test to stop", lambda: master.stats()["state"] == "stopped", timeout=90)
-        poll("/metrics to agree with Locust's own numbers on the master",
-             lambda: nonzero(master.metrics().totals()) == stats_totals(master.stats()), timeout=30)
+        poll(
+            "/metrics to agree with Locust's own numbers on the master",
+            lambda: nonzero(master.metrics().totals()) == stats_totals(master.stats()),
+            timeout=30,
+        )
         code = master.terminate()
         worker_codes = [worker.wait(timeout=60) for worker in workers]
     finally:
@@ -469,8 +532,10 @@ def test_distributed_master_aggregates_two_workers_and_passes_knob_changes_on(se
     assert set(totals) == {(target, command) for target in TARGETS for command in COMMANDS}
     assert all(failures == 0 for _, failures in totals.values()), totals
     with open(tmp_path / "dist_latency.csv", newline="") as handle:
-        latency = {(r["target"], r["command"]): (int(r["requests"]), int(r["failures"]))
-                   for r in csv.DictReader(handle)}
+        latency = {
+            (r["target"], r["command"]): (int(r["requests"]), int(r["failures"]))
+            for r in csv.DictReader(handle)
+        }
     assert latency == totals
     after = {target: server_counts(server) for target, server in servers.items()}
     check_servers_saw_the_same_traffic(before, after, totals)
@@ -481,13 +546,18 @@ def test_distributed_master_aggregates_two_workers_and_passes_knob_changes_on(se
 def test_processes_flag_runs_forked_workers_and_the_master_adds_them_up(servers, tmp_path):
     prefix = tmp_path / "forked"
     run, totals = run_headless_to_success(
-        tmp_path, "forked", ["--processes", "2", "--headless", "-t", "8s", "--csv", str(prefix)],
-        servers)
+        tmp_path,
+        "forked",
+        ["--processes", "2", "--headless", "-t", "8s", "--csv", str(prefix)],
+        servers,
+    )
     assert all(failures == 0 for _, failures in totals.values()), totals
     assert all(totals[(target, "connect")][0] == USERS_PER_TARGET for target in TARGETS)
     with open(tmp_path / "forked_latency.csv", newline="") as handle:
-        latency = {(r["target"], r["command"]): (int(r["requests"]), int(r["failures"]))
-                   for r in csv.DictReader(handle)}
+        latency = {
+            (r["target"], r["command"]): (int(r["requests"]), int(r["failures"]))
+            for r in csv.DictReader(handle)
+        }
     assert latency == totals
     assert run.stdout.count("Client-side latency") == 1  # printed by the master only
 
@@ -497,9 +567,19 @@ def test_processes_flag_runs_forked_workers_and_the_master_adds_them_up(servers,
 def test_headless_run_exits_non_zero_when_requests_fail(tmp_path):
     nobody = {"threaded": ("127.0.0.1", free_port())}
     run = start_locust(
-        tmp_path, "refused",
-        ["--headless", "-t", "4s", "--targets", "threaded", "--users-per-target", "5",
-         "--csv", str(tmp_path / "refused")],
+        tmp_path,
+        "refused",
+        [
+            "--headless",
+            "-t",
+            "4s",
+            "--targets",
+            "threaded",
+            "--users-per-target",
+            "5",
+            "--csv",
+            str(tmp_path / "refused"),
+        ],
         locust_env(nobody),
     )
     try:

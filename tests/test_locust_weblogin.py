@@ -30,17 +30,27 @@ START_TIMEOUT = 30.0
 
 def locust_environment(**extra: str) -> dict[str, str]:
     """The environment without inherited Locust or compose knobs, plus `extra`."""
-    keep = {k: v for k, v in os.environ.items()
-            if not k.startswith(("LOCUST_", "ARENA_"))}
+    keep = {k: v for k, v in os.environ.items() if not k.startswith(("LOCUST_", "ARENA_"))}
     return {**keep, "PYTHONUNBUFFERED": "1", **extra}
 
 
 def run_locust(port: int, env: dict[str, str], *args: str) -> subprocess.Popen[str]:
     """Start Locust's web UI (no test started) with the image's locustfiles."""
-    command = [sys.executable, "-m", "locust", "-f", LOCUSTFILES, "--web-host", "127.0.0.1",
-               "--web-port", str(port), *args]
-    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    command = [
+        sys.executable,
+        "-m",
+        "locust",
+        "-f",
+        LOCUSTFILES,
+        "--web-host",
+        "127.0.0.1",
+        "--web-port",
+        str(port),
+        *args,
+    ]
+    return subprocess.Popen(
+        command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
 
 
 def stop(process: subprocess.Popen[str]) -> None:
@@ -54,8 +64,9 @@ def stop(process: subprocess.Popen[str]) -> None:
             process.wait(timeout=10)
 
 
-def status(url: str, login: tuple[str, str] | None = None,
-           headers: dict[str, str] | None = None) -> int:
+def status(
+    url: str, login: tuple[str, str] | None = None, headers: dict[str, str] | None = None
+) -> int:
     """The HTTP status of a GET, without following redirects."""
 
     class NoRedirect(urllib.request.HTTPRedirectHandler):

@@ -10,22 +10,36 @@ from tests.server_helpers import LineClient, Metrics, promtool_check, scrape, wa
 MODEL_METRICS = {
     "threaded": ("arena_threads",),
     "pool": (
-        "arena_pool_workers", "arena_pool_busy_workers", "arena_pool_queue_depth",
-        "arena_pool_inflight_requests", "arena_pool_submissions_total",
+        "arena_pool_workers",
+        "arena_pool_busy_workers",
+        "arena_pool_queue_depth",
+        "arena_pool_inflight_requests",
+        "arena_pool_submissions_total",
         "arena_pool_worker_cpu_seconds_total",
     ),
     "gevent": (
-        "arena_greenlets", "arena_event_loop_lag_seconds_count",
-        "arena_event_loop_lag_seconds_bucket", "arena_event_loop_blocked_seconds_total",
+        "arena_greenlets",
+        "arena_event_loop_lag_seconds_count",
+        "arena_event_loop_lag_seconds_bucket",
+        "arena_event_loop_blocked_seconds_total",
         "arena_event_loop_blocks_total",
     ),
 }
 COMMON_METRICS = (
-    "arena_server_info", "arena_connections_active", "arena_connections_total",
-    "arena_connections_rejected_total", "arena_connections_closed_total", "arena_requests_total",
-    "arena_request_duration_seconds_bucket", "arena_request_duration_seconds_count",
-    "arena_request_duration_seconds_sum", "arena_received_bytes_total", "arena_sent_bytes_total",
-    "arena_protocol_errors_total", "process_cpu_seconds_total", "process_resident_memory_bytes",
+    "arena_server_info",
+    "arena_connections_active",
+    "arena_connections_total",
+    "arena_connections_rejected_total",
+    "arena_connections_closed_total",
+    "arena_requests_total",
+    "arena_request_duration_seconds_bucket",
+    "arena_request_duration_seconds_count",
+    "arena_request_duration_seconds_sum",
+    "arena_received_bytes_total",
+    "arena_sent_bytes_total",
+    "arena_protocol_errors_total",
+    "process_cpu_seconds_total",
+    "process_resident_memory_bytes",
     "process_open_fds",
 )
 MODEL_ARGS = {"pool": ("--workers", "2")}
@@ -95,9 +109,10 @@ def test_counters_match_the_traffic_sent(server):
     for command in ("echo", "ping", "sleep", "work", "unknown", "quit"):
         answered = sum(n for (name, _), n in EXPECTED_REQUESTS.items() if name == command)
         assert metrics.value("arena_request_duration_seconds_count", command=command) == answered
-        assert metrics.value(
-            "arena_request_duration_seconds_bucket", command=command, le="+Inf"
-        ) == answered
+        assert (
+            metrics.value("arena_request_duration_seconds_bucket", command=command, le="+Inf")
+            == answered
+        )
 
     assert metrics.sum("arena_protocol_errors_total", code="unknown-command") == 2
     assert metrics.sum("arena_protocol_errors_total", code="bad-argument") == 1
@@ -121,14 +136,14 @@ def test_duration_histogram_shape(server):
         client.read_lines(4)
     metrics = scrape(server)
     bounds = sorted(
-        float(labels["le"]) for labels, _ in metrics.matching(
-            "arena_request_duration_seconds_bucket", command="sleep"
-        )
+        float(labels["le"])
+        for labels, _ in metrics.matching("arena_request_duration_seconds_bucket", command="sleep")
     )
     assert bounds[0] == pytest.approx(25e-6)  # sub-millisecond resolution for loopback echo
     assert bounds[-2] == 60.0 and bounds[-1] == float("inf")
     counts = [
-        value for _, value in sorted(
+        value
+        for _, value in sorted(
             metrics.matching("arena_request_duration_seconds_bucket", command="sleep"),
             key=lambda sample: float(sample[0]["le"]),
         )
@@ -251,8 +266,9 @@ def test_gevent_event_loop_block_is_measured(server_factory):
         assert client.request(b"/work 6000000 blocked") == b"BLOCKED\n"
     after = wait_for_metrics(
         server,
-        lambda m: m.value("arena_event_loop_blocks_total")
-        > before.value("arena_event_loop_blocks_total"),
+        lambda m: (
+            m.value("arena_event_loop_blocks_total") > before.value("arena_event_loop_blocks_total")
+        ),
     )
     assert after.value("arena_event_loop_blocked_seconds_total") > before.value(
         "arena_event_loop_blocked_seconds_total"

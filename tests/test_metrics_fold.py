@@ -106,7 +106,7 @@ def test_records_racing_scrapes_and_closes_are_counted_exactly():
         scraper.start()
         owners = [
             threading.Thread(
-                target=serve, args=(sessions[index * per_thread:(index + 1) * per_thread], index)
+                target=serve, args=(sessions[index * per_thread : (index + 1) * per_thread], index)
             )
             for index in range(threads)
         ]
@@ -142,7 +142,9 @@ def test_counters_stay_exact_as_connections_open_idle_and_close_across_scrapes(
             clients = [LineClient(server.address) for _ in range(per_batch)]
             for number, client in enumerate(clients):
                 assert client.request(b"b%d c%d" % (batch, number)) == b"B%d C%d\n" % (
-                    batch, number)
+                    batch,
+                    number,
+                )
                 if number % 4 == 0:
                     assert client.request(b"/ping") == b"PONG\n"
             scrape(server)  # a scrape between every batch, while connections idle

@@ -120,8 +120,7 @@ def test_sigkilled_worker_under_load_is_replaced_and_every_client_answered(
         except Exception as error:  # every failure is reported by the test
             problems.append(f"client {index}: {error!r}")
 
-    threads = [threading.Thread(target=client, args=(i,), daemon=True)
-               for i in range(LOAD_CLIENTS)]
+    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(LOAD_CLIENTS)]
     for thread in threads:
         thread.start()
     all_connected.wait()
@@ -226,12 +225,14 @@ def test_executor_that_cannot_be_rebuilt_exits_1_at_once(server_factory, starved
         with contextlib.ExitStack() as stack:
             if starved_of == "processes":
                 # No fork, no thread: neither the forkserver nor the server can start a task.
-                stack.enter_context(
-                    pids_cgroup_of([server.proc.pid, forkserver_of(server).pid]))
+                stack.enter_context(pids_cgroup_of([server.proc.pid, forkserver_of(server).pid]))
             else:
                 # Not one descriptor more: a new executor needs pipes.
-                resource.prlimit(server.proc.pid, resource.RLIMIT_NOFILE,
-                                 (3, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+                resource.prlimit(
+                    server.proc.pid,
+                    resource.RLIMIT_NOFILE,
+                    (3, resource.getrlimit(resource.RLIMIT_NOFILE)[1]),
+                )
             os.kill(victim, signal.SIGKILL)
             try:
                 code = server.proc.wait(timeout=30)
@@ -250,8 +251,11 @@ def test_executor_that_cannot_be_rebuilt_exits_1_at_once(server_factory, starved
 @pytest.fixture
 def thread_pool_server() -> Iterator[PoolServer]:
     """A pool server with one thread worker, running in this process on a free port."""
-    server = PoolServer(Settings(model="pool", host="127.0.0.1", port=0, metrics=False,
-                                 executor="thread", workers=1))
+    server = PoolServer(
+        Settings(
+            model="pool", host="127.0.0.1", port=0, metrics=False, executor="thread", workers=1
+        )
+    )
     server.start()
     yield server
     server.stop(1.0)

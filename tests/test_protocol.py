@@ -42,9 +42,21 @@ def test_replies_follow_the_protocol_byte_for_byte(line: bytes, expected: bytes)
 @pytest.mark.parametrize(
     "line",
     [
-        b"/ping x", b"/ping ", b"/quit now", b"/sleep", b"/sleep ", b"/sleep x", b"/sleep -1",
-        b"/sleep 60001", b"/sleep 1.5", b"/sleep +5", b"/sleep \xd9\xa3", b"/work",
-        b"/work 10000001", b"/work 1e3", b"/sleep " + b"9" * 5000,
+        b"/ping x",
+        b"/ping ",
+        b"/quit now",
+        b"/sleep",
+        b"/sleep ",
+        b"/sleep x",
+        b"/sleep -1",
+        b"/sleep 60001",
+        b"/sleep 1.5",
+        b"/sleep +5",
+        b"/sleep \xd9\xa3",
+        b"/work",
+        b"/work 10000001",
+        b"/work 1e3",
+        b"/sleep " + b"9" * 5000,
     ],
 )
 def test_bad_arguments_are_errors_that_keep_the_connection(line: bytes) -> None:
@@ -60,7 +72,10 @@ def test_unknown_commands_are_errors_that_keep_the_connection(line: bytes) -> No
     result = answer(line)
     assert result.reply.startswith(b"ERR unknown-command ")
     assert (result.command, result.error, result.close) == (
-        protocol.UNKNOWN, "unknown-command", False)
+        protocol.UNKNOWN,
+        "unknown-command",
+        False,
+    )
 
 
 def test_range_limits_are_inclusive() -> None:
@@ -130,14 +145,16 @@ def test_framer_detects_an_overlong_partial_line_without_waiting_for_newline() -
     assert framer.partial == b""
 
 
-@given(st.lists(st.binary(max_size=20).filter(lambda b: b"\n" not in b), max_size=20),
-       st.integers(min_value=1, max_value=17))
+@given(
+    st.lists(st.binary(max_size=20).filter(lambda b: b"\n" not in b), max_size=20),
+    st.integers(min_value=1, max_value=17),
+)
 def test_framer_reassembles_any_chunking(lines: list[bytes], chunk: int) -> None:
     stream = b"".join(line + b"\n" for line in lines)
     framer = LineFramer(1000)
     seen: list[bytes] = []
     for start in range(0, len(stream), chunk):
-        got, overflow = framer.feed(stream[start:start + chunk])
+        got, overflow = framer.feed(stream[start : start + chunk])
         assert not overflow
         seen.extend(got)
     assert seen == [line[:-1] if line.endswith(b"\r") else line for line in lines]

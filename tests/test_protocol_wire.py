@@ -63,9 +63,11 @@ def test_echo_of_every_byte_value_except_newline(wire_server):
     every_byte = bytes(value for value in range(256) if value != 0x0A)
     # Start with a letter so the line is plain text, end with one so no trailing \r is dropped.
     line = b"q" + every_byte + b"z"
-    expected = b"Q" + bytes(
-        value - 32 if 0x61 <= value <= 0x7A else value for value in every_byte
-    ) + b"Z\n"
+    expected = (
+        b"Q"
+        + bytes(value - 32 if 0x61 <= value <= 0x7A else value for value in every_byte)
+        + b"Z\n"
+    )
     assert exchange(wire_server, line + b"\n", 1) == expected
 
 

@@ -54,8 +54,14 @@ def test_create_server_refuses_an_unknown_model() -> None:
 
 def test_cli_help_lists_every_model_with_its_summary() -> None:
     """--help shows the registry's one-line summaries."""
-    result = subprocess.run([sys.executable, "-m", "services", "--help"], cwd=ROOT,
-                            capture_output=True, text=True, timeout=60, check=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "services", "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
     text = " ".join(result.stdout.split())
     for model in models.MODELS:
         assert f"{model.name}: {' '.join(model.summary.split())}" in text

@@ -112,8 +112,9 @@ SLOW_PAYLOADS = {
 @pytest.mark.slow
 @pytest.mark.parametrize("payload", SLOW_PAYLOADS.keys())
 @pytest.mark.parametrize("model", MODELS)
-def test_slow_readers_are_paused_while_others_are_served(server_factory, model, payload,
-                                                         record_property):
+def test_slow_readers_are_paused_while_others_are_served(
+    server_factory, model, payload, record_property
+):
     server = start(server_factory, model, "--idle-timeout", "120")
     assert_serves(server)
     baseline_rss = server_rss(server.proc.pid)
@@ -122,36 +123,52 @@ def test_slow_readers_are_paused_while_others_are_served(server_factory, model, 
     slow = [connect(server.address, receive_buffer=16384) for _ in range(SLOW_READERS)]
     try:
         with ThreadPoolExecutor(SLOW_READERS) as pool:
-            pushes = list(pool.map(
-                lambda sock: push_until_stalled(
-                    sock, SLOW_PAYLOADS[payload], limit=64 * MIB, stall=3.0, timeout=120.0),
-                slow,
-            ))
+            pushes = list(
+                pool.map(
+                    lambda sock: push_until_stalled(
+                        sock, SLOW_PAYLOADS[payload], limit=64 * MIB, stall=3.0, timeout=120.0
+                    ),
+                    slow,
+                )
+            )
         for sent, stalled in pushes:
             assert stalled, f"the server read all {sent} bytes from a client that never reads"
         # Meanwhile everyone else is served.
         assert run_active_clients(server, 10, 20) == 200
         metrics = scrape(server)
         grown = server_rss(server.proc.pid) - baseline_rss
-        report(record_property, f"{model}.{payload}.pushed_before_stall_bytes",
-               [sent for sent, _ in pushes])
-        report(record_property, f"{model}.{payload}.rss_growth_per_slow_reader_bytes",
-               grown // SLOW_READERS)
+        report(
+            record_property,
+            f"{model}.{payload}.pushed_before_stall_bytes",
+            [sent for sent, _ in pushes],
+        )
+        report(
+            record_property,
+            f"{model}.{payload}.rss_growth_per_slow_reader_bytes",
+            grown // SLOW_READERS,
+        )
         assert grown < SLOW_READERS * SLOW_READER_RSS_BOUND, (
             f"RSS grew by {grown / MIB:.1f} MiB for {SLOW_READERS} slow readers "
             f"(bound {SLOW_READER_RSS_BOUND / MIB:.0f} MiB each)"
         )
         if payload == "echo":
-            unanswered = (metrics.sum("arena_received_bytes_total")
-                          - metrics.sum("arena_sent_bytes_total"))
-            report(record_property, f"{model}.echo.unanswered_bytes_per_slow_reader",
-                   unanswered // SLOW_READERS)
+            unanswered = metrics.sum("arena_received_bytes_total") - metrics.sum(
+                "arena_sent_bytes_total"
+            )
+            report(
+                record_property,
+                f"{model}.echo.unanswered_bytes_per_slow_reader",
+                unanswered // SLOW_READERS,
+            )
             assert unanswered <= SLOW_READERS * UNANSWERED_BOUND
     finally:
         for sock in slow:
             reset(sock)
-    poll_metrics(server, "the slow readers' resets to be counted",
-                 lambda m: m.sum("arena_connections_active") == 0)
+    poll_metrics(
+        server,
+        "the slow readers' resets to be counted",
+        lambda m: m.sum("arena_connections_active") == 0,
+    )
     assert_serves(server)
 
 
@@ -174,21 +191,30 @@ def test_idle_horde_is_closed_at_the_idle_timeout_while_active_clients_are_serve
     try:
         for _ in range(horde):
             idle.append(connect(server.address))
-        poll_metrics(server, f"{horde} idle connections to be accepted",
-                     lambda m: m.sum("arena_connections_active") >= horde)
+        poll_metrics(
+            server,
+            f"{horde} idle connections to be accepted",
+            lambda m: m.sum("arena_connections_active") >= horde,
+        )
         per_connection = (server_rss(server.proc.pid) - baseline_rss) / horde
         report(record_property, f"{model}.rss_per_idle_connection_bytes", round(per_connection))
 
         answered = run_active_clients(server, ACTIVE_CLIENTS, REQUESTS_PER_ACTIVE_CLIENT)
         assert answered == ACTIVE_CLIENTS * REQUESTS_PER_ACTIVE_CLIENT
         # Reported, not asserted: how many were still open depends on the machine's speed.
-        report(record_property, f"{model}.idle_connections_open_after_active_phase",
-               scrape(server).sum("arena_connections_active"))
+        report(
+            record_property,
+            f"{model}.idle_connections_open_after_active_phase",
+            scrape(server).sum("arena_connections_active"),
+        )
 
         outcome = wait_all_closed_by_server(idle, timeout=idle_timeout + 60.0)
         assert outcome["data"] == 0, f"idle connections received bytes: {outcome}"
-        metrics = poll_metrics(server, "every idle close to be counted",
-                               lambda m: m.sum("arena_connections_active") == 0)
+        metrics = poll_metrics(
+            server,
+            "every idle close to be counted",
+            lambda m: m.sum("arena_connections_active") == 0,
+        )
         assert metrics.sum("arena_connections_closed_total", reason="idle") >= horde
         assert_serves(server)
     finally:
@@ -214,16 +240,22 @@ def test_partial_lines_hold_only_their_bytes_and_close_at_the_idle_timeout(
         # First as empty idle connections, to measure what a connection costs by itself...
         for _ in range(PARTIAL_CLIENTS):
             clients.append(connect(server.address))
-        poll_metrics(server, "the clients to be accepted",
-                     lambda m: m.sum("arena_connections_active") >= PARTIAL_CLIENTS)
+        poll_metrics(
+            server,
+            "the clients to be accepted",
+            lambda m: m.sum("arena_connections_active") >= PARTIAL_CLIENTS,
+        )
         empty_rss = server_rss(server.proc.pid)
         # ...then each sends the start of a line and stops.
         partials = [PARTIAL_BYTES["few" if i % 2 else "large"] for i in range(PARTIAL_CLIENTS)]
         for sock, partial in zip(clients, partials, strict=True):
             sock.sendall(partial)
         total = sum(map(len, partials))
-        poll_metrics(server, "every partial byte to be read",
-                     lambda m: m.sum("arena_received_bytes_total") >= total)
+        poll_metrics(
+            server,
+            "every partial byte to be read",
+            lambda m: m.sum("arena_received_bytes_total") >= total,
+        )
         held = server_rss(server.proc.pid) - empty_rss
         report(record_property, f"{model}.partial_lines_rss_growth_bytes", held)
         report(record_property, f"{model}.partial_lines_bytes_sent", total)
@@ -233,8 +265,11 @@ def test_partial_lines_hold_only_their_bytes_and_close_at_the_idle_timeout(
 
         outcome = wait_all_closed_by_server(clients, timeout=idle_timeout + 60.0)
         assert outcome["data"] == 0, f"a partial line was answered: {outcome}"
-        metrics = poll_metrics(server, "every idle close to be counted",
-                               lambda m: m.sum("arena_connections_active") == 0)
+        metrics = poll_metrics(
+            server,
+            "every idle close to be counted",
+            lambda m: m.sum("arena_connections_active") == 0,
+        )
         assert metrics.sum("arena_connections_closed_total", reason="idle") >= PARTIAL_CLIENTS
         assert metrics.sum("arena_requests_total") == 2  # assert_serves' only: no partial line
         assert_serves(server)
@@ -274,32 +309,40 @@ def churn(server: RunningServer, cycles: int, threads: int) -> int:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("model", MODELS)
-def test_churn_returns_descriptors_to_baseline_and_bounds_memory(server_factory, model,
-                                                                 record_property):
+def test_churn_returns_descriptors_to_baseline_and_bounds_memory(
+    server_factory, model, record_property
+):
     server = start(server_factory, model, "--idle-timeout", "60")
     assert churn(server, 1000, CHURN_THREADS) == 0  # warm-up: caches, thread stacks, arenas
-    poll_metrics(server, "the warm-up connections to close",
-                 lambda m: m.sum("arena_connections_active") == 0)
+    poll_metrics(
+        server, "the warm-up connections to close", lambda m: m.sum("arena_connections_active") == 0
+    )
     baseline_fds = server_fds(server.proc.pid)
     baseline_rss = server_rss(server.proc.pid)
     before = scrape(server)
 
     assert churn(server, CHURN_CYCLES, CHURN_THREADS) == 0
 
-    after = poll_metrics(server, "every churned connection to close",
-                         lambda m: m.sum("arena_connections_active") == 0)
-    fds = poll("descriptors back to baseline",
-               lambda: (n := server_fds(server.proc.pid)) <= baseline_fds + FD_SLACK and n,
-               timeout=30.0)
+    after = poll_metrics(
+        server,
+        "every churned connection to close",
+        lambda m: m.sum("arena_connections_active") == 0,
+    )
+    fds = poll(
+        "descriptors back to baseline",
+        lambda: (n := server_fds(server.proc.pid)) <= baseline_fds + FD_SLACK and n,
+        timeout=30.0,
+    )
     grown = server_rss(server.proc.pid) - baseline_rss
     report(record_property, f"{model}.churn_cycles", CHURN_CYCLES)
     report(record_property, f"{model}.churn_rss_growth_bytes", grown)
     report(record_property, f"{model}.churn_fds_before_after", f"{baseline_fds}/{fds}")
     assert grown < CHURN_RSS_BOUND, f"RSS grew by {grown / MIB:.1f} MiB over {CHURN_CYCLES} cycles"
-    served = (after.sum("arena_connections_total") - before.sum("arena_connections_total"))
+    served = after.sum("arena_connections_total") - before.sum("arena_connections_total")
     assert served == CHURN_CYCLES
-    quits = (after.sum("arena_connections_closed_total", reason="quit")
-             - before.sum("arena_connections_closed_total", reason="quit"))
+    quits = after.sum("arena_connections_closed_total", reason="quit") - before.sum(
+        "arena_connections_closed_total", reason="quit"
+    )
     assert quits == CHURN_CYCLES // 2
     assert_serves(server)
 
@@ -309,9 +352,26 @@ def test_churn_returns_descriptors_to_baseline_and_bounds_memory(server_factory,
 GARBAGE_LINE_LIMIT = 100
 # Pieces that random bytes rarely hit but that matter to a line protocol.
 INTERESTING_PIECES = [
-    b"", b"/ping", b"/quit", b"/ping x", b"/", b"//x", b"/PING", b"\x00" * 5, b"\xff\xfe\xc3(",
-    b"\xed\xa0\x80", b"abc\r", b"\r", b"\r\r", b"a\rb", b"x" * GARBAGE_LINE_LIMIT,
-    b"y" * (GARBAGE_LINE_LIMIT + 1), b"/sleep", b"/sleep 0 z", b"/work 5 w", b"/sleep -1",
+    b"",
+    b"/ping",
+    b"/quit",
+    b"/ping x",
+    b"/",
+    b"//x",
+    b"/PING",
+    b"\x00" * 5,
+    b"\xff\xfe\xc3(",
+    b"\xed\xa0\x80",
+    b"abc\r",
+    b"\r",
+    b"\r\r",
+    b"a\rb",
+    b"x" * GARBAGE_LINE_LIMIT,
+    b"y" * (GARBAGE_LINE_LIMIT + 1),
+    b"/sleep",
+    b"/sleep 0 z",
+    b"/work 5 w",
+    b"/sleep -1",
 ]
 garbage_streams = st.lists(
     st.one_of(st.binary(max_size=160), st.sampled_from(INTERESTING_PIECES)), max_size=12
@@ -324,8 +384,12 @@ def test_any_bytes_are_answered_per_protocol_or_closed_and_counted(server_factor
     before = scrape(server)
     counted: dict[str, int] = {}
 
-    @settings(max_examples=60, deadline=None, database=None,
-              suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @settings(
+        max_examples=60,
+        deadline=None,
+        database=None,
+        suppress_health_check=[HealthCheck.function_scoped_fixture],
+    )
     @given(garbage_streams, st.booleans())
     @example(b"/ping\n/quit\nafter /quit", True)
     @example(b"before\n" + b"y" * (GARBAGE_LINE_LIMIT + 1) + b"\nafter", True)
@@ -346,11 +410,13 @@ def test_any_bytes_are_answered_per_protocol_or_closed_and_counted(server_factor
 
     exchange()
     assert server.proc.poll() is None, server.log_text()
-    after = poll_metrics(server, "every connection to close",
-                         lambda m: m.sum("arena_connections_active") == 0)
+    after = poll_metrics(
+        server, "every connection to close", lambda m: m.sum("arena_connections_active") == 0
+    )
     for code in protocol.ERROR_CODES:
-        seen = (after.sum("arena_protocol_errors_total", code=code)
-                - before.sum("arena_protocol_errors_total", code=code))
+        seen = after.sum("arena_protocol_errors_total", code=code) - before.sum(
+            "arena_protocol_errors_total", code=code
+        )
         assert seen == counted.get(code, 0), f"{code}: counted {seen}, sent {counted.get(code)}"
     assert_serves(server)
 
@@ -359,8 +425,9 @@ def seeded_random_stream(size: int, seed: int) -> bytes:
     """Random bytes from a fixed seed, without lines that would sleep, work or quit."""
     generator = random.Random(seed)
     stream = generator.randbytes(size)
-    lines = [line for line in stream.split(b"\n")
-             if not line.startswith((b"/sleep", b"/work", b"/quit"))]
+    lines = [
+        line for line in stream.split(b"\n") if not line.startswith((b"/sleep", b"/work", b"/quit"))
+    ]
     return b"\n".join(lines) + b"\n"
 
 
@@ -400,8 +467,9 @@ def test_garbage_never_crashes_the_server(server_factory, model):
     # A 1 MB line: ERR line-too-long, then the server closes (maybe with a reset, as the rest
     # of the megabyte is unread).
     with connect(server.address) as sock:
-        sender = threading.Thread(target=_send_ignoring_reset, args=(sock, b"L" * MIB + b"\n"),
-                                  daemon=True)
+        sender = threading.Thread(
+            target=_send_ignoring_reset, args=(sock, b"L" * MIB + b"\n"), daemon=True
+        )
         sender.start()
         replies, _ended = read_until_closed(sock)
         sender.join(30.0)
@@ -415,8 +483,9 @@ def test_garbage_never_crashes_the_server(server_factory, model):
         assert read_exactly(sock, 100_000) == b"R" * 59_999 + b"\n" + b"R" * 40_000
         reset(sock)
 
-    after = poll_metrics(server, "the reset to be counted",
-                         lambda m: m.sum("arena_connections_active") == 0)
+    after = poll_metrics(
+        server, "the reset to be counted", lambda m: m.sum("arena_connections_active") == 0
+    )
 
     def delta(name: str, **labels: str) -> float:
         return after.sum(name, **labels) - before.sum(name, **labels)
@@ -424,8 +493,9 @@ def test_garbage_never_crashes_the_server(server_factory, model):
     assert delta("arena_connections_closed_total", reason="reset") >= 1
     assert delta("arena_connections_closed_total", reason="line-too-long") == 2
     assert delta("arena_protocol_errors_total", code="line-too-long") == 2
-    assert delta("arena_protocol_errors_total", code="unknown-command") == \
-        expected.errors.get("unknown-command", 0)
+    assert delta("arena_protocol_errors_total", code="unknown-command") == expected.errors.get(
+        "unknown-command", 0
+    )
     assert delta("arena_received_bytes_total") >= len(stream) + len(odd)
     assert_serves(server)
 
@@ -449,12 +519,12 @@ MIN_ACCEPT_BACKOFF = 0.1
 
 
 @pytest.mark.parametrize("model", MODELS)
-def test_accept_emfile_is_logged_backed_off_and_recovered(server_factory, model,
-                                                          record_property):
+def test_accept_emfile_is_logged_backed_off_and_recovered(server_factory, model, record_property):
     server = start(server_factory, model, "--idle-timeout", "120")
     assert_serves(server)
-    poll_metrics(server, "the first clients to close",
-                 lambda m: m.sum("arena_connections_active") == 0)
+    poll_metrics(
+        server, "the first clients to close", lambda m: m.sum("arena_connections_active") == 0
+    )
     # Leave the running server only a few spare descriptors (prlimit(2) on its pid).
     limit = server_fds(server.proc.pid) + SPARE_SERVER_FDS
     resource.prlimit(server.proc.pid, resource.RLIMIT_NOFILE, (limit, limit))
@@ -467,14 +537,17 @@ def test_accept_emfile_is_logged_backed_off_and_recovered(server_factory, model,
             sock = connect(server.address)
             sock.sendall(b"/ping\n")
             clients.append(sock)
-        poll("the accept() failure to be logged", lambda: "accept() failed" in server.log_text(),
-             timeout=30.0)
+        poll(
+            "the accept() failure to be logged",
+            lambda: "accept() failed" in server.log_text(),
+            timeout=30.0,
+        )
         assert server.proc.poll() is None, server.log_text()
         # Stay out of descriptors for a while: the server must back off, not spin on accept().
         time.sleep(max(0.0, exhausted_at + EXHAUSTION_HOLD - time.monotonic()))
         # Free descriptors: the clients accepted first (and a few more) go away...
-        waiting = clients[-SPARE_SERVER_FDS // 2:]
-        for sock in clients[:-SPARE_SERVER_FDS // 2]:
+        waiting = clients[-SPARE_SERVER_FDS // 2 :]
+        for sock in clients[: -SPARE_SERVER_FDS // 2]:
             sock.close()
         # ...and those that waited in the backlog are served.
         for sock in waiting:
@@ -484,8 +557,11 @@ def test_accept_emfile_is_logged_backed_off_and_recovered(server_factory, model,
         exhausted_for = time.monotonic() - exhausted_at  # every failure counted happened in it
         failures = metrics.sum("arena_accept_errors_total", errno="EMFILE")
         report(record_property, f"{model}.accept_emfile_errors", failures)
-        report(record_property, f"{model}.accept_failed_log_lines",
-               server.log_text().count("accept() failed"))
+        report(
+            record_property,
+            f"{model}.accept_failed_log_lines",
+            server.log_text().count("accept() failed"),
+        )
         assert failures > 0
         # An upper bound only: a slow machine retries less often, never more.
         assert failures <= exhausted_for / MIN_ACCEPT_BACKOFF + 2, (
@@ -516,11 +592,15 @@ def test_threaded_keeps_accepting_after_a_thread_cannot_start(server_factory):
             sock = connect(server.address)
             sock.sendall(b"/ping\n")
             clients.append(sock)
-        poll("a thread start to fail", lambda: "can't start new thread" in server.log_text(),
-             timeout=30.0)
+        poll(
+            "a thread start to fail",
+            lambda: "can't start new thread" in server.log_text(),
+            timeout=30.0,
+        )
         # Threads can start again.
-        resource.prlimit(server.proc.pid, resource.RLIMIT_AS,
-                         (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+        resource.prlimit(
+            server.proc.pid, resource.RLIMIT_AS, (resource.RLIM_INFINITY, resource.RLIM_INFINITY)
+        )
         # Every client is answered or closed by the server; none is left hanging...
         for sock in clients:
             replies, _ended = read_until_closed_or_answered(sock)

@@ -51,8 +51,13 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
     """Run `python -m services ARGS` to completion; fail (not hang) if it starts serving."""
     try:
         return subprocess.run(
-            [sys.executable, "-m", "services", *args], cwd=ROOT, env=env or clean_env(),
-            capture_output=True, text=True, timeout=30, check=False,
+            [sys.executable, "-m", "services", *args],
+            cwd=ROOT,
+            env=env or clean_env(),
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
         )
     except subprocess.TimeoutExpired as error:
         pytest.fail(f"`python -m services {' '.join(args)}` kept running: {error}")
@@ -87,8 +92,17 @@ def wait_until_all_closed(server: RunningServer):
 # Command line -------------------------------------------------------------------------------
 
 OPTIONS = (
-    "--host", "--port", "--metrics-port", "--max-connections", "--idle-timeout", "--line-limit",
-    "--grace", "--executor", "--workers", "--no-metrics", "--log-level",
+    "--host",
+    "--port",
+    "--metrics-port",
+    "--max-connections",
+    "--idle-timeout",
+    "--line-limit",
+    "--grace",
+    "--executor",
+    "--workers",
+    "--no-metrics",
+    "--log-level",
 )
 
 
@@ -118,7 +132,8 @@ BAD_COMMAND_LINES = {
     "negative-line-limit": (("threaded", *SAFE_FLAGS, "--line-limit", "-1"), {}),
     "unknown-log-level": (("threaded", *SAFE_FLAGS, "--log-level", "loud"), {}),
     "env-port-not-a-number": (
-        ("threaded", "--host", "127.0.0.1", "--metrics-port", "0"), {"ARENA_PORT": "abc"}
+        ("threaded", "--host", "127.0.0.1", "--metrics-port", "0"),
+        {"ARENA_PORT": "abc"},
     ),
     "env-zero-workers": (("pool", *SAFE_FLAGS), {"ARENA_WORKERS": "0"}),
     "env-bad-idle-timeout": (("gevent", *SAFE_FLAGS), {"ARENA_IDLE_TIMEOUT": "soon"}),
@@ -141,8 +156,13 @@ def test_port_in_use_exits_2_with_one_line_and_leaves_no_process(model, busy_fla
         for flag, port in ports.items():
             args += [flag, port]
         proc = subprocess.Popen(
-            [sys.executable, "-m", "services", *args], cwd=ROOT, env=clean_env(),
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+            [sys.executable, "-m", "services", *args],
+            cwd=ROOT,
+            env=clean_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
         )
         try:
             _, stderr = proc.communicate(timeout=30)
@@ -166,9 +186,7 @@ def test_port_zero_ready_line_names_the_real_ports(server_factory, model):
 
 
 def test_flag_wins_over_env_for_idle_timeout(server_factory):
-    server = server_factory(
-        "threaded", "--idle-timeout", "1", env={"ARENA_IDLE_TIMEOUT": "300"}
-    )
+    server = server_factory("threaded", "--idle-timeout", "1", env={"ARENA_IDLE_TIMEOUT": "300"})
     with LineClient(server.address) as client:
         assert client.request(b"/ping") == b"PONG\n"
         # The flag's 1 s applies, so the server closes this idle connection (bounded by the
@@ -209,7 +227,10 @@ def test_env_configures_the_pool(server_factory):
 def test_no_metrics_flag_still_serves_the_protocol():
     proc = subprocess.Popen(
         [sys.executable, "-m", "services", "threaded", *SAFE_FLAGS, "--no-metrics"],
-        cwd=ROOT, env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        cwd=ROOT,
+        env=clean_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
         start_new_session=True,
     )
     try:

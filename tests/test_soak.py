@@ -14,20 +14,37 @@ from tests.conftest import MODELS, ROOT
 SOAK_SECONDS = 45
 
 
-@pytest.mark.parametrize(("text", "seconds"), [
-    ("90", 90.0), ("45s", 45.0), ("2m", 120.0), ("1h30m", 5400.0), ("24h", 86400.0),
-])
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("90", 90.0),
+        ("45s", 45.0),
+        ("2m", 120.0),
+        ("1h30m", 5400.0),
+        ("24h", 86400.0),
+    ],
+)
 def test_durations_are_parsed_like_locust_run_times(text, seconds):
     assert parse_duration(text) == seconds
 
 
-@pytest.mark.parametrize("command_line", [
-    ["--duration", "soon"], ["--duration", "0"], ["--interval", "-1"], ["--max-fd-growth", "x"],
-])
+@pytest.mark.parametrize(
+    "command_line",
+    [
+        ["--duration", "soon"],
+        ["--duration", "0"],
+        ["--interval", "-1"],
+        ["--max-fd-growth", "x"],
+    ],
+)
 def test_bad_arguments_exit_2(command_line):
     result = subprocess.run(
-        [sys.executable, "-m", "loadtest.soak", *command_line], cwd=ROOT, capture_output=True,
-        text=True, timeout=60, check=False,
+        [sys.executable, "-m", "loadtest.soak", *command_line],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
@@ -38,9 +55,22 @@ def test_bad_arguments_exit_2(command_line):
 def test_short_soak_passes_and_writes_its_report(tmp_path):
     report_dir = tmp_path / "soak"
     result = subprocess.run(
-        [sys.executable, "-m", "loadtest.soak", "--duration", f"{SOAK_SECONDS}s",
-         "--interval", "2", "--report-dir", str(report_dir)],
-        cwd=ROOT, capture_output=True, text=True, timeout=SOAK_SECONDS + 240, check=False,
+        [
+            sys.executable,
+            "-m",
+            "loadtest.soak",
+            "--duration",
+            f"{SOAK_SECONDS}s",
+            "--interval",
+            "2",
+            "--report-dir",
+            str(report_dir),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=SOAK_SECONDS + 240,
+        check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "soak: PASSED" in result.stdout
@@ -81,9 +111,25 @@ def test_soak_fails_when_a_bound_is_broken(tmp_path):
     # A descriptor bound of -1000 cannot hold: the verdict, the exit code and the report say so.
     report_dir = tmp_path / "soak"
     result = subprocess.run(
-        [sys.executable, "-m", "loadtest.soak", "--duration", "20s", "--interval", "1",
-         "--warmup", "2s", "--max-fd-growth=-1000", "--report-dir", str(report_dir)],
-        cwd=ROOT, capture_output=True, text=True, timeout=240, check=False,
+        [
+            sys.executable,
+            "-m",
+            "loadtest.soak",
+            "--duration",
+            "20s",
+            "--interval",
+            "1",
+            "--warmup",
+            "2s",
+            "--max-fd-growth=-1000",
+            "--report-dir",
+            str(report_dir),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
     )
     assert result.returncode == 1, result.stdout + result.stderr
     report = json.loads((report_dir / "report.json").read_text())

@@ -71,8 +71,11 @@ class RunningStack:
         args = [f"--{name.replace('_', '-')}={port}" for name, port in ports.items()]
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "services.stack", "--grace", "5", *args, *extra],
-            cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, start_new_session=True,
+            cwd=ROOT,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
         self.lines: list[str] = []
@@ -117,8 +120,10 @@ def all_answer(stack: RunningStack) -> bool:
     """Every service of the stack answers."""
     ports = stack.ports
     checks = [pings(ports[f"{model}_port"]) for model in models.NAMES]
-    checks += [http_ok(f"http://127.0.0.1:{ports[f'{model}_metrics_port']}/metrics")
-               for model in models.NAMES]
+    checks += [
+        http_ok(f"http://127.0.0.1:{ports[f'{model}_metrics_port']}/metrics")
+        for model in models.NAMES
+    ]
     checks.append(http_ok(f"http://127.0.0.1:{ports['locust_port']}/"))
     if HAS_PROMETHEUS:
         checks.append(http_ok(f"http://127.0.0.1:{ports['prometheus_port']}/-/ready"))
@@ -132,8 +137,11 @@ def test_stack_serves_everything_then_a_signal_stops_every_process_and_frees_eve
     running_stack: RunningStack, signum: int
 ) -> None:
     stack = running_stack
-    assert wait_until(lambda: all_answer(stack) or stack.proc.poll() is not None,
-                      timeout=STARTUP_TIMEOUT, interval=0.25), stack.output()
+    assert wait_until(
+        lambda: all_answer(stack) or stack.proc.poll() is not None,
+        timeout=STARTUP_TIMEOUT,
+        interval=0.25,
+    ), stack.output()
     assert stack.proc.poll() is None, stack.output()
     assert all_answer(stack), stack.output()
     children = psutil.Process(stack.proc.pid).children(recursive=True)
@@ -155,8 +163,9 @@ def test_stack_serves_everything_then_a_signal_stops_every_process_and_frees_eve
     assert wait_until(lambda: all(gone(child) for child in children), timeout=10), [
         child.pid for child in children if not gone(child)
     ]
-    assert wait_until(lambda: all(port_is_free(port) for port in stack.ports.values()),
-                      timeout=10), [p for p in stack.ports.values() if not port_is_free(p)]
+    assert wait_until(
+        lambda: all(port_is_free(port) for port in stack.ports.values()), timeout=10
+    ), [p for p in stack.ports.values() if not port_is_free(p)]
     assert "stopped" in stack.lines[-1]
 
 
@@ -168,8 +177,12 @@ def test_a_port_in_use_is_named_with_the_knob_that_moves_it(stack_ports: dict[st
         ports = {**stack_ports, "pool_metrics_port": taken}
         args = [f"--{name.replace('_', '-')}={port}" for name, port in ports.items()]
         result = subprocess.run(
-            [sys.executable, "-m", "services.stack", *args], cwd=ROOT, capture_output=True,
-            text=True, timeout=60, check=False,
+            [sys.executable, "-m", "services.stack", *args],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
         )
     assert result.returncode == 2
     message = result.stderr.strip()
@@ -184,12 +197,19 @@ def test_the_port_knob_also_works_as_an_environment_variable(stack_ports: dict[s
         squatter.bind(("127.0.0.1", 0))
         squatter.listen()
         taken = squatter.getsockname()[1]
-        env = {**os.environ, **{f"ARENA_STACK_{name.upper()}": str(port)
-                                for name, port in stack_ports.items()}}
+        env = {
+            **os.environ,
+            **{f"ARENA_STACK_{name.upper()}": str(port) for name, port in stack_ports.items()},
+        }
         env["ARENA_STACK_LOCUST_PORT"] = str(taken)
         result = subprocess.run(
-            [sys.executable, "-m", "services.stack"], cwd=ROOT, capture_output=True, text=True,
-            timeout=60, check=False, env=env,
+            [sys.executable, "-m", "services.stack"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+            env=env,
         )
     assert result.returncode == 2
     assert str(taken) in result.stderr and "ARENA_STACK_LOCUST_PORT" in result.stderr

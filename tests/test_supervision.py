@@ -90,10 +90,22 @@ def _pump(stream, sink: list[bytes], ready: threading.Event, found: list) -> Non
 
 def launch_faulty(model: str, fault: str, *flags: str) -> RunningServer:
     """Start a server of `model` with `fault` planted; wait for its ready line."""
-    command = [sys.executable, "-c", FAULTY_SERVER, model, fault, *MODEL_ARGS.get(model, ()), *flags]
+    command = [
+        sys.executable,
+        "-c",
+        FAULTY_SERVER,
+        model,
+        fault,
+        *MODEL_ARGS.get(model, ()),
+        *flags,
+    ]
     proc = subprocess.Popen(
-        command, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        command,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
         start_new_session=True,
     )
     log: list[bytes] = []
@@ -129,9 +141,11 @@ def wait_for_exit(server: RunningServer, wake_accept: bool = False) -> int:
     if wake_accept:
         # A blocked accept() or poll() holds the old socket: a connection wakes it up.
         # Or the exit itself: the server may notice and exit before the breaker's line is out.
-        poll("the listener to be broken",
-             lambda: "listener broken" in server.log_text() or server.proc.poll() is not None,
-             timeout=EXIT_TIMEOUT)
+        poll(
+            "the listener to be broken",
+            lambda: "listener broken" in server.log_text() or server.proc.poll() is not None,
+            timeout=EXIT_TIMEOUT,
+        )
         try:
             connect(server.address, timeout=2.0).close()
         except OSError:
@@ -190,8 +204,11 @@ def test_a_bug_in_one_session_closes_only_that_connection_and_is_counted(faulty,
         assert request(bystander, b"after") == b"AFTER\n"
         with connect(server.address) as newcomer:
             assert request(newcomer, b"/ping") == b"PONG\n"
-    metrics = poll_metrics(server, "the session error to be counted",
-                           lambda m: m.sum("arena_internal_errors_total", where="session") >= 1)
+    metrics = poll_metrics(
+        server,
+        "the session error to be counted",
+        lambda m: m.sum("arena_internal_errors_total", where="session") >= 1,
+    )
     assert metrics.sum("arena_internal_errors_total", where="session") == 1
     assert metrics.sum("arena_internal_errors_total") == 1
     assert server.proc.poll() is None, server.log_text()
@@ -211,8 +228,11 @@ def test_a_bug_in_one_pool_task_is_contained_and_counted(faulty):
         assert request(bystander, b"after") == b"AFTER\n"
         with connect(server.address) as newcomer:
             assert request(newcomer, b"/ping") == b"PONG\n"
-    metrics = poll_metrics(server, "the task error to be counted",
-                           lambda m: m.sum("arena_internal_errors_total", where="worker") >= 1)
+    metrics = poll_metrics(
+        server,
+        "the task error to be counted",
+        lambda m: m.sum("arena_internal_errors_total", where="worker") >= 1,
+    )
     assert metrics.sum("arena_internal_errors_total", where="worker") >= 1
     assert server.proc.poll() is None, server.log_text()
     assert "injected fault in one session" in server.log_text()

@@ -50,7 +50,8 @@ def test_a_client_that_never_reads_holds_up_nobody(turns_server):
     slow = connect(turns_server.address, receive_buffer=16384)
     try:
         sent, stalled = push_until_stalled(
-            slow, SLOW_PAYLOADS["echo"], limit=64 * 1024 * 1024, stall=3.0, timeout=120.0)
+            slow, SLOW_PAYLOADS["echo"], limit=64 * 1024 * 1024, stall=3.0, timeout=120.0
+        )
         assert stalled, f"the server read all {sent} bytes from a client that never reads"
         assert run_active_clients(turns_server, 10, 20) == 200
     finally:
@@ -69,7 +70,8 @@ def test_connections_that_end_mid_request_give_their_turn_back(turns_server):
 
     with ThreadPoolExecutor(10) as pool:
         list(pool.map(quit_or_reset, range(40)))
-    poll_metrics(turns_server, "every connection closed",
-                 lambda m: m.sum("arena_connections_active") == 0)
+    poll_metrics(
+        turns_server, "every connection closed", lambda m: m.sum("arena_connections_active") == 0
+    )
     assert run_active_clients(turns_server, 10, 20) == 200
     assert_serves(turns_server)

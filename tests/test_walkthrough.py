@@ -31,7 +31,7 @@ def section(title: str) -> str:
     text = README.read_text()
     start = text.index(f"\n## {title}\n")
     end = text.find("\n## ", start + 1)
-    return text[start:end if end != -1 else None]
+    return text[start : end if end != -1 else None]
 
 
 def blocks(title: str, language: str) -> list[str]:
@@ -52,8 +52,11 @@ def session() -> tuple[str, bytes, bytes]:
     # Every request gets exactly one reply line: typed and printed lines alternate.
     typed, printed = lines[0::2], lines[1::2]
     assert len(typed) == len(printed)
-    return first[2:], "".join(f"{line}\n" for line in typed).encode(), \
-        "".join(f"{line}\n" for line in printed).encode()
+    return (
+        first[2:],
+        "".join(f"{line}\n" for line in typed).encode(),
+        "".join(f"{line}\n" for line in printed).encode(),
+    )
 
 
 def port_is_free(port: int) -> bool:
@@ -70,8 +73,14 @@ def port_is_free(port: int) -> bool:
 
 def run_client(*args: str, stdin: bytes = b"", timeout: float = 60) -> subprocess.CompletedProcess:
     """`python -m services.client ARGS` with stdin piped."""
-    return subprocess.run([sys.executable, "-m", "services.client", *args], input=stdin,
-                          capture_output=True, cwd=ROOT, timeout=timeout, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "services.client", *args],
+        input=stdin,
+        capture_output=True,
+        cwd=ROOT,
+        timeout=timeout,
+        check=False,
+    )
 
 
 # -- the line client -------------------------------------------------------------------------
@@ -79,8 +88,7 @@ def run_client(*args: str, stdin: bytes = b"", timeout: float = 60) -> subproces
 
 def test_client_prints_one_reply_per_line_and_exits_0_after_quit(server_factory):
     server = server_factory("threaded")
-    result = run_client(f"127.0.0.1:{server.port}",
-                        stdin=b"hello\n/ping\n\n//x\n/quit\nnot sent\n")
+    result = run_client(f"127.0.0.1:{server.port}", stdin=b"hello\n/ping\n\n//x\n/quit\nnot sent\n")
     assert result.returncode == 0, result.stderr
     assert result.stdout == b"HELLO\nPONG\n\n/X\nBYE\n"
     assert result.stderr == b""
@@ -133,16 +141,21 @@ def readme_servers():
     if taken:
         pytest.skip(f"the README's ports {taken} are in use on this machine")
     for line in setup:
-        result = subprocess.run(line, shell=True, cwd=ROOT, capture_output=True, text=True,
-                                timeout=900, check=False)
+        result = subprocess.run(
+            line, shell=True, cwd=ROOT, capture_output=True, text=True, timeout=900, check=False
+        )
         assert result.returncode == 0, f"{line}: {result.stdout}{result.stderr}"
     procs = []
     try:
         for line in servers:
-            proc = subprocess.Popen(["bash", "-c", f"exec {line}"], cwd=ROOT,
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                    start_new_session=True,
-                                    env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            proc = subprocess.Popen(
+                ["bash", "-c", f"exec {line}"],
+                cwd=ROOT,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                start_new_session=True,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
             procs.append(proc)
             log = b""
             while not READY.search(log):
@@ -169,29 +182,44 @@ def test_readme_quick_start_names_real_make_targets():
     for line in commands(block):
         if line.startswith("make "):
             target = shlex.split(line.split("#")[0])[1]
-            dry = subprocess.run(["make", "-n", target], cwd=ROOT, capture_output=True,
-                                 text=True, timeout=60, check=False)
+            dry = subprocess.run(
+                ["make", "-n", target],
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
+            )
             assert dry.returncode == 0, f"{line}: {dry.stderr}"
 
 
 @pytest.mark.slow
 def test_readme_servers_and_session_work_as_written(readme_servers):
     command, typed, printed = session()
-    result = subprocess.run(command, shell=True, input=typed, capture_output=True, cwd=ROOT,
-                            timeout=60, check=False)
+    result = subprocess.run(
+        command, shell=True, input=typed, capture_output=True, cwd=ROOT, timeout=60, check=False
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout == printed  # byte for byte what the README shows
     # The README says `nc 127.0.0.1 9001` is the same session.
     if shutil.which("nc"):
         port = re.search(r"(\d+)$", command).group(1)
-        with_nc = subprocess.run(["nc", "127.0.0.1", port], input=typed, capture_output=True,
-                                 timeout=60, check=False)
+        with_nc = subprocess.run(
+            ["nc", "127.0.0.1", port], input=typed, capture_output=True, timeout=60, check=False
+        )
         assert with_nc.stdout == printed
     # Every server of the section answers the same session the same way.
     for line in readme_servers:
         port = re.search(r"--port (\d+)", line).group(1)
-        other = subprocess.run(re.sub(r"\d+$", port, command), shell=True, input=typed,
-                               capture_output=True, cwd=ROOT, timeout=60, check=False)
+        other = subprocess.run(
+            re.sub(r"\d+$", port, command),
+            shell=True,
+            input=typed,
+            capture_output=True,
+            cwd=ROOT,
+            timeout=60,
+            check=False,
+        )
         assert other.stdout == printed, line
 
 
@@ -200,8 +228,9 @@ def test_readme_locust_commands_reach_the_readme_servers(readme_servers, tmp_pat
     (block,) = blocks("Load test (Locust)", "sh")
     lines = commands(block)
     (help_line,) = [line for line in lines if "--help" in line]
-    shown = subprocess.run(help_line, shell=True, cwd=ROOT, capture_output=True, text=True,
-                           timeout=120, check=False)
+    shown = subprocess.run(
+        help_line, shell=True, cwd=ROOT, capture_output=True, text=True, timeout=120, check=False
+    )
     assert shown.returncode == 0, shown.stderr
     assert not [knob.flag for knob in KNOBS if knob.flag not in shown.stdout]
 
@@ -211,8 +240,9 @@ def test_readme_locust_commands_reach_the_readme_servers(readme_servers, tmp_pat
         (tmp_path / name).symlink_to(ROOT / name)
     # Only the run time is shortened; the rest is the README's line.
     short = re.sub(r"-t \S+", "-t 5s", headless.split(" #")[0])
-    result = subprocess.run(short, shell=True, cwd=tmp_path, capture_output=True, text=True,
-                            timeout=180, check=False)
+    result = subprocess.run(
+        short, shell=True, cwd=tmp_path, capture_output=True, text=True, timeout=180, check=False
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     stats = (tmp_path / "out" / "run_stats.csv").read_text()
     for target in ("threaded", "pool", "gevent"):

@@ -37,9 +37,15 @@ CHROMIUM = Path(shutil.which("chromium") or "/usr/bin/chromium")
 CHROMEDRIVER = Path(shutil.which("chromedriver") or "/usr/bin/chromedriver")
 SCREENSHOTS = ROOT / "results" / "screenshots"
 CHROMIUM_FLAGS = (
-    "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-    "--no-first-run", "--window-size=1440,1000",
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--window-size=1440,1000",
 )
 HOST_WARNINGS = ("no host attribute", "override the host")
 GREEK_CAPITAL_MU = "\u039c"  # what "µ" becomes when Locust upper-cases a tab title
@@ -115,8 +121,9 @@ def find_text(driver: Any, text: str) -> Any:
     from selenium.webdriver.common.by import By
 
     xpath = f"//*[normalize-space(text())='{text}']"
-    return poll(f"{text!r} on the page", lambda: driver.find_elements(By.XPATH, xpath),
-                timeout=WAIT_S)[0]
+    return poll(
+        f"{text!r} on the page", lambda: driver.find_elements(By.XPATH, xpath), timeout=WAIT_S
+    )[0]
 
 
 def click_button(driver: Any, label: str) -> None:
@@ -124,8 +131,9 @@ def click_button(driver: Any, label: str) -> None:
     from selenium.webdriver.common.by import By
 
     xpath = f"//button[normalize-space()='{label}']"
-    poll(f"the {label} button", lambda: driver.find_elements(By.XPATH, xpath),
-         timeout=WAIT_S)[0].click()
+    poll(f"the {label} button", lambda: driver.find_elements(By.XPATH, xpath), timeout=WAIT_S)[
+        0
+    ].click()
 
 
 def open_custom_parameters(driver: Any) -> Any:
@@ -220,15 +228,15 @@ def test_a_user_picks_a_lesson_and_sees_the_mix_change(locust_ui, browser):
     browser.set_window_size(1440, 1000)
 
     click_button(browser, "Start")
-    poll("every target answering echo", lambda: all(counts(run, "echo").values()),
-         timeout=WAIT_S)
+    poll("every target answering echo", lambda: all(counts(run, "echo").values()), timeout=WAIT_S)
     titles = list(tabs(browser))
     assert "LATENCY (MICROSECONDS)" in [title.upper() for title in titles], titles
     assert "SCENARIO" in [title.upper() for title in titles], titles
     assert not [title for title in titles if GREEK_CAPITAL_MU in title or "µ" in title]
     assert not [warning for warning in HOST_WARNINGS if warning in body_text(browser).lower()]
-    poll("Locust to report requests per second", lambda: run.stats()["total_rps"] > 0,
-         timeout=WAIT_S)
+    poll(
+        "Locust to report requests per second", lambda: run.stats()["total_rps"] > 0, timeout=WAIT_S
+    )
     time.sleep(4)  # the page polls every 2 s: let it show the rates too
     screenshot(browser, "statistics")
 
@@ -238,8 +246,9 @@ def test_a_user_picks_a_lesson_and_sees_the_mix_change(locust_ui, browser):
         cells = browser.find_elements(By.CSS_SELECTOR, "tbody tr td:first-child")
         return {cell.text for cell in cells} & set(TARGETS)
 
-    poll("a latency row for every target", lambda: latency_targets() == set(TARGETS),
-         timeout=WAIT_S)
+    poll(
+        "a latency row for every target", lambda: latency_targets() == set(TARGETS), timeout=WAIT_S
+    )
     screenshot(browser, "latency-tab")
 
     # Switch the running test to io-wait in the edit form: only /sleep requests from then on.
@@ -262,8 +271,9 @@ def test_a_user_picks_a_lesson_and_sees_the_mix_change(locust_ui, browser):
 
     # Users per target apply when a test starts: a scenario that changes them is refused while
     # the test runs, with a message saying so.
-    answer = run.post("/swarm", {"user_count": "300", "spawn_rate": "100",
-                                 "scenario": "many-clients"})
+    answer = run.post(
+        "/swarm", {"user_count": "300", "spawn_rate": "100", "scenario": "many-clients"}
+    )
     assert answer["success"] is False
     assert "apply when a test starts" in answer["message"]
     assert run.post("/stop")["success"]
@@ -272,8 +282,9 @@ def test_a_user_picks_a_lesson_and_sees_the_mix_change(locust_ui, browser):
     # A new test whose users per target come from the scenario starts users per target x
     # targets, whatever smaller number the form says (the same code raises many-clients to 3000).
     one = TARGETS[0]
-    answer = run.post("/swarm", {"user_count": "3", "spawn_rate": "100", "scenario": "steady",
-                                 "targets": one})
+    answer = run.post(
+        "/swarm", {"user_count": "3", "spawn_rate": "100", "scenario": "steady", "targets": one}
+    )
     assert answer["success"], answer
     poll("100 users on one target", lambda: run.stats()["user_count"] == 100, timeout=WAIT_S)
     assert run.post("/stop")["success"]

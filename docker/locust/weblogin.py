@@ -112,16 +112,23 @@ def protect(web_ui: Any, user: str, password: str) -> None:
         # polling, curl, the healthchecks) gets a plain 401 it can act on.
         if request.accept_mimetypes.best_match(["application/json", "text/html"]) == "text/html":
             return redirect(url_for("locust.login"))
-        return "login required\n", 401, {"WWW-Authenticate": 'Basic realm="Locust"',
-                                          "Content-Type": "text/plain; charset=utf-8"}
+        return (
+            "login required\n",
+            401,
+            {
+                "WWW-Authenticate": 'Basic realm="Locust"',
+                "Content-Type": "text/plain; charset=utf-8",
+            },
+        )
 
     base_path = (web_ui.environment.parsed_options.web_base_path or "").rstrip("/")
     blueprint = Blueprint("arena_login", __name__, url_prefix=base_path or None)
 
     @blueprint.route("/login_submit", methods=["POST"])
     def submit() -> Any:
-        if (_matches(request.form.get("username"), user)
-                and _matches(request.form.get("password"), password)):
+        if _matches(request.form.get("username"), user) and _matches(
+            request.form.get("password"), password
+        ):
             login_user(Operator())
             return redirect(url_for("locust.index"))
         session["auth_error"] = "Wrong user name or password"
@@ -140,4 +147,3 @@ def protect(web_ui: Any, user: str, password: str) -> None:
         return manager.unauthorized()
 
     app.before_request_funcs.setdefault(None, []).insert(0, require_login)
-

@@ -43,35 +43,66 @@ def build_parser(scenario_names: list[str]) -> argparse.ArgumentParser:
         "textbook implementation of the same model.",
     )
     parser.add_argument(
-        "--scenarios", default=",".join(scenario_names),
+        "--scenarios",
+        default=",".join(scenario_names),
         type=lambda text: _names(text, scenario_names, "scenario"),
         help="comma-separated scenarios (default: all): " + ", ".join(scenario_names),
     )
     parser.add_argument(
-        "--models", default=",".join(FAMILIES), type=lambda text: _names(text, FAMILIES, "model"),
+        "--models",
+        default=",".join(FAMILIES),
+        type=lambda text: _names(text, FAMILIES, "model"),
         help="comma-separated models (default: all): " + ", ".join(FAMILIES),
     )
     parser.add_argument(
-        "--kinds", default=",".join(KINDS), type=lambda text: _names(text, KINDS, "kind"),
+        "--kinds",
+        default=",".join(KINDS),
+        type=lambda text: _names(text, KINDS, "kind"),
         help="which servers per model (default: all): ours, no-metrics, textbook",
     )
-    parser.add_argument("--duration", type=float, default=1.0,
-                        help="measured seconds per run (default 1)")
-    parser.add_argument("--warmup", type=float, default=0.5,
-                        help="seconds of load before measuring, per run (default 0.5)")
-    parser.add_argument("--reps", type=int, default=3,
-                        help="runs per server and scenario; figures are medians (default 3)")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                        help="pool workers, ours and textbook (default: CPU count)")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
-                        help="output directory (default: results/)")
-    parser.add_argument("--no-pin", dest="pin", action="store_false",
-                        help="do not pin the server and the load generator to separate CPUs")
-    parser.add_argument("--no-ceiling", dest="ceiling", action="store_false",
-                        help="skip measuring the load generator against its C echo server")
-    parser.add_argument("--noisy-retries", type=int, default=2,
-                        help="measure a run again when other work took more than "
-                        f"{harness.NOISY_OTHER_FRACTION:.0%}% of the server CPU (default 2)")
+    parser.add_argument(
+        "--duration", type=float, default=1.0, help="measured seconds per run (default 1)"
+    )
+    parser.add_argument(
+        "--warmup",
+        type=float,
+        default=0.5,
+        help="seconds of load before measuring, per run (default 0.5)",
+    )
+    parser.add_argument(
+        "--reps",
+        type=int,
+        default=3,
+        help="runs per server and scenario; figures are medians (default 3)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="pool workers, ours and textbook (default: CPU count)",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=DEFAULT_OUT, help="output directory (default: results/)"
+    )
+    parser.add_argument(
+        "--no-pin",
+        dest="pin",
+        action="store_false",
+        help="do not pin the server and the load generator to separate CPUs",
+    )
+    parser.add_argument(
+        "--no-ceiling",
+        dest="ceiling",
+        action="store_false",
+        help="skip measuring the load generator against its C echo server",
+    )
+    parser.add_argument(
+        "--noisy-retries",
+        type=int,
+        default=2,
+        help="measure a run again when other work took more than "
+        f"{harness.NOISY_OTHER_FRACTION:.0%}% of the server CPU (default 2)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
     return parser
 
@@ -81,10 +112,17 @@ def main(argv: list[str] | None = None) -> int:
     work_rounds, work_round_ns = 20_000, 50.0  # replaced by a measurement below
     scenario_names = list(build_scenarios(work_rounds))
     args = build_parser(scenario_names).parse_args(argv)
-    if (args.duration <= 0 or args.warmup < 0 or args.reps < 1 or args.workers < 1
-            or args.noisy_retries < 0):
-        print("--duration must be > 0, --warmup and --noisy-retries >= 0, --reps and --workers"
-              " >= 1", file=sys.stderr)
+    if (
+        args.duration <= 0
+        or args.warmup < 0
+        or args.reps < 1
+        or args.workers < 1
+        or args.noisy_retries < 0
+    ):
+        print(
+            "--duration must be > 0, --warmup and --noisy-retries >= 0, --reps and --workers >= 1",
+            file=sys.stderr,
+        )
         return 2
     try:
         binary = loadgen.build()
@@ -145,10 +183,19 @@ def main(argv: list[str] | None = None) -> int:
         runs = []
         for scenario in scenarios.values():
             for target in targets:
-                runs.append(harness.run_target(
-                    target, scenario, binary, pinning, args.reps, args.duration, args.warmup,
-                    progress, args.noisy_retries,
-                ))
+                runs.append(
+                    harness.run_target(
+                        target,
+                        scenario,
+                        binary,
+                        pinning,
+                        args.reps,
+                        args.duration,
+                        args.warmup,
+                        progress,
+                        args.noisy_retries,
+                    )
+                )
     except (harness.HarnessError, loadgen.LoadgenError) as error:
         print(f"bench: {error}", file=sys.stderr)
         return 1
@@ -164,8 +211,12 @@ def main(argv: list[str] | None = None) -> int:
                 "connections": scenario.connections,
                 "echo_size": scenario.echo_size,
                 "requests": [
-                    {"weight": r.weight, "line": r.line if len(r.line) <= 80 else
-                     f"{r.line[:40]}... ({len(r.line)} bytes)"}
+                    {
+                        "weight": r.weight,
+                        "line": r.line
+                        if len(r.line) <= 80
+                        else f"{r.line[:40]}... ({len(r.line)} bytes)",
+                    }
                     for r in scenario.requests
                 ],
             }
@@ -183,8 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     results["charts"] = report.write_charts(results, args.out)
     report.write_json(results, args.out)
     markdown = report.write_markdown(results, args.out)
-    progress.note(f"bench: wrote {args.out}/bench.json, {markdown.name} and "
-                  + ", ".join(results["charts"]))
+    progress.note(
+        f"bench: wrote {args.out}/bench.json, {markdown.name} and " + ", ".join(results["charts"])
+    )
     for line in report.starved_lines(results):  # repeated last, where nobody can miss it
         progress.note(f"bench: {line}")
     if args.out.resolve() == DEFAULT_OUT.resolve():  # the committed results: refresh the docs

@@ -84,8 +84,13 @@ class ServerProcess:
         self.log: deque[str] = deque(maxlen=200)
         preexec = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
         self.proc = subprocess.Popen(
-            command, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE, start_new_session=True, preexec_fn=preexec,
+            command,
+            cwd=ROOT,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+            preexec_fn=preexec,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
         self._ready = threading.Event()
@@ -203,7 +208,11 @@ class Sampler:
 
 
 def measure_once(
-    server: ServerProcess, scenario: Scenario, binary: Path, duration: float, warmup: float,
+    server: ServerProcess,
+    scenario: Scenario,
+    binary: Path,
+    duration: float,
+    warmup: float,
     pinning: Pinning,
 ) -> dict:
     """One closed-loop measurement of a running server; returns one repetition's record."""
@@ -213,7 +222,9 @@ def measure_once(
             binary, server.port, scenario.connections, duration, warmup, scenario.requests
         )
         result = loadgen.run(
-            args, sampler.marker, set(pinning.loadgen) if pinning.loadgen else None,
+            args,
+            sampler.marker,
+            set(pinning.loadgen) if pinning.loadgen else None,
             timeout=duration + warmup + 60,
         )
     finally:
@@ -287,9 +298,16 @@ def worst_fairness(reps: list[dict]) -> dict:
 
 
 MEDIAN_FIELDS = (
-    "rps", "requests", "server_cpu_s", "server_cpu_fraction", "server_cpu_us_per_request",
-    "peak_rss_bytes", "threads",
-    "loadgen_cpu_s", "loadgen_cpu_fraction", "other_cpu_fraction",
+    "rps",
+    "requests",
+    "server_cpu_s",
+    "server_cpu_fraction",
+    "server_cpu_us_per_request",
+    "peak_rss_bytes",
+    "threads",
+    "loadgen_cpu_s",
+    "loadgen_cpu_fraction",
+    "other_cpu_fraction",
 )
 
 
@@ -342,8 +360,11 @@ class Progress:
             return
         spent = time.monotonic() - self.started
         left = spent / self.done * (self.total - self.done)
-        print(f"[{self.done:>3}/{self.total}] {text}  (about {_clock(left)} left)",
-              file=sys.stderr, flush=True)
+        print(
+            f"[{self.done:>3}/{self.total}] {text}  (about {_clock(left)} left)",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def note(self, text: str) -> None:
         """Print a line that is not a measurement."""
@@ -357,8 +378,15 @@ def _clock(seconds: float) -> str:
 
 
 def run_target(
-    target: Target, scenario: Scenario, binary: Path, pinning: Pinning, reps: int,
-    duration: float, warmup: float, progress: Progress, noisy_retries: int = 0,
+    target: Target,
+    scenario: Scenario,
+    binary: Path,
+    pinning: Pinning,
+    reps: int,
+    duration: float,
+    warmup: float,
+    progress: Progress,
+    noisy_retries: int = 0,
 ) -> dict:
     """Start one server, measure it `reps` times under one scenario, stop it.
 
@@ -406,7 +434,11 @@ def run_target(
 
 
 def measure_ceiling(
-    binary: Path, scenario: Scenario, pinning: Pinning, duration: float, warmup: float,
+    binary: Path,
+    scenario: Scenario,
+    pinning: Pinning,
+    duration: float,
+    warmup: float,
 ) -> dict:
     """The load generator against its own C echo server: the fastest rate this rig can show."""
     server = ServerProcess("c-epoll", [str(binary), "--serve", "0"], pinning.server)

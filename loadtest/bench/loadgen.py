@@ -56,7 +56,9 @@ def build(directory: Path | None = None) -> Path:
     try:
         result = subprocess.run(
             [compiler, "-O2", "-o", str(partial), str(SOURCE)],
-            capture_output=True, text=True, check=False,
+            capture_output=True,
+            text=True,
+            check=False,
         )
         if result.returncode != 0:
             raise LoadgenError(f"compiling {SOURCE} failed:\n{result.stderr}")
@@ -77,15 +79,32 @@ class Request:
 
 
 def command(
-    binary: Path, port: int, connections: int, duration: float, warmup: float,
-    requests: Sequence[Request], timeout: float = 30.0, connect_timeout: float = 10.0,
+    binary: Path,
+    port: int,
+    connections: int,
+    duration: float,
+    warmup: float,
+    requests: Sequence[Request],
+    timeout: float = 30.0,
+    connect_timeout: float = 10.0,
 ) -> list[str]:
     """The command line that runs one closed-loop measurement against 127.0.0.1:port."""
     args = [
-        str(binary), "--host", "127.0.0.1", "--port", str(port),
-        "--connections", str(connections), "--duration", str(duration),
-        "--warmup", str(warmup), "--timeout", str(timeout),
-        "--connect-timeout", str(connect_timeout),
+        str(binary),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--connections",
+        str(connections),
+        "--duration",
+        str(duration),
+        "--warmup",
+        str(warmup),
+        "--timeout",
+        str(timeout),
+        "--connect-timeout",
+        str(connect_timeout),
     ]
     for request in requests:
         args += ["--request", str(request.weight), request.line, request.expected]
@@ -93,13 +112,18 @@ def command(
 
 
 def run(
-    args: list[str], on_marker: Callable[[str], None], cpus: set[int] | None = None,
+    args: list[str],
+    on_marker: Callable[[str], None],
+    cpus: set[int] | None = None,
     timeout: float = 120.0,
 ) -> dict:
     """Run the load generator; call on_marker at measure-start/measure-end; return its JSON."""
     preexec = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
     proc = subprocess.Popen(
-        args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=preexec,
+        args,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        preexec_fn=preexec,
     )
     diagnostics: list[str] = []
 

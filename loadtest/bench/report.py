@@ -77,19 +77,24 @@ def comparisons(results: dict) -> list[dict]:
             textbook = runs.get((scenario, family + " textbook"))
             rps = ours["median"]["rps"]
             cpu = ours["median"]["server_cpu_us_per_request"]
-            rows.append({
-                "scenario": scenario,
-                "family": family,
-                "vs_textbook": _ratio(rps, textbook["median"]["rps"]) if textbook else None,
-                "metrics_cost": (1 - rps / off["median"]["rps"]) if off and off["median"]["rps"]
-                else None,
-                # The same two comparisons in server CPU per request (higher is better for
-                # ours: textbook CPU / our CPU; cost: extra CPU per request with metrics on).
-                "vs_textbook_cpu": _ratio(textbook["median"]["server_cpu_us_per_request"], cpu)
-                if textbook else None,
-                "metrics_cost_cpu": (cpu / off["median"]["server_cpu_us_per_request"] - 1)
-                if off and off["median"]["server_cpu_us_per_request"] else None,
-            })
+            rows.append(
+                {
+                    "scenario": scenario,
+                    "family": family,
+                    "vs_textbook": _ratio(rps, textbook["median"]["rps"]) if textbook else None,
+                    "metrics_cost": (1 - rps / off["median"]["rps"])
+                    if off and off["median"]["rps"]
+                    else None,
+                    # The same two comparisons in server CPU per request (higher is better for
+                    # ours: textbook CPU / our CPU; cost: extra CPU per request with metrics on).
+                    "vs_textbook_cpu": _ratio(textbook["median"]["server_cpu_us_per_request"], cpu)
+                    if textbook
+                    else None,
+                    "metrics_cost_cpu": (cpu / off["median"]["server_cpu_us_per_request"] - 1)
+                    if off and off["median"]["server_cpu_us_per_request"]
+                    else None,
+                }
+            )
     return rows
 
 
@@ -125,8 +130,9 @@ def _fmt_answered(median: dict) -> str:
 def _fmt_per_connection(median: dict) -> str:
     if not _has_fairness(median):
         return "-"
-    return (f"{median['requests_per_connection_min']:,}\u2013"
-            f"{median['requests_per_connection_max']:,}")
+    return (
+        f"{median['requests_per_connection_min']:,}\u2013{median['requests_per_connection_max']:,}"
+    )
 
 
 def _fmt_wait(median: dict) -> str:
@@ -161,7 +167,8 @@ def write_markdown(results: dict, directory: Path) -> Path:
         f"per connection, every reply checked. Against a C epoll echo server it reached "
         f"{meta['ceiling']['rps']:,.0f} req/s using {meta['ceiling']['loadgen_cpu_fraction']:.0%}"
         f" of its core (echo 64 B, 100 conns): that is this rig's ceiling."
-        if meta.get("ceiling") else "- **Load generator:** `loadtest/bench/loadgen.c`.",
+        if meta.get("ceiling")
+        else "- **Load generator:** `loadtest/bench/loadgen.c`.",
         f"- **/work size:** {meta['work_rounds']:,} rounds ≈ "
         f"{meta['work_rounds'] * meta['work_round_ns'] / 1e6:.2f} ms of CPU here.",
         f"- **Mix:** {meta['mix']}.",
@@ -178,14 +185,16 @@ def write_markdown(results: dict, directory: Path) -> Path:
         "waits for a connection to be served before measuring. *answered* is the connections "
         "that got at least one reply in the measured window (of N); *req/conn* the fewest and "
         "most replies one connection got; *longest wait* the longest any request waited, "
-        "counting requests never answered at their age at the end (\"still waiting after\"). "
+        'counting requests never answered at their age at the end ("still waiting after"). '
         "These three are from the worst run, not the median. A run in which any connection got "
         "no reply is **starved** and flagged ⚠.",
     ]
     starved = starved_lines(results)
-    lines += [f"- **{line}**" for line in starved] if starved else [
-        "- No run starved a connection: every connection was answered in every window."
-    ]
+    lines += (
+        [f"- **{line}**" for line in starved]
+        if starved
+        else ["- No run starved a connection: every connection was answered in every window."]
+    )
     lines.append("")
     runs = _by_key(results)
     comparison = {(row["scenario"], row["family"]): row for row in comparisons(results)}
@@ -224,20 +233,34 @@ def write_markdown(results: dict, directory: Path) -> Path:
     families = results["families"]
     scenario_names = list(results["scenarios"])
     for title, key, fmt in (
-        ("Ours vs textbook (req/s, metrics on; ≥ 1.00x is the target)", "vs_textbook",
-         _fmt_ratio),
-        ("Cost of metrics (req/s lost with metrics on; ≤ 10 % is the target)", "metrics_cost",
-         _fmt_cost),
-        ("Ours vs textbook in server CPU per request (textbook CPU/req ÷ ours; ≥ 1.00x: ours "
-         "is cheaper)", "vs_textbook_cpu", _fmt_ratio),
-        ("Cost of metrics in server CPU per request (extra CPU/req with metrics on)",
-         "metrics_cost_cpu", _fmt_cost),
+        ("Ours vs textbook (req/s, metrics on; ≥ 1.00x is the target)", "vs_textbook", _fmt_ratio),
+        (
+            "Cost of metrics (req/s lost with metrics on; ≤ 10 % is the target)",
+            "metrics_cost",
+            _fmt_cost,
+        ),
+        (
+            "Ours vs textbook in server CPU per request (textbook CPU/req ÷ ours; ≥ 1.00x: ours "
+            "is cheaper)",
+            "vs_textbook_cpu",
+            _fmt_ratio,
+        ),
+        (
+            "Cost of metrics in server CPU per request (extra CPU/req with metrics on)",
+            "metrics_cost_cpu",
+            _fmt_cost,
+        ),
     ):
-        lines += [f"## {title}", "", "| model | " + " | ".join(scenario_names) + " |",
-                  "|---|" + "--:|" * len(scenario_names)]
+        lines += [
+            f"## {title}",
+            "",
+            "| model | " + " | ".join(scenario_names) + " |",
+            "|---|" + "--:|" * len(scenario_names),
+        ]
         for family in families:
-            cells = [fmt(comparison.get((scenario, family), {}).get(key))
-                     for scenario in scenario_names]
+            cells = [
+                fmt(comparison.get((scenario, family), {}).get(key)) for scenario in scenario_names
+            ]
             lines.append(f"| {family} | " + " | ".join(cells) + " |")
         lines.append("")
     lines += ["## Servers", ""]
@@ -265,8 +288,9 @@ def write_charts(results: dict, directory: Path) -> list[str]:
     columns = min(3, max(1, len(scenarios)))
     rows = -(-len(scenarios) // columns)
 
-    figure, axes = pyplot.subplots(rows, columns, figsize=(5.2 * columns, 4.2 * rows),
-                                   squeeze=False)
+    figure, axes = pyplot.subplots(
+        rows, columns, figsize=(5.2 * columns, 4.2 * rows), squeeze=False
+    )
     for axis, (scenario, info) in zip(axes.flat, scenarios.items(), strict=False):
         names, values, colors = [], [], []
         for target in targets:
@@ -284,15 +308,17 @@ def write_charts(results: dict, directory: Path) -> list[str]:
         for index, target_name in enumerate(names):
             median = runs[(scenario, target_name)]["median"]
             notes = (["loadgen saturated"] if median["loadgen_saturated"] else []) + (
-                ["noisy"] if median.get("other_cpu_fraction", 0) > NOISY_OTHER_FRACTION else [])
+                ["noisy"] if median.get("other_cpu_fraction", 0) > NOISY_OTHER_FRACTION else []
+            )
             if notes:
                 axis.text(values[index], index, " " + ", ".join(notes), va="center", fontsize=6)
     _finish(figure, axes, len(scenarios), "Throughput per model and scenario", footer)
     figure.savefig(directory / "throughput.png", dpi=110)
     pyplot.close(figure)
 
-    figure, axes = pyplot.subplots(rows, columns, figsize=(5.2 * columns, 4.2 * rows),
-                                   squeeze=False)
+    figure, axes = pyplot.subplots(
+        rows, columns, figsize=(5.2 * columns, 4.2 * rows), squeeze=False
+    )
     markers = (("p50", "o", "p50"), ("p99", "^", "p99"), ("p999", "s", "p99.9"))
     for axis, (scenario, info) in zip(axes.flat, scenarios.items(), strict=False):
         names = [t["name"] for t in targets if (scenario, t["name"]) in runs]
@@ -308,29 +334,47 @@ def write_charts(results: dict, directory: Path) -> list[str]:
         axis.set_title(info["title"])
         axis.grid(axis="x", alpha=0.3)
     axes.flat[0].legend(fontsize=7)
-    _finish(figure, axes, len(scenarios), "Latency percentiles per model and scenario", footer,
-            kind_legend=False)
+    _finish(
+        figure,
+        axes,
+        len(scenarios),
+        "Latency percentiles per model and scenario",
+        footer,
+        kind_legend=False,
+    )
     figure.savefig(directory / "latency.png", dpi=110)
     pyplot.close(figure)
 
     figure, (memory_axis, threads_axis) = pyplot.subplots(1, 2, figsize=(12, 4.6))
     echo_sizes = sorted({info["echo_size"] for info in scenarios.values() if info["echo_size"]})
     series_size = 64 if 64 in echo_sizes else (echo_sizes[0] if echo_sizes else None)
-    series = [(name, info["connections"]) for name, info in scenarios.items()
-              if series_size is not None and info["echo_size"] == series_size]
+    series = [
+        (name, info["connections"])
+        for name, info in scenarios.items()
+        if series_size is not None and info["echo_size"] == series_size
+    ]
     series.sort(key=lambda item: item[1])
     for target in targets:
-        points = [(connections, runs[(name, target["name"])]["median"])
-                  for name, connections in series if (name, target["name"]) in runs]
+        points = [
+            (connections, runs[(name, target["name"])]["median"])
+            for name, connections in series
+            if (name, target["name"]) in runs
+        ]
         if not points:
             continue
         family_index = results["families"].index(target["family"])
-        style = {"color": FAMILY_COLORS[family_index % len(FAMILY_COLORS)],
-                 "marker": {"ours": "o", "no-metrics": "x", "textbook": "s"}[target["kind"]],
-                 "linestyle": {"ours": "-", "no-metrics": ":", "textbook": "--"}[target["kind"]]}
+        style = {
+            "color": FAMILY_COLORS[family_index % len(FAMILY_COLORS)],
+            "marker": {"ours": "o", "no-metrics": "x", "textbook": "s"}[target["kind"]],
+            "linestyle": {"ours": "-", "no-metrics": ":", "textbook": "--"}[target["kind"]],
+        }
         connections = [point[0] for point in points]
-        memory_axis.plot(connections, [p[1]["peak_rss_bytes"] / 2**20 for p in points],
-                         label=target["name"], **style)
+        memory_axis.plot(
+            connections,
+            [p[1]["peak_rss_bytes"] / 2**20 for p in points],
+            label=target["name"],
+            **style,
+        )
         threads_axis.plot(connections, [p[1]["threads"] for p in points], **style)
     memory_axis.set_title(f"Peak RSS vs connections (echo {series_size} B)")
     memory_axis.set_xlabel("connections")
@@ -369,22 +413,25 @@ def write_fairness_chart(results: dict, path: Path) -> None:
     meta = results["meta"]
     runs = _by_key(results)
     scenarios = results["scenarios"]
-    pairs = min(2, max(1, len(scenarios)))   # two scenarios side by side, two panels each
+    pairs = min(2, max(1, len(scenarios)))  # two scenarios side by side, two panels each
     rows = -(-len(scenarios) // pairs)
     height = max(2.6, 0.24 * len(results["targets"]) + 1.4)
-    legend_inches, title_inches = 0.75, 0.3   # fixed room for the legend, footer and title
+    legend_inches, title_inches = 0.75, 0.3  # fixed room for the legend, footer and title
     total = height * rows + legend_inches + title_inches
     # At least 10.5 in wide, so the when/where footer fits under a single scenario.
-    figure, axes = pyplot.subplots(rows, 2 * pairs, figsize=(max(10.5, 7.2 * pairs), total),
-                                   squeeze=False)
+    figure, axes = pyplot.subplots(
+        rows, 2 * pairs, figsize=(max(10.5, 7.2 * pairs), total), squeeze=False
+    )
     window = meta["duration_s"]
     for index, (scenario, info) in enumerate(scenarios.items()):
         answered_axis = axes[index // pairs][2 * (index % pairs)]
         wait_axis = axes[index // pairs][2 * (index % pairs) + 1]
-        medians = [(target, runs[(scenario, target["name"])]["median"])
-                   for target in results["targets"]
-                   if (scenario, target["name"]) in runs
-                   and _has_fairness(runs[(scenario, target["name"])]["median"])]
+        medians = [
+            (target, runs[(scenario, target["name"])]["median"])
+            for target in results["targets"]
+            if (scenario, target["name"]) in runs
+            and _has_fairness(runs[(scenario, target["name"])]["median"])
+        ]
         names = [target["name"] for target, _ in medians]
         positions = range(len(medians))
         shares = [100 * m["answered_connections"] / max(1, m["connections"]) for _, m in medians]
@@ -392,9 +439,14 @@ def write_fairness_chart(results: dict, path: Path) -> None:
         answered_axis.barh(list(positions), shares, color=colors)
         for position, (_, median) in zip(positions, medians, strict=True):
             label = f"{median['answered_connections']}/{median['connections']}"
-            answered_axis.text(2, position, ("⚠ " if median["starved"] else "") + label,
-                               va="center", fontsize=6,
-                               color="white" if not median["starved"] else "black")
+            answered_axis.text(
+                2,
+                position,
+                ("⚠ " if median["starved"] else "") + label,
+                va="center",
+                fontsize=6,
+                color="white" if not median["starved"] else "black",
+            )
         answered_axis.set_yticks(list(positions), names, fontsize=7)
         answered_axis.invert_yaxis()
         answered_axis.set_xlim(0, 100)
@@ -403,7 +455,9 @@ def write_fairness_chart(results: dict, path: Path) -> None:
         for position, (target, median) in zip(positions, medians, strict=True):
             still = median["longest_wait_unanswered"]
             wait_axis.scatter(
-                [median["longest_wait_s"] * 1e6], [position], s=30 if still else 22,
+                [median["longest_wait_s"] * 1e6],
+                [position],
+                s=30 if still else 22,
                 marker=">" if still else "o",
                 color=STARVED_COLOR if still else KIND_COLORS[target["kind"]],
             )
@@ -419,17 +473,25 @@ def write_fairness_chart(results: dict, path: Path) -> None:
         wait_axis.set_xlabel("longest wait of any request (log scale)", fontsize=8)
         wait_axis.set_title(f"{info['title']}: longest wait", fontsize=9)
         wait_axis.grid(axis="x", alpha=0.3)
-    for axis in list(axes.flat)[2 * len(scenarios):]:
+    for axis in list(axes.flat)[2 * len(scenarios) :]:
         axis.set_visible(False)
-    handles = [_patch(KIND_COLORS[kind], KIND_NAMES[kind])
-               for kind in ("ours", "no-metrics", "textbook")]
+    handles = [
+        _patch(KIND_COLORS[kind], KIND_NAMES[kind]) for kind in ("ours", "no-metrics", "textbook")
+    ]
     handles += [
         _patch(STARVED_COLOR, "starved: a connection got no reply in the window"),
-        Line2D([], [], marker=">", linestyle="", color=STARVED_COLOR,
-               label="still waiting at the end (never answered)"),
+        Line2D(
+            [],
+            [],
+            marker=">",
+            linestyle="",
+            color=STARVED_COLOR,
+            label="still waiting at the end (never answered)",
+        ),
     ]
-    figure.legend(handles=handles, loc="lower center", fontsize=7, ncol=3,
-                  bbox_to_anchor=(0.5, 0.2 / total))
+    figure.legend(
+        handles=handles, loc="lower center", fontsize=7, ncol=3, bbox_to_anchor=(0.5, 0.2 / total)
+    )
     figure.suptitle("Fairness: connections answered and the longest wait (worst run)")
     figure.text(0.5, 0.04 / total, machine_line(meta), ha="center", fontsize=7)
     figure.tight_layout(rect=(0, legend_inches / total, 1, 1 - title_inches / total))
@@ -451,14 +513,14 @@ def _duration_label(microseconds: float, _position: object = None) -> str:
     return f"{microseconds:g} µs"
 
 
-def _finish(
-    figure, axes, used: int, title: str, footer: str, kind_legend: bool = True
-) -> None:
+def _finish(figure, axes, used: int, title: str, footer: str, kind_legend: bool = True) -> None:
     for axis in list(axes.flat)[used:]:
         axis.set_visible(False)
     if kind_legend:
-        handles = [_patch(KIND_COLORS[kind], KIND_NAMES[kind])
-                   for kind in ("ours", "no-metrics", "textbook")]
+        handles = [
+            _patch(KIND_COLORS[kind], KIND_NAMES[kind])
+            for kind in ("ours", "no-metrics", "textbook")
+        ]
         figure.legend(handles=handles, loc="upper right", fontsize=8)
     figure.suptitle(title)
     figure.text(0.5, 0.005, footer, ha="center", fontsize=7)

@@ -75,7 +75,9 @@ def build_scenarios(work_rounds: int) -> dict[str, Scenario]:
         Scenario("sleep20", "/sleep 20, 100 conns", 100, (sleep(20),)),
         Scenario("work1ms", "/work ~1 ms, 100 conns", 100, (work_request,)),
         Scenario(
-            "mix", "mix, 100 conns", 100,
+            "mix",
+            "mix, 100 conns",
+            100,
             (echo(64, 80), echo(1024, 10), sleep(20, 5), work(work_rounds, 5)),
         ),
     ]
@@ -124,15 +126,35 @@ def build_targets(families: list[str], kinds: list[str], workers: int) -> list[T
         pool_args = ["--workers", str(workers)] if model_args[0] == "pool" else []
         for kind in kinds:
             if kind == "textbook":
-                command = [sys.executable, "-m", "loadtest.bench.textbook", textbook_model,
-                           "--host", "127.0.0.1", "--port", "0", "--workers", str(workers)]
+                command = [
+                    sys.executable,
+                    "-m",
+                    "loadtest.bench.textbook",
+                    textbook_model,
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    "0",
+                    "--workers",
+                    str(workers),
+                ]
                 description = TEXTBOOK_NAMES[textbook_model]
             else:
                 server_args = [*model_args, *pool_args]
                 if kind == "no-metrics":
                     server_args.append("--no-metrics")
-                command = [sys.executable, "-m", "services", *server_args,
-                           "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0"]
+                command = [
+                    sys.executable,
+                    "-m",
+                    "services",
+                    *server_args,
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    "0",
+                    "--metrics-port",
+                    "0",
+                ]
                 description = "python -m services " + " ".join(server_args)
             targets.append(Target(family, kind, tuple(command), description))
     return targets

@@ -59,13 +59,29 @@ class Server:
 
     def __init__(self, root: Path, model: str, connections: int) -> None:
         command = [
-            sys.executable, "-m", "services", model, "--host", "127.0.0.1", "--port", "0",
-            "--metrics-port", "0", "--max-connections", str(connections + 100),
-            "--idle-timeout", "3600", *MODEL_ARGS.get(model, ()),
+            sys.executable,
+            "-m",
+            "services",
+            model,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--metrics-port",
+            "0",
+            "--max-connections",
+            str(connections + 100),
+            "--idle-timeout",
+            "3600",
+            *MODEL_ARGS.get(model, ()),
         ]
         self.proc = subprocess.Popen(
-            command, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True,
+            command,
+            cwd=root,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            start_new_session=True,
         )
         self.log: list[bytes] = []
         ready = threading.Event()
@@ -168,28 +184,46 @@ def measure(root: Path, model: str, connections: int, scrapes: int, idle: float)
 
 def commit_of(root: Path) -> str:
     """The checked-out commit of `root` (and '+dirty' when it has local changes)."""
+
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True).stdout
+
     commit = git("rev-parse", "--short", "HEAD").strip() or "unknown"
     return commit + ("+dirty" if git("status", "--porcelain", "--", "services").strip() else "")
 
 
 def main(argv: list[str] | None = None) -> int:
     """Measure every model and write the JSON file."""
-    parser = argparse.ArgumentParser(prog="python -m loadtest.bench.scrape_cost",
-                                     description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", default=",".join(MODELS),
-                        help="comma-separated models (default: all)")
-    parser.add_argument("--connections", type=int, default=10_000,
-                        help="idle connections held during the scrapes (default 10000)")
-    parser.add_argument("--scrapes", type=int, default=50,
-                        help="scrapes measured per model (default 50)")
-    parser.add_argument("--idle", type=float, default=3.0,
-                        help="seconds of idle CPU measured before scraping (default 3)")
-    parser.add_argument("--root", type=Path, default=ROOT,
-                        help="checkout whose servers to run (default: this one)")
-    parser.add_argument("--out", type=Path, default=ROOT / "results" / "scrape_cost.json",
-                        help="JSON output (default results/scrape_cost.json)")
+    parser = argparse.ArgumentParser(
+        prog="python -m loadtest.bench.scrape_cost", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument(
+        "--models", default=",".join(MODELS), help="comma-separated models (default: all)"
+    )
+    parser.add_argument(
+        "--connections",
+        type=int,
+        default=10_000,
+        help="idle connections held during the scrapes (default 10000)",
+    )
+    parser.add_argument(
+        "--scrapes", type=int, default=50, help="scrapes measured per model (default 50)"
+    )
+    parser.add_argument(
+        "--idle",
+        type=float,
+        default=3.0,
+        help="seconds of idle CPU measured before scraping (default 3)",
+    )
+    parser.add_argument(
+        "--root", type=Path, default=ROOT, help="checkout whose servers to run (default: this one)"
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=ROOT / "results" / "scrape_cost.json",
+        help="JSON output (default results/scrape_cost.json)",
+    )
     args = parser.parse_args(argv)
     models = [name.strip() for name in args.models.split(",") if name.strip()]
     unknown = set(models) - set(MODELS)
@@ -200,11 +234,14 @@ def main(argv: list[str] | None = None) -> int:
     for model in models:
         figures = measure(args.root, model, args.connections, args.scrapes, args.idle)
         results[model] = figures
-        print(f"{model:9} {figures['connections']} idle connections: "
-              f"{figures['cpu_ms_per_scrape']:7.2f} ms CPU per scrape "
-              f"(raw {figures['raw_cpu_ms_per_scrape']:.2f}, idle {figures['idle_cpu_ms_per_s']}"
-              f" ms/s), wall median {figures['wall_ms_median']:.2f} ms, "
-              f"first scrape {figures['first_scrape_wall_ms']:.1f} ms", flush=True)
+        print(
+            f"{model:9} {figures['connections']} idle connections: "
+            f"{figures['cpu_ms_per_scrape']:7.2f} ms CPU per scrape "
+            f"(raw {figures['raw_cpu_ms_per_scrape']:.2f}, idle {figures['idle_cpu_ms_per_s']}"
+            f" ms/s), wall median {figures['wall_ms_median']:.2f} ms, "
+            f"first scrape {figures['first_scrape_wall_ms']:.1f} ms",
+            flush=True,
+        )
     report = {
         "what": "server CPU per /metrics scrape at idle connections (docs/METRICS.md)",
         "when": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),

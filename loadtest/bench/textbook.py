@@ -39,8 +39,11 @@ def _strip(line: bytes) -> bytes:
 
 
 def _ready(model: str, host: str, port: int) -> None:
-    print(f"ready model=textbook-{model} host={host} port={port} metrics_port=0",
-          file=sys.stderr, flush=True)
+    print(
+        f"ready model=textbook-{model} host={host} port={port} metrics_port=0",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def serve_threaded(host: str, port: int) -> None:

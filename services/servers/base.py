@@ -124,7 +124,9 @@ class Server(ABC):
             self.stats.count_internal_error(name)
             self.log.critical(
                 "the %s loop failed; exiting with code %d so a supervisor restarts the server",
-                name, FATAL_EXIT_CODE, exc_info=True,
+                name,
+                FATAL_EXIT_CODE,
+                exc_info=True,
             )
             logging.shutdown()
             os._exit(FATAL_EXIT_CODE)

@@ -167,7 +167,9 @@ class WorkerPool:
         if self.kind != "process":
             return ThreadPoolExecutor(self.size, thread_name_prefix="worker"), []
         executor = ProcessPoolExecutor(
-            self.size, mp_context=self.context, initializer=prepare_worker,
+            self.size,
+            mp_context=self.context,
+            initializer=prepare_worker,
         )
         try:
             return executor, self.warm_up(executor)
@@ -194,8 +196,11 @@ class WorkerPool:
             if len(pids) >= self.size:
                 break
         processes = getattr(executor, "_processes", None)
-        if not (isinstance(processes, dict) and pids <= set(processes)
-                and all(isinstance(p, BaseProcess) for p in processes.values())):
+        if not (
+            isinstance(processes, dict)
+            and pids <= set(processes)
+            and all(isinstance(p, BaseProcess) for p in processes.values())
+        ):
             self.log.warning(
                 "ProcessPoolExecutor._processes is missing or unexpected in this Python: worker "
                 "deaths are noticed only by failed requests and their exit status is unknown"
@@ -234,14 +239,19 @@ class WorkerPool:
             if worker.pid in dead or self.kind != "process":
                 self.log.error("worker process %d died: %s", worker.pid, describe_exit(exitcode))
             else:
-                self.log.info("worker process %d of the broken executor ended (%s)",
-                              worker.pid, describe_exit(exitcode))
+                self.log.info(
+                    "worker process %d of the broken executor ended (%s)",
+                    worker.pid,
+                    describe_exit(exitcode),
+                )
         self.executor, self.workers = self.build()
         self.generation += 1
         self.restarts += 1
         self.log.warning(
             "executor replaced in %.3f s (restart %d): new workers %s",
-            time.monotonic() - started, self.restarts, self.pids or self.kind,
+            time.monotonic() - started,
+            self.restarts,
+            self.pids or self.kind,
         )
         return True
 
@@ -259,7 +269,8 @@ class WorkerPool:
                 with contextlib.suppress(OSError, ValueError, AssertionError):
                     worker.process.join(max(0.0, deadline - time.monotonic()))
         while (alive := [w.pid for w in workers if is_alive(w.pid)]) and (
-                time.monotonic() < deadline):
+            time.monotonic() < deadline
+        ):
             time.sleep(0.01)
         return alive
 

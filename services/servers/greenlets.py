@@ -123,7 +123,8 @@ class GeventServer(BlockingServer):
             "arena_greenlets", "Connection greenlets alive", value=len(self.connections)
         )
         yield histogram_family(
-            "arena_event_loop_lag_seconds", "How late a 100 ms timer probe woke up",
+            "arena_event_loop_lag_seconds",
+            "How late a 100 ms timer probe woke up",
             [([], self.lag)],
         )
         yield CounterMetricFamily(

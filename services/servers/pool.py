@@ -53,7 +53,13 @@ class Connection(Session):
     """A session as the reactor sees it: buffered lines, the batch in flight, unsent output."""
 
     __slots__ = (
-        "eof", "inflight", "interest", "output", "overflow", "pending", "queued",
+        "eof",
+        "inflight",
+        "interest",
+        "output",
+        "overflow",
+        "pending",
+        "queued",
     )
 
     def __init__(self, sock: socket.socket, line_limit: int) -> None:
@@ -98,8 +104,11 @@ class PoolServer(Server):
 
     def info(self) -> dict[str, str]:
         """Labels of arena_server_info: the executor kind and size too."""
-        return {"model": self.model, "executor": self.settings.executor,
-                "workers": str(self.workers)}
+        return {
+            "model": self.model,
+            "executor": self.settings.executor,
+            "workers": str(self.workers),
+        }
 
     # -- lifecycle -------------------------------------------------------------------------
     def serve_in_background(self) -> None:
@@ -111,7 +120,9 @@ class PoolServer(Server):
         self.selector.register(self.wake_reader, selectors.EVENT_READ, WAKE)
         self.watch_workers()
         self.reactor = threading.Thread(
-            target=self.run_or_exit, args=("reactor", self.run_reactor), name="reactor",
+            target=self.run_or_exit,
+            args=("reactor", self.run_reactor),
+            name="reactor",
             daemon=True,
         )
         self.reactor.start()
@@ -240,12 +251,15 @@ class PoolServer(Server):
         if connection.sock.fileno() < 0:
             return  # closed while being served
         reading = not (
-            connection.eof or connection.overflow or connection.close_reason
+            connection.eof
+            or connection.overflow
+            or connection.close_reason
             or (connection.pending and connection.inflight)  # lines wait behind a batch
             or len(connection.output) > MAX_UNSENT_OUTPUT
         )
         events = (selectors.EVENT_READ if reading else 0) | (
-            selectors.EVENT_WRITE if connection.output else 0)
+            selectors.EVENT_WRITE if connection.output else 0
+        )
         self.set_interest(connection, events)
 
     def read(self, connection: Connection) -> None:
@@ -307,15 +321,23 @@ class PoolServer(Server):
         if cheap:
             size = -(-len(cheap) // self.workers)  # ceil: one share per worker
             for start in range(0, len(cheap), size):
-                share = cheap[start:start + size]
+                share = cheap[start : start + size]
                 self.submit([c for c, _ in share], [batch for _, batch in share])
 
-    def submit(self, connections: list[Connection], batches: list[list[bytes]],
-               attempt: int = 0, first_started: float | None = None) -> None:
+    def submit(
+        self,
+        connections: list[Connection],
+        batches: list[list[bytes]],
+        attempt: int = 0,
+        first_started: float | None = None,
+    ) -> None:
         """Send batches of request lines (one per connection) to the executor as one task."""
         # A retry keeps its first submission's time: the failed attempt was waited for too.
-        started = first_started if first_started is not None else (
-            time.perf_counter() if self.timed else 0.0)
+        started = (
+            first_started
+            if first_started is not None
+            else (time.perf_counter() if self.timed else 0.0)
+        )
         pool = self.pool
         generation = pool.generation
         try:
@@ -333,8 +355,15 @@ class PoolServer(Server):
 
         future.add_done_callback(done)
 
-    def deliver(self, connections: list[Connection], batches: list[list[bytes]], future: Future,
-                started: float, generation: int, attempt: int) -> None:
+    def deliver(
+        self,
+        connections: list[Connection],
+        batches: list[list[bytes]],
+        future: Future,
+        started: float,
+        generation: int,
+        attempt: int,
+    ) -> None:
         """Hand each connection the replies of its batch."""
         self.submissions.pop(id(future), None)
         try:
@@ -350,8 +379,15 @@ class PoolServer(Server):
                 self.contain(connection)
 
     # -- failures --------------------------------------------------------------------------
-    def task_failed(self, connections: list[Connection], batches: list[list[bytes]],
-                    error: Exception, generation: int, attempt: int, started: float) -> None:
+    def task_failed(
+        self,
+        connections: list[Connection],
+        batches: list[list[bytes]],
+        error: Exception,
+        generation: int,
+        attempt: int,
+        started: float,
+    ) -> None:
         """Run a failed task's batches once more (every command is idempotent), then give up.
 
         A broken executor is replaced first and the task goes again as it was. A task that
@@ -518,8 +554,12 @@ class PoolServer(Server):
         """Close connections idle since before `deadline` with nothing in progress."""
         self.check_listener()  # a listener closed under epoll would otherwise go unnoticed
         for connection in list(self.connections.values()):
-            if (not connection.inflight and not connection.pending and not connection.output
-                    and connection.last_active < deadline):
+            if (
+                not connection.inflight
+                and not connection.pending
+                and not connection.output
+                and connection.last_active < deadline
+            ):
                 self.close(connection, "idle")
 
     # -- metrics ---------------------------------------------------------------------------
@@ -528,30 +568,37 @@ class PoolServer(Server):
         sizes = list(self.submissions.values())  # oldest first, as the executor takes them
         yield GaugeMetricFamily("arena_pool_workers", "Executor workers", value=self.workers)
         yield GaugeMetricFamily(
-            "arena_pool_busy_workers", "Workers running a batch now (estimate)",
+            "arena_pool_busy_workers",
+            "Workers running a batch now (estimate)",
             value=min(len(sizes), self.workers),
         )
         yield GaugeMetricFamily(
-            "arena_pool_queue_depth", "Requests waiting for a free worker (estimate)",
-            value=sum(sizes[self.workers:]),
+            "arena_pool_queue_depth",
+            "Requests waiting for a free worker (estimate)",
+            value=sum(sizes[self.workers :]),
         )
         yield GaugeMetricFamily(
-            "arena_pool_inflight_requests", "Requests submitted and not yet answered",
+            "arena_pool_inflight_requests",
+            "Requests submitted and not yet answered",
             value=sum(sizes),
         )
         yield CounterMetricFamily(
-            "arena_pool_submissions", "Tasks submitted to the executor",
-            value=self.submissions_total
+            "arena_pool_submissions",
+            "Tasks submitted to the executor",
+            value=self.submissions_total,
         )
         yield CounterMetricFamily(
-            "arena_pool_worker_cpu_seconds", "CPU time of the worker processes",
+            "arena_pool_worker_cpu_seconds",
+            "CPU time of the worker processes",
             value=self.pool.cpu_seconds(),
         )
         yield CounterMetricFamily(
-            "arena_pool_worker_restarts", "Executors replaced because a worker died",
+            "arena_pool_worker_restarts",
+            "Executors replaced because a worker died",
             value=self.pool.restarts,
         )
         yield CounterMetricFamily(
-            "arena_pool_retried_requests", "Requests run again after their task failed",
+            "arena_pool_retried_requests",
+            "Requests run again after their task failed",
             value=self.retried_requests,
         )
