@@ -1,11 +1,11 @@
-"""One connection's life, written once for every model.
+"""What every model uses for one connection: framing, counting, and the registry of connections.
 
 `LineFramer` cuts bytes into bounded lines, `Tally` counts what one connection did (plain
 integers, no locks: only the connection's own thread, greenlet or reactor writes it, and
-`ServerStats` folds it into running totals at scrape and close time), and `serve_blocking` is
-the whole session loop for the models that give each connection its own flow of control
-(threads and greenlets). The pool's reactor drives the same framer, protocol and tally from
-events instead.
+`ServerStats` folds it into running totals at scrape and close time), `Session` is one accepted
+connection and `ServerStats` the registry of them all. The blocking session loop that threads and
+greenlets run lives in `services.blocking`; the pool's reactor (`services.servers.pool`) drives
+the same framer, protocol and tally from events instead.
 
 How a scrape stays cheap and exact (`ServerStats.snapshot`): the totals are kept folded in one
 `Tally`; a scrape folds only the live tallies that changed since their last fold, by delta (the
@@ -18,7 +18,6 @@ outside `record`). An idle connection costs a flag and two integer comparisons p
 
 from __future__ import annotations
 
-import _thread
 import contextlib
 import logging
 import socket
@@ -26,8 +25,7 @@ import sys
 import threading
 import time
 from bisect import bisect_left
-from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from itertools import compress
 from operator import add, ne, sub
@@ -387,141 +385,3 @@ def reject(sock: socket.socket, max_connections: int) -> None:
         pass
     finally:
         sock.close()
-
-
-Receive = Callable[[int], bytes]
-SendAll = Callable[[bytes], None]
-
-
-class Turns:
-    """Requests answered in arrival order: a turn handed from thread to thread (first come).
-
-    The GIL lets one thread run at a time but not in arrival order: with a thousand threads
-    ready, some wait seconds while others are served again and again. Holding a turn from
-    "request read" to "reply sent" makes the order explicit: a thread whose request arrives
-    while another holds the turn queues on its own lock and is woken by name. It costs a
-    hand-over per request, so a model asks for turns only above `above` live connections.
-    """
-
-    def __init__(self, above: int) -> None:
-        self.above = above  # take turns only while more connections than this are open
-        self.mutex = _thread.allocate_lock()  # guards `held` and `waiting`, never held long
-        self.waiting: deque[_thread.LockType] = deque()
-        self.held = False
-        self.handovers = 0  # turns passed to a queued thread (a metric)
-
-    def take(self) -> None:
-        """Wait until every request that arrived earlier has been answered."""
-        with self.mutex:
-            if not self.held:
-                self.held = True
-                return
-            mine = _thread.allocate_lock()
-            mine.acquire()
-            self.waiting.append(mine)
-        mine.acquire()  # released by the predecessor: the turn is ours (`held` stays True)
-
-    def give_back(self) -> None:
-        """Pass the turn to the longest-waiting thread, or free it."""
-        with self.mutex:
-            if self.waiting:
-                self.handovers += 1
-                self.waiting.popleft().release()
-            else:
-                self.held = False
-
-
-NEVER_CROWDED = Turns(sys.maxsize)  # for models that need no turns: never taken
-
-
-def serve_blocking(
-    session: Session,
-    stats: ServerStats,
-    timed: bool = True,
-    io: tuple[Receive, SendAll] | None = None,
-    turns: Turns | None = None,
-) -> None:
-    """Serve one connection in its own thread or greenlet until it ends; never raises.
-
-    `io` replaces the socket's own `recv` and `sendall` where a model has cheaper ones;
-    `turns` makes requests wait for their turn in arrival order while the server is crowded.
-    """
-    sock, framer, tally = session.sock, session.framer, session.tally
-    answer, record, clock = protocol.answer, tally.record, time.monotonic
-    receive, send_all = io or (sock.recv, sock.sendall)
-    turns = turns or NEVER_CROWDED
-    sessions, crowd = stats.sessions, turns.above
-    limit = framer.limit
-    reason = "client"
-    holding = False  # this thread holds a turn (between a request's arrival and its reply)
-    try:
-        while True:
-            data = receive(READ_SIZE)
-            if not data:
-                reason = "shutdown" if stats.draining else "client"
-                break
-            if len(sessions) > crowd:
-                turns.take()
-                holding = True
-            session.busy = True
-            tally.received += len(data)
-            started = clock() if timed else 0.0
-            end = len(data) - 1
-            if data.find(b"\n") == end and end <= limit and not framer.partial:
-                # The common case, one whole request in one read: no framing needed.
-                line = data[:-2] if data.endswith(b"\r\n") else data[:-1]
-                result = answer(line)
-                payload = result.reply
-                record(result, clock() - started if timed else 0.0)
-                if result.close:
-                    reason = "quit"
-            else:
-                lines, overflow = framer.feed(data)
-                replies = []
-                for line in lines:
-                    result = answer(line)
-                    record(result, clock() - started if timed else 0.0)
-                    replies.append(result.reply)
-                    if result.close:
-                        reason = "quit"
-                        break
-                if overflow and reason != "quit":
-                    replies.append(protocol.line_too_long_reply(limit))
-                    tally.count_error("line-too-long")
-                    reason = "line-too-long"
-                payload = b"".join(replies)
-            if payload:
-                if holding:
-                    # A reply the socket cannot take at once (a client that does not read)
-                    # gives the turn back before waiting: a slow reader holds up nobody.
-                    try:
-                        sent = sock.send(payload, socket.MSG_DONTWAIT)
-                    except BlockingIOError:
-                        sent = 0
-                    if sent < len(payload):
-                        holding = False
-                        turns.give_back()
-                        send_all(payload[sent:])
-                else:
-                    send_all(payload)
-                tally.sent += len(payload)
-            if holding:
-                holding = False
-                turns.give_back()
-            session.busy = False
-            session.last_active = clock()
-            if reason != "client":
-                break
-            if stats.draining:
-                reason = "shutdown"
-                break
-    except OSError:
-        reason = "reset"
-    except Exception:  # a bug: contained to this one connection, which is closed
-        log.exception("session failed; closing its connection")
-        stats.count_internal_error("session")
-        reason = "error"
-    finally:
-        if holding:
-            turns.give_back()
-        stats.close_session(session, reason)

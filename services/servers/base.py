@@ -16,9 +16,10 @@ from typing import ClassVar
 from prometheus_client.core import Metric
 
 from services import protocol
+from services.blocking import serve_blocking
 from services.config import Settings
 from services.ratelog import RateLimitedLog
-from services.session import ServerStats, Session, reject, serve_blocking
+from services.session import ServerStats, Session, reject
 
 # accept() errors that mean "out of a resource for now": log, back off, retry (as Trio does).
 CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}

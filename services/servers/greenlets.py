@@ -19,10 +19,11 @@ import gevent.event
 import gevent.pool
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from services.blocking import Receive, SendAll, serve_blocking
 from services.config import Settings
 from services.metrics import histogram_family
 from services.servers.base import BlockingServer
-from services.session import Histogram, Receive, SendAll, Session, serve_blocking
+from services.session import Histogram, Session
 
 PROBE_INTERVAL = 0.1  # seconds between loop-lag probes: cheap, yet catches a blocked loop
 BLOCKED_THRESHOLD = 0.01  # lateness counted as "the loop was blocked"

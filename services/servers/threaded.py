@@ -13,7 +13,7 @@ clients it answered only about a third of them in 6 s, and the rest waited the w
   thread coming back from `send()` takes it again before threads that have waited for seconds
   (0.3-1.4 s longest waits, some connections never served in noisy runs). Above
   `--turns-above` live connections (256), requests take turns in arrival order
-  (`session.Turns`): a thread holds the turn from its request's arrival to its reply, the
+  (`blocking.Turns`): a thread holds the turn from its request's arrival to its reply, the
   others queue on their own locks and are woken by name. A reply the socket cannot take at
   once gives the turn back first, so a client that does not read holds up nobody.
 - Turns cost a lock hand-over and a context switch per request, so below the threshold (100
@@ -54,9 +54,10 @@ from collections.abc import Callable, Iterable
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from services.blocking import Turns, serve_blocking
 from services.config import Settings
 from services.servers.base import BlockingServer
-from services.session import Session, Turns, serve_blocking
+from services.session import Session
 
 TASKS_DIR = "/proc/self/task"  # one entry per OS thread of this process (Linux)
 
