@@ -3,14 +3,18 @@
 A pool that ran one task per *connection* would serve only `workers` clients while the rest
 hang; this server dispatches per *request*. The reactor (a selector) reads complete lines and,
 once per loop, submits what the connections have ready: a connection's lines form one batch
-(`protocol.answer_batch`), and the batches of cheap requests (echo, ping) from many connections
-share one task per worker, so the trip to a worker process is paid once per task, not once per
-line. A batch holding `/sleep` or `/work` is a task of its own. Workers receive request bytes
-only, never sockets. While a connection's batch is in flight its later lines wait in the
-reactor, and the reactor stops reading that connection until the batch is answered; it also
-stops reading, and submits nothing more, while `MAX_UNSENT_OUTPUT` bytes of replies wait for a
-client that does not read. The rest queues in the kernel, so a connection holds at most about
-two reads of input and the replies to one batch.
+(`protocol.answer_batch`), and `batching.plan_tasks` decides which batches share a task (cheap
+ones from many connections, one task per worker; `/sleep` and `/work` alone). Workers receive
+request bytes only, never sockets. While a connection's batch is in flight its later lines wait
+in the reactor, and the reactor stops reading that connection until the batch is answered; it
+also stops reading, and submits nothing more, while its client does not read its replies
+(`batching.throttled`). The rest queues in the kernel, so a connection holds at most about two
+reads of input and the replies to one batch.
+
+Three pieces, each readable on its own: this module is the reactor (accept, read, submit,
+deliver, flush, close, and what to do when a task fails); `batching.py` is the policy (which
+lines go together, when a client is throttled); `executors.py` is the executor's lifecycle
+(build, warm up, replace a broken one, end).
 
 Failures are contained, not fatal. A worker process that dies breaks its executor for good;
 `executors.WorkerPool` replaces it (from its sentinel, or from the first failed future), and the
@@ -37,12 +41,13 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from services import protocol
 from services.config import Settings
 from services.servers.base import MAX_ACCEPT_BACKOFF, Server
+from services.servers.batching import MAX_UNSENT_OUTPUT, plan_tasks, throttled
 from services.servers.executors import WorkerPool
 from services.session import READ_SIZE, Session, reject
 
-MAX_UNSENT_OUTPUT = 256 * 1024  # replies waiting for a slow reader before it is throttled
+__all__ = ["MAX_UNSENT_OUTPUT", "Connection", "PoolServer"]
+
 ACCEPTS_PER_WAKEUP = 64  # accept a burst of connections, but let established ones be served
-SLOW_COMMANDS = (b"/sleep ", b"/work ")  # worth a submission of their own
 ACCEPT, WAKE, WORKER_EXIT = object(), object(), object()  # selector keys that are not connections
 # The reply to each line of a batch that failed twice (a worker died under it twice, or it
 # raised twice): an error the client can retry on, on a connection that stays open.
@@ -255,7 +260,7 @@ class PoolServer(Server):
             or connection.overflow
             or connection.close_reason
             or (connection.pending and connection.inflight)  # lines wait behind a batch
-            or len(connection.output) > MAX_UNSENT_OUTPUT
+            or throttled(len(connection.output))
         )
         events = (selectors.EVENT_READ if reading else 0) | (
             selectors.EVENT_WRITE if connection.output else 0
@@ -287,7 +292,7 @@ class PoolServer(Server):
     def schedule(self, connection: Connection) -> None:
         """Queue the connection's pending lines for the next submission, or finish it."""
         if connection.pending:
-            if len(connection.output) > MAX_UNSENT_OUTPUT:
+            if throttled(len(connection.output)):
                 return  # a client that does not read gets no more work done: flush() resumes
             if not connection.queued:
                 connection.queued = True
@@ -300,29 +305,22 @@ class PoolServer(Server):
             self.close(connection, "shutdown" if self.stats.draining else "client")
 
     def submit_ready(self) -> None:
-        """Submit what every connection has ready: cheap lines together, slow ones apart.
+        """Take every queued connection's pending lines as its batch; submit them as planned.
 
-        Echo and ping cost far less than the trip to a worker, so the lines of many
-        connections share one submission per worker. A batch holding /sleep or /work goes
-        alone, so one slow request does not hold up the replies of other connections.
+        Which batches share a task is `batching.plan_tasks`'s decision (cheap lines together,
+        slow ones apart).
         """
         ready, self.ready = self.ready, []
-        cheap: list[tuple[Connection, list[bytes]]] = []
+        batches: list[tuple[Connection, list[bytes]]] = []
         for connection in ready:
             connection.queued = False
             if connection.inflight or not connection.pending or connection.sock.fileno() < 0:
                 continue
             batch, connection.pending = connection.pending, []
             connection.inflight = len(batch)
-            if any(line.startswith(SLOW_COMMANDS) for line in batch):
-                self.submit([connection], [batch])
-            else:
-                cheap.append((connection, batch))
-        if cheap:
-            size = -(-len(cheap) // self.workers)  # ceil: one share per worker
-            for start in range(0, len(cheap), size):
-                share = cheap[start : start + size]
-                self.submit([c for c, _ in share], [batch for _, batch in share])
+            batches.append((connection, batch))
+        for task in plan_tasks([batch for _, batch in batches], self.workers):
+            self.submit([batches[i][0] for i in task], [batches[i][1] for i in task])
 
     def submit(
         self,
@@ -516,7 +514,7 @@ class PoolServer(Server):
         if not connection.output and connection.close_reason:
             self.close(connection, connection.close_reason)
             return
-        if not connection.inflight and len(connection.output) <= MAX_UNSENT_OUTPUT:
+        if not connection.inflight and not throttled(len(connection.output)):
             self.schedule(connection)  # submit what waited, or finish a half-closed connection
         self.update_interest(connection)
 
