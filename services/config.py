@@ -10,7 +10,7 @@ import argparse
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from services import models
 
@@ -173,7 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
 def load_settings(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Settings:
     """Read flags and `ARENA_*` variables (flags win) into validated Settings."""
     arguments = vars(build_parser().parse_args(argv))
-    values: dict[str, object] = {"model": arguments.pop("model")}
+    # Any: each value is what its option's parser returned, the type of the field it fills.
+    values: dict[str, Any] = {"model": arguments.pop("model")}
     for name, (parse, _) in OPTIONS.items():
         flag_value = arguments[name]
         variable = ENV_PREFIX + name.upper()
@@ -196,4 +197,4 @@ def load_settings(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Set
             )
             raise ConfigError(f"{source}: invalid value {text!r}: {reason}") from None
     known = {f.name for f in fields(Settings)}
-    return Settings(**{k: v for k, v in values.items() if k in known})  # type: ignore[arg-type]
+    return Settings(**{k: v for k, v in values.items() if k in known})

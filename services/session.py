@@ -268,7 +268,8 @@ def os_lock() -> threading.Lock:
     if monkey is not None:
         try:
             if monkey.is_module_patched("threading"):
-                return monkey.get_original("_thread", "allocate_lock")()
+                lock: threading.Lock = monkey.get_original("_thread", "allocate_lock")()
+                return lock
         except (AttributeError, ImportError, KeyError):
             log.warning("gevent's original locks are unavailable: the stats lock is a green one")
     return threading.Lock()

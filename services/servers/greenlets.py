@@ -48,7 +48,8 @@ def wait_first_io(sock: socket.socket) -> tuple[Receive, SendAll]:
         while True:
             wait(readable)
             try:
-                return raw.recv(size)
+                data: bytes = raw.recv(size)
+                return data
             except BlockingIOError:
                 continue  # a spurious wake-up: wait again
 
@@ -116,7 +117,11 @@ class GeventServer(BlockingServer):
         requested = gevent.event.Event()
         for signum in (signal.SIGTERM, signal.SIGINT):
             gevent.signal_handler(signum, requested.set)
-        return requested.wait
+
+        def wait() -> None:
+            requested.wait()
+
+        return wait
 
     def extra_metrics(self) -> Iterable[Metric]:
         """Live connection greenlets and event-loop blocking."""

@@ -47,6 +47,11 @@ from services.session import READ_SIZE, Session, reject
 
 __all__ = ["MAX_UNSENT_OUTPUT", "Connection", "PoolServer"]
 
+Answers = list[list[protocol.Answer]]  # one task's result: each batch's answers
+# A finished task as the executor thread hands it to the reactor: (connections, batches,
+# future, started, executor generation, attempt).
+Completed = tuple[list["Connection"], list[list[bytes]], "Future[Answers]", float, int, int]
+
 ACCEPTS_PER_WAKEUP = 64  # accept a burst of connections, but let established ones be served
 ACCEPT, WAKE, WORKER_EXIT = object(), object(), object()  # selector keys that are not connections
 # The reply to each line of a batch that failed twice (a worker died under it twice, or it
@@ -96,8 +101,7 @@ class PoolServer(Server):
         self.ready: list[Connection] = []  # connections with lines to submit this round
         self.submissions: dict[int, int] = {}  # id(future) -> lines, in submission order
         self.submissions_total = 0
-        # (connections, batches, future, started, executor generation, attempt)
-        self.completed: deque[tuple] = deque()
+        self.completed: deque[Completed] = deque()
         self.wake_reader, self.wake_writer = socket.socketpair()
         self.wake_pending = False
         self.stop_requested = threading.Event()
@@ -347,7 +351,7 @@ class PoolServer(Server):
         self.submissions[id(future)] = sum(map(len, batches))
         self.submissions_total += 1
 
-        def done(future: Future) -> None:  # runs in an executor thread
+        def done(future: Future[Answers]) -> None:  # runs in an executor thread
             self.completed.append((connections, batches, future, started, generation, attempt))
             self.wake()
 
@@ -357,7 +361,7 @@ class PoolServer(Server):
         self,
         connections: list[Connection],
         batches: list[list[bytes]],
-        future: Future,
+        future: Future[Answers],
         started: float,
         generation: int,
         attempt: int,
@@ -469,7 +473,9 @@ class PoolServer(Server):
                     del self.connections[fileno]
             self.stats.close_session(connection, "error")
 
-    def deliver_one(self, connection: Connection, answers: list, elapsed: float) -> None:
+    def deliver_one(
+        self, connection: Connection, answers: list[protocol.Answer], elapsed: float
+    ) -> None:
         """Count and send one connection's replies, then queue its next lines."""
         connection.inflight = 0
         connection.last_active = time.monotonic()
