@@ -2,7 +2,9 @@
 
 Locust's UI renders extra tabs from template arguments and fills them from an
 ``extended_stats`` entry in its ``/stats/requests`` poll; its ``/swarm`` handler stores any form
-text, so the knobs are validated here first and refused the way the form shows errors.
+text, so the knobs are validated here first and refused the way the form shows errors. The
+``/swarm`` interception is one of the adapters of ``loadtest.locust_adapter``: checked when the
+routes are added, and ``/metrics`` ends with their ``locust_adapter_fallback`` gauge.
 
 What a user sees, checked in Chromium (tests/test_webui_browser.py):
 - tab titles survive Locust's upper-casing (no ``µ``: it becomes a Greek capital Mu, "MS");
@@ -17,6 +19,7 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
+from loadtest import locust_adapter
 from loadtest.client_metrics import PROMETHEUS_TEXT
 from loadtest.client_stats import latency_rows, latency_table
 from loadtest.lessons import catalog
@@ -66,7 +69,8 @@ def add_web_routes(web_ui: Any, exporter: Exporter) -> None:
 
     @app.route("/metrics")
     def metrics() -> Response:
-        return Response(exporter.metrics_text(), mimetype=PROMETHEUS_TEXT)
+        text = exporter.metrics_text() + locust_adapter.metrics_text()
+        return Response(text, mimetype=PROMETHEUS_TEXT)
 
     @app.route("/latency")
     def latency() -> Response:
@@ -143,12 +147,9 @@ def add_web_routes(web_ui: Any, exporter: Exporter) -> None:
     def refuse(message: str) -> Response:
         return jsonify({"success": False, "message": message, "host": environment.host})
 
-    @app.before_request
     def check_knobs_before_swarm() -> Any:
         # Locust's own /swarm handler would store any text (or fail with a 500 on a number field);
         # check the knobs first and answer the way the form shows errors.
-        if request.method != "POST" or not request.path.endswith("/swarm"):
-            return None
         options = vars(environment.parsed_options)
         submitted = {**options, **request.form.to_dict()}
         try:
@@ -185,3 +186,5 @@ def add_web_routes(web_ui: Any, exporter: Exporter) -> None:
         request.form = ImmutableMultiDict(form)
         sync_hosts(environment, new)
         return None
+
+    locust_adapter.intercept_swarm(app, check_knobs_before_swarm)

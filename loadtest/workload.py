@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+from loadtest import locust_adapter
 from loadtest.lessons import catalog
 
 # The protocol's limits and /work cost, from the one place they are defined (the Locust image
@@ -221,17 +222,15 @@ def add_arguments(parser: Any, **_kwargs: Any) -> None:
     """Register every knob on Locust's parser and read loadtest/locust.conf (lowest priority)."""
     # Locust only looks for ./locust.conf, which depends on the working directory. Reading ours
     # first means ~/.locust.conf, ./locust.conf, --config, env vars and flags all override it.
-    defaults = getattr(parser, "_default_config_files", None)
-    if isinstance(defaults, list | tuple) and LOCUST_CONF not in defaults:
-        parser._default_config_files = [LOCUST_CONF, *defaults]
+    locust_adapter.read_config_first(parser, LOCUST_CONF)
     # `python -m loadtest` registers this listener before Locust imports the locustfile, which
     # registers it again: add each knob once.
-    known = getattr(parser, "_option_string_actions", {})
+    known = locust_adapter.known_options(parser)
     for knob in KNOBS:
-        if knob.flag in known:
-            continue
-        parser.add_argument(
+        locust_adapter.add_argument_once(
+            parser,
             knob.flag,
+            known,
             default=knob.default,
             type=_argparse_type(knob),
             env_var=knob.env_var,

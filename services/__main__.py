@@ -64,9 +64,13 @@ def main(argv: list[str] | None = None) -> int:
         )
     metrics_port = 0
     if settings.metrics:
-        registry = build_registry(server.stats, server.info(), server.extra_metrics)
+        registry = build_registry(
+            server.stats, server.info(), server.extra_metrics, server.adapters
+        )
         try:
-            metrics_port = serve_metrics(registry, settings.host, settings.metrics_port)
+            metrics_port = serve_metrics(
+                registry, settings.host, settings.metrics_port, server.adapters
+            )
         except OSError as error:
             server.stop(0)
             _exit_now(

@@ -43,6 +43,7 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
 from services import protocol
+from services.adapters import Adapters
 from services.session import DURATION_BUCKETS, Histogram, ServerStats
 
 ExtraMetrics = Callable[[], Iterable[Metric]]
@@ -74,10 +75,17 @@ def histogram_family(
 class ArenaCollector(Collector):
     """The metrics every model shares, plus the model's own from `extra`."""
 
-    def __init__(self, stats: ServerStats, info: dict[str, str], extra: ExtraMetrics) -> None:
+    def __init__(
+        self,
+        stats: ServerStats,
+        info: dict[str, str],
+        extra: ExtraMetrics,
+        adapters: Adapters | None = None,
+    ) -> None:
         self.stats = stats
         self.info = info
         self.extra = extra
+        self.adapters = adapters or Adapters()
 
     def collect(self) -> Iterator[Metric]:
         """Sum every connection's tally into metric families."""
@@ -144,6 +152,14 @@ class ArenaCollector(Collector):
         for where, count in sorted(stats.internal_errors.items()):
             internal.add_metric([where], count)
         yield internal
+        fallbacks = GaugeMetricFamily(
+            "arena_adapter_fallback",
+            "1 when an adapter of another library's private API fell back at start-up",
+            labels=["adapter"],
+        )
+        for adapter, fell_back in self.adapters.snapshot().items():
+            fallbacks.add_metric([adapter], 1.0 if fell_back else 0.0)
+        yield fallbacks
         yield from self.extra()
 
 
@@ -204,11 +220,14 @@ class ProcessMetrics(ProcessCollector):
 
 
 def build_registry(
-    stats: ServerStats, info: dict[str, str], extra: ExtraMetrics
+    stats: ServerStats,
+    info: dict[str, str],
+    extra: ExtraMetrics,
+    adapters: Adapters | None = None,
 ) -> CollectorRegistry:
     """A fresh registry with the arena metrics and the client library's process collectors."""
     registry = CollectorRegistry()
-    registry.register(ArenaCollector(stats, info, extra))
+    registry.register(ArenaCollector(stats, info, extra, adapters))
     ProcessMetrics(registry=registry)
     PlatformCollector(registry=registry)
     return registry
@@ -337,14 +356,24 @@ class MetricsServer:
         return response
 
 
-def serve_metrics(registry: CollectorRegistry, host: str, port: int) -> int:
+OS_PRIMITIVES_ADAPTER = "gevent-os-primitives"
+
+
+def serve_metrics(
+    registry: CollectorRegistry, host: str, port: int, adapters: Adapters | None = None
+) -> int:
     """Serve /metrics from an OS thread; returns the real port (port 0 binds a free one)."""
+    adapters = adapters or Adapters()
     primitives = os_primitives()
     if primitives is None:
-        log.warning(
+        adapters.fell_back(
+            OS_PRIMITIVES_ADAPTER,
             "gevent offers no original socket or thread: /metrics falls back to "
-            "prometheus_client's server on a green thread, which waits while the loop is blocked"
+            "prometheus_client's server on a green thread, which waits while the loop is blocked",
+            log,
         )
         httpd, _thread_handle = start_http_server(port, addr=host, registry=registry)
         return int(httpd.server_address[1])
+    if "gevent.monkey" in sys.modules:
+        adapters.works(OS_PRIMITIVES_ADAPTER)
     return MetricsServer(registry, primitives).start(host, port)

@@ -16,6 +16,7 @@ from typing import ClassVar
 from prometheus_client.core import Metric
 
 from services import protocol
+from services.adapters import Adapters
 from services.blocking import serve_blocking
 from services.config import Settings
 from services.ratelog import RateLimitedLog
@@ -40,6 +41,7 @@ class Server(ABC):
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.stats = ServerStats(settings.max_connections)
+        self.adapters = Adapters()  # private-API adapters checked at start-up, and fallbacks
         self.listener: socket.socket | None = None
         self.log = logging.getLogger(f"arena.{self.model}")
         self.rate_limited = RateLimitedLog(self.log)

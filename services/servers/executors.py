@@ -3,8 +3,9 @@
 The reactor (`pool.py`) only submits batches; when a future fails with a broken executor, or a
 worker's sentinel says it exited, it calls `WorkerPool.replace`. Everything about worker
 processes lives here, and this is the one module that reads `ProcessPoolExecutor`'s private
-`_processes` (checked at every build; without it, a loud log line and a fallback to the pids the
-warm-up tasks report).
+state, in one delimited adapter section below: `_processes` (checked at every build; without
+it, a warning, `arena_adapter_fallback{adapter="executor-processes"}` at 1, and the pids the
+warm-up tasks report instead) and `_executor_manager_thread` (joined when present).
 
 A `ProcessPoolExecutor` whose worker died (SIGKILL, the OOM killer) is broken for good: every
 later `submit` raises `BrokenProcessPool`. So a new executor must be built while the reactor, the
@@ -58,6 +59,8 @@ from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from multiprocessing.context import BaseContext
 from multiprocessing.process import BaseProcess
+
+from services.adapters import Adapters
 
 PR_SET_PDEATHSIG = 1  # prctl(2): signal a worker when its parent (the forkserver) dies
 # Imported once in the forkserver, so a new worker starts with them loaded.
@@ -138,13 +141,62 @@ class Worker:
     process: BaseProcess | None
 
 
+# -- adapter: ProcessPoolExecutor's private state ---------------------------------------------
+PROCESSES_ADAPTER = "executor-processes"
+
+
+def executor_processes(executor: object) -> dict[int, BaseProcess] | None:
+    """The executor's worker processes by pid (its private `_processes`), or None if not there."""
+    processes = getattr(executor, "_processes", None)
+    if isinstance(processes, dict) and all(
+        isinstance(pid, int) and isinstance(process, BaseProcess)
+        for pid, process in processes.items()
+    ):
+        return processes
+    return None
+
+
+def manager_thread(executor: object) -> threading.Thread | None:
+    """The executor's manager thread (private `_executor_manager_thread`), if it has one."""
+    manager = getattr(executor, "_executor_manager_thread", None)
+    return manager if isinstance(manager, threading.Thread) else None
+
+
+def recorded_workers(
+    executor: object, pids: set[int], adapters: Adapters, log: logging.Logger
+) -> list[Worker]:
+    """The started workers, with their Process objects when `_processes` holds every one.
+
+    Without them (a Python whose executor keeps its processes elsewhere) the adapter falls back
+    loudly: the pids from the warm-up, no sentinels, so a worker's death is noticed only by the
+    requests it fails and its exit status is unknown.
+    """
+    processes = executor_processes(executor)
+    if processes is None or not pids <= set(processes):
+        adapters.fell_back(
+            PROCESSES_ADAPTER,
+            "ProcessPoolExecutor._processes is missing or unexpected in this Python: worker "
+            "deaths are noticed only by failed requests and their exit status is unknown",
+            log,
+        )
+        return [Worker(pid, None) for pid in sorted(pids)]
+    adapters.works(PROCESSES_ADAPTER)
+    return [Worker(pid, processes[pid]) for pid in sorted(processes)]
+
+
+# -- the pool ---------------------------------------------------------------------------------
+
+
 class WorkerPool:
     """An executor of `size` workers (processes or threads) that is replaced when it breaks."""
 
-    def __init__(self, kind: str, size: int, log: logging.Logger) -> None:
+    def __init__(
+        self, kind: str, size: int, log: logging.Logger, adapters: Adapters | None = None
+    ) -> None:
         self.kind = kind
         self.size = size
         self.log = log
+        self.adapters = adapters or Adapters()
         self.generation = 0  # bumped by every replacement; a failure of an older one is stale
         self.restarts = 0
         self.cpu_lock = threading.Lock()  # the scrape and a replacement both touch the CPU sums
@@ -174,7 +226,7 @@ class WorkerPool:
         try:
             return executor, self.warm_up(executor)
         except BaseException:
-            started = getattr(executor, "_processes", None) or {}
+            started = executor_processes(executor) or {}
             self.kill([Worker(pid, None) for pid in started])
             executor.shutdown(wait=False, cancel_futures=True)
             raise
@@ -187,26 +239,15 @@ class WorkerPool:
             deadline = time.monotonic() + WARM_UP_TIMEOUT
             while not_done := wait(futures, timeout=0.05).not_done:
                 # Out of threads, the manager thread dies and these futures never finish.
-                manager = getattr(executor, "_executor_manager_thread", None)
-                if isinstance(manager, threading.Thread) and not manager.is_alive():
+                manager = manager_thread(executor)
+                if manager is not None and not manager.is_alive():
                     raise RuntimeError("the executor's manager thread died while starting")
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"{len(not_done)} workers did not start")
             pids.update(future.result() for future in futures)
             if len(pids) >= self.size:
                 break
-        processes = getattr(executor, "_processes", None)
-        if not (
-            isinstance(processes, dict)
-            and pids <= set(processes)
-            and all(isinstance(p, BaseProcess) for p in processes.values())
-        ):
-            self.log.warning(
-                "ProcessPoolExecutor._processes is missing or unexpected in this Python: worker "
-                "deaths are noticed only by failed requests and their exit status is unknown"
-            )
-            return [Worker(pid, None) for pid in sorted(pids)]
-        return [Worker(pid, processes[pid]) for pid in sorted(processes)]
+        return recorded_workers(executor, pids, self.adapters, self.log)
 
     def replace(self, generation: int) -> bool:
         """Replace the executor if it is still the broken `generation` (False: already done).
@@ -217,7 +258,7 @@ class WorkerPool:
             return False
         started = time.monotonic()
         old, old_workers = self.executor, self.workers
-        manager = getattr(old, "_executor_manager_thread", None)
+        manager = manager_thread(old)
         dead = {worker.pid for worker in old_workers if not is_alive(worker.pid)}
         with self.cpu_lock:
             for worker in old_workers:
@@ -227,7 +268,7 @@ class WorkerPool:
         # The survivors ignore SIGTERM, and the old executor's manager thread waits for them.
         self.kill(old_workers)
         old.shutdown(wait=False, cancel_futures=True)
-        if isinstance(manager, threading.Thread):
+        if manager is not None:
             manager.join(REAP_TIMEOUT)  # it reaps the workers: their exit codes are set after
         self.reap(old_workers)
         if not dead and self.kind == "process":
@@ -276,13 +317,13 @@ class WorkerPool:
 
     def end(self) -> None:
         """Shut the executor down; kill and reap its worker processes by their recorded pids."""
-        manager = getattr(self.executor, "_executor_manager_thread", None)
+        manager = manager_thread(self.executor)
         self.executor.shutdown(wait=False, cancel_futures=True)
         self.kill(self.workers)
         alive = self.reap(self.workers)
         if alive:
             self.log.error("worker processes %s still alive after SIGKILL", alive)
-        if isinstance(manager, threading.Thread):
+        if manager is not None:
             # Once it is done, nothing holds the queues: their named semaphores are unlinked
             # now, instead of the resource tracker warning about "leaked" ones at exit.
             manager.join(REAP_TIMEOUT)

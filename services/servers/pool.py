@@ -93,7 +93,7 @@ class PoolServer(Server):
         self.workers = settings.workers
         # Process workers come from a forkserver started now, before any socket or thread:
         # replacements fork from it too (why: services/servers/executors.py).
-        self.pool = WorkerPool(settings.executor, settings.workers, self.log)
+        self.pool = WorkerPool(settings.executor, settings.workers, self.log, self.adapters)
         self.watched: dict[int, int] = {}  # worker sentinel fd -> its executor's generation
         self.retried_requests = 0
         self.selector = selectors.DefaultSelector()
