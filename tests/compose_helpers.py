@@ -11,9 +11,7 @@ import json
 import os
 import re
 import secrets
-import socket
 import subprocess
-import time
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterable
@@ -21,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from loadtest import procs
+from loadtest.procs import free_port as free_port
 from services import models
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -87,30 +87,16 @@ def seconds(duration: str) -> float:
     return sum(float(number) * units[unit] for number, unit in parts)
 
 
-def free_port() -> int:
-    """A port that is free on 127.0.0.1 right now (the engine binds it a moment later)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def poll(check: Callable[[], Any], timeout: float, interval: float = 2.0) -> Any:
     """Call `check` until it returns something truthy or `timeout` passes; return the last value.
 
     Exceptions count as "not yet" (services come up one by one); the last one is returned
     as the value when time runs out, so the caller's assertion message can show it.
     """
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            value = check()
-        except Exception as error:  # not swallowed: returned as the value on timeout
-            value = error
-        if value and not isinstance(value, Exception):
-            return value
-        if time.monotonic() >= deadline:
-            return value
-        time.sleep(interval)
+    try:
+        return procs.poll_until("a condition", check, timeout, interval, ignore=(Exception,))
+    except procs.PollTimeout as timed_out:
+        return timed_out.last
 
 
 def http_request(
@@ -178,12 +164,7 @@ def provisioned_datasource_uids() -> set[str]:
 
 def metric_samples(text: str, name: str) -> dict[frozenset[tuple[str, str]], float]:
     """Samples of one metric in Prometheus text format: {frozenset(labels): value}."""
-    samples: dict[frozenset[tuple[str, str]], float] = {}
-    pattern = re.compile(rf"^{re.escape(name)}(?:\{{(.*?)\}})?\s+(\S+)", re.MULTILINE)
-    for labels_text, value in pattern.findall(text):
-        labels = frozenset(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', labels_text or ""))
-        samples[labels] = float(value)
-    return samples
+    return procs.Metrics(text).by_labels(name)
 
 
 @dataclass
@@ -192,7 +173,7 @@ class ComposeProject:
 
     name: str = field(default_factory=lambda: f"arena-test-{secrets.token_hex(4)}")
     ports: dict[str, int] = field(
-        default_factory=lambda: {service: free_port() for service in PUBLISHED_PORT_VARIABLES}
+        default_factory=lambda: {service: procs.free_port() for service in PUBLISHED_PORT_VARIABLES}
     )
     started: list[str] = field(default_factory=list)
     # The Locust web UI's login (ARENA_LOCUST_LOGIN): on in the test, so the healthchecks and
@@ -346,13 +327,4 @@ def image_present(image: str) -> bool:
 
 def ping(port: int, timeout: float = 10.0) -> bytes:
     """Send `/ping` to 127.0.0.1:port from the host and return the first reply line."""
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
-        sock.settimeout(timeout)
-        sock.sendall(b"/ping\n/quit\n")
-        reply = b""
-        while b"\n" not in reply and len(reply) < 256:
-            chunk = sock.recv(256)
-            if not chunk:
-                break
-            reply += chunk
-        return reply.partition(b"\n")[0] + b"\n"
+    return procs.ping_reply("127.0.0.1", port, timeout)

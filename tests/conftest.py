@@ -1,124 +1,52 @@
-"""Shared fixtures: start real servers as subprocesses on free loopback ports."""
+"""Shared fixtures: start real servers as subprocesses on free loopback ports.
+
+Starting, stopping and waiting are loadtest/procs.py's, the same the stack, soak and bench use.
+"""
 
 from __future__ import annotations
 
 import os
-import re
-import signal
-import socket
-import subprocess
-import sys
-import threading
-import time
-import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
+from loadtest import procs
 from services import models
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = models.NAMES
-READY = re.compile(rb"ready model=(\S+) host=(\S+) port=(\d+) metrics_port=(\d+)")
 START_TIMEOUT = 30.0
+STOP_GRACE = 30.0
 
-
-@dataclass
-class RunningServer:
-    """A server subprocess and the ports it reported in its ready line."""
-
-    model: str
-    proc: subprocess.Popen[bytes]
-    port: int
-    metrics_port: int
-    log: list[bytes] = field(default_factory=list)
-
-    @property
-    def address(self) -> tuple[str, int]:
-        """The protocol address to connect to."""
-        return ("127.0.0.1", self.port)
-
-    def connect(self, timeout: float = 10.0) -> socket.socket:
-        """Open a client socket with a timeout, so a broken server fails the test, not hangs it."""
-        sock = socket.create_connection(self.address, timeout=timeout)
-        return sock
-
-    def metrics_text(self) -> str:
-        """Scrape /metrics once."""
-        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
-        with urllib.request.urlopen(url, timeout=10) as response:
-            return response.read().decode()
-
-    def log_text(self) -> str:
-        """Everything the server wrote to stderr so far."""
-        return b"".join(self.log).decode(errors="replace")
-
-    def terminate(self, timeout: float = 30.0) -> int:
-        """Send SIGTERM and wait for the exit code."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout=timeout)
-
-
-def _pump(stream, sink: list[bytes], ready: threading.Event, found: list) -> None:
-    for line in iter(stream.readline, b""):
-        sink.append(line)
-        if not ready.is_set():
-            match = READY.search(line)
-            if match:
-                found.append(match)
-                ready.set()
-    ready.set()
+# A started server: .proc, .port, .metrics_port, .address, .log_text(), .metrics_text().
+RunningServer = procs.Server
 
 
 def launch_server(model: str, *args: str, env: dict[str, str] | None = None) -> RunningServer:
-    """Start `python -m services MODEL` on 127.0.0.1 with free ports and wait for its ready line."""
-    command = [
-        sys.executable,
-        "-m",
-        "services",
-        model,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        "0",
-        "--metrics-port",
-        "0",
-        *args,
-    ]
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    proc = subprocess.Popen(
-        command,
-        cwd=ROOT,
-        env=full_env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        start_new_session=True,
-    )
-    log: list[bytes] = []
-    ready = threading.Event()
-    found: list[re.Match[bytes]] = []
-    threading.Thread(target=_pump, args=(proc.stderr, log, ready, found), daemon=True).start()
-    ready.wait(START_TIMEOUT)
-    if not found:
-        proc.kill()
-        proc.wait()
-        raise RuntimeError(f"{model} server did not become ready:\n" + b"".join(log).decode())
-    match = found[0]
-    return RunningServer(model, proc, int(match.group(3)), int(match.group(4)), log)
+    """Start `python -m services MODEL ARGS` on 127.0.0.1 (port 0) and wait for its ready line.
+
+    `env` adds to this process's environment.
+    """
+    return launch(procs.server_command(model, *args), model, env)
+
+
+def launch(command: list[str], name: str, env: dict[str, str] | None = None) -> RunningServer:
+    """Start any command that prints the servers' ready line; fail the test if it does not."""
+    try:
+        return procs.start_server(command, name=name, env=env_with(env), timeout=START_TIMEOUT)
+    except procs.StartError as error:
+        pytest.fail(str(error))
+
+
+def env_with(extra: dict[str, str] | None) -> dict[str, str] | None:
+    """This process's environment plus `extra` (None: unchanged)."""
+    return None if extra is None else {**os.environ, **extra}
 
 
 def stop_server(server: RunningServer) -> None:
     """Stop a server for good: SIGTERM, then SIGKILL of its whole session if it hangs."""
-    if server.proc.poll() is None:
-        server.proc.send_signal(signal.SIGTERM)
-        try:
-            server.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.proc.pid, signal.SIGKILL)
-            server.proc.wait()
+    server.stop(STOP_GRACE)
 
 
 @pytest.fixture
@@ -146,11 +74,8 @@ def server(request) -> Iterator[RunningServer]:
 
 
 def wait_until(predicate, timeout: float = 20.0, interval: float = 0.05) -> bool:
-    """Poll a condition until it holds or the bounded timeout passes; returns the last result."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if predicate():
-            return True
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(interval)
+    """Whether a condition holds within the bounded timeout (for `assert wait_until(...), why`)."""
+    try:
+        return bool(procs.poll_until("a condition", predicate, timeout, interval))
+    except procs.PollTimeout:
+        return False

@@ -6,19 +6,17 @@ import csv
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.parse
 import urllib.request
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from prometheus_client.parser import text_string_to_metric_families
-
+from loadtest import procs
+from loadtest.procs import free_port as free_port
+from loadtest.procs import poll_until as poll  # noqa: F401  (re-exported for the tests)
 from services import models
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -28,25 +26,6 @@ COMMANDS = ("echo", "ping", "sleep", "work", "connect")
 HTTP_TIMEOUT = 10.0
 
 Key = tuple[str, str]  # (target, command)
-
-
-def free_port() -> int:
-    """A loopback port that was free a moment ago (bind port 0 on a throwaway socket)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def poll(what: str, check: Callable[[], Any], timeout: float, interval: float = 0.25) -> Any:
-    """Call `check` until it returns something truthy; fail with `what` after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; last value {last!r}")
 
 
 def locust_env(targets: dict[str, tuple[str, int]], **extra: str) -> dict[str, str]:
@@ -127,8 +106,7 @@ class LocustProcess:
     def kill(self) -> None:
         """Last-resort cleanup: kill the process group if it is still running."""
         if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=30)
+            procs.stop(self.proc, grace=0)
 
 
 def start_locust(
@@ -148,48 +126,21 @@ def start_locust(
     return LocustProcess(proc, workdir, name, web_port)
 
 
-@dataclass
-class Metrics:
-    """Samples of one scrape, looked up by name and labels."""
-
-    samples: dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-    @classmethod
-    def parse(cls, text: str) -> Metrics:
-        """Parse Prometheus text with the client library's parser."""
-        samples = {}
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
-        return cls(samples)
-
-    def get(self, name: str, **labels: str) -> float | None:
-        """One sample's value, None if absent."""
-        return self.samples.get((name, frozenset(labels.items())))
-
-    def value(self, name: str, **labels: str) -> float:
-        """One sample's value; fails the test if absent."""
-        found = self.get(name, **labels)
-        assert found is not None, f"{name}{labels} missing from /metrics"
-        return found
+class Metrics(procs.Metrics):
+    """One scrape (the toolkit's parser), plus Locust's totals and users per target."""
 
     def totals(self) -> dict[Key, tuple[int, int]]:
         """(requests, failures) per (target, command)."""
         result = {}
-        for (name, labels), value in self.samples.items():
-            if name == "locust_requests_total":
-                label = dict(labels)
-                key = (label["target"], label["command"])
-                failures = self.value("locust_failures_total", **label)
-                result[key] = (int(value), int(failures))
+        for labels, value in self.samples.get("locust_requests_total", []):
+            failures = self.value("locust_failures_total", **labels)
+            result[(labels["target"], labels["command"])] = (int(value), int(failures))
         return result
 
     def users(self) -> dict[str, int]:
         """Users per target."""
         return {
-            dict(labels)["target"]: int(value)
-            for (name, labels), value in self.samples.items()
-            if name == "locust_users"
+            labels["target"]: int(value) for labels, value in self.samples.get("locust_users", [])
         }
 
 

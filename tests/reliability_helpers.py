@@ -6,20 +6,21 @@ misbehaves fails the test instead of hanging it.
 
 from __future__ import annotations
 
-import contextlib
 import resource
 import selectors
 import socket
 import struct
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 
-import psutil
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
+from loadtest import procs
+from loadtest.procs import poll_until as poll  # noqa: F401  (re-exported for the tests)
 from services import protocol
+from tests.server_helpers import poll_metrics as poll_metrics
+from tests.server_helpers import scrape as scrape
 
 MIB = 1024 * 1024
 # A reply this late means the server is stuck, not slow (generous for a loaded 2-core CI box).
@@ -28,82 +29,17 @@ REPLY_TIMEOUT = 20.0
 SPARE_DESCRIPTORS = 200
 
 
-# -- the server as a set of processes ------------------------------------------------------
-
-
-def server_processes(pid: int) -> list[psutil.Process]:
-    """The server process and every process it forked (the pool's workers)."""
-    main = psutil.Process(pid)
-    return [main, *main.children(recursive=True)]
+# -- the server as a set of processes, and its metrics ---------------------------------------
 
 
 def server_rss(pid: int) -> int:
     """Resident memory of the server and its workers, in bytes."""
-    total = 0
-    for process in server_processes(pid):
-        with contextlib.suppress(psutil.NoSuchProcess):
-            total += process.memory_info().rss
-    return total
+    return procs.tree_rss(pid)
 
 
 def server_fds(pid: int) -> int:
     """Open descriptors of the server process (workers own no sockets)."""
-    return psutil.Process(pid).num_fds()
-
-
-# -- metrics ---------------------------------------------------------------------------------
-
-
-@dataclass
-class Scrape:
-    """One /metrics scrape as {(sample name, sorted labels): value}."""
-
-    samples: dict[tuple[str, tuple[tuple[str, str], ...]], float]
-
-    @classmethod
-    def parse(cls, text: str) -> Scrape:
-        """Parse Prometheus exposition text."""
-        samples = {}
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-        return cls(samples)
-
-    def sum(self, name: str, **labels: str) -> float:
-        """Sum of the samples of `name` carrying every given label (0 when none is exposed)."""
-        wanted = set(labels.items())
-        return sum(
-            value
-            for (sample, sample_labels), value in self.samples.items()
-            if sample == name and wanted <= set(sample_labels)
-        )
-
-
-def scrape(server) -> Scrape:
-    """Scrape a running server's /metrics once."""
-    return Scrape.parse(server.metrics_text())
-
-
-def poll(what: str, check: Callable[[], object], timeout: float, interval: float = 0.1):
-    """Call `check` until it returns something truthy; fail with `what` after `timeout` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)
-
-
-def poll_metrics(server, what: str, condition: Callable[[Scrape], bool], timeout: float = 30.0):
-    """Scrape until `condition` holds; returns that scrape."""
-
-    def check() -> Scrape | None:
-        metrics = scrape(server)
-        return metrics if condition(metrics) else None
-
-    return poll(what, check, timeout)
+    return procs.proc_sample(pid).fds
 
 
 # -- descriptors -----------------------------------------------------------------------------

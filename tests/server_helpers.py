@@ -7,11 +7,11 @@ import shutil
 import socket
 import struct
 import subprocess
-import time
 from collections.abc import Callable
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
+
+from loadtest import procs
 
 # Long enough for a loaded 2-core CI machine, short enough that a hung server fails the test
 # instead of eating the whole pytest timeout.
@@ -102,43 +102,8 @@ def expected_echo(text: bytes) -> bytes:
     return text.upper() + b"\n"
 
 
-class Metrics:
-    """One scrape of Prometheus text, indexed by sample name (e.g. `arena_requests_total`)."""
-
-    def __init__(self, text: str) -> None:
-        self.text = text
-        self.samples: dict[str, list[tuple[dict[str, str], float]]] = {}
-        self.types: dict[str, str] = {}
-        for family in text_string_to_metric_families(text):
-            self.types[family.name] = family.type
-            for sample in family.samples:
-                self.samples.setdefault(sample.name, []).append((sample.labels, sample.value))
-
-    def has(self, name: str) -> bool:
-        """Whether any sample with this exact name was exposed."""
-        return name in self.samples
-
-    def matching(self, name: str, **labels: str) -> list[tuple[dict[str, str], float]]:
-        """Samples of `name` whose labels include every given label."""
-        return [
-            (sample_labels, value)
-            for sample_labels, value in self.samples.get(name, [])
-            if all(sample_labels.get(key) == wanted for key, wanted in labels.items())
-        ]
-
-    def sum(self, name: str, **labels: str) -> float:
-        """Sum of the matching samples; 0 when none is exposed (an untouched labelled counter)."""
-        return sum(value for _, value in self.matching(name, **labels))
-
-    def value(self, name: str, **labels: str) -> float:
-        """The single matching sample's value; fails when there is not exactly one."""
-        found = self.matching(name, **labels)
-        assert len(found) == 1, f"expected one {name}{labels}, found {found}"
-        return found[0][1]
-
-    def label_values(self, name: str, label: str) -> set[str]:
-        """Every value the given label takes on the samples of `name`."""
-        return {labels[label] for labels, _ in self.samples.get(name, []) if label in labels}
+# One /metrics page parsed with prometheus_client's parser (the toolkit's; every test uses it).
+Metrics = procs.Metrics
 
 
 def scrape(server) -> Metrics:
@@ -146,27 +111,35 @@ def scrape(server) -> Metrics:
     return Metrics(server.metrics_text())
 
 
+def poll_metrics(
+    server,
+    what: str,
+    condition: Callable[[Metrics], bool],
+    timeout: float = 30.0,
+    interval: float = 0.1,
+) -> Metrics:
+    """Scrape until `condition` holds; returns that scrape (on timeout the last one is shown)."""
+    last: list[Metrics] = []
+
+    def check() -> Metrics | None:
+        last[:] = [scrape(server)]
+        return last[0] if condition(last[0]) else None
+
+    return procs.poll_until(
+        what, check, timeout, interval, explain=lambda: last[0].text if last else ""
+    )
+
+
 def wait_for_metrics(
     server, predicate: Callable[[Metrics], bool], timeout: float = 20.0, interval: float = 0.05
 ) -> Metrics:
     """Scrape until `predicate` holds (bounded); returns the scrape that satisfied it."""
-    deadline = time.monotonic() + timeout
-    while True:
-        metrics = scrape(server)
-        if predicate(metrics):
-            return metrics
-        if time.monotonic() > deadline:
-            raise AssertionError(f"metrics condition not met within {timeout} s:\n{metrics.text}")
-        time.sleep(interval)
+    return poll_metrics(server, "a metrics condition", predicate, timeout, interval)
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float = 20.0, what: str = "condition") -> None:
     """Poll `predicate` until it holds; fail the test with `what` when the deadline passes."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)
+    procs.poll_until(what, predicate, timeout, 0.05)
 
 
 def promtool_check(text: str) -> str:
@@ -191,24 +164,6 @@ def promtool_check(text: str) -> str:
     return output
 
 
-def processes_in_session(session_id: int) -> list[int]:
-    """Live (non-zombie) processes whose session is `session_id`: a server and its workers.
-
-    The test launcher starts each server in a new session, so this finds every process it
-    forked, even after they were re-parented.
-    """
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as stat_file:
-                stat = stat_file.read()
-        except OSError:
-            continue  # the process ended while we looked
-        # Fields after the command name (which may hold spaces or parentheses).
-        fields = stat[stat.rindex(b")") + 2 :].split()
-        state, session = fields[0], int(fields[3])
-        if session == session_id and state != b"Z":
-            found.append(int(entry))
-    return found
+# Live processes of a server's session: the server and its workers, even re-parented ones
+# (every server the tests start leads its own session).
+processes_in_session = procs.session_members

@@ -23,6 +23,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from loadtest import procs
+from loadtest.procs import poll_until
 from services import protocol, session
 from services.config import Settings
 from services.servers.executors import is_alive
@@ -31,9 +33,7 @@ from tests.conftest import RunningServer
 from tests.server_helpers import (
     REPLY_TIMEOUT,
     LineClient,
-    processes_in_session,
     scrape,
-    wait_for,
     wait_for_metrics,
 )
 
@@ -58,14 +58,13 @@ def worker_pids(server: RunningServer) -> list[int]:
 def answered_within(server: RunningServer, bound: float) -> float:
     """Seconds until a new connection's /ping is answered; fails after `bound` * 5."""
     started = time.monotonic()
-    while True:
-        try:
-            with LineClient(server.address, timeout=bound) as client:
-                if client.request(b"/ping") == b"PONG\n":
-                    return time.monotonic() - started
-        except (OSError, AssertionError):
-            pass
-        assert time.monotonic() - started < bound * 5, "the server never answered again"
+    poll_until(
+        "the server to answer again",
+        lambda: procs.ping(*server.address, timeout=bound),
+        bound * 5,
+        interval=0.0,
+    )
+    return time.monotonic() - started
 
 
 def report(record_property, name: str, value: object) -> None:
@@ -135,7 +134,7 @@ def test_sigkilled_worker_under_load_is_replaced_and_every_client_answered(
         killed.set()
         serve_again = answered_within(server, SERVE_AGAIN_BOUND)
         assert long_client.read_line() == b"LONG\n"
-    wait_for(lambda: min(after_kill) >= 3 or bool(problems), 60, "every client to go on")
+    poll_until("every client to go on", lambda: min(after_kill) >= 3 or bool(problems), 60)
     stop.set()
     for thread in threads:
         thread.join(REPLY_TIMEOUT + 5)
@@ -187,7 +186,7 @@ def test_sigterm_kills_and_reaps_a_busy_worker_before_the_server_exits(server_fa
         # Checked at once, not polled: the server reaps its workers before it exits.
         assert [pid for pid in pids if is_alive(pid)] == []
         assert client.read_until_closed() == b""
-    wait_for(lambda: not processes_in_session(server.proc.pid), 10, "no process left behind")
+    poll_until("no process left behind", lambda: not procs.session_members(server.pid), 10)
     assert "still alive" not in server.log_text()
 
 
@@ -212,7 +211,7 @@ def pids_cgroup_of(processes: list[int]) -> Iterator[Path]:
             with contextlib.suppress(OSError):
                 (PIDS_CGROUP_ROOT / "cgroup.procs").write_text(pid)
         with contextlib.suppress(OSError):
-            wait_for(lambda: not (group / "cgroup.procs").read_text().strip(), 10, "empty cgroup")
+            poll_until("empty cgroup", lambda: not (group / "cgroup.procs").read_text().strip(), 10)
             group.rmdir()
 
 
@@ -240,9 +239,9 @@ def test_executor_that_cannot_be_rebuilt_exits_1_at_once(server_factory, starved
                 pytest.fail(f"the server kept running without workers:\n{server.log_text()}")
     assert code == 1
     # Its last lines may still be in the pipe to the thread that collects them.
-    wait_for(lambda: "the reactor loop failed" in server.log_text(), 10, "the fatal log line")
+    poll_until("the fatal log line", lambda: "the reactor loop failed" in server.log_text(), 10)
     assert "Traceback" in server.log_text()
-    wait_for(lambda: not processes_in_session(server.proc.pid), 10, "no process left behind")
+    poll_until("no process left behind", lambda: not procs.session_members(server.pid), 10)
 
 
 # -- in-process: failures no outside action can cause -------------------------------------------

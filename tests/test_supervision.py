@@ -13,21 +13,17 @@ that raises in its own way: `pool.PoolServer.task_failed`).
 from __future__ import annotations
 
 import errno
-import os
-import re
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 
 import pytest
 
-from tests.conftest import ROOT, START_TIMEOUT, RunningServer, stop_server
+from tests.conftest import RunningServer, launch, stop_server
 from tests.reliability_helpers import connect, poll, poll_metrics, read_until_closed, request
 
 EXIT_TIMEOUT = 30.0  # a broken server exits within a second; the rest is slack for a loaded CI
 MODEL_ARGS = {"pool": ("--workers", "2")}  # as on 2 cores; the other models need no flags
-READY = re.compile(rb"ready model=(\S+) host=(\S+) port=(\d+) metrics_port=(\d+)")
 FAULT_LINE = b"boom"  # the request line the injected protocol bug raises on
 
 # Runs the real `services.__main__.main` after planting one fault (argv: model, fault, flags).
@@ -77,17 +73,6 @@ sys.exit(main([model, "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0
 """.replace("FAULT_LINE", repr(FAULT_LINE))
 
 
-def _pump(stream, sink: list[bytes], ready: threading.Event, found: list) -> None:
-    for line in iter(stream.readline, b""):
-        sink.append(line)
-        if not found:
-            match = READY.search(line)
-            if match:
-                found.append(match)
-                ready.set()
-    ready.set()
-
-
 def launch_faulty(model: str, fault: str, *flags: str) -> RunningServer:
     """Start a server of `model` with `fault` planted; wait for its ready line."""
     command = [
@@ -99,26 +84,7 @@ def launch_faulty(model: str, fault: str, *flags: str) -> RunningServer:
         *MODEL_ARGS.get(model, ()),
         *flags,
     ]
-    proc = subprocess.Popen(
-        command,
-        cwd=ROOT,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        start_new_session=True,
-    )
-    log: list[bytes] = []
-    ready = threading.Event()
-    found: list[re.Match[bytes]] = []
-    threading.Thread(target=_pump, args=(proc.stderr, log, ready, found), daemon=True).start()
-    ready.wait(START_TIMEOUT)
-    if not found:
-        proc.kill()
-        proc.wait()
-        raise AssertionError(f"{model} did not become ready:\n" + b"".join(log).decode())
-    match = found[0]
-    return RunningServer(model, proc, int(match.group(3)), int(match.group(4)), log)
+    return launch(command, model)
 
 
 @pytest.fixture
