@@ -19,25 +19,20 @@ import itertools
 import json
 import os
 import re
-import signal
 import statistics
 import subprocess
 import sys
 import time
-import urllib.request
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-import psutil
-from prometheus_client.parser import text_string_to_metric_families
-
+from loadtest import procs
 from services import models
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = models.NAMES
 MODEL_ARGS = {"pool": ["--workers", "2"]}  # as on 2 cores; the other models need no flags
-READY = re.compile(r"ready model=(\S+) host=(\S+) port=(\d+) metrics_port=(\d+)")
 READY_TIMEOUT = 60.0
 STOP_TIMEOUT = 60.0  # a server's grace (10 s) plus its workers, with room for a loaded box
 MIB = 1024 * 1024
@@ -133,70 +128,24 @@ def build_parser() -> argparse.ArgumentParser:
 # -- processes -------------------------------------------------------------------------------
 
 
-@dataclass
-class Server:
-    """One server subprocess and the ports from its ready line."""
-
-    model: str
-    proc: subprocess.Popen[bytes]
-    port: int
-    metrics_port: int
-    log_path: Path
-
-
-def start_server(model: str, log_path: Path) -> Server:
+def start_server(model: str, log_path: Path) -> procs.Server:
     """Start `python -m services MODEL` on free loopback ports; wait for its ready line."""
-    command = [
-        sys.executable,
-        "-m",
-        "services",
-        model,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        "0",
-        "--metrics-port",
-        "0",
-        *MODEL_ARGS.get(model, []),
-    ]
     env = {key: value for key, value in os.environ.items() if not key.startswith("ARENA_")}
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            command,
-            cwd=ROOT,
-            env={**env, "PYTHONUNBUFFERED": "1"},
-            stdout=subprocess.DEVNULL,
-            stderr=log,
-            start_new_session=True,
+    try:
+        return procs.start_server(
+            model, *MODEL_ARGS.get(model, []), env=env, log_path=log_path, timeout=READY_TIMEOUT
         )
-    deadline = time.monotonic() + READY_TIMEOUT
-    while time.monotonic() < deadline:
-        match = READY.search(log_path.read_text(errors="replace"))
-        if match:
-            return Server(model, proc, int(match.group(3)), int(match.group(4)), log_path)
-        if proc.poll() is not None:
-            break
-        time.sleep(0.1)
-    stop_process(proc)
-    raise SoakError(f"{model} server did not start; its log:\n{log_path.read_text()}")
+    except procs.StartError as error:
+        raise SoakError(f"{model} server did not start: {error}") from None
 
 
 def stop_process(proc: subprocess.Popen[bytes], timeout: float = STOP_TIMEOUT) -> int:
     """SIGTERM, then SIGKILL to its whole session if it does not exit; returns the exit code."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            return proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            return -signal.SIGKILL
-    return proc.returncode
+    return procs.stop(proc, timeout)
 
 
 def start_locust(
-    servers: dict[str, Server],
+    servers: dict[str, procs.Server],
     duration: float,
     report_dir: Path,
     users_per_target: int,
@@ -269,48 +218,23 @@ class Samples:
     locust: list[LocustSample] = field(default_factory=list)
 
 
-def scrape(port: int) -> dict[str, float]:
-    """One /metrics scrape summed by sample name with a few label filters applied."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
-        text = response.read().decode()
-    sums: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            name = sample.name
-            if name == "arena_requests_total" and sample.labels.get("outcome") == "error":
-                sums["request_errors"] = sums.get("request_errors", 0.0) + sample.value
-            if name == "arena_connections_closed_total" and sample.labels.get("reason") == "reset":
-                sums["resets"] = sums.get("resets", 0.0) + sample.value
-            sums[name] = sums.get(name, 0.0) + sample.value
-    return sums
-
-
-def process_rss(pid: int) -> int:
-    """RSS of a process and its children, bytes."""
-    main = psutil.Process(pid)
-    total = 0
-    for process in (main, *main.children(recursive=True)):
-        with contextlib.suppress(psutil.NoSuchProcess):
-            total += process.memory_info().rss
-    return total
-
-
-def sample_server(server: Server, elapsed: float) -> ServerSample:
+def sample_server(server: procs.Server, elapsed: float) -> ServerSample:
     """Measure one server now."""
-    process = psutil.Process(server.proc.pid)
-    metrics = scrape(server.metrics_port)
-    tasks = metrics.get("arena_threads", metrics.get("arena_greenlets"))
+    process = procs.proc_sample(server.pid)
+    metrics = server.metrics()
+    # arena_threads (threaded) or arena_greenlets (gevent); the pool exports neither.
+    task_metric = next((n for n in ("arena_threads", "arena_greenlets") if metrics.has(n)), None)
     return ServerSample(
         t=round(elapsed, 2),
-        rss=process_rss(server.proc.pid),
-        fds=process.num_fds(),
-        threads=process.num_threads(),
-        tasks=tasks,
-        connections=metrics.get("arena_connections_active", 0.0),
-        requests=metrics.get("arena_requests_total", 0.0),
-        request_errors=metrics.get("request_errors", 0.0),
-        protocol_errors=metrics.get("arena_protocol_errors_total", 0.0),
-        resets=metrics.get("resets", 0.0),
+        rss=procs.tree_rss(server.pid),
+        fds=process.fds,
+        threads=process.threads,
+        tasks=metrics.sum(task_metric) if task_metric else None,
+        connections=metrics.sum("arena_connections_active"),
+        requests=metrics.sum("arena_requests_total"),
+        request_errors=metrics.sum("arena_requests_total", outcome="error"),
+        protocol_errors=metrics.sum("arena_protocol_errors_total"),
+        resets=metrics.sum("arena_connections_closed_total", reason="reset"),
     )
 
 
@@ -340,10 +264,7 @@ def read_locust_history(path: Path) -> tuple[int, int, int] | None:
 def sample_locust(proc: subprocess.Popen[bytes], history: Path, elapsed: float) -> LocustSample:
     """Locust's totals so far (zeros before its first history row)."""
     users, requests, failures = read_locust_history(history) or (0, 0, 0)
-    rss = 0
-    with contextlib.suppress(psutil.NoSuchProcess):
-        rss = process_rss(proc.pid)
-    return LocustSample(round(elapsed, 2), users, requests, failures, rss)
+    return LocustSample(round(elapsed, 2), users, requests, failures, procs.tree_rss(proc.pid))
 
 
 # -- the verdict -----------------------------------------------------------------------------
@@ -500,7 +421,7 @@ def run(args: argparse.Namespace) -> int:
     report_dir.mkdir(parents=True, exist_ok=True)
     warmup = args.warmup if args.warmup is not None else min(600.0, max(10.0, args.duration / 6))
     started = datetime.now(UTC)
-    servers: dict[str, Server] = {}
+    servers: dict[str, procs.Server] = {}
     problems: list[str] = []
     samples = Samples()
     locust = None

@@ -3,34 +3,31 @@
 For each (scenario, target) a fresh server is started alone on its CPU(s), measured `reps`
 times by the C load generator pinned to another CPU, and stopped (SIGTERM, then SIGKILL of
 its process group, so no worker survives into the next measurement). While the load
-generator measures, a sampler thread reads the server's processes with psutil: CPU seconds
-(workers included), peak resident memory and thread count.
+generator measures, a sampler thread reads the server's processes in /proc
+(loadtest/procs.py): CPU seconds (workers included), peak resident memory and thread count.
 """
 
 from __future__ import annotations
 
 import os
-import re
 import resource
-import signal
 import statistics
-import subprocess
 import sys
 import threading
 import time
-from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
 
+from loadtest import procs
 from loadtest.bench import loadgen
 from loadtest.bench.scenarios import Scenario, Target
 
 ROOT = Path(__file__).resolve().parents[2]
-READY = re.compile(r"ready model=(\S+) host=(\S+) port=(\d+)")
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 15.0
+LOG_LINES = 200  # of a server's stderr shown when it fails
 SAMPLE_INTERVAL = 0.05
 # Above this share of the server's CPU used by someone else, a measurement is noisy: it is
 # repeated (--noisy-retries) and, if still noisy, flagged in the report.
@@ -77,76 +74,34 @@ def raise_open_file_limit() -> None:
 
 
 class ServerProcess:
-    """One server subprocess in its own session, with its stderr kept for diagnostics."""
+    """One server subprocess in its own session (loadtest/procs.py), its stderr kept in a log."""
 
     def __init__(self, name: str, command: list[str], cpus: frozenset[int] | None) -> None:
         self.name = name
-        self.log: deque[str] = deque(maxlen=200)
-        preexec = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
-        self.proc = subprocess.Popen(
-            command,
-            cwd=ROOT,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            start_new_session=True,
-            preexec_fn=preexec,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-        self._ready = threading.Event()
-        self.port = 0
-        threading.Thread(target=self._pump, daemon=True).start()
-        if not self._ready.wait(START_TIMEOUT) or not self.port:
-            self.stop()
-            raise HarnessError(f"{name} did not become ready:\n" + "\n".join(self.log))
-        self.process = psutil.Process(self.proc.pid)
+        try:
+            self.server = procs.start_server(command, name=name, cpus=cpus, timeout=START_TIMEOUT)
+        except procs.StartError as error:
+            raise HarnessError(str(error)) from None
+        self.proc = self.server.proc
+        self.port = self.server.port
 
-    def _pump(self) -> None:
-        assert self.proc.stderr is not None
-        for raw in iter(self.proc.stderr.readline, b""):
-            line = raw.decode(errors="replace").rstrip()
-            self.log.append(line)
-            if not self._ready.is_set():
-                match = READY.search(line)
-                if match:
-                    self.port = int(match.group(3))
-                    self._ready.set()
-        self._ready.set()  # exited before ready: wake the waiter, port stays 0
+    @property
+    def log(self) -> list[str]:
+        """Its stderr's last lines."""
+        return self.server.log[-LOG_LINES:]
 
     def usage(self) -> tuple[float, int, int]:
-        """CPU seconds, resident bytes and threads of the server and all its descendants."""
-        cpu = rss = threads = 0
-        try:
-            times = self.process.cpu_times()
-            cpu += times.user + times.system + times.children_user + times.children_system
-            rss += self.process.memory_info().rss
-            threads += self.process.num_threads()
-            children = self.process.children(recursive=True)
-        except psutil.Error:
+        """CPU seconds, resident bytes and threads of the server and all its descendants (the
+        CPU of workers it already reaped included)."""
+        samples = procs.tree_samples(self.proc.pid)
+        if not samples:
             return 0.0, 0, 0
-        for child in children:
-            try:
-                times = child.cpu_times()
-                cpu += times.user + times.system
-                rss += child.memory_info().rss
-                threads += child.num_threads()
-            except psutil.Error:
-                continue  # a worker that exited between listing and reading
-        return cpu, rss, threads
+        cpu = samples[0].reaped_cpu_seconds + sum(sample.cpu_seconds for sample in samples)
+        return cpu, sum(s.rss for s in samples), sum(s.threads for s in samples)
 
     def stop(self) -> None:
         """SIGTERM the server, wait, then SIGKILL whatever is left of its process group."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                self.log.append(f"(harness: no exit {STOP_TIMEOUT} s after SIGTERM, killed)")
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)  # stray pool workers, if any
-        except (ProcessLookupError, PermissionError):
-            pass
-        self.proc.wait()
+        self.server.stop(STOP_TIMEOUT)
 
 
 def busy_seconds(cpus: frozenset[int] | None) -> float:
