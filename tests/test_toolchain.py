@@ -7,13 +7,11 @@ tests/test_compose.py.
 
 from __future__ import annotations
 
-import importlib
 import importlib.metadata
 import re
 import sys
 import tomllib
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 from mypy.main import process_options
@@ -21,6 +19,7 @@ from mypy.options import PER_MODULE_OPTIONS
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
+from loadtest import stack
 from services import models
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -204,19 +203,10 @@ def scrape_jobs(text: str) -> dict[str, str]:
     return jobs
 
 
-def stack_module() -> ModuleType:
-    """The local stack, wherever it lives (it is moving from services/ to loadtest/)."""
-    try:
-        return importlib.import_module("loadtest.stack")
-    except ModuleNotFoundError:
-        return importlib.import_module("services.stack")
-
-
 def test_compose_and_the_local_stack_scrape_the_same_jobs() -> None:
     """docker/prometheus/prometheus.yml and the config `make up` generates name the same jobs
     (one per server model, then locust) at the same paths, at the same intervals, so one
     dashboard reads both."""
-    stack = stack_module()
     generated = stack.prometheus_config(stack.StackSettings(), with_locust=True)
     compose = PROMETHEUS_CONFIG.read_text()
     expected = [*models.NAMES, "locust"]
