@@ -50,7 +50,7 @@ lint: install  ## the checks `make test` starts with: ruff, ruff format, mypy (s
 	$(PY) -m mypy
 
 up: install  ## the whole stack as local processes (servers, Locust web UI, Prometheus if installed)
-	$(PY) -m services.stack
+	$(PY) -m loadtest.stack
 
 bench: install  ## measure each server in isolation; writes results/
 	$(PY) -m loadtest.bench

@@ -125,7 +125,7 @@ def test_a_saturated_load_generator_is_flagged_next_to_the_number(tiny_run, tmp_
 
 
 @pytest.mark.parametrize(
-    "module", ["loadtest.bench", "loadtest.soak", "services.stack", "services"]
+    "module", ["loadtest.bench", "loadtest.soak", "loadtest.stack", "services"]
 )
 def test_every_command_explains_itself_with_help(module: str) -> None:
     result = subprocess.run(

@@ -1,4 +1,4 @@
-"""The local stack (`python -m services.stack`): everything answers, a signal stops everything."""
+"""The local stack (`python -m loadtest.stack`): everything answers, a signal stops everything."""
 
 from __future__ import annotations
 
@@ -10,14 +10,14 @@ import socket
 import subprocess
 import sys
 import threading
-import urllib.request
 from collections.abc import Iterator
 
 import psutil
 import pytest
 
+from loadtest import procs
+from loadtest.stack import PORTS, port_is_free
 from services import models
-from services.stack import PORTS
 from tests.conftest import ROOT, wait_until
 
 STARTUP_TIMEOUT = 90.0
@@ -33,36 +33,6 @@ def free_ports(count: int) -> list[int]:
         return [sock.getsockname()[1] for sock in sockets]
 
 
-def port_is_free(port: int) -> bool:
-    """Whether a new listener can bind the port now."""
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-        return True
-
-
-def pings(port: int) -> bool:
-    """Whether a protocol server answers /ping on the port."""
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=2) as conn:
-            conn.sendall(b"/ping\n")
-            return conn.recv(16) == b"PONG\n"
-    except OSError:
-        return False
-
-
-def http_ok(url: str) -> bool:
-    """Whether the URL answers 2xx."""
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            return 200 <= response.status < 300
-    except OSError:
-        return False
-
-
 class RunningStack:
     """The stack subprocess, its ports, and its output collected by a thread."""
 
@@ -70,7 +40,7 @@ class RunningStack:
         self.ports = ports
         args = [f"--{name.replace('_', '-')}={port}" for name, port in ports.items()]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "services.stack", "--grace", "5", *args, *extra],
+            [sys.executable, "-m", "loadtest.stack", "--grace", "5", *args, *extra],
             cwd=ROOT,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
@@ -94,10 +64,9 @@ class RunningStack:
     def kill(self) -> None:
         """Last resort after a failed test: SIGKILL the stack and everything below it."""
         if self.proc.poll() is None:
-            with contextlib.suppress(psutil.Error):
-                for child in psutil.Process(self.proc.pid).children(recursive=True):
-                    with contextlib.suppress(psutil.Error):
-                        child.kill()
+            for pid in procs.descendants(self.proc.pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
             self.proc.kill()
         self.proc.wait(timeout=30)
 
@@ -119,14 +88,14 @@ def running_stack(stack_ports: dict[str, int]) -> Iterator[RunningStack]:
 def all_answer(stack: RunningStack) -> bool:
     """Every service of the stack answers."""
     ports = stack.ports
-    checks = [pings(ports[f"{model}_port"]) for model in models.NAMES]
+    checks = [procs.ping("127.0.0.1", ports[f"{model}_port"], 2.0) for model in models.NAMES]
     checks += [
-        http_ok(f"http://127.0.0.1:{ports[f'{model}_metrics_port']}/metrics")
+        procs.http_ok(f"http://127.0.0.1:{ports[f'{model}_metrics_port']}/metrics")
         for model in models.NAMES
     ]
-    checks.append(http_ok(f"http://127.0.0.1:{ports['locust_port']}/"))
+    checks.append(procs.http_ok(f"http://127.0.0.1:{ports['locust_port']}/"))
     if HAS_PROMETHEUS:
-        checks.append(http_ok(f"http://127.0.0.1:{ports['prometheus_port']}/-/ready"))
+        checks.append(procs.http_ok(f"http://127.0.0.1:{ports['prometheus_port']}/-/ready"))
     return all(checks)
 
 
@@ -164,8 +133,8 @@ def test_stack_serves_everything_then_a_signal_stops_every_process_and_frees_eve
         child.pid for child in children if not gone(child)
     ]
     assert wait_until(
-        lambda: all(port_is_free(port) for port in stack.ports.values()), timeout=10
-    ), [p for p in stack.ports.values() if not port_is_free(p)]
+        lambda: all(port_is_free("127.0.0.1", port) for port in stack.ports.values()), timeout=10
+    ), [p for p in stack.ports.values() if not port_is_free("127.0.0.1", p)]
     assert "stopped" in stack.lines[-1]
 
 
@@ -177,7 +146,7 @@ def test_a_port_in_use_is_named_with_the_knob_that_moves_it(stack_ports: dict[st
         ports = {**stack_ports, "pool_metrics_port": taken}
         args = [f"--{name.replace('_', '-')}={port}" for name, port in ports.items()]
         result = subprocess.run(
-            [sys.executable, "-m", "services.stack", *args],
+            [sys.executable, "-m", "loadtest.stack", *args],
             cwd=ROOT,
             capture_output=True,
             text=True,
@@ -203,7 +172,7 @@ def test_the_port_knob_also_works_as_an_environment_variable(stack_ports: dict[s
         }
         env["ARENA_STACK_LOCUST_PORT"] = str(taken)
         result = subprocess.run(
-            [sys.executable, "-m", "services.stack"],
+            [sys.executable, "-m", "loadtest.stack"],
             cwd=ROOT,
             capture_output=True,
             text=True,
