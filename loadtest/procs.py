@@ -357,15 +357,9 @@ def tree_rss(pid: int) -> int:
 def ping_reply(host: str, port: int, timeout: float = 5.0) -> bytes:
     """The first reply line to `/ping` (then `/quit`) on host:port; OSError when unreachable."""
     with socket.create_connection((host, port), timeout=timeout) as sock:
-        sock.settimeout(timeout)
         sock.sendall(b"/ping\n/quit\n")
-        reply = b""
-        while b"\n" not in reply and len(reply) < 256:
-            chunk = sock.recv(256)
-            if not chunk:
-                break
-            reply += chunk
-    return reply.partition(b"\n")[0] + b"\n"
+        with sock.makefile("rb") as replies:
+            return replies.readline(256)
 
 
 def ping(host: str, port: int, timeout: float = 5.0) -> bool:
