@@ -165,25 +165,7 @@ class PoolServer(Server):
             timeout = sweep_every
             if self.accept_resume_at:
                 timeout = max(0.0, min(timeout, self.accept_resume_at - time.monotonic()))
-            for key, events in self.selector.select(timeout):
-                if key.data is ACCEPT:
-                    self.accept_burst()
-                elif key.data is WAKE:
-                    self.drain_wakeups()
-                elif key.data is WORKER_EXIT:
-                    # Unknown once unwatched: a stale event of a replaced executor's worker.
-                    generation = self.watched.get(key.fd)
-                    if generation is not None:
-                        self.heal(generation)
-                else:
-                    connection = key.data
-                    try:
-                        if events & selectors.EVENT_WRITE:
-                            self.flush(connection)
-                        if events & selectors.EVENT_READ and connection.sock.fileno() >= 0:
-                            self.read(connection)
-                    except Exception:
-                        self.contain(connection)
+            self.dispatch(timeout)
             if self.stop_requested.is_set() and not draining:
                 draining = True
                 self.begin_draining()
@@ -200,10 +182,31 @@ class PoolServer(Server):
         for connection in list(self.connections.values()):
             self.close(connection, "shutdown")
 
+    def dispatch(self, timeout: float) -> None:
+        """Wait up to `timeout` for events and handle each: accept, deliver, heal, read, write."""
+        for key, events in self.selector.select(timeout):
+            if key.data is ACCEPT:
+                self.accept_burst()
+            elif key.data is WAKE:
+                self.drain_wakeups()
+            elif key.data is WORKER_EXIT:
+                # Unknown once unwatched: a stale event of a replaced executor's worker.
+                generation = self.watched.get(key.fd)
+                if generation is not None:
+                    self.heal(generation)
+            else:
+                connection = key.data
+                try:
+                    if events & selectors.EVENT_WRITE:
+                        self.flush(connection)
+                    if events & selectors.EVENT_READ and connection.sock.fileno() >= 0:
+                        self.read(connection)
+                except Exception:
+                    self.contain(connection)
+
     def accept_burst(self) -> None:
         """Accept the connections waiting in the backlog (a bounded number per wakeup)."""
         assert self.listener is not None
-        settings = self.settings
         for _ in range(ACCEPTS_PER_WAKEUP):
             try:
                 sock, _address = self.listener.accept()
@@ -219,13 +222,19 @@ class PoolServer(Server):
                     self.selector.unregister(self.listener)
                 return
             self.accept_backoff = 0.0
-            connection = self.stats.open_session(sock, settings.line_limit, Connection)
-            if not isinstance(connection, Connection):
-                reject(sock, settings.max_connections)
-                continue
-            sock.setblocking(False)
-            self.connections[sock.fileno()] = connection
-            self.set_interest(connection, selectors.EVENT_READ)
+            self.adopt(sock)
+
+    def adopt(self, sock: socket.socket) -> Connection | None:
+        """Serve a connected socket from now on (None: over the limit, answered busy, closed)."""
+        settings = self.settings
+        connection = self.stats.open_session(sock, settings.line_limit, Connection)
+        if not isinstance(connection, Connection):
+            reject(sock, settings.max_connections)
+            return None
+        sock.setblocking(False)
+        self.connections[sock.fileno()] = connection
+        self.set_interest(connection, selectors.EVENT_READ)
+        return connection
 
     def resume_accepting(self, now: float) -> None:
         """Listen again once an accept() back-off is over."""
