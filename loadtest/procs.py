@@ -105,9 +105,11 @@ def poll_until(
 # -- starting and stopping -------------------------------------------------------------------
 
 
-def server_command(model: str, *flags: str, host: str = "127.0.0.1") -> list[str]:
-    """`python -m services MODEL` on `host`, protocol and metrics on port 0, then `flags`
-    (which may override those: the last flag wins)."""
+def server_command(
+    model: str, *flags: str, host: str = "127.0.0.1", port: int = 0, metrics_port: int = 0
+) -> list[str]:
+    """`python -m services MODEL` on `host` (protocol and metrics on port 0 unless given),
+    then `flags` (which may override those: the last flag wins)."""
     return [
         sys.executable,
         "-m",
@@ -116,9 +118,9 @@ def server_command(model: str, *flags: str, host: str = "127.0.0.1") -> list[str
         "--host",
         host,
         "--port",
-        "0",
+        str(port),
         "--metrics-port",
-        "0",
+        str(metrics_port),
         *flags,
     ]
 

@@ -232,20 +232,10 @@ def plan(settings: StackSettings, workdir: Path, environ: Mapping[str, str]) -> 
     for model in MODELS:
         port = settings.ports[f"{model}_port"]
         metrics_port = settings.ports[f"{model}_metrics_port"]
-        command = [
-            python,
-            "-m",
-            "services",
-            model,
-            "--host",
-            host,
-            "--port",
-            str(port),
-            "--metrics-port",
-            str(metrics_port),
-        ]
-        if model == "pool":
-            command += ["--workers", str(settings.workers)]
+        flags = ["--workers", str(settings.workers)] if model == "pool" else []
+        command = procs.server_command(
+            model, *flags, host=host, port=port, metrics_port=metrics_port
+        )
         services.append(
             Service(
                 model,

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 from collections.abc import Iterator
 
 import pytest
 
+from loadtest import procs
 from loadtest.bench import harness, loadgen
 from loadtest.bench.scenarios import Scenario, echo
 from tests.conftest import MODELS
@@ -55,19 +55,7 @@ def measured(loadgen_binary) -> Iterator:
         if model in results:
             return results[model]
         ensure_descriptors(CONNECTIONS)  # before the server starts: it inherits the limit
-        command = [
-            sys.executable,
-            "-m",
-            "services",
-            model,
-            *MODEL_ARGS.get(model, ()),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--metrics-port",
-            "0",
-        ]
+        command = procs.server_command(model, *MODEL_ARGS.get(model, ()))
         server = harness.ServerProcess(model, command, pinning.server)
         servers.append(server)
         scenario = Scenario("fairness", "echo 64 B, 1000 busy conns", CONNECTIONS, (echo(64),))

@@ -11,6 +11,7 @@ import sys
 import time
 from dataclasses import dataclass
 
+from loadtest import procs
 from loadtest.bench.loadgen import Request
 
 # Lower-case text, so the upper-cased echo proves the server really ran the request.
@@ -143,18 +144,7 @@ def build_targets(families: list[str], kinds: list[str], workers: int) -> list[T
                 server_args = [*model_args, *pool_args]
                 if kind == "no-metrics":
                     server_args.append("--no-metrics")
-                command = [
-                    sys.executable,
-                    "-m",
-                    "services",
-                    *server_args,
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    "0",
-                    "--metrics-port",
-                    "0",
-                ]
+                command = procs.server_command(*server_args)
                 description = "python -m services " + " ".join(server_args)
             targets.append(Target(family, kind, tuple(command), description))
     return targets

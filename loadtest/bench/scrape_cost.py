@@ -17,31 +17,20 @@ import argparse
 import datetime
 import json
 import os
-import re
 import resource
-import signal
 import socket
 import statistics
 import subprocess
 import sys
-import threading
 import time
-import urllib.request
 from pathlib import Path
+
+from loadtest import procs
 
 ROOT = Path(__file__).resolve().parents[2]
 MODELS = ("threaded", "pool", "gevent")
-READY = re.compile(rb"ready model=(\S+) host=(\S+) port=(\d+) metrics_port=(\d+)")
 MODEL_ARGS = {"pool": ("--workers", "2")}  # as on the project's 2-core machines
 BATCH = 200  # connections opened before their replies are read
-TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process, all threads, in seconds (from /proc/PID/stat)."""
-    with open(f"/proc/{pid}/stat", "rb") as stat:
-        fields = stat.read().rsplit(b")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS  # fields 14 and 15 of proc(5)
 
 
 def raise_fd_limit(needed: int) -> int:
@@ -54,73 +43,22 @@ def raise_fd_limit(needed: int) -> int:
     return hard
 
 
-class Server:
-    """A server subprocess started like the tests do, on free loopback ports."""
+def start(root: Path, model: str, connections: int) -> procs.Server:
+    """`python -m services MODEL` of the checkout in `root`, on free loopback ports."""
+    flags = ("--max-connections", str(connections + 100), "--idle-timeout", "3600")
+    return procs.start_server(model, *flags, *MODEL_ARGS.get(model, ()), cwd=root)
 
-    def __init__(self, root: Path, model: str, connections: int) -> None:
-        command = [
-            sys.executable,
-            "-m",
-            "services",
-            model,
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--metrics-port",
-            "0",
-            "--max-connections",
-            str(connections + 100),
-            "--idle-timeout",
-            "3600",
-            *MODEL_ARGS.get(model, ()),
-        ]
-        self.proc = subprocess.Popen(
-            command,
-            cwd=root,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            start_new_session=True,
-        )
-        self.log: list[bytes] = []
-        ready = threading.Event()
-        found: list[re.Match[bytes]] = []
 
-        def pump() -> None:
-            assert self.proc.stderr is not None
-            for line in iter(self.proc.stderr.readline, b""):
-                self.log.append(line)
-                match = READY.search(line)
-                if match and not found:
-                    found.append(match)
-                    ready.set()
-            ready.set()
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process, all threads, in seconds."""
+    return procs.proc_sample(pid).cpu_seconds
 
-        threading.Thread(target=pump, daemon=True).start()
-        ready.wait(60)
-        if not found:
-            self.stop()
-            raise RuntimeError(f"{model} did not start:\n" + b"".join(self.log).decode())
-        self.port, self.metrics_port = int(found[0].group(3)), int(found[0].group(4))
 
-    def scrape(self) -> float:
-        """Scrape /metrics once; returns the wall time in seconds."""
-        started = time.perf_counter()
-        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
-        with urllib.request.urlopen(url, timeout=60) as response:
-            response.read()
-        return time.perf_counter() - started
-
-    def stop(self) -> None:
-        """SIGTERM, then SIGKILL of its session if it does not exit."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+def timed_scrape(server: procs.Server) -> float:
+    """Scrape /metrics once; returns the wall time in seconds."""
+    started = time.perf_counter()
+    server.metrics_text(timeout=60)
+    return time.perf_counter() - started
 
 
 def open_idle(port: int, count: int) -> list[socket.socket]:
@@ -134,36 +72,32 @@ def open_idle(port: int, count: int) -> list[socket.socket]:
         for sock in batch:
             sock.sendall(b"/ping\n")
         for sock in batch:
-            reply = b""
-            while not reply.endswith(b"\n"):
-                data = sock.recv(64)
-                if not data:
-                    raise RuntimeError(f"connection {len(held)} closed: {reply!r}")
-                reply += data
+            with sock.makefile("rb") as replies:
+                reply = replies.readline(64)
             if reply != b"PONG\n":
-                raise RuntimeError(f"unexpected reply {reply!r}")
+                raise RuntimeError(f"connection {len(held)}: unexpected reply {reply!r}")
         held.extend(batch)
     return held
 
 
 def measure(root: Path, model: str, connections: int, scrapes: int, idle: float) -> dict:
     """One model's figures."""
-    server = Server(root, model, connections)
+    server = start(root, model, connections)
     held: list[socket.socket] = []
     try:
-        empty = [server.scrape() for _ in range(3)]
+        empty = [timed_scrape(server) for _ in range(3)]
         started = time.perf_counter()
         held = open_idle(server.port, connections)
         opening = time.perf_counter() - started
         time.sleep(1.0)  # let the threads or greenlets settle into their reads
-        first = server.scrape()
-        cpu0, wall0 = cpu_seconds(server.proc.pid), time.perf_counter()
+        first = timed_scrape(server)
+        cpu0, wall0 = cpu_seconds(server.pid), time.perf_counter()
         time.sleep(idle)
-        idle_rate = (cpu_seconds(server.proc.pid) - cpu0) / (time.perf_counter() - wall0)
-        cpu0, wall0 = cpu_seconds(server.proc.pid), time.perf_counter()
-        walls = [server.scrape() for _ in range(scrapes)]
+        idle_rate = (cpu_seconds(server.pid) - cpu0) / (time.perf_counter() - wall0)
+        cpu0, wall0 = cpu_seconds(server.pid), time.perf_counter()
+        walls = [timed_scrape(server) for _ in range(scrapes)]
         wall = time.perf_counter() - wall0
-        cpu = cpu_seconds(server.proc.pid) - cpu0
+        cpu = cpu_seconds(server.pid) - cpu0
         net = max(0.0, cpu - idle_rate * wall)
         return {
             "connections": connections,
@@ -179,7 +113,7 @@ def measure(root: Path, model: str, connections: int, scrapes: int, idle: float)
     finally:
         for sock in held:
             sock.close()
-        server.stop()
+        server.stop(60)
 
 
 def commit_of(root: Path) -> str:
@@ -247,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         "when": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "commit": commit_of(args.root),
         "cpus": os.cpu_count(),
-        "clock_ticks_per_second": TICKS,
+        "clock_ticks_per_second": procs.TICKS,
         "models": results,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
