@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from loadtest import procs
 from loadtest.procs import free_port as free_port
 from services import models
@@ -60,6 +62,15 @@ def engine_problem(timeout: float = 30.0) -> str | None:
         [["docker", "info", "--format", "{{.ServerVersion}}"], ["docker", "compose", "version"]],
         timeout,
     )
+
+
+def require(problem: str | None, what: str) -> None:
+    """Skip the test when `problem` says Docker cannot be used, or fail it in CI
+    (ARENA_REQUIRE_DOCKER=1)."""
+    if problem:
+        if os.environ.get("ARENA_REQUIRE_DOCKER") == "1":
+            pytest.fail(f"ARENA_REQUIRE_DOCKER=1 but no {what}: {problem}")
+        pytest.skip(f"no {what} ({problem}); set ARENA_REQUIRE_DOCKER=1 to fail")
 
 
 def _first_failure(commands: list[list[str]], timeout: float) -> str | None:
@@ -213,6 +224,21 @@ class ComposeProject:
                 f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}\n{self.diagnostics()}"
             )
         return result
+
+    def up(self, services: list[str], timeout: float, env: dict[str, str] | None = None) -> None:
+        """Build and start `services`, waiting up to `timeout` s until every one is healthy."""
+        self.compose(
+            "up",
+            "-d",
+            "--build",
+            "--wait",
+            "--wait-timeout",
+            str(int(timeout)),
+            *services,
+            timeout=timeout + 60,
+            env=env,
+        )
+        self.started = list(services)
 
     def config(self) -> dict[str, Any]:
         """The resolved compose model (`docker compose config --format json`)."""

@@ -16,7 +16,6 @@ fails.
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
 import urllib.error
@@ -44,6 +43,7 @@ from tests.compose_helpers import (
     ping,
     poll,
     provisioned_datasource_uids,
+    require,
     seconds,
 )
 
@@ -72,22 +72,14 @@ PUBLISHED = {
 @pytest.fixture(scope="module")
 def compose_cli() -> ComposeProject:
     """A project handle for commands that need only the Compose CLI, not a running engine."""
-    problem = cli_problem()
-    if problem:
-        if os.environ.get("ARENA_REQUIRE_DOCKER") == "1":
-            pytest.fail(f"ARENA_REQUIRE_DOCKER=1 but no Docker Compose CLI: {problem}")
-        pytest.skip(f"no Docker Compose CLI ({problem}); set ARENA_REQUIRE_DOCKER=1 to fail")
+    require(cli_problem(), "Docker Compose CLI")
     return ComposeProject()
 
 
 @pytest.fixture(scope="module")
 def stack() -> Iterator[ComposeProject]:
     """The stack, built and started with `up -d --build --wait`; always taken down after."""
-    problem = engine_problem()
-    if problem:
-        if os.environ.get("ARENA_REQUIRE_DOCKER") == "1":
-            pytest.fail(f"ARENA_REQUIRE_DOCKER=1 but no Docker engine: {problem}")
-        pytest.skip(f"no Docker engine reachable ({problem}); set ARENA_REQUIRE_DOCKER=1 to fail")
+    require(engine_problem(), "Docker engine")
     project = ComposeProject()
     try:
         runnable, missing = project.runnable_services()
@@ -95,17 +87,7 @@ def stack() -> Iterator[ComposeProject]:
             f"compose project {project.name}: starting {runnable}; "
             f"cannot run here (no image, no build): {missing}"
         )
-        project.compose(
-            "up",
-            "-d",
-            "--build",
-            "--wait",
-            "--wait-timeout",
-            str(int(UP_TIMEOUT)),
-            *runnable,
-            timeout=UP_TIMEOUT + 60,
-        )
-        project.started = runnable
+        project.up(runnable, UP_TIMEOUT)
         yield project
     finally:
         project.down()

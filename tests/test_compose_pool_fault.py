@@ -13,7 +13,6 @@ fails.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Iterator
 
@@ -26,6 +25,7 @@ from tests.compose_helpers import (
     metric_samples,
     ping,
     poll,
+    require,
 )
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow, pytest.mark.timeout(900)]
@@ -59,25 +59,10 @@ print(workers[0])
 @pytest.fixture(scope="module")
 def stack() -> Iterator[ComposeProject]:
     """The servers and Locust (100 users on the pool only), always taken down after."""
-    problem = engine_problem()
-    if problem:
-        if os.environ.get("ARENA_REQUIRE_DOCKER") == "1":
-            pytest.fail(f"ARENA_REQUIRE_DOCKER=1 but no Docker engine: {problem}")
-        pytest.skip(f"no Docker engine reachable ({problem}); set ARENA_REQUIRE_DOCKER=1 to fail")
+    require(engine_problem(), "Docker engine")
     project = ComposeProject()
     try:
-        project.compose(
-            "up",
-            "-d",
-            "--build",
-            "--wait",
-            "--wait-timeout",
-            str(int(UP_TIMEOUT)),
-            *SERVICES,
-            timeout=UP_TIMEOUT + 60,
-            env={**project.env, "LOCUST_TARGETS": "pool"},
-        )
-        project.started = list(SERVICES)
+        project.up(list(SERVICES), UP_TIMEOUT, env={**project.env, "LOCUST_TARGETS": "pool"})
         yield project
     finally:
         project.down()
