@@ -87,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         os.sched_setaffinity(0, rig.one_core.loadgen)  # our own sampling stays off the server
     cpus = len(os.sched_getaffinity(0) | (rig.all_cores.server or frozenset()))
     work = runner.calibrate()
+    rig.round_ns = work.round_ns
     plans = [runner.plan(lesson, args.models, work, cpus) for lesson in args.lessons]
     for item in plans:
         item.setup["window_s"] = max(rig.window(run) for run in item.runs)
