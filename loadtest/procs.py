@@ -241,6 +241,18 @@ def start_server(
     return server
 
 
+def wait_exit(
+    proc: subprocess.Popen[Any], timeout: float, explain: Callable[[], str] | None = None
+) -> int:
+    """The exit code of a process that must end by itself within `timeout` seconds; else
+    TimeoutError, with `explain()` (its log, say) in the message."""
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        details = "\n" + explain() if explain is not None else ""
+        raise TimeoutError(f"pid {proc.pid} still running after {timeout:g} s{details}") from None
+
+
 def stop_all(procs: Sequence[subprocess.Popen[Any]], grace: float = STOP_GRACE) -> list[int]:
     """SIGTERM every process, wait for all up to `grace` seconds in total, then SIGKILL each
     one's whole process group (what outlived it too: workers, helpers); return the exit codes

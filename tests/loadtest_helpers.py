@@ -90,12 +90,9 @@ class LocustProcess:
 
     def wait(self, timeout: float) -> int:
         """Wait for the process to exit; its exit code."""
-        try:
-            return self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            raise AssertionError(
-                f"locust {self.name} did not exit within {timeout:.0f}s\n{self.stderr[-3000:]}"
-            ) from None
+        return procs.wait_exit(
+            self.proc, timeout, lambda: f"locust {self.name}: {self.stderr[-3000:]}"
+        )
 
     def terminate(self, timeout: float = 60) -> int:
         """SIGTERM (Locust then writes its files and exits with its usual code) and wait."""

@@ -79,14 +79,11 @@ def report(record_property, name: str, value: object) -> None:
 def mixed_request(client: int, number: int) -> tuple[bytes, bytes]:
     """A request (cheap, sleeping or CPU-bound) and its exact reply."""
     tag = b"c%d n%d" % (client, number)
-    kind = number % 4
-    if kind == 0:
-        return b"/ping", b"PONG\n"
-    if kind == 1:
-        return b"/sleep 5 " + tag, tag.upper() + b"\n"
-    if kind == 2:
-        return b"/work 2000 " + tag, tag.upper() + b"\n"
-    return b"echo " + tag, b"ECHO " + tag.upper() + b"\n"
+    command = (b"/ping", b"/sleep 5 ", b"/work 2000 ", b"echo ")[number % 4]
+    if command == b"/ping":
+        return command, b"PONG\n"
+    text = command + tag if command == b"echo " else tag  # /sleep and /work answer their text
+    return command + tag, text.upper() + b"\n"
 
 
 @pytest.mark.slow

@@ -138,6 +138,12 @@ def test_stack_serves_everything_then_a_signal_stops_every_process_and_frees_eve
     assert "stopped" in stack.lines[-1]
 
 
+def run_stack(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the stack to its end (a bad setting ends it at once), its output captured."""
+    command = [sys.executable, "-m", "loadtest.stack", *args]
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+
+
 def test_a_port_in_use_is_named_with_the_knob_that_moves_it(stack_ports: dict[str, int]) -> None:
     with socket.socket() as squatter:
         squatter.bind(("127.0.0.1", 0))
@@ -145,14 +151,7 @@ def test_a_port_in_use_is_named_with_the_knob_that_moves_it(stack_ports: dict[st
         taken = squatter.getsockname()[1]
         ports = {**stack_ports, "pool_metrics_port": taken}
         args = [f"--{name.replace('_', '-')}={port}" for name, port in ports.items()]
-        result = subprocess.run(
-            [sys.executable, "-m", "loadtest.stack", *args],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        result = run_stack(*args)
     assert result.returncode == 2
     message = result.stderr.strip()
     assert len(message.splitlines()) == 1
@@ -171,14 +170,6 @@ def test_the_port_knob_also_works_as_an_environment_variable(stack_ports: dict[s
             **{f"ARENA_STACK_{name.upper()}": str(port) for name, port in stack_ports.items()},
         }
         env["ARENA_STACK_LOCUST_PORT"] = str(taken)
-        result = subprocess.run(
-            [sys.executable, "-m", "loadtest.stack"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-            env=env,
-        )
+        result = run_stack(env=env)
     assert result.returncode == 2
     assert str(taken) in result.stderr and "ARENA_STACK_LOCUST_PORT" in result.stderr

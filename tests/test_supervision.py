@@ -12,13 +12,15 @@ that raises in its own way: `pool.PoolServer.task_failed`).
 
 from __future__ import annotations
 
+import contextlib
 import errno
-import subprocess
+import socket
 import sys
 from collections.abc import Iterator
 
 import pytest
 
+from loadtest import procs
 from tests.conftest import RunningServer, launch, stop_server
 from tests.reliability_helpers import connect, poll, poll_metrics, read_until_closed, request
 
@@ -116,12 +118,21 @@ def wait_for_exit(server: RunningServer, wake_accept: bool = False) -> int:
             connect(server.address, timeout=2.0).close()
         except OSError:
             pass
-    try:
-        return server.proc.wait(timeout=EXIT_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        raise AssertionError(
-            f"still running {EXIT_TIMEOUT} s after the fault:\n{server.log_text()}"
-        ) from None
+    return procs.wait_exit(
+        server.proc, EXIT_TIMEOUT, lambda: "after the fault:\n" + server.log_text()
+    )
+
+
+@contextlib.contextmanager
+def others_served(server: RunningServer) -> Iterator[socket.socket]:
+    """A victim connection for the fault; a bystander is answered before and after it, and a
+    newcomer after it."""
+    with connect(server.address) as bystander, connect(server.address, timeout=5) as victim:
+        assert request(bystander, b"before") == b"BEFORE\n"
+        yield victim
+        assert request(bystander, b"after") == b"AFTER\n"
+        with connect(server.address) as newcomer:
+            assert request(newcomer, b"/ping") == b"PONG\n"
 
 
 def assert_fatal_logged(server: RunningServer, loop: str) -> None:
@@ -158,8 +169,7 @@ def test_a_broken_listener_exits_1_with_a_critical_log(faulty, model, how, loop)
 @pytest.mark.parametrize("model", ["threaded", "gevent"])
 def test_a_bug_in_one_session_closes_only_that_connection_and_is_counted(faulty, model):
     server = faulty(model, "session")
-    with connect(server.address) as bystander, connect(server.address, timeout=5) as victim:
-        assert request(bystander, b"before") == b"BEFORE\n"
+    with others_served(server) as victim:
         victim.sendall(FAULT_LINE + b"\n")
         try:
             replies, _ended = read_until_closed(victim)
@@ -167,9 +177,6 @@ def test_a_bug_in_one_session_closes_only_that_connection_and_is_counted(faulty,
             log = server.log_text()
             raise AssertionError(f"the failed session was not closed:\n{log}") from None
         assert replies == b"", replies
-        assert request(bystander, b"after") == b"AFTER\n"
-        with connect(server.address) as newcomer:
-            assert request(newcomer, b"/ping") == b"PONG\n"
     metrics = poll_metrics(
         server,
         "the session error to be counted",
@@ -188,12 +195,8 @@ def test_a_bug_in_one_pool_task_is_contained_and_counted(faulty):
     # process workers start from a forkserver without the planted fault, so the test runs the
     # protocol in thread workers, in the process where it is planted.
     server = faulty("pool", "session", "--executor", "thread")
-    with connect(server.address) as bystander, connect(server.address, timeout=5) as victim:
-        assert request(bystander, b"before") == b"BEFORE\n"
+    with others_served(server) as victim:
         assert request(victim, FAULT_LINE).startswith(b"ERR "), server.log_text()
-        assert request(bystander, b"after") == b"AFTER\n"
-        with connect(server.address) as newcomer:
-            assert request(newcomer, b"/ping") == b"PONG\n"
     metrics = poll_metrics(
         server,
         "the task error to be counted",
