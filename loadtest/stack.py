@@ -463,11 +463,11 @@ class Stack:
         load = [s for s in self.services if s.name in ("locust", "prometheus")]
         servers = [s for s in self.services if s not in load]
         for stage in (load, servers):
-            started = [s for s in stage if s.proc is not None]
-            running = [s.proc.poll() is None for s in started]
+            started = [(s, s.proc) for s in stage if s.proc is not None]
+            running = [proc.poll() is None for _, proc in started]
             left = max(0.0, deadline - time.monotonic())
-            codes = procs.stop_all([s.proc for s in started], left)
-            for service, was_running, code in zip(started, running, codes, strict=True):
+            codes = procs.stop_all([proc for _, proc in started], left)
+            for (service, _), was_running, code in zip(started, running, codes, strict=True):
                 if was_running and code == -signal.SIGKILL:
                     self.console.say(f"{service.name} still running after the grace period: killed")
         self._kill_orphans()
