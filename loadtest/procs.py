@@ -208,7 +208,8 @@ def start_server(
         name = name or Path(argv[0]).name
     own_log = log_path is None
     if log_path is None:
-        handle, temporary = tempfile.mkstemp(prefix=f"arena-{name}-", suffix=".log")
+        safe = re.sub(r"[^\w.-]+", "_", name)[:40]  # a name may be a whole command line
+        handle, temporary = tempfile.mkstemp(prefix=f"arena-{safe}-", suffix=".log")
         os.close(handle)
         log_path = Path(temporary)
     pinned = frozenset(cpus) if cpus else None
@@ -282,6 +283,18 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as probe:
         probe.bind((host, 0))
         return probe.getsockname()[1]
+
+
+def port_is_free(host: str, port: int) -> bool:
+    """Whether a listener could bind host:port now (SO_REUSEADDR, as the servers set it)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 def connect_host(host: str) -> str:

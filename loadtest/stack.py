@@ -21,7 +21,6 @@ import functools
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -316,23 +315,11 @@ def check_ports(settings: StackSettings, services: list[Service]) -> None:
                     f"change one with {knob(setting)}"
                 )
             seen[port] = setting
-            if not port_is_free(settings.host, port):
+            if not procs.port_is_free(settings.host, port):
                 raise StackError(
                     f"port {port} ({PORTS[setting][1]}) is already in use; "
                     f"choose another with {knob(setting)}"
                 )
-
-
-def port_is_free(host: str, port: int) -> bool:
-    """Whether a listener could bind host:port now (SO_REUSEADDR, as the servers set it)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((host, port))
-        except OSError:
-            return False
-    return True
 
 
 # ---- running ------------------------------------------------------------------------------

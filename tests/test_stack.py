@@ -16,7 +16,7 @@ import psutil
 import pytest
 
 from loadtest import procs
-from loadtest.stack import PORTS, port_is_free
+from loadtest.stack import PORTS
 from services import models
 from tests.conftest import ROOT, wait_until
 
@@ -133,8 +133,9 @@ def test_stack_serves_everything_then_a_signal_stops_every_process_and_frees_eve
         child.pid for child in children if not gone(child)
     ]
     assert wait_until(
-        lambda: all(port_is_free("127.0.0.1", port) for port in stack.ports.values()), timeout=10
-    ), [p for p in stack.ports.values() if not port_is_free("127.0.0.1", p)]
+        lambda: all(procs.port_is_free("127.0.0.1", port) for port in stack.ports.values()),
+        timeout=10,
+    ), [p for p in stack.ports.values() if not procs.port_is_free("127.0.0.1", p)]
     assert "stopped" in stack.lines[-1]
 
 

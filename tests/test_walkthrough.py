@@ -6,11 +6,9 @@ Plus the line client (`python -m services.client`) against real servers.
 
 from __future__ import annotations
 
-import os
 import re
 import shlex
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -18,12 +16,12 @@ from pathlib import Path
 
 import pytest
 
+from loadtest import procs
 from loadtest.workload import KNOBS
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 CODE_BLOCK = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
-READY = re.compile(rb"ready model=\S+ host=\S+ port=(\d+)")
 
 
 def section(title: str) -> str:
@@ -57,18 +55,6 @@ def session() -> tuple[str, bytes, bytes]:
         "".join(f"{line}\n" for line in typed).encode(),
         "".join(f"{line}\n" for line in printed).encode(),
     )
-
-
-def port_is_free(port: int) -> bool:
-    """A server could bind 127.0.0.1:port as ours do (SO_REUSEADDR: TIME_WAIT is no obstacle)."""
-    with socket.socket() as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind(("127.0.0.1", port))
-            probe.listen()
-        except OSError:
-            return False
-    return True
 
 
 def run_client(*args: str, stdin: bytes = b"", timeout: float = 60) -> subprocess.CompletedProcess:
@@ -137,7 +123,7 @@ def readme_servers():
     servers = [line for line in lines if line.startswith(".venv/bin/python -m services ")]
     assert len(servers) == 3
     ports = [int(p) for line in servers for p in re.findall(r"--(?:metrics-)?port (\d+)", line)]
-    taken = [port for port in ports if not port_is_free(port)]
+    taken = [port for port in ports if not procs.port_is_free("127.0.0.1", port)]
     if taken:
         pytest.skip(f"the README's ports {taken} are in use on this machine")
     for line in setup:
@@ -145,35 +131,15 @@ def readme_servers():
             line, shell=True, cwd=ROOT, capture_output=True, text=True, timeout=900, check=False
         )
         assert result.returncode == 0, f"{line}: {result.stdout}{result.stderr}"
-    procs = []
+    started: list[procs.Server] = []
     try:
         for line in servers:
-            proc = subprocess.Popen(
-                ["bash", "-c", f"exec {line}"],
-                cwd=ROOT,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
-                start_new_session=True,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            )
-            procs.append(proc)
-            log = b""
-            while not READY.search(log):
-                chunk = proc.stderr.readline()
-                assert chunk, f"{line} exited: {log.decode()}"
-                log += chunk
-            assert int(READY.search(log).group(1)) in ports
+            started.append(procs.start_server(["bash", "-c", f"exec {line}"], name=line))
+            assert started[-1].port in ports
         yield servers
     finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            try:
-                assert proc.wait(timeout=60) == 0
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        codes = procs.stop_all([server.proc for server in started], grace=60)
+        assert codes == [0] * len(started), [server.log_text() for server in started]
 
 
 @pytest.mark.slow
