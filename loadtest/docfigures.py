@@ -181,8 +181,11 @@ def _has_fairness(bench: Bench) -> bool:
 
 
 def _fastest_echo(bench: Bench) -> tuple[str, dict] | None:
-    ours = [(t["name"], median) for t in bench.targets
-            if t["kind"] == "ours" and (median := bench.median("echo64", t["name"])) is not None]
+    ours = [
+        (t["name"], median)
+        for t in bench.targets
+        if t["kind"] == "ours" and (median := bench.median("echo64", t["name"])) is not None
+    ]
     return max(ours, key=lambda pair: pair[1]["rps"]) if ours else None
 
 
@@ -198,8 +201,10 @@ def bench_loadgen(bench: Bench) -> str:
     )
     if fastest:
         name, median = fastest
-        text += (f" (the fastest, {name}, answers {median['rps']:,.0f} echo requests/s on one "
-                 "core in the run below)")
+        text += (
+            f" (the fastest, {name}, answers {median['rps']:,.0f} echo requests/s on one "
+            "core in the run below)"
+        )
     text += (
         ": a Python client would measure itself. `loadtest/bench/loadgen.c` (compiled with `cc` "
         "on first use) is a plain epoll client — one request in flight per connection, every "
@@ -207,12 +212,16 @@ def bench_loadgen(bench: Bench) -> str:
         "measures it against a trivial C echo server, the rig's ceiling"
     )
     if ceiling and fastest:
-        text += (f": {ceiling['rps']:,.0f} req/s at {ceiling['loadgen_cpu_fraction']:.0%} of one "
-                 f"core in the run below, {ceiling['rps'] / fastest[1]['rps']:.1f}{TIMES} the "
-                 "fastest Python server")
+        text += (
+            f": {ceiling['rps']:,.0f} req/s at {ceiling['loadgen_cpu_fraction']:.0%} of one "
+            f"core in the run below, {ceiling['rps'] / fastest[1]['rps']:.1f}{TIMES} the "
+            "fastest Python server"
+        )
     threshold = bench.meta.get("loadgen_saturation_threshold", 0.9)
-    text += (f"; any run where it passed {threshold:.0%} of its core is flagged as \"load "
-             f"generator saturated\" ({saturated or 'none'} below).")
+    text += (
+        f'; any run where it passed {threshold:.0%} of its core is flagged as "load '
+        f'generator saturated" ({saturated or "none"} below).'
+    )
     return wrap(text)
 
 
@@ -220,16 +229,21 @@ def bench_ceiling(bench: Bench) -> str:
     """BENCHMARK.md: the ceiling and the fastest server of the committed run, one sentence."""
     ceiling = bench.meta.get("ceiling")
     fastest = _fastest_echo(bench)
-    parts = [f"In the committed run ({bench.meta['date']}, "
-             "[results/bench.md](../results/bench.md))"]
+    parts = [
+        f"In the committed run ({bench.meta['date']}, [results/bench.md](../results/bench.md))"
+    ]
     if ceiling:
-        parts.append(f" the load generator reached {ceiling['rps']:,.0f} req/s against its C echo "
-                     f"server at {ceiling['loadgen_cpu_fraction']:.0%} of its core")
+        parts.append(
+            f" the load generator reached {ceiling['rps']:,.0f} req/s against its C echo "
+            f"server at {ceiling['loadgen_cpu_fraction']:.0%} of its core"
+        )
     else:
         parts.append(" the ceiling was not measured (`--no-ceiling`)")
     if fastest:
-        parts.append(f"; the fastest Python server, {fastest[0]}, answered "
-                     f"{fastest[1]['rps']:,.0f} echo requests/s (echo 64 B, one core)")
+        parts.append(
+            f"; the fastest Python server, {fastest[0]}, answered "
+            f"{fastest[1]['rps']:,.0f} echo requests/s (echo 64 B, one core)"
+        )
     return wrap("".join(parts) + ".")
 
 
@@ -256,8 +270,11 @@ def wrap(text: str, width: int = 100, first: str = "", rest: str = "") -> str:
     line = first
     for word in text.split():
         # A word like `-`, `+1` or `2.` starting a line would turn it into a list item.
-        if (len(line) + 1 + len(word) > width and line.strip()
-                and not re.fullmatch(r"[-+*>#]|\d+[.)]", word)):
+        if (
+            len(line) + 1 + len(word) > width
+            and line.strip()
+            and not re.fullmatch(r"[-+*>#]|\d+[.)]", word)
+        ):
             lines.append(line)
             line = rest
         line += (" " if line.strip() else "") + word
@@ -279,31 +296,43 @@ def _reading_echo(bench: Bench) -> str | None:
         return None
     name, median = fastest
     textbook = bench.median("echo64", f"{name} textbook")
-    text = (f"*Echo, one core:* every model is bound by Python per request "
-            f"({_span((m['server_cpu_us_per_request'] for m in medians), '{:.0f}'.format)} µs of "
-            f"server CPU each, ours, echo 64 B and 1 KiB). {name} is fastest "
-            f"({_k(median['rps'])} req/s")
+    text = (
+        f"*Echo, one core:* every model is bound by Python per request "
+        f"({_span((m['server_cpu_us_per_request'] for m in medians), '{:.0f}'.format)} µs of "
+        f"server CPU each, ours, echo 64 B and 1 KiB). {name} is fastest "
+        f"({_k(median['rps'])} req/s"
+    )
     if textbook:
         text += f", {median['rps'] / textbook['rps']:.2f}{TIMES} its textbook version"
     text += ")"
     if name == "gevent":
-        text += (": it waits for a socket to be readable before reading, as an event loop does, "
-                 "where gevent's own `recv` tries first and fails once per request")
+        text += (
+            ": it waits for a socket to be readable before reading, as an event loop does, "
+            "where gevent's own `recv` tries first and fails once per request"
+        )
     text += "."
     ratios = []
     for family in bench.data["families"]:
-        values = [c["vs_textbook"] for c in bench.comparisons
-                  if c["family"] == family and c["scenario"] in echo and c.get("vs_textbook")]
+        values = [
+            c["vs_textbook"]
+            for c in bench.comparisons
+            if c["family"] == family and c["scenario"] in echo and c.get("vs_textbook")
+        ]
         if values:
             ratios.append(f"{family} {_span(values, '{:.2f}'.format)}{TIMES}")
     if ratios:
         text += " Ours versus textbook on echo: " + ", ".join(ratios) + "."
-    costs = [c["metrics_cost"] for c in bench.comparisons
-             if c["scenario"] in echo and c.get("metrics_cost") is not None]
+    costs = [
+        c["metrics_cost"]
+        for c in bench.comparisons
+        if c["scenario"] in echo and c.get("metrics_cost") is not None
+    ]
     if costs:
         low, high = min(costs), max(costs)
-        text += (f" The cost of metrics on echo ranges from {_pct(low)} to {_pct(high)} "
-                 "(below zero: faster with metrics, i.e. run-to-run noise).")
+        text += (
+            f" The cost of metrics on echo ranges from {_pct(low)} to {_pct(high)} "
+            "(below zero: faster with metrics, i.e. run-to-run noise)."
+        )
     return text
 
 
@@ -335,31 +364,40 @@ def _reading_many_connections(bench: Bench) -> str | None:
         parts.append(
             "the reactor and gevent keep "
             f"{_span((m['threads'] for m in reactors), '{:.0f}'.format)} threads and a p99 of "
-            f"{_span((_p99(m) for m in reactors), _ms)} ms;")
+            f"{_span((_p99(m) for m in reactors), _ms)} ms;"
+        )
     if threaded:
         parts.append(
             f"the threaded server holds {threaded['threads']:,.0f} threads and "
             f"{threaded['peak_rss_bytes'] / MIB:.0f} MiB, and its tail depends on how the GIL "
             f"hands over between {connections} runnable threads: p99 {_ms(_p99(threaded))} ms"
             + (f" (the textbook version {_ms(_p99(textbook))} ms)" if textbook else "")
-            + ", and it varies widely from run to run.")
+            + ", and it varies widely from run to run."
+        )
     parts.append(_fairness_sentence(bench, scenario, connections))
     return " ".join(parts)
 
 
 def _fairness_sentence(bench: Bench, scenario: str, connections: int) -> str:
     """What the committed run says about every connection being served in the window."""
-    medians = [(t["name"], m) for t in bench.targets
-               if (m := bench.median(scenario, t["name"])) is not None]
+    medians = [
+        (t["name"], m)
+        for t in bench.targets
+        if (m := bench.median(scenario, t["name"])) is not None
+    ]
     if not medians or not all("answered_connections" in m for _, m in medians):
-        return ("The load generator waits until each connection has been answered once before "
-                "measuring; this run did not record whether every connection was answered during "
-                "the measured window.")
+        return (
+            "The load generator waits until each connection has been answered once before "
+            "measuring; this run did not record whether every connection was answered during "
+            "the measured window."
+        )
     starved = [(name, m) for name, m in medians if m.get("starved")]
     if not starved:
         longest = max(medians, key=lambda pair: pair[1]["longest_wait_s"])
-        return (f"Every server answered all {connections} connections in every measured window "
-                f"(the longest wait: {_wait(longest[1]['longest_wait_s'])}, {longest[0]}).")
+        return (
+            f"Every server answered all {connections} connections in every measured window "
+            f"(the longest wait: {_wait(longest[1]['longest_wait_s'])}, {longest[0]})."
+        )
     described = []
     for name, m in starved:
         how = "still waiting after" if m.get("longest_wait_unanswered") else "answered after"
@@ -367,10 +405,14 @@ def _fairness_sentence(bench: Bench, scenario: str, connections: int) -> str:
             f"{name} answered {m['answered_connections']} of {m['connections']} connections "
             f"(a request {how} {_wait(m['longest_wait_s'])}; "
             f"{m['requests_per_connection_min']:.0f}{DASH}{m['requests_per_connection_max']:.0f} "
-            "requests per connection)")
+            "requests per connection)"
+        )
     rest = len(medians) - len(starved)
-    return ("Not every connection was served in the measured window: " + "; ".join(described)
-            + (f". The other {rest} servers answered every connection." if rest else "."))
+    return (
+        "Not every connection was served in the measured window: "
+        + "; ".join(described)
+        + (f". The other {rest} servers answered every connection." if rest else ".")
+    )
 
 
 def _sleep_ms(bench: Bench, scenario: str) -> float | None:
@@ -387,23 +429,27 @@ def _reading_sleep(bench: Bench) -> str | None:
         return None
     sleep_ms = _sleep_ms(bench, scenario) or 20.0
     connections = bench.scenarios[scenario]["connections"]
-    waiting = bench.medians([scenario], [f"{f}{k}" for f in THREAD_MODELS
-                                         for k in ("", " textbook")])
-    pools = bench.medians([scenario], [f"{f}{k}" for f in ("pool-process", "pool-thread")
-                                       for k in ("", " textbook")])
+    waiting = bench.medians(
+        [scenario], [f"{f}{k}" for f in THREAD_MODELS for k in ("", " textbook")]
+    )
+    pools = bench.medians(
+        [scenario], [f"{f}{k}" for f in ("pool-process", "pool-thread") for k in ("", " textbook")]
+    )
     parts = [f"*Waiting (`/sleep {sleep_ms:g}`):*"]
     if waiting:
         parts.append(
             f"threads and greenlets overlap the waits: {_span((m['rps'] for m in waiting), _k)} "
             f"req/s of the {_k(connections * 1000 / sleep_ms)} that {connections} connections / "
-            f"{sleep_ms:g} ms allow.")
+            f"{sleep_ms:g} ms allow."
+        )
     if pools:
         parts.append(
             f"A pool of {bench.meta['workers']} workers holds a worker per wait: "
             f"{_span((m['rps'] for m in pools), '{:.0f}'.format)} req/s and a p99 of "
             f"{_span((_p99(m) / 1e6 for m in pools), '{:.1f}'.format)} s, whatever the "
             "implementation — the pool model's lesson; add workers or use threads for blocking "
-            "I/O.")
+            "I/O."
+        )
     return " ".join(parts)
 
 
@@ -412,30 +458,40 @@ def _reading_work(bench: Bench) -> str | None:
     medians = bench.medians([scenario], [t["name"] for t in bench.targets])
     if not medians:
         return None
-    text = (f"*CPU work (`/work` ~1 ms):* {_span((m['rps'] for m in medians), '{:,.0f}'.format)} "
-            "req/s for every model: one core, and the GIL.")
+    text = (
+        f"*CPU work (`/work` ~1 ms):* {_span((m['rps'] for m in medians), '{:,.0f}'.format)} "
+        "req/s for every model: one core, and the GIL."
+    )
     gevent, threaded = bench.median(scenario, "gevent"), bench.median(scenario, "threaded")
     if gevent and threaded:
-        text += (f" gevent's one loop serves CPU work in arrival order (p99 {_ms(_p99(gevent))} "
-                 f"ms), threads preempt each other every 5 ms (p99 {_ms(_p99(threaded))} ms).")
-    text += (" With the server pinned to one core the process pool cannot show its parallelism "
-             "here; in the compose stack (`ARENA_SERVER_CPUS`) and with `--no-pin` it spreads "
-             "`/work` over the cores.")
+        text += (
+            f" gevent's one loop serves CPU work in arrival order (p99 {_ms(_p99(gevent))} "
+            f"ms), threads preempt each other every 5 ms (p99 {_ms(_p99(threaded))} ms)."
+        )
+    text += (
+        " With the server pinned to one core the process pool cannot show its parallelism "
+        "here; in the compose stack (`ARENA_SERVER_CPUS`) and with `--no-pin` it spreads "
+        "`/work` over the cores."
+    )
     return text
 
 
 def _reading_targets(bench: Bench) -> str:
-    below = [f"{c['family']} {bench.title(c['scenario']).split(',')[0]} "
-             f"{c['vs_textbook']:.2f}{TIMES}"
-             for c in bench.comparisons
-             if c.get("vs_textbook") is not None and round(c["vs_textbook"], 2) < 1.0]
-    costly = [f"{c['family']} {bench.title(c['scenario']).split(',')[0]} "
-              f"{_pct(c['metrics_cost'])}"
-              for c in bench.comparisons
-              if c.get("metrics_cost") is not None and c["metrics_cost"] > 0.10]
+    below = [
+        f"{c['family']} {bench.title(c['scenario']).split(',')[0]} {c['vs_textbook']:.2f}{TIMES}"
+        for c in bench.comparisons
+        if c.get("vs_textbook") is not None and round(c["vs_textbook"], 2) < 1.0
+    ]
+    costly = [
+        f"{c['family']} {bench.title(c['scenario']).split(',')[0]} {_pct(c['metrics_cost'])}"
+        for c in bench.comparisons
+        if c.get("metrics_cost") is not None and c["metrics_cost"] > 0.10
+    ]
     if not below and not costly:
-        return "*Targets:* every server is at least as fast as its textbook version and metrics " \
-               "cost at most 10 % in every cell of this run."
+        return (
+            "*Targets:* every server is at least as fast as its textbook version and metrics "
+            "cost at most 10 % in every cell of this run."
+        )
     text = "*Not yet at target in this run:*"
     if below:
         text += f" below its textbook version (target ≥ 1.00{TIMES}): " + ", ".join(below) + "."
@@ -455,8 +511,10 @@ def soak_summary(report: dict) -> dict:
         "duration_s": report["settings"]["duration_s"],
         "users_per_target": report["settings"]["users_per_target"],
         "passed": report["passed"],
-        "locust": {"requests": report["locust"]["requests"],
-                   "failures": report["locust"]["failures"]},
+        "locust": {
+            "requests": report["locust"]["requests"],
+            "failures": report["locust"]["failures"],
+        },
         "servers": {
             model: {
                 "requests": round(figures["requests"]),
@@ -471,8 +529,10 @@ def soak_summary(report: dict) -> dict:
 
 
 def _soak_head(soak: dict) -> str:
-    return (f"{_duration(soak['duration_s'])} soak at {soak['users_per_target']} users per server "
-            f"({soak['started'][:10]})")
+    return (
+        f"{_duration(soak['duration_s'])} soak at {soak['users_per_target']} users per server "
+        f"({soak['started'][:10]})"
+    )
 
 
 def soak_readme(soak: dict) -> str:
@@ -480,16 +540,22 @@ def soak_readme(soak: dict) -> str:
     servers = soak["servers"]
     total = sum(figures["requests"] for figures in servers.values())
     errors = sum(figures["request_errors"] for figures in servers.values())
-    growth = ", ".join(f"{figures['rss_growth_mib']:+.2f} MiB ({model})"
-                       for model, figures in servers.items())
+    growth = ", ".join(
+        f"{figures['rss_growth_mib']:+.2f} MiB ({model})" for model, figures in servers.items()
+    )
     fds = {figures["fd_growth"] for figures in servers.values()}
     return wrap(
         f"A {_soak_head(soak)}: {total:,} requests answered, {errors} error replies, "
         f"{soak['locust']['failures']} failed at the client; RSS growth after warm-up {growth}; "
-        + ("no descriptor growth." if fds == {0} else
-           "descriptor growth " + ", ".join(f"{f['fd_growth']:+g}" for f in servers.values())
-           + ".")
-        + " Verdict: " + ("passed" if soak["passed"] else "**failed**")
+        + (
+            "no descriptor growth."
+            if fds == {0}
+            else "descriptor growth "
+            + ", ".join(f"{f['fd_growth']:+g}" for f in servers.values())
+            + "."
+        )
+        + " Verdict: "
+        + ("passed" if soak["passed"] else "**failed**")
         + " ([docs/RELIABILITY.md](docs/RELIABILITY.md#soak-python--m-loadtestsoak))."
     )
 
@@ -499,11 +565,13 @@ def soak_table(soak: dict) -> str:
     servers = soak["servers"]
     total = sum(figures["requests"] for figures in servers.values())
     lines = [
-        wrap(f"The committed run: a {_soak_head(soak)}, {soak['started'][11:16]} to "
-             f"{soak['finished'][11:16]} UTC, "
-        f"verdict {'passed' if soak['passed'] else '**failed**'}. Locust sent "
-        f"{soak['locust']['requests']:,} requests (connects included), "
-        f"{soak['locust']['failures']} failed; the servers answered {total:,}."),
+        wrap(
+            f"The committed run: a {_soak_head(soak)}, {soak['started'][11:16]} to "
+            f"{soak['finished'][11:16]} UTC, "
+            f"verdict {'passed' if soak['passed'] else '**failed**'}. Locust sent "
+            f"{soak['locust']['requests']:,} requests (connects included), "
+            f"{soak['locust']['failures']} failed; the servers answered {total:,}."
+        ),
         "",
         "| server | requests answered | error replies | RSS after warm-up (MiB) "
         "| RSS growth (MiB) | fd growth |",
@@ -513,7 +581,8 @@ def soak_table(soak: dict) -> str:
         lines.append(
             f"| {model} | {figures['requests']:,} | {figures['request_errors']} | "
             f"{figures['rss_after_warmup_mib']:.1f} | {figures['rss_growth_mib']:+.2f} | "
-            + (f"{figures['fd_growth']:+g} |" if figures["fd_growth"] else "0 |"))
+            + (f"{figures['fd_growth']:+g} |" if figures["fd_growth"] else "0 |")
+        )
     return "\n".join(lines)
 
 
@@ -527,15 +596,21 @@ def lessons_readme(data: dict) -> str:
     from loadtest.lessons.report import VERDICT_MARK, machine_line
 
     lines = [
-        wrap(f"Latest run: **{machine_line(data)}**. {data['background']['text']} Every "
-             f"figure, table and reading: [{LESSONS_DIR}/lessons.md]({LESSONS_DIR}/lessons.md)."),
+        wrap(
+            f"Latest run: **{machine_line(data)}**. {data['background']['text']} Every "
+            f"figure, table and reading: [{LESSONS_DIR}/lessons.md]({LESSONS_DIR}/lessons.md)."
+        ),
         "",
         "| lesson | claim | verdict | why |",
         "|---|---|---|---|",
     ]
     for entry in data["lessons"]:
-        cells = (entry["id"], entry["claim"], f"**{VERDICT_MARK[entry['verdict']]}**",
-                 entry["reason"])
+        cells = (
+            entry["id"],
+            entry["claim"],
+            f"**{VERDICT_MARK[entry['verdict']]}**",
+            entry["reason"],
+        )
         lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
     charts = [entry for entry in data["lessons"] if entry.get("chart")]
     if charts:
@@ -587,8 +662,9 @@ def render_text(text: str, sources: Sources, where: str = "") -> str:
         raise FiguresError(f"{where}: unbalanced or nested figures markers: {names}")
     for name in pairs:
         if name not in RENDERERS:
-            raise FiguresError(f"{where}: unknown figures section {name!r}; known: "
-                               + ", ".join(RENDERERS))
+            raise FiguresError(
+                f"{where}: unknown figures section {name!r}; known: " + ", ".join(RENDERERS)
+            )
 
     def replace(match: re.Match[str]) -> str:
         body = RENDERERS[match.group("name")](sources).rstrip("\n") + "\n"
@@ -604,9 +680,14 @@ def stale(paths: Iterable[Path], sources: Sources) -> dict[Path, str]:
         text = path.read_text()
         fresh = render_text(text, sources, str(path))
         if fresh != text:
-            diffs[path] = "".join(difflib.unified_diff(
-                text.splitlines(keepends=True), fresh.splitlines(keepends=True),
-                f"{path} (committed)", f"{path} (from the results)"))
+            diffs[path] = "".join(
+                difflib.unified_diff(
+                    text.splitlines(keepends=True),
+                    fresh.splitlines(keepends=True),
+                    f"{path} (committed)",
+                    f"{path} (from the results)",
+                )
+            )
     return diffs
 
 
@@ -635,13 +716,25 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m loadtest.docfigures",
         description="Write the measured figures from results/ into the marked sections of "
-        "README.md and docs/*.md.")
-    parser.add_argument("--check", action="store_true",
-                        help="write nothing; exit 1 with a diff when a section is stale")
-    parser.add_argument("--results", type=Path, default=RESULTS,
-                        help="directory of bench.json and soak.json (default: results/)")
-    parser.add_argument("--root", type=Path, default=ROOT,
-                        help="where README.md and docs/ are (default: the repository)")
+        "README.md and docs/*.md.",
+    )
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="write nothing; exit 1 with a diff when a section is stale",
+    )
+    parser.add_argument(
+        "--results",
+        type=Path,
+        default=RESULTS,
+        help="directory of bench.json and soak.json (default: results/)",
+    )
+    parser.add_argument(
+        "--root",
+        type=Path,
+        default=ROOT,
+        help="where README.md and docs/ are (default: the repository)",
+    )
     args = parser.parse_args(argv)
     try:
         if args.check:
@@ -649,8 +742,12 @@ def main(argv: list[str] | None = None) -> int:
             for diff in diffs.values():
                 sys.stdout.write(diff)
             if diffs:
-                print("docfigures: stale sections in " + ", ".join(map(str, diffs))
-                      + "; run `make docs` (python -m loadtest.docfigures)", file=sys.stderr)
+                print(
+                    "docfigures: stale sections in "
+                    + ", ".join(map(str, diffs))
+                    + "; run `make docs` (python -m loadtest.docfigures)",
+                    file=sys.stderr,
+                )
             return 1 if diffs else 0
         for path in refresh(args.root, args.results):
             print(f"docfigures: wrote {path}")

@@ -22,14 +22,19 @@ SWITCHING = checks.switching_models()
 # -- arguments -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("argv", "message"), [
-    (["--lessons", "no-such-lesson"], "unknown lesson no-such-lesson; choose from io-wait"),
-    (["--lessons", "steady"], "unknown lesson steady"),  # a Locust scenario without a verdict
-    (["--lessons", ","], "unknown lesson (none given)"),
-    (["--models", "no-such-model"], "unknown model no-such-model; choose from "
-     + ", ".join(models.NAMES)),
-    (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
-])
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--lessons", "no-such-lesson"], "unknown lesson no-such-lesson; choose from io-wait"),
+        (["--lessons", "steady"], "unknown lesson steady"),  # a Locust scenario without a verdict
+        (["--lessons", ","], "unknown lesson (none given)"),
+        (
+            ["--models", "no-such-model"],
+            "unknown model no-such-model; choose from " + ", ".join(models.NAMES),
+        ),
+        (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+    ],
+)
 def test_bad_arguments_exit_2_with_a_clear_message(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(argv)
@@ -38,8 +43,9 @@ def test_bad_arguments_exit_2_with_a_clear_message(argv, message, capsys):
 
 
 def test_narrowed_lessons_and_models_keep_the_canonical_order():
-    args = cli.build_parser().parse_args(["--lessons", "cores,io-wait", "--models",
-                                          ",".join(reversed(models.NAMES))])
+    args = cli.build_parser().parse_args(
+        ["--lessons", "cores,io-wait", "--models", ",".join(reversed(models.NAMES))]
+    )
     assert args.lessons == ["io-wait", "cores"]
     assert args.models == list(models.NAMES)
 
@@ -56,7 +62,8 @@ def test_every_checked_lesson_has_a_claim_a_check_and_a_chart():
 
 @pytest.mark.parametrize(("interval", "extra_runs"), [(0.05, 2), (0.005, 0), (None, 0)])
 def test_blocked_loop_measures_threads_at_cpythons_interval_only_if_the_server_sets_another(
-        monkeypatch, interval, extra_runs):
+    monkeypatch, interval, extra_runs
+):
     monkeypatch.setattr(runner, "server_switch_interval", lambda: interval)
     work = runner.Work(10_000, 1_000_000, 100.0)
     plan = runner.plan("blocked-loop", list(models.NAMES), work, 2)
@@ -81,8 +88,7 @@ IO_SETUP = {"connections": 100, "sleep_ms": 20, "pool_workers": 2}
 
 
 def _io(switching_rps: float, pool_rps: float) -> dict:
-    return {name: _quiet(rps=pool_rps if name == POOL else switching_rps)
-            for name in models.NAMES}
+    return {name: _quiet(rps=pool_rps if name == POOL else switching_rps) for name in models.NAMES}
 
 
 def test_io_wait_holds_when_switching_overlaps_the_waits():
@@ -91,10 +97,13 @@ def test_io_wait_holds_when_switching_overlaps_the_waits():
     assert "96% of the ideal" in verdict.reason
 
 
-@pytest.mark.parametrize(("switching_rps", "pool_rps", "why"), [
-    (3000, 99, "60% of the ideal"),      # below 70 % of connections / sleep
-    (4800, 600, "8.0x the pool"),        # not 10x the pool
-])
+@pytest.mark.parametrize(
+    ("switching_rps", "pool_rps", "why"),
+    [
+        (3000, 99, "60% of the ideal"),  # below 70 % of connections / sleep
+        (4800, 600, "8.0x the pool"),  # not 10x the pool
+    ],
+)
 def test_io_wait_fails(switching_rps, pool_rps, why):
     verdict = checks.check_io_wait(_io(switching_rps, pool_rps), IO_SETUP)
     assert verdict.verdict == checks.FAILS
@@ -159,8 +168,10 @@ POOL_SETUP = {"connections": 20, "sleep_ms": 50, "pool_workers": [2, 4]}
 
 def _pool_bound(rates: dict[int, float]) -> dict:
     runs = [_quiet(workers=workers, rps=rate) for workers, rate in rates.items()]
-    return {POOL: {"runs": runs, "noisy": False, "other_cpu": 0.0},
-            **{name: _quiet(rps=395, expected_rps=400) for name in SWITCHING}}
+    return {
+        POOL: {"runs": runs, "noisy": False, "other_cpu": 0.0},
+        **{name: _quiet(rps=395, expected_rps=400) for name in SWITCHING},
+    }
 
 
 def test_pool_bound_holds_at_workers_over_sleep():
@@ -169,10 +180,13 @@ def test_pool_bound_holds_at_workers_over_sleep():
     assert "2x the workers, 2.00x the rate" in verdict.reason
 
 
-@pytest.mark.parametrize(("rates", "why"), [
-    ({2: 39, 4: 40}, "2x the workers gave 1.03x the rate"),
-    ({2: 20, 4: 40}, "50% of workers / sleep"),
-])
+@pytest.mark.parametrize(
+    ("rates", "why"),
+    [
+        ({2: 39, 4: 40}, "2x the workers gave 1.03x the rate"),
+        ({2: 20, 4: 40}, "50% of workers / sleep"),
+    ],
+)
 def test_pool_bound_fails(rates, why):
     verdict = checks.check_pool_bound(_pool_bound(rates), POOL_SETUP)
     assert verdict.verdict == checks.FAILS
@@ -183,10 +197,13 @@ CORES_SETUP = {"connections": 100, "work_ms": 1.0, "pool_workers": 2, "cpus": 2,
 
 
 def _cores(pool_rps: float, pool_other: float = 0.05, threaded_other: float = 0.05) -> dict:
-    figures = {name: _quiet(rps=950, server_cores=1.0, loadgen_cores=0.02, other_cores=0.05)
-               for name in models.NAMES}
-    figures[POOL] = _quiet(rps=pool_rps, server_cores=pool_rps / 1000, loadgen_cores=0.03,
-                           other_cores=pool_other)
+    figures = {
+        name: _quiet(rps=950, server_cores=1.0, loadgen_cores=0.02, other_cores=0.05)
+        for name in models.NAMES
+    }
+    figures[POOL] = _quiet(
+        rps=pool_rps, server_cores=pool_rps / 1000, loadgen_cores=0.03, other_cores=pool_other
+    )
     figures[THREADS]["other_cores"] = threaded_other
     return figures
 
@@ -216,10 +233,24 @@ MANY_SETUP = {"connections": 1000, "window_s": 3.0}
 
 
 def _many(answered: int) -> dict:
-    return {name: _quiet(connections=1000, answered=1000, starved=False, longest_wait_s=0.35,
-                         longest_wait_unanswered=False) for name in models.NAMES} | {
-        THREADS: _quiet(connections=1000, answered=answered, starved=answered < 1000,
-                        longest_wait_s=3.4, longest_wait_unanswered=answered < 1000)}
+    return {
+        name: _quiet(
+            connections=1000,
+            answered=1000,
+            starved=False,
+            longest_wait_s=0.35,
+            longest_wait_unanswered=False,
+        )
+        for name in models.NAMES
+    } | {
+        THREADS: _quiet(
+            connections=1000,
+            answered=answered,
+            starved=answered < 1000,
+            longest_wait_s=3.4,
+            longest_wait_unanswered=answered < 1000,
+        )
+    }
 
 
 def test_many_clients_holds_when_every_connection_is_answered():
@@ -234,21 +265,33 @@ def test_many_clients_fails_on_a_starved_connection():
     assert "answered 352/1000" in verdict.reason and "still waiting after 3.4 s" in verdict.reason
 
 
-BLOCKED_SETUP = {"connections": 4, "work_ms": 100.0, "work_share": 0.02, "window_s": 3.0,
-                 "pool_workers": 2}
+BLOCKED_SETUP = {
+    "connections": 4,
+    "work_ms": 100.0,
+    "work_share": 0.02,
+    "window_s": 3.0,
+    "pool_workers": 2,
+}
 
 
-def _blocked(loop_p99: float = 250, threads_p99: float = 30, blocked: float | None = 2.5,
-             alone: float = 0.5, cpython_p99: float | None = None) -> dict:
+def _blocked(
+    loop_p99: float = 250,
+    threads_p99: float = 30,
+    blocked: float | None = 2.5,
+    alone: float = 0.5,
+    cpython_p99: float | None = None,
+) -> dict:
     figures = {name: _quiet(echo_p99_ms=400, echo_p99_alone_ms=1) for name in models.NAMES}
     figures[LOOP] = _quiet(echo_p99_ms=loop_p99, echo_p99_alone_ms=alone)
     if blocked is not None:
         figures[LOOP].update(blocked_s=blocked, blocked_span_s=3.8)
-    figures[THREADS] = _quiet(echo_p99_ms=threads_p99, echo_p99_alone_ms=0.4,
-                              switch_interval_s=0.05)
+    figures[THREADS] = _quiet(
+        echo_p99_ms=threads_p99, echo_p99_alone_ms=0.4, switch_interval_s=0.05
+    )
     if cpython_p99 is not None:
         figures[THREADS]["at_cpython_interval"] = _quiet(
-            echo_p99_ms=cpython_p99, echo_p99_alone_ms=0.3, switch_interval_s=0.005)
+            echo_p99_ms=cpython_p99, echo_p99_alone_ms=0.3, switch_interval_s=0.005
+        )
     return figures
 
 
@@ -259,22 +302,29 @@ def test_blocked_loop_holds_when_the_loop_waits_and_threads_are_preempted():
 
 
 def test_blocked_loop_shows_the_trade_off_of_a_longer_switch_interval():
-    verdict = checks.check_blocked_loop(_blocked(threads_p99=160, cpython_p99=40),
-                                        BLOCKED_SETUP)
+    verdict = checks.check_blocked_loop(_blocked(threads_p99=160, cpython_p99=40), BLOCKED_SETUP)
     assert verdict.verdict == checks.HOLDS, verdict.reason
-    assert "at CPython's 5 ms switch interval (40 ms), not at the server's 50 ms (160 ms)" \
-        in verdict.reason and "trade-off" in verdict.reason
+    assert (
+        "at CPython's 5 ms switch interval (40 ms), not at the server's 50 ms (160 ms)"
+        in verdict.reason
+        and "trade-off" in verdict.reason
+    )
 
 
-@pytest.mark.parametrize(("kwargs", "why"), [
-    ({"loop_p99": 60}, "below the /work time"),
-    ({"alone": 40}, "only 6.2x its p99 without /work"),
-    ({"threads_p99": 180}, "echo p99 180 ms (switch interval 50 ms) is not below"),
-    ({"threads_p99": 180, "cpython_p99": 120}, "180 ms (switch interval 50 ms), 120 ms at "
-     "CPython's 5 ms is not below"),
-    ({"blocked": 0.0}, "did not rise"),
-    ({"blocked": None}, "gave no arena_event_loop_blocked_seconds_total"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "why"),
+    [
+        ({"loop_p99": 60}, "below the /work time"),
+        ({"alone": 40}, "only 6.2x its p99 without /work"),
+        ({"threads_p99": 180}, "echo p99 180 ms (switch interval 50 ms) is not below"),
+        (
+            {"threads_p99": 180, "cpython_p99": 120},
+            "180 ms (switch interval 50 ms), 120 ms at CPython's 5 ms is not below",
+        ),
+        ({"blocked": 0.0}, "did not rise"),
+        ({"blocked": None}, "gave no arena_event_loop_blocked_seconds_total"),
+    ],
+)
 def test_blocked_loop_fails(kwargs, why):
     verdict = checks.check_blocked_loop(_blocked(**kwargs), BLOCKED_SETUP)
     assert verdict.verdict == checks.FAILS
@@ -286,13 +336,14 @@ def test_blocked_loop_fails(kwargs, why):
 
 def _results(tmp_path: Path) -> dict:
     entries = []
-    cases = {"io-wait": (_io(4800, 99), IO_SETUP),
-             "cpu-work": (_cpu(dict.fromkeys(models.NAMES, 950)),
-                          CPU_SETUP),
-             "pool-bound": (_pool_bound({2: 39, 4: 78}), POOL_SETUP),
-             "cores": (_cores(1800), CORES_SETUP),
-             "many-clients": (_many(352), MANY_SETUP),
-             "blocked-loop": (_blocked(threads_p99=160, cpython_p99=40), BLOCKED_SETUP)}
+    cases = {
+        "io-wait": (_io(4800, 99), IO_SETUP),
+        "cpu-work": (_cpu(dict.fromkeys(models.NAMES, 950)), CPU_SETUP),
+        "pool-bound": (_pool_bound({2: 39, 4: 78}), POOL_SETUP),
+        "cores": (_cores(1800), CORES_SETUP),
+        "many-clients": (_many(352), MANY_SETUP),
+        "blocked-loop": (_blocked(threads_p99=160, cpython_p99=40), BLOCKED_SETUP),
+    }
     for lesson_id, (figures, setup) in cases.items():
         figures = json.loads(json.dumps(figures))  # as lessons.json gives them back
         nested = [f["at_cpython_interval"] for f in figures.values() if "at_cpython_interval" in f]
@@ -309,22 +360,33 @@ def _results(tmp_path: Path) -> dict:
             figure.setdefault("peak_rss_mib", 40.0)
             figure.setdefault("work_p50_ms", 101.0)
             for run in figure.get("runs", []):
-                run.update(p99_ms=500.0, expected_rps=run["workers"] * 20,
-                           of_expected=run["rps"] / (run["workers"] * 20))
+                run.update(
+                    p99_ms=500.0,
+                    expected_rps=run["workers"] * 20,
+                    of_expected=run["rps"] / (run["workers"] * 20),
+                )
         verdict = checks.decide(lesson_id, figures, setup)
-        entries.append({"id": lesson_id, "title": checks.lesson(lesson_id).title,
-                        "claim": checks.lesson(lesson_id).claim,
-                        "hypothesis": checks.HYPOTHESES[lesson_id](setup),
-                        "verdict": verdict.verdict, "reason": verdict.reason, "setup": setup,
-                        "figures": figures,
-                        "reading": report.reading(lesson_id, figures, setup)})
-    return {"when": "2026-12-02 10:00 UTC",
-            "machine": {"cpu_model": "Test CPU", "cores": 2, "system": "Linux 6",
-                        "python": "3.11.7"},
-            "pace": {"quick": False, "reps": 3, "duration_s": 3.0},
-            "method": "each model alone.",
-            "background": {"before": 0.02, "after": 0.03, "text": "quiet."},
-            "lessons": entries}
+        entries.append(
+            {
+                "id": lesson_id,
+                "title": checks.lesson(lesson_id).title,
+                "claim": checks.lesson(lesson_id).claim,
+                "hypothesis": checks.HYPOTHESES[lesson_id](setup),
+                "verdict": verdict.verdict,
+                "reason": verdict.reason,
+                "setup": setup,
+                "figures": figures,
+                "reading": report.reading(lesson_id, figures, setup),
+            }
+        )
+    return {
+        "when": "2026-12-02 10:00 UTC",
+        "machine": {"cpu_model": "Test CPU", "cores": 2, "system": "Linux 6", "python": "3.11.7"},
+        "pace": {"quick": False, "reps": 3, "duration_s": 3.0},
+        "method": "each model alone.",
+        "background": {"before": 0.02, "after": 0.03, "text": "quiet."},
+        "lessons": entries,
+    }
 
 
 def test_report_prints_and_writes_every_lesson(tmp_path):
@@ -353,7 +415,7 @@ def test_the_readme_section_is_written_from_lessons_json(tmp_path):
         entry["chart"] = f"{entry['id']}.png"
     (tmp_path / "lessons").mkdir()
     report.write_json(results, tmp_path / "lessons")
-    text = ("intro\n<!-- figures:lessons:begin -->\nold\n<!-- figures:lessons:end -->\n")
+    text = "intro\n<!-- figures:lessons:begin -->\nold\n<!-- figures:lessons:end -->\n"
     fresh = docfigures.render_text(text, docfigures.Sources(tmp_path))
     assert "Latest run: **2026-12-02 10:00 UTC" in fresh
     assert "| many-clients |" in fresh and "**FAILS**" in fresh
@@ -370,9 +432,24 @@ def test_a_quick_real_run_writes_figures_verdicts_and_a_chart(tmp_path):
     """Shape only: the verdict depends on how busy the machine is (the full run decides)."""
     narrowed = [name for name in models.NAMES if name in (THREADS, POOL)]
     result = subprocess.run(
-        [sys.executable, "-m", "loadtest.lessons", "--quick", "--lessons", "io-wait",
-         "--models", ",".join(narrowed), "--out", str(tmp_path)],
-        cwd=ROOT, capture_output=True, text=True, timeout=240, check=False)
+        [
+            sys.executable,
+            "-m",
+            "loadtest.lessons",
+            "--quick",
+            "--lessons",
+            "io-wait",
+            "--models",
+            ",".join(narrowed),
+            "--out",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
     assert result.returncode in (0, 1), result.stderr
     data = json.loads((tmp_path / "lessons.json").read_text())
     assert {"when", "machine", "lessons"} <= set(data)

@@ -33,7 +33,8 @@ def _names(text: str, allowed: Sequence[str], what: str) -> list[str]:
     if unknown or not names:
         raise argparse.ArgumentTypeError(
             f"unknown {what} {', '.join(unknown) or '(none given)'}; choose from "
-            + ", ".join(allowed))
+            + ", ".join(allowed)
+        )
     return [name for name in allowed if name in names]  # the canonical order
 
 
@@ -42,28 +43,39 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m loadtest.lessons",
         description="Check each lesson's claim against each server model alone, with the same "
-        "CPU allotment, and write verdicts, figures and charts.")
+        "CPU allotment, and write verdicts, figures and charts.",
+    )
     parser.add_argument(
-        "--lessons", default=list(checks.CHECKED_IDS),
+        "--lessons",
+        default=list(checks.CHECKED_IDS),
         type=lambda text: _names(text, checks.CHECKED_IDS, "lesson"),
-        help="comma-separated lessons (default: all): " + ", ".join(checks.CHECKED_IDS))
+        help="comma-separated lessons (default: all): " + ", ".join(checks.CHECKED_IDS),
+    )
     parser.add_argument(
-        "--models", default=list(models.NAMES),
+        "--models",
+        default=list(models.NAMES),
         type=lambda text: _names(text, models.NAMES, "model"),
-        help="comma-separated models (default: all): " + ", ".join(models.NAMES))
-    parser.add_argument("--quick", action="store_true",
-                        help=f"one short run per figure ({runner.QUICK.duration:g} s; CI), "
-                        f"instead of the median of {runner.FULL.reps} x "
-                        f"{runner.FULL.duration:g} s")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
-                        help="output directory (default: results/lessons/)")
+        help="comma-separated models (default: all): " + ", ".join(models.NAMES),
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"one short run per figure ({runner.QUICK.duration:g} s; CI), "
+        f"instead of the median of {runner.FULL.reps} x "
+        f"{runner.FULL.duration:g} s",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=DEFAULT_OUT, help="output directory (default: results/lessons/)"
+    )
     return parser
 
 
 def _background_text(before: float, after: float) -> str:
     busiest = max(before, after)
-    text = (f"Other processes kept {before:.0%} of the machine's CPU busy before the run and "
-            f"{after:.0%} after")
+    text = (
+        f"Other processes kept {before:.0%} of the machine's CPU busy before the run and "
+        f"{after:.0%} after"
+    )
     if busiest > BUSY_MACHINE:
         return text + " — a busy machine: figures flagged ⚠ are noisy."
     return text + " — quiet."
@@ -98,20 +110,28 @@ def main(argv: list[str] | None = None) -> int:
         f"measurements, about {harness._clock(runner.estimate_seconds(plans, pace))}; "
         f"{rig.one_core.describe()} (cores: server on CPU "
         f"{','.join(map(str, sorted(rig.all_cores.server or ())))}, load generator too); "
-        f"/work ~1 ms = {work.rounds_1ms:,} rounds")
+        f"/work ~1 ms = {work.rounds_1ms:,} rounds"
+    )
     if background > BUSY_MACHINE:
-        progress.note(f"lessons: warning: other processes keep {background:.0%} of the CPU "
-                      "busy; figures will be noisy and failing checks inconclusive")
+        progress.note(
+            f"lessons: warning: other processes keep {background:.0%} of the CPU "
+            "busy; figures will be noisy and failing checks inconclusive"
+        )
     entries: list[dict] = []
 
     def on_lesson(item: runner.Plan, figures: dict[str, dict]) -> None:
         lesson = checks.lesson(item.lesson)
         verdict = checks.decide(item.lesson, figures, item.setup)
         entry = {
-            "id": item.lesson, "title": lesson.title, "claim": lesson.claim,
+            "id": item.lesson,
+            "title": lesson.title,
+            "claim": lesson.claim,
             "hypothesis": checks.HYPOTHESES[item.lesson](item.setup),
-            "verdict": verdict.verdict, "reason": verdict.reason, "setup": item.setup,
-            "figures": figures, "reading": report.reading(item.lesson, figures, item.setup),
+            "verdict": verdict.verdict,
+            "reason": verdict.reason,
+            "setup": item.setup,
+            "figures": figures,
+            "reading": report.reading(item.lesson, figures, item.setup),
         }
         entries.append(entry)
         print("\n" + report.console_block(entry) + "\n", flush=True)  # results: stdout
@@ -128,17 +148,30 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {
         "when": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": machine_info(),
-        "pace": {"quick": pace.quick, "reps": pace.reps, "duration_s": pace.duration,
-                 "warmup_s": pace.warmup, "noisy_retries": pace.noisy_retries},
-        "method": (f"each model alone; {rig.one_core.describe()} (the cores lesson: server "
-                   "and load generator on every CPU); the C load generator of the benchmark, "
-                   "closed loop, every reply checked; a figure is flagged noisy (⚠) when other "
-                   f"processes took more than {harness.NOISY_OTHER_FRACTION:.0%} of the "
-                   "server's CPU, and a check that fails on noisy figures is inconclusive."),
-        "background": {"before": round(background, 3), "after": round(after, 3),
-                       "text": _background_text(background, after)},
-        "work": {"rounds_1ms": work.rounds_1ms, "rounds_100ms": work.rounds_100ms,
-                 "round_ns": round(work.round_ns, 2)},
+        "pace": {
+            "quick": pace.quick,
+            "reps": pace.reps,
+            "duration_s": pace.duration,
+            "warmup_s": pace.warmup,
+            "noisy_retries": pace.noisy_retries,
+        },
+        "method": (
+            f"each model alone; {rig.one_core.describe()} (the cores lesson: server "
+            "and load generator on every CPU); the C load generator of the benchmark, "
+            "closed loop, every reply checked; a figure is flagged noisy (⚠) when other "
+            f"processes took more than {harness.NOISY_OTHER_FRACTION:.0%} of the "
+            "server's CPU, and a check that fails on noisy figures is inconclusive."
+        ),
+        "background": {
+            "before": round(background, 3),
+            "after": round(after, 3),
+            "text": _background_text(background, after),
+        },
+        "work": {
+            "rounds_1ms": work.rounds_1ms,
+            "rounds_100ms": work.rounds_100ms,
+            "round_ns": round(work.round_ns, 2),
+        },
         "lessons": entries,
     }
     for entry in entries:
@@ -146,8 +179,10 @@ def main(argv: list[str] | None = None) -> int:
     report.write_json(results, args.out)
     markdown = report.write_markdown(results, args.out)
     print(report.summary_table(results))
-    progress.note(f"lessons: wrote {args.out}/lessons.json, {markdown.name} and "
-                  + ", ".join(entry["chart"] for entry in entries if entry["chart"]))
+    progress.note(
+        f"lessons: wrote {args.out}/lessons.json, {markdown.name} and "
+        + ", ".join(entry["chart"] for entry in entries if entry["chart"])
+    )
     progress.note("lessons: " + results["background"]["text"])
     if args.out.resolve() == DEFAULT_OUT.resolve():  # the committed results: refresh the docs
         from loadtest import docfigures

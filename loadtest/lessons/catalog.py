@@ -36,8 +36,13 @@ class Lesson:
 
 
 STEADY_KNOBS: Mapping[str, str] = {
-    "payload_bytes": "32", "ping_share": "0.05", "sleep_share": "0.1", "sleep_ms": "5",
-    "work_share": "0.05", "work_rounds": str(WORK_1MS_ROUNDS), "think_ms": "100",
+    "payload_bytes": "32",
+    "ping_share": "0.05",
+    "sleep_share": "0.1",
+    "sleep_ms": "5",
+    "work_share": "0.05",
+    "work_rounds": str(WORK_1MS_ROUNDS),
+    "think_ms": "100",
     "users_per_target": "100",
 }
 # Each scenario starts from these and sets what it is about, so switching scenarios in the edit
@@ -46,7 +51,8 @@ _ONLY_ECHO = {"ping_share": "0", "sleep_share": "0", "work_share": "0"}
 
 LESSONS: tuple[Lesson, ...] = (
     Lesson(
-        "steady", "steady: light mixed traffic",
+        "steady",
+        "steady: light mixed traffic",
         "Under light load every model keeps up: the concurrency model matters when something "
         "is scarce.",
         "requests/s and client latency per server.",
@@ -54,7 +60,8 @@ LESSONS: tuple[Lesson, ...] = (
         STEADY_KNOBS,
     ),
     Lesson(
-        "io-wait", "io-wait: every request waits 20 ms",
+        "io-wait",
+        "io-wait: every request waits 20 ms",
         "Switching helps waiting: a thread or greenlet per connection overlaps the waits, a "
         "pool of N workers runs only N at a time.",
         "requests/s, the pool's queue depth and busy workers, client p99.",
@@ -64,7 +71,8 @@ LESSONS: tuple[Lesson, ...] = (
         {**STEADY_KNOBS, **_ONLY_ECHO, "sleep_share": "1", "sleep_ms": "20", "think_ms": "0"},
     ),
     Lesson(
-        "cpu-work", "cpu-work: every request burns ~1 ms of CPU",
+        "cpu-work",
+        "cpu-work: every request burns ~1 ms of CPU",
         "Switching does not help computing: threads and greenlets share one core under the "
         "GIL; only processes add cores.",
         "requests/s against CPU per server, event-loop blocking on gevent.",
@@ -72,11 +80,17 @@ LESSONS: tuple[Lesson, ...] = (
         "second); a process pool can go past it when it has spare cores. Side by side the "
         "servers share the machine's cores, so `make lessons` checks this claim with one "
         "server at a time.",
-        {**STEADY_KNOBS, **_ONLY_ECHO, "work_share": "1", "work_rounds": str(WORK_1MS_ROUNDS),
-         "think_ms": "0"},
+        {
+            **STEADY_KNOBS,
+            **_ONLY_ECHO,
+            "work_share": "1",
+            "work_rounds": str(WORK_1MS_ROUNDS),
+            "think_ms": "0",
+        },
     ),
     Lesson(
-        "pool-bound", "pool-bound: more waits than pool workers",
+        "pool-bound",
+        "pool-bound: more waits than pool workers",
         "A pool's size bounds its concurrency: with more concurrent waits than workers, "
         "requests queue for a worker.",
         "the pool's queue depth and busy workers, requests/s per server.",
@@ -85,7 +99,8 @@ LESSONS: tuple[Lesson, ...] = (
         {**STEADY_KNOBS, **_ONLY_ECHO, "sleep_share": "1", "sleep_ms": "50", "think_ms": "100"},
     ),
     Lesson(
-        "many-clients", "many-clients: 1000 connections per server",
+        "many-clients",
+        "many-clients: 1000 connections per server",
         "Under many busy connections a fair server answers every one of them: a thread each "
         "costs memory and scheduling, a greenlet or a reactor slot almost nothing.",
         "connections, threads / greenlets, memory, client p99 per server.",
@@ -95,19 +110,25 @@ LESSONS: tuple[Lesson, ...] = (
         {**STEADY_KNOBS, **_ONLY_ECHO, "users_per_target": "1000", "think_ms": "500"},
     ),
     Lesson(
-        "blocked-loop", "blocked-loop: 2 % of requests are ~100 ms of CPU",
+        "blocked-loop",
+        "blocked-loop: 2 % of requests are ~100 ms of CPU",
         "One blocking call blocks every greenlet: while one request computes, the event loop "
         "serves nobody; an OS thread is preempted instead.",
         "gevent's event-loop blocked time and its echo p99 next to threaded's.",
         "gevent's echo p99 jumps to about the /work time (every greenlet waited behind it) "
         "and its blocked seconds climb; threaded's echo p99 stays lower.",
-        {**STEADY_KNOBS, **_ONLY_ECHO, "work_share": "0.02",
-         "work_rounds": str(WORK_100MS_ROUNDS), "think_ms": "10"},
+        {
+            **STEADY_KNOBS,
+            **_ONLY_ECHO,
+            "work_share": "0.02",
+            "work_rounds": str(WORK_100MS_ROUNDS),
+            "think_ms": "10",
+        },
     ),
     Lesson(
-        "overload", "overload: no think time",
-        "Without think time each server runs at its capacity: the models' costs per request "
-        "show.",
+        "overload",
+        "overload: no think time",
+        "Without think time each server runs at its capacity: the models' costs per request show.",
         "requests/s and CPU per server, client latency.",
         "every server at its limit; the differences are the cost of each model's machinery.",
         {**STEADY_KNOBS, "think_ms": "0"},

@@ -49,7 +49,8 @@ BLOCKED_FACTOR = 10.0
 CPYTHON_SWITCH_INTERVAL = 0.005
 
 CORES = Lesson(
-    "cores", "cores: /work on two cores",
+    "cores",
+    "cores: /work on two cores",
     "Processes use cores, threads and greenlets do not: under the GIL a thread per connection and "
     "an event loop compute on one core at a time, a pool of worker processes on all of them.",
     "requests/s and the cores each server used.",
@@ -58,7 +59,12 @@ CORES = Lesson(
 CHECK_ONLY: tuple[Lesson, ...] = (CORES,)  # checked here, not a Locust scenario
 # The lessons with a verdict, in the order they run and print.
 CHECKED_IDS: tuple[str, ...] = (
-    "io-wait", "cpu-work", "pool-bound", "cores", "many-clients", "blocked-loop",
+    "io-wait",
+    "cpu-work",
+    "pool-bound",
+    "cores",
+    "many-clients",
+    "blocked-loop",
 )
 
 
@@ -93,8 +99,9 @@ class Problems(list):
         self.append((names, text))
 
 
-def _decide(problems: Problems, ok: str, figures: Mapping[str, Mapping],
-            used: Iterable[str]) -> Verdict:
+def _decide(
+    problems: Problems, ok: str, figures: Mapping[str, Mapping], used: Iterable[str]
+) -> Verdict:
     """Holds without problems. With problems it fails, unless every problem shows in a noisy
     figure: then it is inconclusive (a busy neighbour cannot be told from the model)."""
     noisy = set(_noisy(figures, used))
@@ -103,10 +110,13 @@ def _decide(problems: Problems, ok: str, figures: Mapping[str, Mapping],
         return Verdict(HOLDS, ok + (f"; measured while {busy}" if busy else ""))
     text = "; ".join(problem for _, problem in problems)
     if all(noisy.intersection(names) for names, _ in problems):
-        involved = [name for name in used if any(name in names for names, _ in problems)
-                    and name in noisy]
-        return Verdict(INCONCLUSIVE, f"{text}; but {_busy(figures, involved)}, so this cannot "
-                       "be told from noise")
+        involved = [
+            name for name in used if any(name in names for names, _ in problems) and name in noisy
+        ]
+        return Verdict(
+            INCONCLUSIVE,
+            f"{text}; but {_busy(figures, involved)}, so this cannot be told from noise",
+        )
     return Verdict(FAILS, text)
 
 
@@ -120,8 +130,9 @@ def _busy(figures: Mapping[str, Mapping], names: list[str]) -> str:
 def _missing(figures: Mapping[str, Mapping], needed: Iterable[str]) -> Verdict | None:
     absent = [name for name in needed if name not in figures]
     if absent:
-        return Verdict(INCONCLUSIVE, "not checked: needs " + ", ".join(absent)
-                       + " (narrowed by --models)")
+        return Verdict(
+            INCONCLUSIVE, "not checked: needs " + ", ".join(absent) + " (narrowed by --models)"
+        )
     return None
 
 
@@ -140,7 +151,8 @@ def check_io_wait(figures: Mapping[str, Mapping], setup: Mapping) -> Verdict:
     """Switching models >= IO_SPEEDUP x the pool and each >= IO_IDEAL_SHARE of the ideal."""
     switching = switching_models(figures)
     missing = _missing(figures, [POOL]) or (
-        None if switching else Verdict(INCONCLUSIVE, "not checked: needs a switching model"))
+        None if switching else Verdict(INCONCLUSIVE, "not checked: needs a switching model")
+    )
     if missing:
         return missing
     ideal = setup["connections"] / (setup["sleep_ms"] / 1000)
@@ -149,26 +161,39 @@ def check_io_wait(figures: Mapping[str, Mapping], setup: Mapping) -> Verdict:
     for name in switching:
         rps = figures[name]["rps"]
         if rps < IO_IDEAL_SHARE * ideal:
-            problems.add(f"{name} {_rate(rps)} is {rps / ideal:.0%} of the ideal "
-                         f"{_rate(ideal)} (needs {IO_IDEAL_SHARE:.0%})", name)
+            problems.add(
+                f"{name} {_rate(rps)} is {rps / ideal:.0%} of the ideal "
+                f"{_rate(ideal)} (needs {IO_IDEAL_SHARE:.0%})",
+                name,
+            )
         if rps < IO_SPEEDUP * pool:
-            problems.add(f"{name} is {rps / max(pool, 1e-9):.1f}x the pool's {_rate(pool)} "
-                         f"(needs {IO_SPEEDUP:g}x)", name, POOL)
-    shares = ", ".join(f"{name} {figures[name]['rps'] / ideal:.0%} of the ideal and "
-                       f"{figures[name]['rps'] / max(pool, 1e-9):.0f}x the pool"
-                       for name in switching)
-    ok = (f"{shares} ({_rate(pool)} with {setup['pool_workers']} workers; ideal {_rate(ideal)} "
-          f"= {setup['connections']} connections / {setup['sleep_ms']} ms)")
+            problems.add(
+                f"{name} is {rps / max(pool, 1e-9):.1f}x the pool's {_rate(pool)} "
+                f"(needs {IO_SPEEDUP:g}x)",
+                name,
+                POOL,
+            )
+    shares = ", ".join(
+        f"{name} {figures[name]['rps'] / ideal:.0%} of the ideal and "
+        f"{figures[name]['rps'] / max(pool, 1e-9):.0f}x the pool"
+        for name in switching
+    )
+    ok = (
+        f"{shares} ({_rate(pool)} with {setup['pool_workers']} workers; ideal {_rate(ideal)} "
+        f"= {setup['connections']} connections / {setup['sleep_ms']} ms)"
+    )
     return _decide(problems, ok, figures, [POOL, *switching])
 
 
 def hypothesis_io_wait(setup: Mapping) -> str:
     """The claim in numbers."""
     ideal = setup["connections"] / (setup["sleep_ms"] / 1000)
-    return (f"On /sleep {setup['sleep_ms']} with {setup['connections']} connections, every "
-            f"model but the pool answers >= {IO_SPEEDUP:g}x a pool of {setup['pool_workers']} "
-            f"workers, and each >= {IO_IDEAL_SHARE:.0%} of the ideal {_rate(ideal)} "
-            f"(connections / sleep).")
+    return (
+        f"On /sleep {setup['sleep_ms']} with {setup['connections']} connections, every "
+        f"model but the pool answers >= {IO_SPEEDUP:g}x a pool of {setup['pool_workers']} "
+        f"workers, and each >= {IO_IDEAL_SHARE:.0%} of the ideal {_rate(ideal)} "
+        f"(connections / sleep)."
+    )
 
 
 # -- cpu-work --------------------------------------------------------------------------------
@@ -185,20 +210,36 @@ def check_cpu_work(figures: Mapping[str, Mapping], setup: Mapping) -> Verdict:
     if len(rates) >= 2:
         low, high = min(rates.values()), max(rates.values())
         if high > (1 + CPU_SPREAD) * low:
-            problems.add("the switching models differ by " + f"{high / max(low, 1e-9) - 1:.0%}"
-                         + f" (needs within {CPU_SPREAD:.0%}): " + ", ".join(
-                             f"{name} {_rate(rate)}" + _cpu_per_request(figures[name])
-                             for name, rate in rates.items()), *rates)
+            problems.add(
+                "the switching models differ by "
+                + f"{high / max(low, 1e-9) - 1:.0%}"
+                + f" (needs within {CPU_SPREAD:.0%}): "
+                + ", ".join(
+                    f"{name} {_rate(rate)}" + _cpu_per_request(figures[name])
+                    for name, rate in rates.items()
+                ),
+                *rates,
+            )
     for name, figure in figures.items():
         if figure["rps"] > (1 + CORE_SLACK) * worth:
-            problems.add(f"{name} {_rate(figure['rps'])} is {figure['rps'] / worth:.2f} cores' "
-                         f"worth of /work (one core: {_rate(worth)})", name)
-    spread = (f"within {max(rates.values()) / max(min(rates.values()), 1e-9) - 1:.0%} of each "
-              "other, " if len(rates) >= 2 else "")
-    ok = (", ".join(f"{name} {_rate(figure['rps'])} ({figure['rps'] / worth:.2f} of a core's "
-                    "worth)" for name, figure in figures.items())
-          + f": {spread}none above one core's worth ({_rate(worth)} of {setup['work_ms']:.2f} ms "
-          "/work)")
+            problems.add(
+                f"{name} {_rate(figure['rps'])} is {figure['rps'] / worth:.2f} cores' "
+                f"worth of /work (one core: {_rate(worth)})",
+                name,
+            )
+    spread = (
+        f"within {max(rates.values()) / max(min(rates.values()), 1e-9) - 1:.0%} of each other, "
+        if len(rates) >= 2
+        else ""
+    )
+    ok = (
+        ", ".join(
+            f"{name} {_rate(figure['rps'])} ({figure['rps'] / worth:.2f} of a core's worth)"
+            for name, figure in figures.items()
+        )
+        + f": {spread}none above one core's worth ({_rate(worth)} of {setup['work_ms']:.2f} ms "
+        "/work)"
+    )
     return _decide(problems, ok, figures, list(figures))
 
 
@@ -211,10 +252,12 @@ def _cpu_per_request(figure: Mapping) -> str:
 def hypothesis_cpu_work(setup: Mapping) -> str:
     """The claim in numbers."""
     worth = 1000 / setup["work_ms"]
-    return (f"On one core, /work of {setup['work_ms']:.2f} ms with {setup['connections']} "
-            f"connections: the models that switch between connections are within "
-            f"{CPU_SPREAD:.0%} of each other, and no model goes above one core's worth "
-            f"({_rate(worth)}, +{CORE_SLACK:.0%} for the calibration).")
+    return (
+        f"On one core, /work of {setup['work_ms']:.2f} ms with {setup['connections']} "
+        f"connections: the models that switch between connections are within "
+        f"{CPU_SPREAD:.0%} of each other, and no model goes above one core's worth "
+        f"({_rate(worth)}, +{CORE_SLACK:.0%} for the calibration)."
+    )
 
 
 # -- pool-bound ------------------------------------------------------------------------------
@@ -230,31 +273,43 @@ def check_pool_bound(figures: Mapping[str, Mapping], setup: Mapping) -> Verdict:
     for run in runs:
         expected = run["workers"] / (setup["sleep_ms"] / 1000)
         if abs(run["rps"] / expected - 1) > POOL_TOLERANCE:
-            problems.add(f"{run['workers']} workers: {_rate(run['rps'])}, "
-                         f"{run['rps'] / expected:.0%} of workers / sleep = {_rate(expected)} "
-                         f"(needs within {POOL_TOLERANCE:.0%})", POOL)
+            problems.add(
+                f"{run['workers']} workers: {_rate(run['rps'])}, "
+                f"{run['rps'] / expected:.0%} of workers / sleep = {_rate(expected)} "
+                f"(needs within {POOL_TOLERANCE:.0%})",
+                POOL,
+            )
     ratio = runs[-1]["rps"] / max(runs[0]["rps"], 1e-9) if len(runs) >= 2 else None
     factor = runs[-1]["workers"] / runs[0]["workers"] if len(runs) >= 2 else None
     if ratio is not None and factor is not None and abs(ratio / factor - 1) > POOL_TOLERANCE:
-        problems.add(f"{factor:g}x the workers gave {ratio:.2f}x the rate "
-                     f"(needs {factor:g}x within {POOL_TOLERANCE:.0%})", POOL)
-    ok = ", ".join(f"{run['workers']} workers {_rate(run['rps'])} "
-                   f"({run['rps'] / (run['workers'] / (setup['sleep_ms'] / 1000)):.0%} of workers "
-                   "/ sleep)" for run in runs)
+        problems.add(
+            f"{factor:g}x the workers gave {ratio:.2f}x the rate "
+            f"(needs {factor:g}x within {POOL_TOLERANCE:.0%})",
+            POOL,
+        )
+    ok = ", ".join(
+        f"{run['workers']} workers {_rate(run['rps'])} "
+        f"({run['rps'] / (run['workers'] / (setup['sleep_ms'] / 1000)):.0%} of workers "
+        "/ sleep)"
+        for run in runs
+    )
     if ratio is not None:
         ok += f"; {factor:g}x the workers, {ratio:.2f}x the rate"
     noisy_pool = any(run.get("noisy") for run in runs)
-    pool_noise = {POOL: {"noisy": noisy_pool,
-                         "other_cpu": max(run.get("other_cpu", 0) for run in runs)}}
+    pool_noise = {
+        POOL: {"noisy": noisy_pool, "other_cpu": max(run.get("other_cpu", 0) for run in runs)}
+    }
     return _decide(problems, ok, pool_noise, [POOL])
 
 
 def hypothesis_pool_bound(setup: Mapping) -> str:
     """The claim in numbers."""
     sizes = " and ".join(str(workers) for workers in setup["pool_workers"])
-    return (f"On /sleep {setup['sleep_ms']} with {setup['connections']} connections, a pool of "
-            f"{sizes} workers answers workers / sleep (within {POOL_TOLERANCE:.0%}), so doubling "
-            "the workers doubles the rate; the switching models serve every connection.")
+    return (
+        f"On /sleep {setup['sleep_ms']} with {setup['connections']} connections, a pool of "
+        f"{sizes} workers answers workers / sleep (within {POOL_TOLERANCE:.0%}), so doubling "
+        "the workers doubles the rate; the switching models serve every connection."
+    )
 
 
 # -- cores -----------------------------------------------------------------------------------
@@ -263,39 +318,52 @@ def hypothesis_pool_bound(setup: Mapping) -> str:
 def check_cores(figures: Mapping[str, Mapping], setup: Mapping) -> Verdict:
     """The process pool on two cores >= CORES_RATIO x the threaded server on /work."""
     if setup.get("cpus", 0) < 2:
-        return Verdict(INCONCLUSIVE, f"not checked: this machine gives {setup.get('cpus', 0)} "
-                       "CPU(s) to the server, the lesson needs 2")
+        return Verdict(
+            INCONCLUSIVE,
+            f"not checked: this machine gives {setup.get('cpus', 0)} "
+            "CPU(s) to the server, the lesson needs 2",
+        )
     missing = _missing(figures, [POOL, OS_THREADS])
     if missing:
         return missing
     pool, threaded = figures[POOL], figures[OS_THREADS]
     ratio = pool["rps"] / max(threaded["rps"], 1e-9)
     used = ", ".join(f"{name} {figure['server_cores']:.2f}" for name, figure in figures.items())
-    text = (f"the process pool answered {ratio:.2f}x the threaded server ({_rate(pool['rps'])} vs "
-            f"{_rate(threaded['rps'])}); cores used: {used}; the load generator shared the cores "
-            f"and took {pool['loadgen_cores']:.2f} of a core")
+    text = (
+        f"the process pool answered {ratio:.2f}x the threaded server ({_rate(pool['rps'])} vs "
+        f"{_rate(threaded['rps'])}); cores used: {used}; the load generator shared the cores "
+        f"and took {pool['loadgen_cores']:.2f} of a core"
+    )
     if threaded["other_cores"] > setup["cpus"] - 1:
         # Others took more than the one core threads can use: the threaded figure is too low.
-        return Verdict(INCONCLUSIVE, f"{text}; but other processes took "
-                       f"{threaded['other_cores']:.2f} cores during the threaded run, so its one "
-                       "core was not free")
+        return Verdict(
+            INCONCLUSIVE,
+            f"{text}; but other processes took "
+            f"{threaded['other_cores']:.2f} cores during the threaded run, so its one "
+            "core was not free",
+        )
     if ratio >= CORES_RATIO:
         return Verdict(HOLDS, text)
     # Not enough: was there a second core to use? Cores the server could have had = its
     # allotment minus what others (load generator excluded) took.
     available = setup["cpus"] - pool["other_cores"]
     if available < CORES_AVAILABLE:
-        return Verdict(INCONCLUSIVE, f"{text}; the machine could not give 2 quiet cores: other "
-                       f"processes took {pool['other_cores']:.2f} cores during the pool's run")
+        return Verdict(
+            INCONCLUSIVE,
+            f"{text}; the machine could not give 2 quiet cores: other "
+            f"processes took {pool['other_cores']:.2f} cores during the pool's run",
+        )
     return Verdict(FAILS, f"{text} (needs {CORES_RATIO:g}x)")
 
 
 def hypothesis_cores(setup: Mapping) -> str:
     """The claim in numbers."""
-    return (f"With the server given {setup.get('cpus', 2)} cores, /work of "
-            f"{setup['work_ms']:.2f} ms and {setup['connections']} connections: a pool of "
-            f"{setup['pool_workers']} worker processes answers >= {CORES_RATIO:g}x the threaded "
-            "server.")
+    return (
+        f"With the server given {setup.get('cpus', 2)} cores, /work of "
+        f"{setup['work_ms']:.2f} ms and {setup['connections']} connections: a pool of "
+        f"{setup['pool_workers']} worker processes answers >= {CORES_RATIO:g}x the threaded "
+        "server."
+    )
 
 
 # -- many-clients ----------------------------------------------------------------------------
@@ -309,19 +377,27 @@ def check_many_clients(figures: Mapping[str, Mapping], setup: Mapping) -> Verdic
     for name, figure in figures.items():
         if figure["answered"] < figure["connections"]:
             how = "still waiting after" if figure["longest_wait_unanswered"] else "waited"
-            problems.add(f"{name} answered {figure['answered']}/{figure['connections']} "
-                         f"connections (a request {how} {figure['longest_wait_s']:.1f} s)", name)
-    ok = (f"every connection answered in the {setup['window_s']:g} s window; longest wait: "
-          + ", ".join(f"{name} {_ms(figure['longest_wait_s'] * 1000)}"
-                      for name, figure in figures.items()))
+            problems.add(
+                f"{name} answered {figure['answered']}/{figure['connections']} "
+                f"connections (a request {how} {figure['longest_wait_s']:.1f} s)",
+                name,
+            )
+    ok = (
+        f"every connection answered in the {setup['window_s']:g} s window; longest wait: "
+        + ", ".join(
+            f"{name} {_ms(figure['longest_wait_s'] * 1000)}" for name, figure in figures.items()
+        )
+    )
     return _decide(problems, ok, figures, list(figures))
 
 
 def hypothesis_many_clients(setup: Mapping) -> str:
     """The claim in numbers."""
-    return (f"With {setup['connections']} connections sending echo without pause, every "
-            f"connection of every model gets a reply within the {setup['window_s']:g} s window "
-            "(none starved); the longest wait is reported per model.")
+    return (
+        f"With {setup['connections']} connections sending echo without pause, every "
+        f"connection of every model gets a reply within the {setup['window_s']:g} s window "
+        "(none starved); the longest wait is reported per model."
+    )
 
 
 # -- blocked-loop ----------------------------------------------------------------------------
@@ -336,13 +412,19 @@ def check_blocked_loop(figures: Mapping[str, Mapping], setup: Mapping) -> Verdic
     loop, threads = figures[EVENT_LOOP], figures[OS_THREADS]
     problems = Problems()
     if loop["echo_p99_ms"] < work:
-        problems.add(f"{EVENT_LOOP}'s echo p99 {_ms(loop['echo_p99_ms'])} is below the /work "
-                     f"time {_ms(work)}", EVENT_LOOP)
+        problems.add(
+            f"{EVENT_LOOP}'s echo p99 {_ms(loop['echo_p99_ms'])} is below the /work "
+            f"time {_ms(work)}",
+            EVENT_LOOP,
+        )
     if loop["echo_p99_ms"] < BLOCKED_FACTOR * loop["echo_p99_alone_ms"]:
-        problems.add(f"{EVENT_LOOP}'s echo p99 {_ms(loop['echo_p99_ms'])} is only "
-                     f"{loop['echo_p99_ms'] / max(loop['echo_p99_alone_ms'], 1e-9):.1f}x its "
-                     f"p99 without /work ({_ms(loop['echo_p99_alone_ms'])}; needs "
-                     f"{BLOCKED_FACTOR:g}x)", EVENT_LOOP)
+        problems.add(
+            f"{EVENT_LOOP}'s echo p99 {_ms(loop['echo_p99_ms'])} is only "
+            f"{loop['echo_p99_ms'] / max(loop['echo_p99_alone_ms'], 1e-9):.1f}x its "
+            f"p99 without /work ({_ms(loop['echo_p99_alone_ms'])}; needs "
+            f"{BLOCKED_FACTOR:g}x)",
+            EVENT_LOOP,
+        )
     preempted, trade_off = _preemption(threads, work)
     if not preempted:
         problems.add(trade_off, OS_THREADS)
@@ -351,12 +433,15 @@ def check_blocked_loop(figures: Mapping[str, Mapping], setup: Mapping) -> Verdic
         # Not a measurement: no noise excuses a missing metric.
         problems.add(f"{EVENT_LOOP}'s /metrics gave no arena_event_loop_blocked_seconds_total")
     elif blocked <= 0:
-        problems.add(f"{EVENT_LOOP}'s arena_event_loop_blocked_seconds_total did not rise",
-                     EVENT_LOOP)
-    ok = (f"{EVENT_LOOP}'s echo p99 {_ms(loop['echo_p99_ms'])} >= the /work time {_ms(work)} and "
-          f"{loop['echo_p99_ms'] / max(loop['echo_p99_alone_ms'], 1e-9):.0f}x its p99 without "
-          f"/work ({_ms(loop['echo_p99_alone_ms'])}); {trade_off}; the loop was blocked "
-          f"{blocked or 0:.1f} s of a {loop.get('blocked_span_s', 0):.1f} s run")
+        problems.add(
+            f"{EVENT_LOOP}'s arena_event_loop_blocked_seconds_total did not rise", EVENT_LOOP
+        )
+    ok = (
+        f"{EVENT_LOOP}'s echo p99 {_ms(loop['echo_p99_ms'])} >= the /work time {_ms(work)} and "
+        f"{loop['echo_p99_ms'] / max(loop['echo_p99_alone_ms'], 1e-9):.0f}x its p99 without "
+        f"/work ({_ms(loop['echo_p99_alone_ms'])}); {trade_off}; the loop was blocked "
+        f"{blocked or 0:.1f} s of a {loop.get('blocked_span_s', 0):.1f} s run"
+    )
     used = {EVENT_LOOP: loop, OS_THREADS: _threads_noise(threads)}
     return _decide(problems, ok, used, [EVENT_LOOP, OS_THREADS])
 
@@ -372,36 +457,49 @@ def _preemption(threads: Mapping, work: float) -> tuple[bool, str]:
     own = threads["echo_p99_ms"]
     at_cpython = threads.get("at_cpython_interval")
     if own < work:
-        return True, (f"{OS_THREADS}'s echo p99 {_ms(own)} stays below it (switch interval "
-                      f"{_interval(threads)})")
+        return True, (
+            f"{OS_THREADS}'s echo p99 {_ms(own)} stays below it (switch interval "
+            f"{_interval(threads)})"
+        )
     if at_cpython and at_cpython["echo_p99_ms"] < work:
-        return True, (f"{OS_THREADS}'s echo p99 stays below it at CPython's "
-                      f"{_interval(at_cpython)} switch interval ({_ms(at_cpython['echo_p99_ms'])})"
-                      f", not at the server's {_interval(threads)} ({_ms(own)}): a longer "
-                      "interval (fewer hand-overs between many busy threads) lets a long "
-                      "request hold the GIL longer: the trade-off")
-    cpython = (f", {_ms(at_cpython['echo_p99_ms'])} at CPython's {_interval(at_cpython)}"
-               if at_cpython else "")
-    return False, (f"{OS_THREADS}'s echo p99 {_ms(own)} (switch interval {_interval(threads)})"
-                   f"{cpython} is not below the /work time {_ms(work)}")
+        return True, (
+            f"{OS_THREADS}'s echo p99 stays below it at CPython's "
+            f"{_interval(at_cpython)} switch interval ({_ms(at_cpython['echo_p99_ms'])})"
+            f", not at the server's {_interval(threads)} ({_ms(own)}): a longer "
+            "interval (fewer hand-overs between many busy threads) lets a long "
+            "request hold the GIL longer: the trade-off"
+        )
+    cpython = (
+        f", {_ms(at_cpython['echo_p99_ms'])} at CPython's {_interval(at_cpython)}"
+        if at_cpython
+        else ""
+    )
+    return False, (
+        f"{OS_THREADS}'s echo p99 {_ms(own)} (switch interval {_interval(threads)})"
+        f"{cpython} is not below the /work time {_ms(work)}"
+    )
 
 
 def _threads_noise(threads: Mapping) -> Mapping:
     """The threaded figures' noise, its run at CPython's switch interval included."""
     at_cpython = threads.get("at_cpython_interval") or {}
-    return {"noisy": threads.get("noisy") or at_cpython.get("noisy", False),
-            "other_cpu": max(threads.get("other_cpu", 0), at_cpython.get("other_cpu", 0))}
+    return {
+        "noisy": threads.get("noisy") or at_cpython.get("noisy", False),
+        "other_cpu": max(threads.get("other_cpu", 0), at_cpython.get("other_cpu", 0)),
+    }
 
 
 def hypothesis_blocked_loop(setup: Mapping) -> str:
     """The claim in numbers."""
-    return (f"With {setup['connections']} connections sending {setup['work_share']:.0%} /work of "
-            f"{setup['work_ms']:.0f} ms among echo requests, {EVENT_LOOP}'s echo p99 reaches the "
-            f"/work time and >= {BLOCKED_FACTOR:g}x its echo p99 without /work, and "
-            "arena_event_loop_blocked_seconds_total rises; "
-            f"{OS_THREADS}'s echo p99 stays below the /work time, measured at the server's own "
-            f"GIL switch interval and at CPython's {CPYTHON_SWITCH_INTERVAL * 1000:g} ms (a "
-            "longer interval, chosen for fairness, preempts later: the trade-off is shown).")
+    return (
+        f"With {setup['connections']} connections sending {setup['work_share']:.0%} /work of "
+        f"{setup['work_ms']:.0f} ms among echo requests, {EVENT_LOOP}'s echo p99 reaches the "
+        f"/work time and >= {BLOCKED_FACTOR:g}x its echo p99 without /work, and "
+        "arena_event_loop_blocked_seconds_total rises; "
+        f"{OS_THREADS}'s echo p99 stays below the /work time, measured at the server's own "
+        f"GIL switch interval and at CPython's {CPYTHON_SWITCH_INTERVAL * 1000:g} ms (a "
+        "longer interval, chosen for fairness, preempts later: the trade-off is shown)."
+    )
 
 
 CHECKS: Mapping[str, Callable[[Mapping[str, Mapping], Mapping], Verdict]] = {

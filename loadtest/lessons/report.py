@@ -10,8 +10,7 @@ from loadtest.bench.report import _duration_label, _rate_label
 from loadtest.lessons import checks
 
 VERDICT_MARK = {checks.HOLDS: "holds", checks.FAILS: "FAILS", checks.INCONCLUSIVE: "inconclusive"}
-VERDICT_COLOR = {checks.HOLDS: "#2ca02c", checks.FAILS: "#d62728",
-                 checks.INCONCLUSIVE: "#ff7f0e"}
+VERDICT_COLOR = {checks.HOLDS: "#2ca02c", checks.FAILS: "#d62728", checks.INCONCLUSIVE: "#ff7f0e"}
 BAR = "#1f77b4"
 NOISY_BAR = "#9ecae1"
 LIMIT = "#d62728"
@@ -21,10 +20,15 @@ def machine_line(results: Mapping) -> str:
     """`2026-12-03 10:00 UTC · AMD EPYC, 2 cores, Linux 6.18, Python 3.11.7 · full run`."""
     machine = results["machine"]
     pace = results["pace"]
-    how = ("quick run (--quick), one run per figure" if pace["quick"] else
-           f"full run, median of {pace['reps']} runs per figure")
-    return (f"{results['when']} · {machine['cpu_model']}, {machine['cores']} cores, "
-            f"{machine['system']}, Python {machine['python']} · {how}")
+    how = (
+        "quick run (--quick), one run per figure"
+        if pace["quick"]
+        else f"full run, median of {pace['reps']} runs per figure"
+    )
+    return (
+        f"{results['when']} · {machine['cpu_model']}, {machine['cores']} cores, "
+        f"{machine['system']}, Python {machine['python']} · {how}"
+    )
 
 
 def _ms(value: float) -> str:
@@ -43,34 +47,64 @@ Column = tuple[str, Callable[[Mapping], str]]
 RPS: Column = ("req/s", lambda f: f"{f['rps']:,.0f}")
 P99: Column = ("p99 ms", lambda f: _ms(f["p99_ms"]))
 NOISE: Column = ("others on server CPU", _noise)
-CPU_PER_REQUEST: Column = ("CPU ms per request", lambda f: f"{f['cpu_ms_per_request']:.2f}"
-                           if "cpu_ms_per_request" in f else "-")
+CPU_PER_REQUEST: Column = (
+    "CPU ms per request",
+    lambda f: f"{f['cpu_ms_per_request']:.2f}" if "cpu_ms_per_request" in f else "-",
+)
 COLUMNS: dict[str, list[Column]] = {
     "io-wait": [RPS, ("of ideal", lambda f: _pct(f["of_ideal"])), P99, NOISE],
-    "cpu-work": [RPS, ("of one core's worth", lambda f: f"{f['cores_worth']:.2f}"),
-                 ("server CPU (cores)", lambda f: f"{f['server_cores']:.2f}"), CPU_PER_REQUEST,
-                 P99, NOISE],
-    "pool-bound": [RPS, ("expected", lambda f: f"{f['expected_rps']:,.0f}"),
-                   ("of expected", lambda f: _pct(f["of_expected"])), P99, NOISE],
-    "cores": [RPS, ("server CPU (cores)", lambda f: f"{f['server_cores']:.2f}"), CPU_PER_REQUEST,
-              ("load generator (cores)", lambda f: f"{f['loadgen_cores']:.2f}"),
-              ("others (cores)", lambda f: f"{f['other_cores']:.2f}"
-               + (" ⚠" if f.get("noisy") else ""))],
+    "cpu-work": [
+        RPS,
+        ("of one core's worth", lambda f: f"{f['cores_worth']:.2f}"),
+        ("server CPU (cores)", lambda f: f"{f['server_cores']:.2f}"),
+        CPU_PER_REQUEST,
+        P99,
+        NOISE,
+    ],
+    "pool-bound": [
+        RPS,
+        ("expected", lambda f: f"{f['expected_rps']:,.0f}"),
+        ("of expected", lambda f: _pct(f["of_expected"])),
+        P99,
+        NOISE,
+    ],
+    "cores": [
+        RPS,
+        ("server CPU (cores)", lambda f: f"{f['server_cores']:.2f}"),
+        CPU_PER_REQUEST,
+        ("load generator (cores)", lambda f: f"{f['loadgen_cores']:.2f}"),
+        ("others (cores)", lambda f: f"{f['other_cores']:.2f}" + (" ⚠" if f.get("noisy") else "")),
+    ],
     "many-clients": [
-        ("answered", lambda f: f"{f['answered']}/{f['connections']}"
-         + (" ⚠" if f["starved"] else "")),
-        ("longest wait", lambda f: ("still waiting after " if f["longest_wait_unanswered"]
-                                    else "") + f"{_ms(f['longest_wait_s'] * 1000)} ms"),
-        ("replies per connection", lambda f: "{min:,}\u2013{max:,}".format(
-            **f["requests_per_connection"])),
-        RPS, P99, ("threads", lambda f: f"{f['threads']:,}"),
-        ("peak RSS MiB", lambda f: f"{f['peak_rss_mib']:.0f}"), NOISE],
+        (
+            "answered",
+            lambda f: f"{f['answered']}/{f['connections']}" + (" ⚠" if f["starved"] else ""),
+        ),
+        (
+            "longest wait",
+            lambda f: (
+                ("still waiting after " if f["longest_wait_unanswered"] else "")
+                + f"{_ms(f['longest_wait_s'] * 1000)} ms"
+            ),
+        ),
+        (
+            "replies per connection",
+            lambda f: "{min:,}\u2013{max:,}".format(**f["requests_per_connection"]),
+        ),
+        RPS,
+        P99,
+        ("threads", lambda f: f"{f['threads']:,}"),
+        ("peak RSS MiB", lambda f: f"{f['peak_rss_mib']:.0f}"),
+        NOISE,
+    ],
     "blocked-loop": [
         ("echo p99 ms", lambda f: _ms(f["echo_p99_ms"])),
         ("echo p99 ms, no /work", lambda f: _ms(f["echo_p99_alone_ms"])),
         ("/work p50 ms", lambda f: _ms(f["work_p50_ms"])),
         ("loop blocked s", lambda f: f"{f['blocked_s']:.2f}" if "blocked_s" in f else "-"),
-        RPS, NOISE],
+        RPS,
+        NOISE,
+    ],
 }
 
 
@@ -81,8 +115,10 @@ def rows(lesson: str, figures: Mapping[str, Mapping]) -> list[tuple[str, Mapping
         if lesson == "pool-bound" and "runs" in figure:
             out += [(f"{model}, {run['workers']} workers", run) for run in figure["runs"]]
         elif lesson == "blocked-loop" and figure.get("at_cpython_interval"):
-            out += [(f"{model}, switch {_interval_ms(part)}", part)
-                    for part in (figure, figure["at_cpython_interval"])]
+            out += [
+                (f"{model}, switch {_interval_ms(part)}", part)
+                for part in (figure, figure["at_cpython_interval"])
+            ]
         else:
             out.append((model, figure))
     return out
@@ -96,8 +132,10 @@ def _interval_ms(figure: Mapping) -> str:
 def table(lesson: str, figures: Mapping[str, Mapping]) -> list[list[str]]:
     """Header row then one row per model (or pool size)."""
     columns = COLUMNS[lesson]
-    body = [[label] + [render(figure) for _, render in columns]
-            for label, figure in rows(lesson, figures)]
+    body = [
+        [label] + [render(figure) for _, render in columns]
+        for label, figure in rows(lesson, figures)
+    ]
     return [["model"] + [name for name, _ in columns], *body]
 
 
@@ -113,70 +151,121 @@ def reading(lesson: str, figures: Mapping[str, Mapping], setup: Mapping) -> str:
     pool = figures.get(checks.POOL)
     switching = {name: figures[name] for name in checks.switching_models(figures)}
     if lesson == "io-wait":
-        text = (f"Every /sleep holds what runs it for {setup['sleep_ms']} ms. A thread or "
-                f"greenlet per connection overlaps the {setup['connections']} waits: "
-                + _join([f"{name} {f['rps']:,.0f} req/s ({_pct(f['of_ideal'])} of the ideal)"
-                         for name, f in switching.items()]) + ".")
+        text = (
+            f"Every /sleep holds what runs it for {setup['sleep_ms']} ms. A thread or "
+            f"greenlet per connection overlaps the {setup['connections']} waits: "
+            + _join(
+                [
+                    f"{name} {f['rps']:,.0f} req/s ({_pct(f['of_ideal'])} of the ideal)"
+                    for name, f in switching.items()
+                ]
+            )
+            + "."
+        )
         if pool:
-            text += (f" The pool runs each request on one of its {setup['pool_workers']} "
-                     f"workers, so only {setup['pool_workers']} wait at a time: "
-                     f"{pool['rps']:,.0f} req/s, and a p99 of {_ms(pool['p99_ms'])} ms spent "
-                     "queueing for a worker.")
+            text += (
+                f" The pool runs each request on one of its {setup['pool_workers']} "
+                f"workers, so only {setup['pool_workers']} wait at a time: "
+                f"{pool['rps']:,.0f} req/s, and a p99 of {_ms(pool['p99_ms'])} ms spent "
+                "queueing for a worker."
+            )
         return text
     if lesson == "cpu-work":
-        return (f"Each /work computes {setup['work_ms']:.2f} ms holding the GIL; on one core, "
-                "threads and greenlets only take turns, so no model does more than one core's "
-                "worth: " + _join([f"{name} {f['rps']:,.0f} req/s ({f['cores_worth']:.2f} of a "
-                                   "core's worth)" for name, f in figures.items()])
-                + ". What is left between them is each model's cost per request, not "
-                "concurrency: the server CPU per request shows it (with many threads waiting "
-                "for the GIL, hand-overs cost a share of the core).")
+        return (
+            f"Each /work computes {setup['work_ms']:.2f} ms holding the GIL; on one core, "
+            "threads and greenlets only take turns, so no model does more than one core's "
+            "worth: "
+            + _join(
+                [
+                    f"{name} {f['rps']:,.0f} req/s ({f['cores_worth']:.2f} of a core's worth)"
+                    for name, f in figures.items()
+                ]
+            )
+            + ". What is left between them is each model's cost per request, not "
+            "concurrency: the server CPU per request shows it (with many threads waiting "
+            "for the GIL, hand-overs cost a share of the core)."
+        )
     if lesson == "pool-bound":
-        text = (f"{setup['connections']} connections each ask for a {setup['sleep_ms']} ms "
-                "wait. ")
+        text = f"{setup['connections']} connections each ask for a {setup['sleep_ms']} ms wait. "
         if pool:
-            text += ("The pool's rate follows its size: " + _join(
-                [f"{run['workers']} workers {run['rps']:,.0f} req/s (expected "
-                 f"{run['expected_rps']:,.0f})" for run in pool["runs"]])
-                + "; the other requests queue. ")
+            text += (
+                "The pool's rate follows its size: "
+                + _join(
+                    [
+                        f"{run['workers']} workers {run['rps']:,.0f} req/s (expected "
+                        f"{run['expected_rps']:,.0f})"
+                        for run in pool["runs"]
+                    ]
+                )
+                + "; the other requests queue. "
+            )
         if switching:
-            text += ("A thread or greenlet per connection serves every connection at once: "
-                     + _join([f"{name} {f['rps']:,.0f} req/s of {f['expected_rps']:,.0f}"
-                              for name, f in switching.items()]) + ".")
+            text += (
+                "A thread or greenlet per connection serves every connection at once: "
+                + _join(
+                    [
+                        f"{name} {f['rps']:,.0f} req/s of {f['expected_rps']:,.0f}"
+                        for name, f in switching.items()
+                    ]
+                )
+                + "."
+            )
         return text.strip()
     if lesson == "cores":
-        return (f"The server got {setup['cores']} cores. " + _join(
-            [f"{name} used {f['server_cores']:.2f} cores for {f['rps']:,.0f} req/s"
-             for name, f in figures.items()])
+        return (
+            f"The server got {setup['cores']} cores. "
+            + _join(
+                [
+                    f"{name} used {f['server_cores']:.2f} cores for {f['rps']:,.0f} req/s"
+                    for name, f in figures.items()
+                ]
+            )
             + ". Worker processes each hold their own GIL and compute in parallel; a thread "
             "per connection or one event loop computes on one core at a time, whatever the "
-            "cores. The load generator shared the cores and its CPU is reported separately.")
+            "cores. The load generator shared the cores and its CPU is reported separately."
+        )
     if lesson == "many-clients":
-        return (f"{setup['connections']} connections send echo without pause. " + _join(
-            [f"{name}: {f['answered']}/{f['connections']} answered, longest wait "
-             f"{_ms(f['longest_wait_s'] * 1000)} ms, {f['threads']:,} threads, "
-             f"{f['peak_rss_mib']:.0f} MiB" for name, f in figures.items()])
+        return (
+            f"{setup['connections']} connections send echo without pause. "
+            + _join(
+                [
+                    f"{name}: {f['answered']}/{f['connections']} answered, longest wait "
+                    f"{_ms(f['longest_wait_s'] * 1000)} ms, {f['threads']:,} threads, "
+                    f"{f['peak_rss_mib']:.0f} MiB"
+                    for name, f in figures.items()
+                ]
+            )
             + ". A thread per connection costs a thread and its stack each, and the GIL must "
-            "hand over between them; a greenlet or a reactor slot costs almost nothing.")
+            "hand over between them; a greenlet or a reactor slot costs almost nothing."
+        )
     if lesson == "blocked-loop":
         loop, threads = figures.get(checks.EVENT_LOOP), figures.get(checks.OS_THREADS)
-        text = (f"{setup['work_share']:.0%} of requests compute {setup['work_ms']:.0f} ms. ")
+        text = f"{setup['work_share']:.0%} of requests compute {setup['work_ms']:.0f} ms. "
         if loop:
-            text += (f"{checks.EVENT_LOOP} runs one greenlet at a time: an echo that arrives "
-                     f"during /work waits for it, so its echo p99 is {_ms(loop['echo_p99_ms'])} "
-                     f"ms (without /work {_ms(loop['echo_p99_alone_ms'])} ms) and its probe saw "
-                     f"the loop blocked {loop.get('blocked_s', 0):.1f} s of a "
-                     f"{loop.get('blocked_span_s', 0):.1f} s run. ")
+            text += (
+                f"{checks.EVENT_LOOP} runs one greenlet at a time: an echo that arrives "
+                f"during /work waits for it, so its echo p99 is {_ms(loop['echo_p99_ms'])} "
+                f"ms (without /work {_ms(loop['echo_p99_alone_ms'])} ms) and its probe saw "
+                f"the loop blocked {loop.get('blocked_s', 0):.1f} s of a "
+                f"{loop.get('blocked_span_s', 0):.1f} s run. "
+            )
         if threads:
             parts = [threads, threads.get("at_cpython_interval") or {}]
-            p99s = " and ".join(f"{_ms(part['echo_p99_ms'])} ms at a {_interval_ms(part)} switch "
-                                "interval" for part in parts if part)
-            text += (f"{checks.OS_THREADS}: the OS runs every thread, and the long request's "
-                     "thread must hand over the GIL each switch interval, so an echo waits for "
-                     f"a slice, not the whole /work: p99 {p99s}. ")
+            p99s = " and ".join(
+                f"{_ms(part['echo_p99_ms'])} ms at a {_interval_ms(part)} switch interval"
+                for part in parts
+                if part
+            )
+            text += (
+                f"{checks.OS_THREADS}: the OS runs every thread, and the long request's "
+                "thread must hand over the GIL each switch interval, so an echo waits for "
+                f"a slice, not the whole /work: p99 {p99s}. "
+            )
         if pool:
-            text += (f"The pool's echo requests wait for one of its {setup['pool_workers']} "
-                     f"busy workers: p99 {_ms(pool['echo_p99_ms'])} ms.")
+            text += (
+                f"The pool's echo requests wait for one of its {setup['pool_workers']} "
+                f"busy workers: p99 {_ms(pool['echo_p99_ms'])} ms."
+            )
         return text.strip()
     return ""
 
@@ -186,17 +275,23 @@ def reading(lesson: str, figures: Mapping[str, Mapping], setup: Mapping) -> str:
 
 def _aligned(cells: list[list[str]]) -> list[str]:
     widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
-    return ["  ".join(cell.ljust(width) if i == 0 else cell.rjust(width)
-                      for i, (cell, width) in enumerate(zip(row, widths, strict=True)))
-            for row in cells]
+    return [
+        "  ".join(
+            cell.ljust(width) if i == 0 else cell.rjust(width)
+            for i, (cell, width) in enumerate(zip(row, widths, strict=True))
+        )
+        for row in cells
+    ]
 
 
 def console_block(entry: Mapping) -> str:
     """One lesson as printed: claim, hypothesis, figures per model, verdict with its reason."""
-    lines = [f"== {entry['title']}",
-             f"claim:      {entry['claim']}",
-             f"hypothesis: {entry['hypothesis']}",
-             "figures:"]
+    lines = [
+        f"== {entry['title']}",
+        f"claim:      {entry['claim']}",
+        f"hypothesis: {entry['hypothesis']}",
+        "figures:",
+    ]
     if entry["figures"]:
         lines += ["  " + line for line in _aligned(table(entry["id"], entry["figures"]))]
     lines.append(f"verdict:    {VERDICT_MARK[entry['verdict']]} — {entry['reason']}")
@@ -210,8 +305,9 @@ def summary_table(results: Mapping) -> str:
         reason = entry["reason"] if len(entry["reason"]) <= 110 else entry["reason"][:107] + "..."
         cells.append([entry["id"], VERDICT_MARK[entry["verdict"]], reason])
     widths = [max(len(row[i]) for row in cells) for i in range(2)]
-    return "\n".join(f"{row[0].ljust(widths[0])}  {row[1].ljust(widths[1])}  {row[2]}"
-                     for row in cells)
+    return "\n".join(
+        f"{row[0].ljust(widths[0])}  {row[1].ljust(widths[1])}  {row[2]}" for row in cells
+    )
 
 
 # -- files -----------------------------------------------------------------------------------
@@ -226,9 +322,11 @@ def write_json(results: Mapping, directory: Path) -> Path:
 
 def markdown_table(cells: list[list[str]]) -> list[str]:
     """A Markdown table, first column left, the others right-aligned."""
-    return ["| " + " | ".join(cells[0]) + " |",
-            "|---|" + "--:|" * (len(cells[0]) - 1),
-            *("| " + " | ".join(row) + " |" for row in cells[1:])]
+    return [
+        "| " + " | ".join(cells[0]) + " |",
+        "|---|" + "--:|" * (len(cells[0]) - 1),
+        *("| " + " | ".join(row) + " |" for row in cells[1:]),
+    ]
 
 
 def write_markdown(results: Mapping, directory: Path) -> Path:
@@ -242,19 +340,26 @@ def write_markdown(results: Mapping, directory: Path) -> Path:
         "",
         "| lesson | verdict |",
         "|---|---|",
-        *(f"| [{entry['id']}](#{entry['id']}) | {VERDICT_MARK[entry['verdict']]} |"
-          for entry in results["lessons"]),
+        *(
+            f"| [{entry['id']}](#{entry['id']}) | {VERDICT_MARK[entry['verdict']]} |"
+            for entry in results["lessons"]
+        ),
         "",
     ]
     for entry in results["lessons"]:
         lines += [
-            f"## {entry['id']}", "",
-            f"**Claim.** {entry['claim']}", "",
-            f"**Hypothesis.** {entry['hypothesis']}", "",
+            f"## {entry['id']}",
+            "",
+            f"**Claim.** {entry['claim']}",
+            "",
+            f"**Hypothesis.** {entry['hypothesis']}",
+            "",
             *(markdown_table(table(entry["id"], entry["figures"])) if entry["figures"] else []),
             "",
-            f"**Verdict: {VERDICT_MARK[entry['verdict']]}** — {entry['reason']}.", "",
-            f"**Reading.** {entry['reading']}", "",
+            f"**Verdict: {VERDICT_MARK[entry['verdict']]}** — {entry['reason']}.",
+            "",
+            f"**Reading.** {entry['reading']}",
+            "",
         ]
         if entry.get("chart"):
             lines += [f"![{entry['id']}]({entry['chart']})", ""]
@@ -277,12 +382,14 @@ def write_chart(entry: Mapping, results: Mapping, directory: Path) -> str | None
 
     draw = CHARTS[entry["id"]]
     wide = entry["id"] in ("many-clients", "blocked-loop")
-    figure, axes = pyplot.subplots(1, 2 if wide else 1, figsize=(11 if wide else 8, 4.4),
-                                   squeeze=False)
+    figure, axes = pyplot.subplots(
+        1, 2 if wide else 1, figsize=(11 if wide else 8, 4.4), squeeze=False
+    )
     draw(list(axes.flat), entry)
     verdict = VERDICT_MARK[entry["verdict"]]
-    figure.suptitle(f"{entry['title']} — {verdict}", color=VERDICT_COLOR[entry["verdict"]],
-                    fontsize=11)
+    figure.suptitle(
+        f"{entry['title']} — {verdict}", color=VERDICT_COLOR[entry["verdict"]], fontsize=11
+    )
     figure.text(0.5, 0.01, machine_line(results), ha="center", fontsize=7)
     figure.tight_layout(rect=(0, 0.04, 1, 0.95))
     name = f"{entry['id']}.png"
@@ -291,8 +398,15 @@ def write_chart(entry: Mapping, results: Mapping, directory: Path) -> str | None
     return name
 
 
-def _bars(axis, labels: list[str], values: list[float], noisy: list[bool], unit: str,
-          fmt: Callable[[float], str], reach: list[float] | None = None) -> None:
+def _bars(
+    axis,
+    labels: list[str],
+    values: list[float],
+    noisy: list[bool],
+    unit: str,
+    fmt: Callable[[float], str],
+    reach: list[float] | None = None,
+) -> None:
     """Horizontal bars with their values; noisy ones lighter. `reach`: where each label may
     start (past a marker drawn on the bar)."""
     from matplotlib.ticker import FuncFormatter
@@ -304,16 +418,23 @@ def _bars(axis, labels: list[str], values: list[float], noisy: list[bool], unit:
     axis.xaxis.set_major_formatter(FuncFormatter(_rate_label))
     starts = reach or values
     for index, value in enumerate(values):
-        axis.text(max(value, starts[index]), index,
-                  " " + fmt(value) + ("  (noisy ⚠)" if noisy[index] else ""),
-                  va="center", fontsize=8)
+        axis.text(
+            max(value, starts[index]),
+            index,
+            " " + fmt(value) + ("  (noisy ⚠)" if noisy[index] else ""),
+            va="center",
+            fontsize=8,
+        )
     axis.set_xlim(0, max([*values, *starts, 1]) * 1.35)
     axis.grid(axis="x", alpha=0.3)
     if any(noisy):
         from matplotlib.patches import Patch
 
-        axis.legend(handles=[Patch(color=NOISY_BAR, label="noisy: other processes took "
-                                   "the server's CPU")], fontsize=7, loc="lower right")
+        axis.legend(
+            handles=[Patch(color=NOISY_BAR, label="noisy: other processes took the server's CPU")],
+            fontsize=7,
+            loc="lower right",
+        )
 
 
 def _limit(axis, value: float, text: str, color: str = LIMIT) -> None:
@@ -325,33 +446,57 @@ def _limit(axis, value: float, text: str, color: str = LIMIT) -> None:
         axis.set_xlim(low, value * 1.1)  # the line and its label stay inside the axes
     axis.axvline(value, color=color, linestyle="--", linewidth=1)
     where = blended_transform_factory(axis.transData, axis.transAxes)
-    axis.text(value, 0.98, text + " ", color=color, fontsize=7, rotation=90, ha="right",
-              va="top", transform=where)
+    axis.text(
+        value,
+        0.98,
+        text + " ",
+        color=color,
+        fontsize=7,
+        rotation=90,
+        ha="right",
+        va="top",
+        transform=where,
+    )
 
 
 def _chart_io_wait(axes, entry: Mapping) -> None:
     figures, setup = entry["figures"], entry["setup"]
-    labels = [f"{m} ({f['workers']} workers)" if "workers" in f else m
-              for m, f in figures.items()]
+    labels = [f"{m} ({f['workers']} workers)" if "workers" in f else m for m, f in figures.items()]
     values = [f["rps"] for f in figures.values()]
-    _bars(axes[0], labels, values, [f["noisy"] for f in figures.values()], "requests / s",
-          lambda v: f"{v:,.0f}")
+    _bars(
+        axes[0],
+        labels,
+        values,
+        [f["noisy"] for f in figures.values()],
+        "requests / s",
+        lambda v: f"{v:,.0f}",
+    )
     ideal = setup["connections"] / (setup["sleep_ms"] / 1000)
     _limit(axes[0], ideal, f"ideal {ideal:,.0f}", "grey")
     _limit(axes[0], checks.IO_IDEAL_SHARE * ideal, f"{checks.IO_IDEAL_SHARE:.0%} of ideal")
-    axes[0].set_title(f"/sleep {setup['sleep_ms']} ms, {setup['connections']} connections, "
-                      "server on one core", fontsize=9)
+    axes[0].set_title(
+        f"/sleep {setup['sleep_ms']} ms, {setup['connections']} connections, server on one core",
+        fontsize=9,
+    )
 
 
 def _chart_cpu_work(axes, entry: Mapping) -> None:
     figures, setup = entry["figures"], entry["setup"]
     values = [f["rps"] for f in figures.values()]
-    _bars(axes[0], list(figures), values, [f["noisy"] for f in figures.values()],
-          "requests / s", lambda v: f"{v:,.0f}")
+    _bars(
+        axes[0],
+        list(figures),
+        values,
+        [f["noisy"] for f in figures.values()],
+        "requests / s",
+        lambda v: f"{v:,.0f}",
+    )
     worth = 1000 / setup["work_ms"]
     _limit(axes[0], worth, f"one core's worth {worth:,.0f}", "grey")
-    axes[0].set_title(f"/work {setup['work_ms']:.2f} ms, {setup['connections']} connections, "
-                      "server on one core", fontsize=9)
+    axes[0].set_title(
+        f"/work {setup['work_ms']:.2f} ms, {setup['connections']} connections, server on one core",
+        fontsize=9,
+    )
 
 
 def _chart_pool_bound(axes, entry: Mapping) -> None:
@@ -359,28 +504,51 @@ def _chart_pool_bound(axes, entry: Mapping) -> None:
     pairs = rows("pool-bound", entry["figures"])
     labels = [label for label, _ in pairs]
     expected = [f["expected_rps"] for _, f in pairs]
-    _bars(axes[0], labels, [f["rps"] for _, f in pairs], [f["noisy"] for _, f in pairs],
-          "requests / s", lambda v: f"{v:,.0f}", reach=expected)
+    _bars(
+        axes[0],
+        labels,
+        [f["rps"] for _, f in pairs],
+        [f["noisy"] for _, f in pairs],
+        "requests / s",
+        lambda v: f"{v:,.0f}",
+        reach=expected,
+    )
     for index, value in enumerate(expected):
         axes[0].plot([value] * 2, [index - 0.4, index + 0.4], color=LIMIT, linewidth=2)
-    axes[0].text(0.99, 0.5, "red: expected, workers (or connections) / sleep", color=LIMIT,
-                 fontsize=7, ha="right", transform=axes[0].transAxes)
-    axes[0].set_title(f"/sleep {setup['sleep_ms']} ms, {setup['connections']} connections, "
-                      "server on one core", fontsize=9)
+    axes[0].text(
+        0.99,
+        0.5,
+        "red: expected, workers (or connections) / sleep",
+        color=LIMIT,
+        fontsize=7,
+        ha="right",
+        transform=axes[0].transAxes,
+    )
+    axes[0].set_title(
+        f"/sleep {setup['sleep_ms']} ms, {setup['connections']} connections, server on one core",
+        fontsize=9,
+    )
 
 
 def _chart_cores(axes, entry: Mapping) -> None:
     figures, setup = entry["figures"], entry["setup"]
     cores = iter([f["server_cores"] for f in figures.values()])
-    _bars(axes[0], list(figures), [f["rps"] for f in figures.values()],
-          [f["noisy"] for f in figures.values()], "requests / s",
-          lambda v: f"{v:,.0f}, {next(cores):.2f} cores used")
+    _bars(
+        axes[0],
+        list(figures),
+        [f["rps"] for f in figures.values()],
+        [f["noisy"] for f in figures.values()],
+        "requests / s",
+        lambda v: f"{v:,.0f}, {next(cores):.2f} cores used",
+    )
     worth = 1000 / setup["work_ms"]
     _limit(axes[0], worth, "one core", "grey")
     _limit(axes[0], setup["cores"] * worth, f"{setup['cores']} cores", "grey")
-    axes[0].set_title(f"/work {setup['work_ms']:.2f} ms, {setup['connections']} connections, "
-                      f"server on {setup['cores']} cores (load generator shares them)",
-                      fontsize=9)
+    axes[0].set_title(
+        f"/work {setup['work_ms']:.2f} ms, {setup['connections']} connections, "
+        f"server on {setup['cores']} cores (load generator shares them)",
+        fontsize=9,
+    )
 
 
 def _chart_many_clients(axes, entry: Mapping) -> None:
@@ -393,18 +561,28 @@ def _chart_many_clients(axes, entry: Mapping) -> None:
     axes[0].barh(names, shares, color=colors)
     axes[0].invert_yaxis()
     for index, figure in enumerate(figures.values()):
-        axes[0].text(2, index, f"{figure['answered']}/{figure['connections']}", va="center",
-                     fontsize=8, color="white")
+        axes[0].text(
+            2,
+            index,
+            f"{figure['answered']}/{figure['connections']}",
+            va="center",
+            fontsize=8,
+            color="white",
+        )
     axes[0].set_xlim(0, 100)
     axes[0].set_xlabel("connections answered in the window (%)")
-    axes[0].set_title(f"echo, {setup['connections']} connections, server on one core",
-                      fontsize=9)
+    axes[0].set_title(f"echo, {setup['connections']} connections, server on one core", fontsize=9)
     waits = [f["longest_wait_s"] * 1e6 for f in figures.values()]
     axes[1].scatter(waits, range(len(names)), color=colors, s=40)
     for index, figure in enumerate(figures.values()):
         still = "still waiting " if figure["longest_wait_unanswered"] else ""
-        axes[1].text(waits[index], index, f"  {still}{_ms(figure['longest_wait_s'] * 1e3)} ms",
-                     va="center", fontsize=8)
+        axes[1].text(
+            waits[index],
+            index,
+            f"  {still}{_ms(figure['longest_wait_s'] * 1e3)} ms",
+            va="center",
+            fontsize=8,
+        )
     axes[1].set_yticks(range(len(names)), names)
     axes[1].set_ylim(len(names) - 0.5, -0.5)
     axes[1].set_xscale("log")
@@ -426,10 +604,14 @@ def _chart_blocked_loop(axes, entry: Mapping) -> None:
     with_work = [f["echo_p99_ms"] * 1e3 for _, f in pairs]
     alone = [f["echo_p99_alone_ms"] * 1e3 for _, f in pairs]
     axis = axes[0]
-    axis.barh([p - 0.2 for p in positions], alone, height=0.4, color="#9ecae1",
-              label="echo only")
-    axis.barh([p + 0.2 for p in positions], with_work, height=0.4, color=BAR,
-              label=f"with {setup['work_share']:.0%} /work")
+    axis.barh([p - 0.2 for p in positions], alone, height=0.4, color="#9ecae1", label="echo only")
+    axis.barh(
+        [p + 0.2 for p in positions],
+        with_work,
+        height=0.4,
+        color=BAR,
+        label=f"with {setup['work_share']:.0%} /work",
+    )
     for position, value in zip(positions, with_work, strict=True):
         axis.text(value, position + 0.2, f" {_ms(value / 1e3)} ms", va="center", fontsize=8)
     axis.set_yticks(list(positions), names)
@@ -437,30 +619,44 @@ def _chart_blocked_loop(axes, entry: Mapping) -> None:
     axis.set_xscale("log")
     axis.xaxis.set_major_formatter(FuncFormatter(_duration_label))
     axis.xaxis.set_minor_formatter(NullFormatter())
-    axis.axvline(setup["work_ms"] * 1e3, color=LIMIT, linestyle="--", linewidth=1,
-                 label=f"the /work time, {setup['work_ms']:.0f} ms")
+    axis.axvline(
+        setup["work_ms"] * 1e3,
+        color=LIMIT,
+        linestyle="--",
+        linewidth=1,
+        label=f"the /work time, {setup['work_ms']:.0f} ms",
+    )
     axis.set_xlim(min([*alone, *with_work]) / 3, max([*with_work, setup["work_ms"] * 1e3]) * 40)
     axis.set_xlabel("echo p99 (log scale)")
-    axis.set_title(f"echo p99, {setup['connections']} connections, server on one core",
-                   fontsize=9)
+    axis.set_title(f"echo p99, {setup['connections']} connections, server on one core", fontsize=9)
     axis.legend(fontsize=7, loc="upper right")
-    blocked = [(name, f["blocked_s"], f.get("blocked_span_s", 0.0))
-               for name, f in figures.items() if "blocked_s" in f]
+    blocked = [
+        (name, f["blocked_s"], f.get("blocked_span_s", 0.0))
+        for name, f in figures.items()
+        if "blocked_s" in f
+    ]
     axis = axes[1]
     if blocked:
-        axis.bar([name for name, _, _ in blocked], [span for _, _, span in blocked],
-                 color="#dddddd", label="the run (connect, warm-up, window)")
-        axis.bar([name for name, _, _ in blocked], [value for _, value, _ in blocked],
-                 color=BAR, width=0.5, label="event loop blocked")
+        axis.bar(
+            [name for name, _, _ in blocked],
+            [span for _, _, span in blocked],
+            color="#dddddd",
+            label="the run (connect, warm-up, window)",
+        )
+        axis.bar(
+            [name for name, _, _ in blocked],
+            [value for _, value, _ in blocked],
+            color=BAR,
+            width=0.5,
+            label="event loop blocked",
+        )
         for index, (_, value, span) in enumerate(blocked):
             share = f" ({value / span:.0%})" if span else ""
-            axis.text(index, value, f"{value:.2f} s{share}", ha="center", va="bottom",
-                      fontsize=8)
+            axis.text(index, value, f"{value:.2f} s{share}", ha="center", va="bottom", fontsize=8)
         axis.set_ylim(0, max(span for _, _, span in blocked) * 1.25 or 1)
         axis.legend(fontsize=7, loc="upper right")
     axis.set_ylabel("seconds")
-    axis.set_title("arena_event_loop_blocked_seconds_total: its rise during one run",
-                   fontsize=9)
+    axis.set_title("arena_event_loop_blocked_seconds_total: its rise during one run", fontsize=9)
 
 
 CHARTS: dict[str, Callable] = {

@@ -141,48 +141,98 @@ def plan(lesson: str, models: Sequence[str], work: Work, cpus: int) -> Plan:
     setup: dict[str, Any]
     runs: list[Run]
     if lesson == "io-wait":
-        setup = {"connections": IO_CONNECTIONS, "sleep_ms": IO_SLEEP_MS,
-                 "pool_workers": IO_POOL_WORKERS, "cores": 1}
-        scenario = Scenario(lesson, f"/sleep {IO_SLEEP_MS}", IO_CONNECTIONS,
-                            (bench_scenarios.sleep(IO_SLEEP_MS),))
+        setup = {
+            "connections": IO_CONNECTIONS,
+            "sleep_ms": IO_SLEEP_MS,
+            "pool_workers": IO_POOL_WORKERS,
+            "cores": 1,
+        }
+        scenario = Scenario(
+            lesson, f"/sleep {IO_SLEEP_MS}", IO_CONNECTIONS, (bench_scenarios.sleep(IO_SLEEP_MS),)
+        )
         runs = [Run(m, "", _args(m, IO_POOL_WORKERS), scenario) for m in models]
     elif lesson == "cpu-work":
-        setup = {"connections": CPU_CONNECTIONS, "work_ms": work.ms_1,
-                 "work_rounds": work.rounds_1ms, "pool_workers": IO_POOL_WORKERS, "cores": 1}
-        scenario = Scenario(lesson, "/work ~1 ms", CPU_CONNECTIONS,
-                            (bench_scenarios.work(work.rounds_1ms),))
+        setup = {
+            "connections": CPU_CONNECTIONS,
+            "work_ms": work.ms_1,
+            "work_rounds": work.rounds_1ms,
+            "pool_workers": IO_POOL_WORKERS,
+            "cores": 1,
+        }
+        scenario = Scenario(
+            lesson, "/work ~1 ms", CPU_CONNECTIONS, (bench_scenarios.work(work.rounds_1ms),)
+        )
         runs = [Run(m, "", _args(m, IO_POOL_WORKERS), scenario) for m in models]
     elif lesson == "pool-bound":
-        setup = {"connections": POOL_CONNECTIONS, "sleep_ms": POOL_SLEEP_MS,
-                 "pool_workers": list(POOL_SIZES), "cores": 1}
-        scenario = Scenario(lesson, f"/sleep {POOL_SLEEP_MS}", POOL_CONNECTIONS,
-                            (bench_scenarios.sleep(POOL_SLEEP_MS),))
+        setup = {
+            "connections": POOL_CONNECTIONS,
+            "sleep_ms": POOL_SLEEP_MS,
+            "pool_workers": list(POOL_SIZES),
+            "cores": 1,
+        }
+        scenario = Scenario(
+            lesson,
+            f"/sleep {POOL_SLEEP_MS}",
+            POOL_CONNECTIONS,
+            (bench_scenarios.sleep(POOL_SLEEP_MS),),
+        )
         runs = []
         for m in models:
             sizes = POOL_SIZES if m == checks.POOL else (0,)
-            runs += [Run(m, f"workers {size}" if size else "", _args(m, size), scenario,
-                         min_window=MIN_WINDOW_S) for size in sizes]
+            runs += [
+                Run(
+                    m,
+                    f"workers {size}" if size else "",
+                    _args(m, size),
+                    scenario,
+                    min_window=MIN_WINDOW_S,
+                )
+                for size in sizes
+            ]
     elif lesson == "cores":
-        setup = {"connections": CPU_CONNECTIONS, "work_ms": work.ms_1,
-                 "work_rounds": work.rounds_1ms, "pool_workers": CORES_POOL_WORKERS,
-                 "cores": cpus, "cpus": cpus}
-        scenario = Scenario(lesson, "/work ~1 ms, all cores", CPU_CONNECTIONS,
-                            (bench_scenarios.work(work.rounds_1ms),))
-        runs = [Run(m, "", _args(m, CORES_POOL_WORKERS), scenario, two_cores=True)
-                for m in models]
+        setup = {
+            "connections": CPU_CONNECTIONS,
+            "work_ms": work.ms_1,
+            "work_rounds": work.rounds_1ms,
+            "pool_workers": CORES_POOL_WORKERS,
+            "cores": cpus,
+            "cpus": cpus,
+        }
+        scenario = Scenario(
+            lesson,
+            "/work ~1 ms, all cores",
+            CPU_CONNECTIONS,
+            (bench_scenarios.work(work.rounds_1ms),),
+        )
+        runs = [Run(m, "", _args(m, CORES_POOL_WORKERS), scenario, two_cores=True) for m in models]
     elif lesson == "many-clients":
         setup = {"connections": MANY_CONNECTIONS, "echo_bytes": 64, "cores": 1}
-        scenario = Scenario(lesson, f"echo 64 B, {MANY_CONNECTIONS} conns", MANY_CONNECTIONS,
-                            (bench_scenarios.echo(64),))
+        scenario = Scenario(
+            lesson,
+            f"echo 64 B, {MANY_CONNECTIONS} conns",
+            MANY_CONNECTIONS,
+            (bench_scenarios.echo(64),),
+        )
         runs = [Run(m, "", _args(m, cpus), scenario, min_window=MANY_WINDOW_S) for m in models]
     elif lesson == "blocked-loop":
         share = BLOCKED_WORK_WEIGHT / (BLOCKED_WORK_WEIGHT + BLOCKED_ECHO_WEIGHT)
-        setup = {"connections": BLOCKED_CONNECTIONS, "work_ms": work.ms_100,
-                 "work_rounds": work.rounds_100ms, "work_share": share,
-                 "pool_workers": IO_POOL_WORKERS, "cores": 1}
-        mix = Scenario(lesson, "echo + 2 % /work ~100 ms", BLOCKED_CONNECTIONS,
-                       (bench_scenarios.echo(64, BLOCKED_ECHO_WEIGHT),
-                        bench_scenarios.work(work.rounds_100ms, BLOCKED_WORK_WEIGHT)))
+        setup = {
+            "connections": BLOCKED_CONNECTIONS,
+            "work_ms": work.ms_100,
+            "work_rounds": work.rounds_100ms,
+            "work_share": share,
+            "pool_workers": IO_POOL_WORKERS,
+            "cores": 1,
+        }
+        mix = Scenario(
+            lesson,
+            "echo + 2 % /work ~100 ms",
+            BLOCKED_CONNECTIONS,
+            (
+                bench_scenarios.echo(64, BLOCKED_ECHO_WEIGHT),
+                bench_scenarios.work(work.rounds_100ms, BLOCKED_WORK_WEIGHT),
+            ),
+        )
         alone = Scenario(lesson, "echo only", BLOCKED_CONNECTIONS, (bench_scenarios.echo(64),))
         runs = []
         for m in models:
@@ -191,13 +241,22 @@ def plan(lesson: str, models: Sequence[str], work: Work, cpus: int) -> Plan:
             variants: list[tuple[str, tuple[str, ...]]] = [("", ())]
             own = server_switch_interval() if m == checks.OS_THREADS else None
             if own is not None and abs(own - checks.CPYTHON_SWITCH_INTERVAL) > 1e-9:
-                variants.append((CPYTHON_SWITCH, ("--switch-interval",
-                                                  f"{checks.CPYTHON_SWITCH_INTERVAL:g}")))
+                variants.append(
+                    (CPYTHON_SWITCH, ("--switch-interval", f"{checks.CPYTHON_SWITCH_INTERVAL:g}"))
+                )
             for name, extra in variants:
                 args = (*_args(m, IO_POOL_WORKERS), *extra)
-                runs += [Run(m, f"{name}, alone" if name else "alone", args, alone,
-                             scrape=True, min_window=MIN_WINDOW_S),
-                         Run(m, name, args, mix, scrape=True, min_window=MIN_WINDOW_S)]
+                runs += [
+                    Run(
+                        m,
+                        f"{name}, alone" if name else "alone",
+                        args,
+                        alone,
+                        scrape=True,
+                        min_window=MIN_WINDOW_S,
+                    ),
+                    Run(m, name, args, mix, scrape=True, min_window=MIN_WINDOW_S),
+                ]
     else:
         raise KeyError(f"no plan for lesson {lesson!r}")
     return Plan(lesson, setup, runs)
@@ -220,8 +279,19 @@ def server_switch_interval() -> float | None:
 
 def server_command(model: str, args: Sequence[str]) -> list[str]:
     """`python -m services MODEL ...` on free loopback ports."""
-    return [sys.executable, "-m", "services", model, *args, "--host", "127.0.0.1", "--port", "0",
-            "--metrics-port", "0"]
+    return [
+        sys.executable,
+        "-m",
+        "services",
+        model,
+        *args,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--metrics-port",
+        "0",
+    ]
 
 
 def scrape(server: harness.ServerProcess) -> tuple[dict[str, float], dict[str, str]]:
@@ -289,8 +359,9 @@ class Rig:
     def measure(self, lesson: str, run: Run) -> dict:
         """Start the server alone, measure it `reps` times, stop it; the median figures."""
         pinning, shared = self.pinning(run), self.shared(run)
-        server = harness.ServerProcess(run.label, server_command(run.model, run.server_args),
-                                       pinning.server)
+        server = harness.ServerProcess(
+            run.label, server_command(run.model, run.server_args), pinning.server
+        )
         records = []
         try:
             for rep in range(self.pace.reps):
@@ -309,12 +380,16 @@ class Rig:
     def _once(self, server: harness.ServerProcess, run: Run, pinning: harness.Pinning) -> dict:
         before = scrape(server)[0] if run.scrape else {}
         started = time.monotonic()
-        record = harness.measure_once(server, run.scenario, self.binary, self.window(run),
-                                      self.pace.warmup, pinning)
+        record = harness.measure_once(
+            server, run.scenario, self.binary, self.window(run), self.pace.warmup, pinning
+        )
         if run.scrape:
             after, info = scrape(server)
-            record["metrics"] = {name: after[name] - before.get(name, 0.0) for name in after
-                                 if name.endswith("_total")}
+            record["metrics"] = {
+                name: after[name] - before.get(name, 0.0)
+                for name in after
+                if name.endswith("_total")
+            }
             record["server_info"] = info
             # Counters rise over the whole load generator run (connect, warm-up, window).
             record["metrics_span_s"] = time.monotonic() - started
@@ -323,8 +398,11 @@ class Rig:
     def _report(self, lesson: str, run: Run, rep: int, record: dict) -> None:
         shared = self.shared(run)
         noise = other_cores(record, shared)
-        flag = (f"  noisy: others took {noise:.0%} of the server's CPU"
-                if is_noisy(record, shared) else "")
+        flag = (
+            f"  noisy: others took {noise:.0%} of the server's CPU"
+            if is_noisy(record, shared)
+            else ""
+        )
         if record["starved"]:
             flag += f"  STARVED: {harness.starved_text(record)}"
         self.progress.step(
@@ -340,15 +418,20 @@ def summarize(records: list[dict], shared: bool) -> dict:
 
     summary = harness.summarize(records)
     summary["kinds"] = [
-        {"requests": statistics.median(r["kinds"][i]["requests"] for r in records),
-         "latency_us": {key: statistics.median(r["kinds"][i]["latency_us"][key] for r in records)
-                        for key in records[0]["kinds"][i]["latency_us"]}}
+        {
+            "requests": statistics.median(r["kinds"][i]["requests"] for r in records),
+            "latency_us": {
+                key: statistics.median(r["kinds"][i]["latency_us"][key] for r in records)
+                for key in records[0]["kinds"][i]["latency_us"]
+            },
+        }
         for i in range(len(records[0]["kinds"]))
     ]
     if "metrics" in records[0]:
-        summary["metrics"] = {name: statistics.median(r["metrics"].get(name, 0.0)
-                                                      for r in records)
-                              for name in records[0]["metrics"]}
+        summary["metrics"] = {
+            name: statistics.median(r["metrics"].get(name, 0.0) for r in records)
+            for name in records[0]["metrics"]
+        }
         summary["server_info"] = records[-1]["server_info"]
         summary["metrics_span_s"] = statistics.median(r["metrics_span_s"] for r in records)
     summary["other_cores"] = max(other_cores(r, shared) for r in records)
@@ -361,9 +444,13 @@ def summarize(records: list[dict], shared: bool) -> dict:
 
 
 def _base(summary: Mapping) -> dict:
-    return {"rps": round(summary["rps"], 1), "p99_ms": round(summary["latency_us"]["p99"] / 1e3, 2),
-            "errors": summary["errors"], "noisy": summary["noisy"],
-            "other_cpu": round(summary["other_cores"], 3)}
+    return {
+        "rps": round(summary["rps"], 1),
+        "p99_ms": round(summary["latency_us"]["p99"] / 1e3, 2),
+        "errors": summary["errors"],
+        "noisy": summary["noisy"],
+        "other_cpu": round(summary["other_cores"], 3),
+    }
 
 
 def figures(plan_: Plan, results: Mapping[Run, dict]) -> dict[str, dict]:
@@ -380,49 +467,70 @@ def figures(plan_: Plan, results: Mapping[Run, dict]) -> dict[str, dict]:
             if run.model == checks.POOL:
                 figure["workers"] = setup["pool_workers"]
         elif plan_.lesson == "cpu-work":
-            figure.update(base, cores_worth=round(summary["rps"] * setup["work_ms"] / 1000, 3),
-                          server_cores=round(summary["server_cpu_fraction"], 3),
-                          cpu_ms_per_request=round(summary["server_cpu_us_per_request"] / 1e3, 3))
+            figure.update(
+                base,
+                cores_worth=round(summary["rps"] * setup["work_ms"] / 1000, 3),
+                server_cores=round(summary["server_cpu_fraction"], 3),
+                cpu_ms_per_request=round(summary["server_cpu_us_per_request"] / 1e3, 3),
+            )
         elif plan_.lesson == "pool-bound":
             if run.model == checks.POOL:
                 workers = int(run.variant.split()[-1])
                 expected = workers / (setup["sleep_ms"] / 1000)
                 figure.setdefault("runs", []).append(
-                    {"workers": workers, **base, "expected_rps": expected,
-                     "of_expected": round(summary["rps"] / expected, 3)})
+                    {
+                        "workers": workers,
+                        **base,
+                        "expected_rps": expected,
+                        "of_expected": round(summary["rps"] / expected, 3),
+                    }
+                )
             else:
                 expected = setup["connections"] / (setup["sleep_ms"] / 1000)
-                figure.update(base, expected_rps=expected,
-                              of_expected=round(summary["rps"] / expected, 3))
+                figure.update(
+                    base, expected_rps=expected, of_expected=round(summary["rps"] / expected, 3)
+                )
         elif plan_.lesson == "cores":
-            figure.update(base, server_cores=round(summary["server_cpu_fraction"], 3),
-                          cpu_ms_per_request=round(summary["server_cpu_us_per_request"] / 1e3, 3),
-                          loadgen_cores=round(summary["loadgen_cpu_fraction"], 3),
-                          other_cores=round(summary["other_cores"], 3))
+            figure.update(
+                base,
+                server_cores=round(summary["server_cpu_fraction"], 3),
+                cpu_ms_per_request=round(summary["server_cpu_us_per_request"] / 1e3, 3),
+                loadgen_cores=round(summary["loadgen_cpu_fraction"], 3),
+                other_cores=round(summary["other_cores"], 3),
+            )
         elif plan_.lesson == "many-clients":
             figure.update(
-                base, connections=summary["connections"],
-                answered=summary["answered_connections"], starved=summary["starved"],
+                base,
+                connections=summary["connections"],
+                answered=summary["answered_connections"],
+                starved=summary["starved"],
                 longest_wait_s=round(summary["longest_wait_s"], 4),
                 longest_wait_unanswered=summary["longest_wait_unanswered"],
                 requests_per_connection={
                     "min": summary["requests_per_connection_min"],
                     "median": summary["requests_per_connection_median"],
-                    "max": summary["requests_per_connection_max"]},
+                    "max": summary["requests_per_connection_max"],
+                },
                 threads=summary["threads"],
-                peak_rss_mib=round(summary["peak_rss_bytes"] / 2**20, 1))
+                peak_rss_mib=round(summary["peak_rss_bytes"] / 2**20, 1),
+            )
         elif plan_.lesson == "blocked-loop":
             at_cpython = run.variant.startswith(CPYTHON_SWITCH)
-            _blocked_figures(figure.setdefault("at_cpython_interval", {}) if at_cpython
-                             else figure, run.variant.endswith("alone"), summary, base)
+            _blocked_figures(
+                figure.setdefault("at_cpython_interval", {}) if at_cpython else figure,
+                run.variant.endswith("alone"),
+                summary,
+                base,
+            )
     if plan_.lesson == "blocked-loop":  # a figure is noisy if either of its two runs was
         for figure in out.values():
             for part in (figure, figure.get("at_cpython_interval")):
                 if part:
                     noisy_alone = part.pop("noisy_alone", False)
                     part["noisy"] = part.get("noisy", False) or noisy_alone
-                    part["other_cpu"] = max(part.get("other_cpu", 0),
-                                            part.pop("other_cpu_alone", 0))
+                    part["other_cpu"] = max(
+                        part.get("other_cpu", 0), part.pop("other_cpu_alone", 0)
+                    )
     if plan_.lesson == "pool-bound" and checks.POOL in out:
         runs = out[checks.POOL]["runs"]
         out[checks.POOL]["noisy"] = any(run["noisy"] for run in runs)
@@ -443,11 +551,14 @@ def _blocked_figures(figure: dict, alone: bool, summary: Mapping, base: Mapping)
         return
     work = summary["kinds"][1]
     figure.update(
-        base, echo_p99_ms=round(echo["latency_us"]["p99"] / 1e3, 2),
+        base,
+        echo_p99_ms=round(echo["latency_us"]["p99"] / 1e3, 2),
         echo_p50_ms=round(echo["latency_us"]["p50"] / 1e3, 3),
-        echo_requests=echo["requests"], work_requests=work["requests"],
+        echo_requests=echo["requests"],
+        work_requests=work["requests"],
         work_p50_ms=round(work["latency_us"]["p50"] / 1e3, 1),
-        work_min_ms=round(work["latency_us"]["min"] / 1e3, 1))
+        work_min_ms=round(work["latency_us"]["min"] / 1e3, 1),
+    )
     metrics = summary.get("metrics", {})
     if BLOCKED_METRIC in metrics:
         figure["blocked_s"] = round(metrics[BLOCKED_METRIC], 3)
@@ -464,8 +575,9 @@ def estimate_seconds(plans: Sequence[Plan], pace: Pace) -> float:
     return total
 
 
-def run_plans(plans: Sequence[Plan], rig: Rig,
-              on_lesson: Callable[[Plan, dict[str, dict]], None]) -> None:
+def run_plans(
+    plans: Sequence[Plan], rig: Rig, on_lesson: Callable[[Plan, dict[str, dict]], None]
+) -> None:
     """Measure every plan in order; call on_lesson with its figures after each."""
     for item in plans:
         if "work_rounds" in item.setup:
