@@ -60,6 +60,7 @@ class Sources:
         self.bench = _load(results / "bench.json")
         self.soak = _load(results / "soak.json")
         self.lessons = _load(results / "lessons" / "lessons.json")
+        self.scrape_cost = _load(results / "scrape_cost.json")
 
 
 def _load(path: Path) -> dict | None:
@@ -619,11 +620,39 @@ def lessons_readme(data: dict) -> str:
     return "\n".join(lines)
 
 
+# -- scrape cost (results/scrape_cost.json, python -m loadtest.bench.scrape_cost) -----------
+
+
+def scrape_cost_table(data: dict) -> str:
+    """METRICS.md: server CPU and wall time per scrape at many idle connections, per model."""
+    models = data["models"]
+    connections = {figures["connections"] for figures in models.values()}
+    scrapes = {figures["scrapes"] for figures in models.values()}
+    lines = [
+        wrap(
+            f"Measured {data['when']} at commit {data['commit']} on {data['cpus']} CPUs: "
+            f"{_span(connections, lambda n: f'{n:,}')} idle connections, "
+            f"{_span(scrapes, str)} scrapes per model."
+        ),
+        "",
+        "| model | server CPU per scrape | scrape wall time (median) | first scrape (folds every "
+        "tally) |",
+        "|---|--:|--:|--:|",
+    ]
+    for model, figures in models.items():
+        lines.append(
+            f"| {model} | {figures['cpu_ms_per_scrape']:.1f} ms | "
+            f"{figures['wall_ms_median']:.1f} ms | {figures['first_scrape_wall_ms']:.0f} ms |"
+        )
+    return "\n".join(lines)
+
+
 # -- sections and files ----------------------------------------------------------------------
 
 NO_BENCH = "(No benchmark result is committed: run `make bench`.)"
 NO_SOAK = "(No soak result is committed: run `make soak`.)"
 NO_LESSONS = "(No lessons result is committed: run `make lessons`.)"
+NO_SCRAPE_COST = "(No scrape-cost result is committed: run `python -m loadtest.bench.scrape_cost`.)"
 
 
 def _bench(render: Callable[[Bench], str]) -> Callable[[Sources], str]:
@@ -642,6 +671,9 @@ RENDERERS: dict[str, Callable[[Sources], str]] = {
     "soak-summary": _soak(soak_readme),
     "soak-table": _soak(soak_table),
     "lessons": lambda sources: lessons_readme(sources.lessons) if sources.lessons else NO_LESSONS,
+    "scrape-cost": lambda sources: (
+        scrape_cost_table(sources.scrape_cost) if sources.scrape_cost else NO_SCRAPE_COST
+    ),
 }
 
 

@@ -128,6 +128,9 @@ def test_a_new_result_makes_the_docs_stale(tmp_path):
     bench["meta"]["ceiling"]["rps"] = 123_456.0
     (tmp_path / "bench.json").write_text(json.dumps(bench))
     shutil.copy(ROOT / "results" / "soak.json", tmp_path / "soak.json")
+    shutil.copy(ROOT / "results" / "scrape_cost.json", tmp_path / "scrape_cost.json")
+    if (ROOT / "results" / "lessons").is_dir():
+        shutil.copytree(ROOT / "results" / "lessons", tmp_path / "lessons")
     stale = docfigures.stale(_docs(), docfigures.Sources(tmp_path))
     assert {path.name for path in stale} == {"README.md", "BENCHMARK.md"}
     assert all("123,456 req/s" in diff for diff in stale.values())
@@ -166,6 +169,7 @@ def test_a_missing_result_is_said_not_invented(tmp_path):
             docfigures.NO_BENCH,
             docfigures.NO_SOAK,
             docfigures.NO_LESSONS,
+            docfigures.NO_SCRAPE_COST,
         ), name
 
 
