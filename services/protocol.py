@@ -13,9 +13,10 @@ from typing import NamedTuple
 DEFAULT_LINE_LIMIT = 65536
 MAX_SLEEP_MS = 60_000
 MAX_WORK_ROUNDS = 10_000_000
-# Measured on the project's 2-core machines (CPython 3.11.7): one round of `burn_cpu` costs about
-# 95 ns, so `/work 10000` holds the GIL for about 1 ms (docs/PROTOCOL.md).
-WORK_ROUND_NS = 95
+# Measured on the project's 2-core machines (CPython 3.12.1, best of 5 CPU-time runs): one round
+# of `burn_cpu` costs about 83 ns, so `/work 10000` holds the GIL for about 0.85 ms
+# (docs/PROTOCOL.md). The virtual cores' speed drifts: 60-113 ns were seen on other days.
+WORK_ROUND_NS = 85
 
 # Request kinds, used as small integers on the hot path and as metric labels at scrape time.
 COMMANDS = ("echo", "ping", "sleep", "work", "quit", "unknown")

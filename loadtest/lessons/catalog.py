@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-# ~1 ms of /work on this project's machines (services.protocol.WORK_ROUND_NS = 95 ns a round).
+# About 1 ms of /work on this project's machines (services.protocol.WORK_ROUND_NS, ~85 ns a round).
 WORK_1MS_ROUNDS = 10_000
 WORK_100MS_ROUNDS = 1_000_000
 
