@@ -27,6 +27,15 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True)
+class Variant:
+    """One way the benchmark and the tests run a model: a name, its flags, its textbook twin."""
+
+    name: str  # e.g. "pool-process"; a model's only variant carries the model's name
+    flags: tuple[str, ...] = ()  # added to `python -m services MODEL`
+    textbook: str | None = None  # the minimal server it is compared with (loadtest/bench)
+
+
+@dataclass(frozen=True)
 class Model:
     """One concurrency model: how to build its server and how the arena shows it."""
 
@@ -36,6 +45,16 @@ class Model:
     colour: str  # Grafana's fixed colour for this model in every panel
     port: int  # default host port of the protocol (compose, local stack, Locust targets)
     metrics_port: int  # default host port of /metrics in the local stack
+    flow: str  # what runs one connection: "thread", "greenlet" or "reactor" (an event loop)
+    variants: tuple[Variant, ...]  # how the benchmark and the server tests run it
+    sized: bool = False  # takes --workers, the size of its pool (the benchmark sets it)
+    small_flags: tuple[str, ...] = ()  # flags for a small run on 2 cores (tests, soak)
+    own_metrics: tuple[str, ...] = ()  # metric families only this model exposes
+
+    @property
+    def blocking(self) -> bool:
+        """Each connection has its own flow running the blocking session loop."""
+        return self.flow in ("thread", "greenlet")
 
     @property
     def env_name(self) -> str:
@@ -57,6 +76,9 @@ MODELS: tuple[Model, ...] = (
         "blue",
         9001,
         9101,
+        flow="thread",
+        variants=(Variant("threaded", textbook="socketserver"),),
+        own_metrics=("arena_threads", "arena_turn_handovers"),
     ),
     Model(
         "pool",
@@ -65,6 +87,22 @@ MODELS: tuple[Model, ...] = (
         "orange",
         9002,
         9102,
+        flow="reactor",
+        variants=(
+            Variant("pool-process", ("--executor", "process"), textbook="processpool"),
+            Variant("pool-thread", ("--executor", "thread"), textbook="threadpool"),
+        ),
+        sized=True,
+        small_flags=("--workers", "2"),  # as on the project's 2-core machines
+        own_metrics=(
+            "arena_pool_workers",
+            "arena_pool_busy_workers",
+            "arena_pool_queue_depth",
+            "arena_pool_inflight_requests",
+            "arena_pool_submissions",
+            "arena_pool_worker_cpu_seconds",
+            "arena_pool_worker_restarts",
+        ),
     ),
     Model(
         "gevent",
@@ -73,9 +111,21 @@ MODELS: tuple[Model, ...] = (
         "green",
         9003,
         9103,
+        flow="greenlet",
+        variants=(Variant("gevent", textbook="streamserver"),),
+        own_metrics=(
+            "arena_greenlets",
+            "arena_event_loop_lag_seconds",
+            "arena_event_loop_blocked_seconds",
+            "arena_event_loop_blocks",
+        ),
     ),
 )
 NAMES: tuple[str, ...] = tuple(model.name for model in MODELS)
+# Every variant by name, with the model it runs (the benchmark's families, the server tests).
+VARIANTS: dict[str, tuple[Model, Variant]] = {
+    variant.name: (model, variant) for model in MODELS for variant in model.variants
+}
 _BY_NAME = {model.name: model for model in MODELS}
 
 

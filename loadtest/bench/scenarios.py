@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from loadtest import procs
 from loadtest.bench.loadgen import Request
+from services import models
 
 # Lower-case text, so the upper-cased echo proves the server really ran the request.
 _ALPHABET = "thequickbrownfoxjumpsoverthelazydog"
@@ -87,20 +88,16 @@ def build_scenarios(work_rounds: int) -> dict[str, Scenario]:
 
 MIX_DESCRIPTION = "80 % echo 64 B, 10 % echo 1 KiB, 5 % /sleep 20, 5 % /work ~1 ms"
 
-# Model families: our server command and the textbook server it is compared with.
-FAMILIES: dict[str, tuple[list[str], str]] = {
-    "threaded": (["threaded"], "threaded"),
-    "pool-process": (["pool", "--executor", "process"], "processpool"),
-    "pool-thread": (["pool", "--executor", "thread"], "threadpool"),
-    "gevent": (["gevent"], "gevent"),
-}
+# Model families: every variant of every registered model (services/models.py), with the
+# textbook server it is compared with.
+FAMILIES = models.VARIANTS
 KINDS = ("ours", "no-metrics", "textbook")
 KIND_LABELS = {"ours": "", "no-metrics": " (metrics off)", "textbook": " textbook"}
 TEXTBOOK_NAMES = {
-    "threaded": "socketserver.ThreadingTCPServer",
+    "socketserver": "socketserver.ThreadingTCPServer",
     "processpool": "selectors + ProcessPoolExecutor",
     "threadpool": "selectors + ThreadPoolExecutor",
-    "gevent": "gevent.server.StreamServer",
+    "streamserver": "gevent.server.StreamServer",
 }
 
 
@@ -123,10 +120,14 @@ def build_targets(families: list[str], kinds: list[str], workers: int) -> list[T
     """Targets in report order: for each family, ours, ours without metrics, textbook."""
     targets = []
     for family in families:
-        model_args, textbook_model = FAMILIES[family]
-        pool_args = ["--workers", str(workers)] if model_args[0] == "pool" else []
+        model, variant = FAMILIES[family]
+        model_args = [model.name, *variant.flags]
+        textbook_model = variant.textbook
+        pool_args = ["--workers", str(workers)] if model.sized else []
         for kind in kinds:
             if kind == "textbook":
+                if textbook_model is None:
+                    continue  # no textbook twin for this variant
                 command = [
                     sys.executable,
                     "-m",

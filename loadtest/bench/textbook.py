@@ -28,7 +28,7 @@ import os
 import signal
 import sys
 
-MODELS = ("threaded", "gevent", "threadpool", "processpool")
+KINDS = ("socketserver", "streamserver", "threadpool", "processpool")
 BACKLOG = 1024
 
 
@@ -67,7 +67,7 @@ def serve_threaded(host: str, port: int) -> None:
 
     with Server((host, port), Handler) as server:
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-        _ready("threaded", host, server.server_address[1])
+        _ready("socketserver", host, server.server_address[1])
         server.serve_forever()
 
 
@@ -92,7 +92,7 @@ def serve_gevent(host: str, port: int) -> None:
     server = StreamServer((host, port), handle, backlog=BACKLOG)
     server.start()
     gevent.signal_handler(signal.SIGTERM, server.stop)
-    _ready("gevent", host, server.server_port)
+    _ready("streamserver", host, server.server_port)
     server.serve_forever()
 
 
@@ -156,14 +156,14 @@ def serve_reactor(host: str, port: int, executor_kind: str, workers: int) -> Non
 def main(argv: list[str] | None = None) -> None:
     """Parse the command line and serve until SIGTERM."""
     parser = argparse.ArgumentParser(prog="python -m loadtest.bench.textbook")
-    parser.add_argument("model", choices=MODELS)
+    parser.add_argument("model", choices=KINDS)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args(argv)
-    if args.model == "threaded":
+    if args.model == "socketserver":
         serve_threaded(args.host, args.port)
-    elif args.model == "gevent":
+    elif args.model == "streamserver":
         serve_gevent(args.host, args.port)
     else:
         serve_reactor(args.host, args.port, args.model.removesuffix("pool"), args.workers)
