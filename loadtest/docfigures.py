@@ -29,6 +29,8 @@ import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from services import models
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "results"
 DOCS = ("README.md", "docs")
@@ -41,8 +43,13 @@ ANY_MARK = re.compile(r"<!-- figures:([a-z0-9-]+):(begin|end) -->")
 MIB = 1024 * 1024
 # Typography of the docs, spelled out so the source stays plain ASCII.
 TIMES, DASH = "\u00d7", "\u2013"
-THREAD_MODELS = ("threaded", "gevent")  # a thread or greenlet per connection
-REACTORS = ("pool-process", "pool-thread", "gevent")  # a few threads whatever the connections
+# Benchmark families (services/models.py's variants) grouped by what runs one connection.
+# A thread or greenlet per connection:
+THREAD_MODELS = [name for name, (model, _) in models.VARIANTS.items() if model.blocking]
+# A few threads whatever the connections (an event loop: the pool's reactor or gevent's hub):
+REACTORS = [name for name, (model, _) in models.VARIANTS.items() if model.flow != "thread"]
+# A reactor whose requests run in a pool:
+POOLS = [name for name, (model, _) in models.VARIANTS.items() if model.flow == "reactor"]
 
 
 class FiguresError(Exception):
@@ -433,9 +440,7 @@ def _reading_sleep(bench: Bench) -> str | None:
     waiting = bench.medians(
         [scenario], [f"{f}{k}" for f in THREAD_MODELS for k in ("", " textbook")]
     )
-    pools = bench.medians(
-        [scenario], [f"{f}{k}" for f in ("pool-process", "pool-thread") for k in ("", " textbook")]
-    )
+    pools = bench.medians([scenario], [f"{f}{k}" for f in POOLS for k in ("", " textbook")])
     parts = [f"*Waiting (`/sleep {sleep_ms:g}`):*"]
     if waiting:
         parts.append(
@@ -625,9 +630,9 @@ def lessons_readme(data: dict) -> str:
 
 def scrape_cost_table(data: dict) -> str:
     """METRICS.md: server CPU and wall time per scrape at many idle connections, per model."""
-    models = data["models"]
-    connections = {figures["connections"] for figures in models.values()}
-    scrapes = {figures["scrapes"] for figures in models.values()}
+    measured = data["models"]
+    connections = {figures["connections"] for figures in measured.values()}
+    scrapes = {figures["scrapes"] for figures in measured.values()}
     lines = [
         wrap(
             f"Measured {data['when']} at commit {data['commit']} on {data['cpus']} CPUs: "
@@ -639,7 +644,7 @@ def scrape_cost_table(data: dict) -> str:
         "tally) |",
         "|---|--:|--:|--:|",
     ]
-    for model, figures in models.items():
+    for model, figures in measured.items():
         lines.append(
             f"| {model} | {figures['cpu_ms_per_scrape']:.1f} ms | "
             f"{figures['wall_ms_median']:.1f} ms | {figures['first_scrape_wall_ms']:.0f} ms |"

@@ -32,7 +32,6 @@ from services import models
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = models.NAMES
-MODEL_ARGS = {"pool": ["--workers", "2"]}  # as on 2 cores; the other models need no flags
 READY_TIMEOUT = 60.0
 STOP_TIMEOUT = 60.0  # a server's grace (10 s) plus its workers, with room for a loaded box
 MIB = 1024 * 1024
@@ -133,7 +132,7 @@ def start_server(model: str, log_path: Path) -> procs.Server:
     env = {key: value for key, value in os.environ.items() if not key.startswith("ARENA_")}
     try:
         return procs.start_server(
-            model, *MODEL_ARGS.get(model, []), env=env, log_path=log_path, timeout=READY_TIMEOUT
+            model, *models.get(model).small_flags, env=env, log_path=log_path, timeout=READY_TIMEOUT
         )
     except procs.StartError as error:
         raise SoakError(f"{model} server did not start: {error}") from None

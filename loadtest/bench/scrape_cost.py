@@ -26,11 +26,10 @@ import time
 from pathlib import Path
 
 from loadtest import procs
+from services import models
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_OUT = ROOT / "results" / "scrape_cost.json"
-MODELS = ("threaded", "pool", "gevent")
-MODEL_ARGS = {"pool": ("--workers", "2")}  # as on the project's 2-core machines
 BATCH = 200  # connections opened before their replies are read
 
 
@@ -47,7 +46,7 @@ def raise_fd_limit(needed: int) -> int:
 def start(root: Path, model: str, connections: int) -> procs.Server:
     """`python -m services MODEL` of the checkout in `root`, on free loopback ports."""
     flags = ("--max-connections", str(connections + 100), "--idle-timeout", "3600")
-    return procs.start_server(model, *flags, *MODEL_ARGS.get(model, ()), cwd=root)
+    return procs.start_server(model, *flags, *models.get(model).small_flags, cwd=root)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -133,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m loadtest.bench.scrape_cost", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument(
-        "--models", default=",".join(MODELS), help="comma-separated models (default: all)"
+        "--models", default=",".join(models.NAMES), help="comma-separated models (default: all)"
     )
     parser.add_argument(
         "--connections",
@@ -160,13 +159,13 @@ def main(argv: list[str] | None = None) -> int:
         help="JSON output (default results/scrape_cost.json)",
     )
     args = parser.parse_args(argv)
-    models = [name.strip() for name in args.models.split(",") if name.strip()]
-    unknown = set(models) - set(MODELS)
+    chosen = [name.strip() for name in args.models.split(",") if name.strip()]
+    unknown = set(chosen) - set(models.NAMES)
     if unknown:
-        parser.error(f"unknown models {', '.join(sorted(unknown))}; choose from {MODELS}")
+        parser.error(f"unknown models {', '.join(sorted(unknown))}; choose from {models.NAMES}")
     raise_fd_limit(args.connections + 200)
     results: dict[str, dict] = {}
-    for model in models:
+    for model in chosen:
         figures = measure(args.root, model, args.connections, args.scrapes, args.idle)
         results[model] = figures
         print(
