@@ -67,8 +67,7 @@ def server_factory() -> Iterator:
 @pytest.fixture(params=MODELS)
 def server(request) -> Iterator[RunningServer]:
     """One default server per model (pool with 2 workers, as on a 2-core machine)."""
-    args = ("--workers", "2") if request.param == "pool" else ()
-    running = launch_server(request.param, *args)
+    running = launch_server(request.param, *models.get(request.param).small_flags)
     yield running
     stop_server(running)
 

@@ -10,10 +10,13 @@ from pathlib import Path
 import pytest
 
 from loadtest.bench import loadgen, report
+from loadtest.bench.scenarios import TEXTBOOK_NAMES
+from services import models
 from tests.conftest import ROOT
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-FAMILIES = ("threaded", "pool-process", "pool-thread", "gevent")
+# The benchmark's families: every variant of every registered model (services/models.py).
+FAMILIES = models.VARIANTS
 KINDS = ("ours", "no-metrics", "textbook")
 
 
@@ -66,7 +69,15 @@ def test_a_tiny_run_measures_every_server_and_says_where_and_how(tiny_run) -> No
     assert meta["ceiling"]["rps"] > 0
     assert list(results["scenarios"]) == ["echo64"]
     names = {target["name"] for target in results["targets"]}
-    assert len(names) == len(FAMILIES) * len(KINDS)
+    # Every kind per family; a variant without a textbook twin has no textbook target.
+    textbook_twins = sum(variant.textbook is not None for _, variant in FAMILIES.values())
+    assert len(names) == len(FAMILIES) * (len(KINDS) - 1) + textbook_twins
+    textbooks = {t["family"]: t["command"] for t in results["targets"] if t["kind"] == "textbook"}
+    assert textbooks == {
+        family: TEXTBOOK_NAMES[variant.textbook]
+        for family, (_, variant) in FAMILIES.items()
+        if variant.textbook is not None
+    }
     assert {run["target"] for run in results["runs"]} == names
     for run in results["runs"]:
         assert len(run["reps"]) == 1

@@ -12,9 +12,12 @@ from pathlib import Path
 import pytest
 
 from loadtest.bench import harness, loadgen, report
+from services import models
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 PING = loadgen.Request(1, "ping", "ping")  # the test servers echo what they read
+# The synthetic results' two servers (any two registered models): one starved, one fair.
+STARVED, FAIR = models.NAMES[:2]
 
 
 @contextmanager
@@ -151,9 +154,9 @@ def _rep(answered: int, wait: float, unanswered: bool, per_connection: tuple[int
 
 
 def synthetic_results() -> dict:
-    """Two servers under one scenario: threaded starved in one of two runs, gevent fair."""
-    threaded = [_rep(352, 5.93, True, (0, 240)), _rep(1000, 0.8, False, (3, 90))]
-    gevent = [_rep(1000, 0.031, False, (50, 61)), _rep(1000, 0.029, True, (52, 60))]
+    """Two servers under one scenario: STARVED starved in one of two runs, FAIR fair."""
+    starved = [_rep(352, 5.93, True, (0, 240)), _rep(1000, 0.8, False, (3, 90))]
+    fair = [_rep(1000, 0.031, False, (50, 61)), _rep(1000, 0.029, True, (52, 60))]
     runs = [
         {
             "scenario": "echo64-c1000",
@@ -164,7 +167,7 @@ def synthetic_results() -> dict:
             "reps": reps,
             "median": harness.summarize(reps),
         }
-        for name, reps in (("threaded", threaded), ("gevent", gevent))
+        for name, reps in ((STARVED, starved), (FAIR, fair))
     ]
     return {
         "meta": {
@@ -190,10 +193,10 @@ def synthetic_results() -> dict:
         "scenarios": {
             "echo64-c1000": {"title": "echo 64 B, 1000 conns", "connections": 1000, "echo_size": 64}
         },
-        "families": ["threaded", "gevent"],
+        "families": [STARVED, FAIR],
         "targets": [
             {"name": name, "family": name, "kind": "ours", "command": name}
-            for name in ("threaded", "gevent")
+            for name in (STARVED, FAIR)
         ],
         "runs": runs,
     }
@@ -216,24 +219,24 @@ def test_bench_md_shows_answered_connections_the_longest_wait_and_flags_starvati
     markdown = report.write_markdown(synthetic_results(), tmp_path).read_text()
     rows: dict[str, str] = {}
     for line in markdown.splitlines():  # the first row per server: the scenario's table
-        if line.startswith(("| threaded |", "| gevent |")):
+        if line.startswith((f"| {STARVED} |", f"| {FAIR} |")):
             rows.setdefault(line.split(" | ")[0], line)
-    assert "| 352/1000 ⚠ | 0\u2013240 | still waiting after 5.9 s |" in rows["| threaded"]
-    assert "| 1000/1000 | 50\u201361 | 31 ms |" in rows["| gevent"]
+    assert "| 352/1000 ⚠ | 0\u2013240 | still waiting after 5.9 s |" in rows[f"| {STARVED}"]
+    assert "| 1000/1000 | 50\u201361 | 31 ms |" in rows[f"| {FAIR}"]
     flag = (
-        "⚠ threaded: 352/1000 connections answered; a request still waiting after 5.9 s "
+        f"⚠ {STARVED}: 352/1000 connections answered; a request still waiting after 5.9 s "
         "(1 of 2 runs starved)"
     )
     assert f"> **{flag}**" in markdown  # under the scenario's table
-    assert "⚠ threaded (echo 64 B, 1000 conns): 352/1000 connections answered" in markdown
-    assert "gevent:" not in markdown and "No run starved" not in markdown
+    assert f"⚠ {STARVED} (echo 64 B, 1000 conns): 352/1000 connections answered" in markdown
+    assert f"{FAIR}:" not in markdown and "No run starved" not in markdown
 
 
 def test_bench_md_says_so_when_no_run_starved(tmp_path: Path) -> None:
     results = synthetic_results()
     results["runs"] = results["runs"][1:]
     markdown = report.write_markdown(results, tmp_path).read_text()
-    assert "No run starved a connection" in markdown and "⚠ threaded" not in markdown
+    assert "No run starved a connection" in markdown and f"⚠ {STARVED}" not in markdown
 
 
 def test_results_without_fairness_figures_still_render(tmp_path: Path) -> None:

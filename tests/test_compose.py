@@ -60,9 +60,7 @@ QUIET_INTERVAL = 7.0
 HARDENED_SERVICES = (*SERVER_SERVICES, "locust", "locust-worker")
 # What a user opens: each server's protocol port, Locust's web UI, Prometheus and Grafana.
 PUBLISHED = {
-    "threaded": [9000],
-    "pool": [9000],
-    "gevent": [9000],
+    **{service: [9000] for service in SERVER_SERVICES},
     "locust": [8089],
     "prometheus": [9090],
     "grafana": [3000],

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.compose_helpers import (
+    SERVER_SERVICES,
     ComposeProject,
     engine_problem,
     http_text,
@@ -30,8 +31,8 @@ from tests.compose_helpers import (
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow, pytest.mark.timeout(900)]
 
-# Locust needs the three servers healthy (depends_on); Prometheus and Grafana play no part.
-SERVICES = ("threaded", "pool", "gevent", "locust", "locust-worker")
+# Locust needs every server healthy (depends_on); Prometheus and Grafana play no part.
+SERVICES = (*SERVER_SERVICES, "locust", "locust-worker")
 UP_TIMEOUT = 420.0  # image builds included; cached builds take seconds
 TRAFFIC_TIMEOUT = 120.0
 USERS = 100  # loadtest/locust.conf's users per target

@@ -13,6 +13,7 @@ import pytest
 
 from loadtest import docfigures
 from loadtest.workload import KNOBS
+from services import models
 
 ROOT = Path(__file__).resolve().parent.parent
 BLOCK = re.compile(r"<!-- (figures|source):([a-z0-9-]+):begin -->.*?<!-- \1:\2:end -->", re.S)
@@ -151,12 +152,13 @@ def test_a_soak_report_becomes_the_summary_the_docs_quote(tmp_path):
                 "rss_growth_mib": 1.234,
                 "fd_growth": 0.0,
             }
-            for model in ("threaded", "pool", "gevent")
+            for model in models.NAMES
         },
     }
     summary = docfigures.soak_summary(report)
     text = docfigures.soak_readme(summary)
-    assert text.startswith("A 24-hour soak at 100 users per server (2027-01-02): 24,999,999")
+    total = 8_333_333 * len(models.NAMES)
+    assert text.startswith(f"A 24-hour soak at 100 users per server (2027-01-02): {total:,}")
     assert "+1.23 MiB (threaded)" in text and "no descriptor growth" in text
     table = docfigures.soak_table(summary)
     assert "| gevent | 8,333,333 | 0 | 40.0 | +1.23 | 0 |" in table

@@ -21,6 +21,7 @@ import pytest
 from loadtest import procs
 from loadtest.bench import harness, loadgen
 from loadtest.bench.scenarios import Scenario, echo
+from services import models
 from tests.conftest import MODELS
 from tests.reliability_helpers import ensure_descriptors
 
@@ -31,7 +32,6 @@ LONGEST_WAIT_BOUND = 1.0  # seconds: no request may wait this long (issue 9)
 # Runs measured again when other processes took more than harness.NOISY_OTHER_FRACTION of the
 # server's CPU: on a shared machine a neighbour, not the server, can make a request wait.
 NOISY_RETRIES = 2
-MODEL_ARGS = {"pool": ("--workers", "2")}  # as on 2 cores; the other models need no flags
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,7 @@ def measured(loadgen_binary) -> Iterator:
         if model in results:
             return results[model]
         ensure_descriptors(CONNECTIONS)  # before the server starts: it inherits the limit
-        command = procs.server_command(model, *MODEL_ARGS.get(model, ()))
+        command = procs.server_command(model, *models.get(model).small_flags)
         server = harness.ServerProcess(model, command, pinning.server)
         servers.append(server)
         scenario = Scenario("fairness", "echo 64 B, 1000 busy conns", CONNECTIONS, (echo(64),))

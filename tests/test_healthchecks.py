@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from loadtest import procs
+from services import models
 from tests.conftest import ROOT, launch_server, stop_server
 from tests.loadtest_helpers import locust_env, start_locust
 
@@ -62,9 +63,9 @@ def wrong_reply_port() -> Iterator[int]:
     listener.close()
 
 
-@pytest.mark.parametrize("model", ["threaded", "gevent"])
+@pytest.mark.parametrize("model", models.NAMES)
 def test_the_server_healthcheck_agrees_with_procs_ping(model: str, wrong_reply_port: int) -> None:
-    server = launch_server(model)
+    server = launch_server(model, *models.get(model).small_flags)
     try:
         cases = {"serving": server.port, "wrong reply": wrong_reply_port}
         verdicts = {

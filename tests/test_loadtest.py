@@ -245,24 +245,25 @@ def test_fine_histogram_keeps_three_significant_digits():
 
 
 def test_metrics_text_is_valid_prometheus_and_merges_worker_reports():
+    busy, idle = models.NAMES[:2]  # two targets: one with users and traffic, one without
     worker_a, worker_b, master = ClientStats(), ClientStats(), ClientStats()
-    worker_a.record("threaded", "echo", 0.00003, failed=False)
-    worker_a.record("threaded", "connect", 0.001, failed=True)
-    worker_b.record("threaded", "echo", 0.002, failed=False)
+    worker_a.record(busy, "echo", 0.00003, failed=False)
+    worker_a.record(busy, "connect", 0.001, failed=True)
+    worker_b.record(busy, "echo", 0.002, failed=False)
     for worker in (worker_a, worker_b):
         master.merge_message(worker.drain())
     assert not worker_a.series  # a worker ships only what is new
-    text = render_metrics(master, {"threaded": 2}, ["threaded", "pool"]).decode()
+    text = render_metrics(master, {busy: 2}, [busy, idle]).decode()
     metrics = Metrics.parse(text)
-    assert metrics.value("locust_users", target="threaded") == 2
-    assert metrics.value("locust_users", target="pool") == 0
-    assert metrics.value("locust_requests_total", target="threaded", command="echo") == 2
-    assert metrics.value("locust_failures_total", target="pool", command="sleep") == 0
-    assert metrics.value("locust_connect_errors_total", target="threaded") == 1
+    assert metrics.value("locust_users", target=busy) == 2
+    assert metrics.value("locust_users", target=idle) == 0
+    assert metrics.value("locust_requests_total", target=busy, command="echo") == 2
+    assert metrics.value("locust_failures_total", target=idle, command="sleep") == 0
+    assert metrics.value("locust_connect_errors_total", target=busy) == 1
     bucket = "locust_request_duration_seconds_bucket"
-    assert metrics.value(bucket, target="threaded", command="echo", le="5e-05") == 1
-    assert metrics.value(bucket, target="threaded", command="echo", le="0.0025") == 2
-    assert metrics.value(bucket, target="threaded", command="connect", le="+Inf") == 0
+    assert metrics.value(bucket, target=busy, command="echo", le="5e-05") == 1
+    assert metrics.value(bucket, target=busy, command="echo", le="0.0025") == 2
+    assert metrics.value(bucket, target=busy, command="connect", le="+Inf") == 0
     promtool = shutil.which("promtool")
     if promtool:
         checked = subprocess.run(
@@ -280,8 +281,7 @@ def servers() -> Iterator[dict[str, RunningServer]]:
     started: dict[str, RunningServer] = {}
     try:
         for target in TARGETS:
-            args = ("--workers", "2") if target == "pool" else ()
-            started[target] = launch_server(target, *args)
+            started[target] = launch_server(target, *models.get(target).small_flags)
         yield started
     finally:
         for server in started.values():
@@ -381,11 +381,13 @@ def test_scenario_from_the_environment_sets_the_mix_and_a_given_knob_keeps_its_v
 @pytest.mark.slow
 def test_killed_server_shows_failures_and_users_recover_when_it_returns(tmp_path):
     port = free_port()
+    # threaded is killed and restarted on the same port; the others keep serving.
     started = {
-        "threaded": launch_server("threaded", "--port", str(port)),
-        "pool": launch_server("pool", "--workers", "2"),
-        "gevent": launch_server("gevent"),
+        model: launch_server(model, *models.get(model).small_flags)
+        for model in models.NAMES
+        if model != "threaded"
     }
+    started["threaded"] = launch_server("threaded", "--port", str(port))
     prefix = tmp_path / "kill"
     run = start_locust(
         tmp_path,

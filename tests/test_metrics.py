@@ -4,27 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from services import models
 from tests.conftest import MODELS, RunningServer
 from tests.server_helpers import LineClient, Metrics, promtool_check, scrape, wait_for_metrics
 
-MODEL_METRICS = {
-    "threaded": ("arena_threads",),
-    "pool": (
-        "arena_pool_workers",
-        "arena_pool_busy_workers",
-        "arena_pool_queue_depth",
-        "arena_pool_inflight_requests",
-        "arena_pool_submissions_total",
-        "arena_pool_worker_cpu_seconds_total",
-    ),
-    "gevent": (
-        "arena_greenlets",
-        "arena_event_loop_lag_seconds_count",
-        "arena_event_loop_lag_seconds_bucket",
-        "arena_event_loop_blocked_seconds_total",
-        "arena_event_loop_blocks_total",
-    ),
-}
 COMMON_METRICS = (
     "arena_server_info",
     "arena_connections_active",
@@ -42,7 +25,11 @@ COMMON_METRICS = (
     "process_resident_memory_bytes",
     "process_open_fds",
 )
-MODEL_ARGS = {"pool": ("--workers", "2")}
+
+
+def sample_name(family: str, kind: str) -> str:
+    """The sample every family of this type exposes: a counter's total, a histogram's count."""
+    return family + {"counter": "_total", "histogram": "_count"}.get(kind, "")
 
 
 def all_closed(metrics: Metrics) -> bool:
@@ -157,23 +144,30 @@ def test_duration_histogram_shape(server):
 def test_model_metrics_and_promtool_after_traffic(server):
     send_known_traffic(server)
     metrics = wait_for_metrics(server, all_closed)
-    for name in (*COMMON_METRICS, *MODEL_METRICS[server.model]):
+    for name in COMMON_METRICS:
         assert metrics.has(name), f"{name} missing on {server.model}"
-    for other_model, names in MODEL_METRICS.items():
-        if other_model != server.model:
-            for name in names:
-                assert not metrics.has(name), f"{name} exposed on {server.model}"
+    # The registry names each model's own metric families (counters without `_total`).
+    for family in models.get(server.model).own_metrics:
+        assert family in metrics.types, f"{family} missing on {server.model}"
+        assert metrics.has(sample_name(family, metrics.types[family])), family
+        if metrics.types[family] == "histogram":
+            assert metrics.has(f"{family}_bucket"), family
+    for other in models.MODELS:
+        if other.name != server.model:
+            for family in other.own_metrics:
+                assert family not in metrics.types, f"{family} exposed on {server.model}"
     assert metrics.types["arena_requests"] == "counter"
     assert metrics.types["arena_request_duration_seconds"] == "histogram"
     assert metrics.types["arena_connections_active"] == "gauge"
     info = metrics.matching("arena_server_info")
     assert len(info) == 1 and info[0][1] == 1
     assert info[0][0]["model"] == server.model
-    expected_info = {
-        "threaded": {"executor": "none"},
-        "gevent": {"executor": "none"},
-        "pool": {"executor": "process", "workers": "2"},  # process is the default executor
-    }[server.model]
+    model = models.get(server.model)
+    if model.sized:  # a pool: the default executor, and the size its small run asks for
+        workers = model.small_flags[model.small_flags.index("--workers") + 1]
+        expected_info = {"executor": "process", "workers": workers}
+    else:
+        expected_info = {"executor": "none"}
     assert expected_info.items() <= info[0][0].items()
     assert promtool_check(metrics.text) == ""
 
@@ -181,7 +175,7 @@ def test_model_metrics_and_promtool_after_traffic(server):
 @pytest.mark.parametrize("model", MODELS)
 def test_busy_and_line_too_long_are_counted(server_factory, model):
     server = server_factory(
-        model, *MODEL_ARGS.get(model, ()), "--max-connections", "1", "--line-limit", "16"
+        model, *models.get(model).small_flags, "--max-connections", "1", "--line-limit", "16"
     )
     with LineClient(server.address) as holder:
         assert holder.request(b"/ping") == b"PONG\n"

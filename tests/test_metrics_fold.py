@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from services import protocol
+from services import models, protocol
 from services.session import ServerStats, Session, Tally
 from tests.conftest import MODELS
 from tests.server_helpers import LineClient, scrape, wait_for_metrics
@@ -133,7 +133,7 @@ def test_records_racing_scrapes_and_closes_are_counted_exactly():
 def test_counters_stay_exact_as_connections_open_idle_and_close_across_scrapes(
     server_factory, model
 ):
-    server = server_factory(model, *(("--workers", "2") if model == "pool" else ()))
+    server = server_factory(model, *models.get(model).small_flags)
     batches, per_batch = 6, 40
     held: list[LineClient] = []
     sent = received = 0

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from services import models
 from tests.conftest import MODELS, RunningServer, launch_server, stop_server
 from tests.server_helpers import LineClient, scrape, wait_for_metrics
 
@@ -18,8 +19,7 @@ def wire_server(request) -> Iterator[RunningServer]:
     Sharing keeps the module fast: the tests here only need a default server, and every test
     uses fresh connections, so they cannot disturb each other.
     """
-    args = ("--workers", "2") if request.param == "pool" else ()
-    running = launch_server(request.param, *args)
+    running = launch_server(request.param, *models.get(request.param).small_flags)
     yield running
     stop_server(running)
 

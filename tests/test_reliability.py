@@ -20,7 +20,7 @@ import pytest
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
-from services import protocol
+from services import models, protocol
 from services.session import READ_SIZE
 from tests.conftest import MODELS, RunningServer
 from tests.reliability_helpers import (
@@ -42,10 +42,10 @@ from tests.reliability_helpers import (
     wait_all_closed_by_server,
 )
 
-MODEL_ARGS = {"threaded": (), "pool": ("--workers", "2"), "gevent": ()}
 # Idle connections per model in the horde test: a thread each costs more than a greenlet or a
 # selector entry, so the threaded server gets a fifth of the horde.
-IDLE_HORDE = {"threaded": 1000, "pool": 5000, "gevent": 5000}
+IDLE_HORDE = 5000
+IDLE_HORDE_BY_MODEL = {"threaded": 1000}
 ACTIVE_CLIENTS = 100
 REQUESTS_PER_ACTIVE_CLIENT = 20
 
@@ -66,7 +66,7 @@ FD_SLACK = 3
 
 def start(server_factory, model: str, *args: str) -> RunningServer:
     """A server of `model` with the test's flags (the pool with 2 workers, as on 2 cores)."""
-    return server_factory(model, *MODEL_ARGS[model], *args)
+    return server_factory(model, *models.get(model).small_flags, *args)
 
 
 def assert_serves(server: RunningServer) -> None:
@@ -180,7 +180,7 @@ def test_slow_readers_are_paused_while_others_are_served(
 def test_idle_horde_is_closed_at_the_idle_timeout_while_active_clients_are_served(
     server_factory, model, record_property
 ):
-    horde = IDLE_HORDE[model]
+    horde = IDLE_HORDE_BY_MODEL.get(model, IDLE_HORDE)
     idle_timeout = 8.0
     ensure_descriptors(horde + ACTIVE_CLIENTS)  # before the server starts: it inherits the limit
     server = start(server_factory, model, "--idle-timeout", str(idle_timeout))

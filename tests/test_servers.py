@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from services import models
 from tests.conftest import MODELS, ROOT, RunningServer, wait_until
 from tests.server_helpers import (
     LineClient,
@@ -25,20 +26,18 @@ from tests.server_helpers import (
     wait_for_metrics,
 )
 
-POOL_ARGS = ("--workers", "2")
-# Every variant that must behave the same: the three models, and the pool with both executors.
+# Every variant that must behave the same (services/models.py: each model, the pool with each
+# executor), as a command line for a small run.
 VARIANTS = {
-    "threaded": ("threaded",),
-    "pool-process": ("pool", *POOL_ARGS, "--executor", "process"),
-    "pool-thread": ("pool", *POOL_ARGS, "--executor", "thread"),
-    "gevent": ("gevent",),
+    name: (model.name, *model.small_flags, *variant.flags)
+    for name, (model, variant) in models.VARIANTS.items()
 }
 SHUTDOWN_TIMEOUT = 60.0
 
 
 def model_args(model: str) -> tuple[str, ...]:
     """Extra flags a model needs in these tests (the pool gets 2 workers, as on 2 cores)."""
-    return POOL_ARGS if model == "pool" else ()
+    return models.get(model).small_flags
 
 
 def clean_env(**extra: str) -> dict[str, str]:

@@ -21,12 +21,14 @@ from collections.abc import Iterator
 import pytest
 
 from loadtest import procs
+from services import models
 from tests.conftest import RunningServer, launch, stop_server
 from tests.reliability_helpers import connect, poll, poll_metrics, read_until_closed, request
 
 EXIT_TIMEOUT = 30.0  # a broken server exits within a second; the rest is slack for a loaded CI
-MODEL_ARGS = {"pool": ("--workers", "2")}  # as on 2 cores; the other models need no flags
 FAULT_LINE = b"boom"  # the request line the injected protocol bug raises on
+# The models whose connections each run the blocking session loop (services/blocking.py).
+BLOCKING = [model.name for model in models.MODELS if model.blocking]
 
 # Runs the real `services.__main__.main` after planting one fault (argv: model, fault, flags).
 # gevent patches first, as `python -m services gevent` does before importing anything else.
@@ -83,7 +85,7 @@ def launch_faulty(model: str, fault: str, *flags: str) -> RunningServer:
         FAULTY_SERVER,
         model,
         fault,
-        *MODEL_ARGS.get(model, ()),
+        *models.get(model).small_flags,
         *flags,
     ]
     return launch(command, model)
@@ -166,7 +168,7 @@ def test_a_broken_listener_exits_1_with_a_critical_log(faulty, model, how, loop)
     assert any(f"[Errno {error}]" in server.log_text() for error in errors), server.log_text()
 
 
-@pytest.mark.parametrize("model", ["threaded", "gevent"])
+@pytest.mark.parametrize("model", BLOCKING)
 def test_a_bug_in_one_session_closes_only_that_connection_and_is_counted(faulty, model):
     server = faulty(model, "session")
     with others_served(server) as victim:
@@ -207,7 +209,7 @@ def test_a_bug_in_one_pool_task_is_contained_and_counted(faulty):
     assert "injected fault in one session" in server.log_text()
 
 
-@pytest.mark.parametrize("model", ["threaded", "gevent"])
+@pytest.mark.parametrize("model", BLOCKING)
 def test_a_failing_sweep_loop_exits_1(faulty, model):
     server = faulty(model, "sweep", "--idle-timeout", "0.4")  # a sweep every 0.1 s
     assert wait_for_exit(server) == 1

@@ -18,6 +18,7 @@ import pytest
 
 from loadtest import procs
 from loadtest.workload import KNOBS
+from services import models
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -211,5 +212,5 @@ def test_readme_locust_commands_reach_the_readme_servers(readme_servers, tmp_pat
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     stats = (tmp_path / "out" / "run_stats.csv").read_text()
-    for target in ("threaded", "pool", "gevent"):
+    for target in models.NAMES:
         assert f"{target},echo," in stats

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from loadtest.workload import KNOBS
+from services import models
 from tests.conftest import ROOT, RunningServer, launch_server, stop_server
 from tests.loadtest_helpers import (
     TARGETS,
@@ -85,8 +86,7 @@ def locust_ui(tmp_path_factory) -> Iterator[LocustUi]:
     run = None
     try:
         for target in TARGETS:
-            args = ("--workers", "2") if target == "pool" else ()
-            servers[target] = launch_server(target, *args)
+            servers[target] = launch_server(target, *models.get(target).small_flags)
         env = locust_env({target: server.address for target, server in servers.items()})
         run = start_locust(workdir, "webui", [], env, web_port=free_port())
         poll("the web UI", run.web_ready, timeout=WAIT_S)
