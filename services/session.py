@@ -31,32 +31,9 @@ from itertools import compress
 from operator import add, ne, sub
 
 from services import protocol
+from services.buckets import DURATION_BUCKETS
 
 READ_SIZE = 65536
-# Request-duration buckets in seconds: sub-millisecond resolution for loopback echo (tens of
-# microseconds) up to the longest /sleep (60 s).
-DURATION_BUCKETS = (
-    0.000025,
-    0.00005,
-    0.0001,
-    0.00025,
-    0.0005,
-    0.001,
-    0.0025,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    2.5,
-    5.0,
-    10.0,
-    30.0,
-    60.0,
-)
 CLOSE_REASONS = (
     "client",
     "quit",
