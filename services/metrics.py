@@ -44,7 +44,8 @@ from prometheus_client.registry import Collector
 
 from services import protocol
 from services.adapters import Adapters
-from services.session import DURATION_BUCKETS, Histogram, ServerStats
+from services.buckets import DURATION_BUCKETS
+from services.session import Histogram, ServerStats
 
 ExtraMetrics = Callable[[], Iterable[Metric]]
 
