@@ -20,6 +20,7 @@ import pytest
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
+from loadtest.procs import Metrics
 from services import models, protocol
 from services.session import READ_SIZE
 from tests.conftest import MODELS, RunningServer
@@ -75,6 +76,28 @@ def assert_serves(server: RunningServer) -> None:
     with connect(server.address) as sock:
         assert request(sock, b"/ping") == b"PONG\n"
         assert request(sock, b"still here") == b"STILL HERE\n"
+
+
+def wait_open(server: RunningServer, at_least: int, why: str) -> None:
+    """Poll until the server holds at least `at_least` connections."""
+    poll_metrics(server, why, lambda m: m.sum("arena_connections_active") >= at_least)
+
+
+def wait_none_open(server: RunningServer, why: str) -> Metrics:
+    """Poll until the server holds no connection; returns that scrape."""
+    return poll_metrics(server, why, lambda m: m.sum("arena_connections_active") == 0)
+
+
+def assert_closed_when_idle(
+    server: RunningServer, sockets: list[socket.socket], idle_timeout: float, what: str
+) -> Metrics:
+    """The server closes every socket at the idle timeout without sending it a byte, and counts
+    each close as idle; returns the scrape that saw them all closed."""
+    outcome = wait_all_closed_by_server(sockets, timeout=idle_timeout + 60.0)
+    assert outcome["data"] == 0, f"{what}: {outcome}"
+    metrics = wait_none_open(server, "every idle close to be counted")
+    assert metrics.sum("arena_connections_closed_total", reason="idle") >= len(sockets)
+    return metrics
 
 
 def report(record_property, name: str, value: object) -> None:
@@ -164,11 +187,7 @@ def test_slow_readers_are_paused_while_others_are_served(
     finally:
         for sock in slow:
             reset(sock)
-    poll_metrics(
-        server,
-        "the slow readers' resets to be counted",
-        lambda m: m.sum("arena_connections_active") == 0,
-    )
+    wait_none_open(server, "the slow readers' resets to be counted")
     assert_serves(server)
 
 
@@ -191,11 +210,7 @@ def test_idle_horde_is_closed_at_the_idle_timeout_while_active_clients_are_serve
     try:
         for _ in range(horde):
             idle.append(connect(server.address))
-        poll_metrics(
-            server,
-            f"{horde} idle connections to be accepted",
-            lambda m: m.sum("arena_connections_active") >= horde,
-        )
+        wait_open(server, horde, f"{horde} idle connections to be accepted")
         per_connection = (server_rss(server.proc.pid) - baseline_rss) / horde
         report(record_property, f"{model}.rss_per_idle_connection_bytes", round(per_connection))
 
@@ -208,14 +223,7 @@ def test_idle_horde_is_closed_at_the_idle_timeout_while_active_clients_are_serve
             scrape(server).sum("arena_connections_active"),
         )
 
-        outcome = wait_all_closed_by_server(idle, timeout=idle_timeout + 60.0)
-        assert outcome["data"] == 0, f"idle connections received bytes: {outcome}"
-        metrics = poll_metrics(
-            server,
-            "every idle close to be counted",
-            lambda m: m.sum("arena_connections_active") == 0,
-        )
-        assert metrics.sum("arena_connections_closed_total", reason="idle") >= horde
+        assert_closed_when_idle(server, idle, idle_timeout, "idle connections received bytes")
         assert_serves(server)
     finally:
         for sock in idle:
@@ -240,11 +248,7 @@ def test_partial_lines_hold_only_their_bytes_and_close_at_the_idle_timeout(
         # First as empty idle connections, to measure what a connection costs by itself...
         for _ in range(PARTIAL_CLIENTS):
             clients.append(connect(server.address))
-        poll_metrics(
-            server,
-            "the clients to be accepted",
-            lambda m: m.sum("arena_connections_active") >= PARTIAL_CLIENTS,
-        )
+        wait_open(server, PARTIAL_CLIENTS, "the clients to be accepted")
         empty_rss = server_rss(server.proc.pid)
         # ...then each sends the start of a line and stops.
         partials = [PARTIAL_BYTES["few" if i % 2 else "large"] for i in range(PARTIAL_CLIENTS)]
@@ -263,14 +267,9 @@ def test_partial_lines_hold_only_their_bytes_and_close_at_the_idle_timeout(
         # reserved a line-limit or read-size buffer per connection would hold 13 MiB more.
         assert held <= 2 * total + 4 * MIB, f"held {held} bytes for {total} partial bytes"
 
-        outcome = wait_all_closed_by_server(clients, timeout=idle_timeout + 60.0)
-        assert outcome["data"] == 0, f"a partial line was answered: {outcome}"
-        metrics = poll_metrics(
-            server,
-            "every idle close to be counted",
-            lambda m: m.sum("arena_connections_active") == 0,
+        metrics = assert_closed_when_idle(
+            server, clients, idle_timeout, "a partial line was answered"
         )
-        assert metrics.sum("arena_connections_closed_total", reason="idle") >= PARTIAL_CLIENTS
         assert metrics.sum("arena_requests_total") == 2  # assert_serves' only: no partial line
         assert_serves(server)
     finally:
@@ -314,20 +313,14 @@ def test_churn_returns_descriptors_to_baseline_and_bounds_memory(
 ):
     server = start(server_factory, model, "--idle-timeout", "60")
     assert churn(server, 1000, CHURN_THREADS) == 0  # warm-up: caches, thread stacks, arenas
-    poll_metrics(
-        server, "the warm-up connections to close", lambda m: m.sum("arena_connections_active") == 0
-    )
+    wait_none_open(server, "the warm-up connections to close")
     baseline_fds = server_fds(server.proc.pid)
     baseline_rss = server_rss(server.proc.pid)
     before = scrape(server)
 
     assert churn(server, CHURN_CYCLES, CHURN_THREADS) == 0
 
-    after = poll_metrics(
-        server,
-        "every churned connection to close",
-        lambda m: m.sum("arena_connections_active") == 0,
-    )
+    after = wait_none_open(server, "every churned connection to close")
     fds = poll(
         "descriptors back to baseline",
         lambda: (n := server_fds(server.proc.pid)) <= baseline_fds + FD_SLACK and n,
@@ -410,9 +403,7 @@ def test_any_bytes_are_answered_per_protocol_or_closed_and_counted(server_factor
 
     exchange()
     assert server.proc.poll() is None, server.log_text()
-    after = poll_metrics(
-        server, "every connection to close", lambda m: m.sum("arena_connections_active") == 0
-    )
+    after = wait_none_open(server, "every connection to close")
     for code in protocol.ERROR_CODES:
         seen = after.sum("arena_protocol_errors_total", code=code) - before.sum(
             "arena_protocol_errors_total", code=code
@@ -483,9 +474,7 @@ def test_garbage_never_crashes_the_server(server_factory, model):
         assert read_exactly(sock, 100_000) == b"R" * 59_999 + b"\n" + b"R" * 40_000
         reset(sock)
 
-    after = poll_metrics(
-        server, "the reset to be counted", lambda m: m.sum("arena_connections_active") == 0
-    )
+    after = wait_none_open(server, "the reset to be counted")
 
     def delta(name: str, **labels: str) -> float:
         return after.sum(name, **labels) - before.sum(name, **labels)
@@ -522,9 +511,7 @@ MIN_ACCEPT_BACKOFF = 0.1
 def test_accept_emfile_is_logged_backed_off_and_recovered(server_factory, model, record_property):
     server = start(server_factory, model, "--idle-timeout", "120")
     assert_serves(server)
-    poll_metrics(
-        server, "the first clients to close", lambda m: m.sum("arena_connections_active") == 0
-    )
+    wait_none_open(server, "the first clients to close")
     # Leave the running server only a few spare descriptors (prlimit(2) on its pid).
     limit = server_fds(server.proc.pid) + SPARE_SERVER_FDS
     resource.prlimit(server.proc.pid, resource.RLIMIT_NOFILE, (limit, limit))
