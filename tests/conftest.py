@@ -6,6 +6,8 @@ Starting, stopping and waiting are loadtest/procs.py's, the same the stack, soak
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +23,24 @@ STOP_GRACE = 30.0
 
 # A started server: .proc, .port, .metrics_port, .address, .log_text(), .metrics_text().
 RunningServer = procs.Server
+
+
+def run_module(
+    module: str, *args: str, timeout: float = 60.0, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run `python -m MODULE ARGS` from the repository to its end, its output captured as text.
+
+    `env` replaces this process's environment; the exit code is the caller's to check.
+    """
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 def launch_server(model: str, *args: str, env: dict[str, str] | None = None) -> RunningServer:

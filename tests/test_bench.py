@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +11,7 @@ import pytest
 from loadtest.bench import loadgen, report
 from loadtest.bench.scenarios import TEXTBOOK_NAMES
 from services import models
-from tests.conftest import ROOT
+from tests.conftest import run_module
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # The benchmark's families: every variant of every registered model (services/models.py).
@@ -24,29 +23,11 @@ KINDS = ("ours", "no-metrics", "textbook")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, str]:
     """One scenario, every model (ours with and without metrics, textbook), one short rep."""
     out = tmp_path_factory.mktemp("bench")
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "loadtest.bench",
-            "--scenarios",
-            "echo64",
-            "--duration",
-            "0.3",
-            "--warmup",
-            "0.1",
-            "--reps",
-            "1",
-            "--noisy-retries",
-            "0",
-            "--out",
-            str(out),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
+    result = run_module(
+        "loadtest.bench",
+        *("--scenarios", "echo64", "--duration", "0.3", "--warmup", "0.1", "--reps", "1"),
+        *("--noisy-retries", "0", "--out", str(out)),
         timeout=240,
-        check=False,
     )
     assert result.returncode == 0, result.stderr
     return out, json.loads((out / "bench.json").read_text()), result.stderr
@@ -139,13 +120,6 @@ def test_a_saturated_load_generator_is_flagged_next_to_the_number(tiny_run, tmp_
     "module", ["loadtest.bench", "loadtest.soak", "loadtest.stack", "services"]
 )
 def test_every_command_explains_itself_with_help(module: str) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", module, "--help"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = run_module(module, "--help")
     assert result.returncode == 0, result.stderr
     assert "usage:" in result.stdout and "Traceback" not in result.stderr

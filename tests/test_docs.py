@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +12,7 @@ import pytest
 from loadtest import docfigures
 from loadtest.workload import KNOBS
 from services import models
+from tests.conftest import run_module
 
 ROOT = Path(__file__).resolve().parent.parent
 BLOCK = re.compile(r"<!-- (figures|source):([a-z0-9-]+):begin -->.*?<!-- \1:\2:end -->", re.S)
@@ -107,21 +106,17 @@ def test_the_check_fails_on_a_hand_edited_figure_and_the_generator_repairs_it(tm
     edited = re.sub(r"\| threaded \| [\d,]+", "| threaded | 99,999", section, count=1)
     assert edited != section
     readme.write_text(text.replace(section, edited))
-    command = [sys.executable, "-m", "loadtest.docfigures", "--root", str(tmp_path)]
+    command = ("loadtest.docfigures", "--root", str(tmp_path))
 
-    check = subprocess.run(
-        [*command, "--check"], capture_output=True, text=True, cwd=ROOT, timeout=60, check=False
-    )
+    check = run_module(*command, "--check")
     assert check.returncode == 1
     assert "-| threaded | 99,999" in check.stdout
     assert "README.md" in check.stderr and "make docs" in check.stderr
 
-    write = subprocess.run(
-        command, capture_output=True, text=True, cwd=ROOT, timeout=60, check=False
-    )
+    write = run_module(*command)
     assert write.returncode == 0, write.stderr
     assert readme.read_text() == (ROOT / "README.md").read_text()
-    assert subprocess.run([*command, "--check"], cwd=ROOT, timeout=60, check=False).returncode == 0
+    assert run_module(*command, "--check").returncode == 0
 
 
 def test_a_new_result_makes_the_docs_stale(tmp_path):
@@ -186,14 +181,7 @@ def test_unbalanced_markers_are_refused(tmp_path):
 
 
 def test_locust_help_lists_every_knob():
-    result = subprocess.run(
-        [sys.executable, "-m", "loadtest", "--help"],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=120,
-        check=False,
-    )
+    result = run_module("loadtest", "--help", timeout=120)
     assert result.returncode == 0, result.stderr
     assert "--headless" in result.stdout  # Locust's own options too
     missing = [knob.flag for knob in KNOBS if knob.flag not in result.stdout]

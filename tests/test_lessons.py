@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,8 +11,8 @@ from loadtest import docfigures
 from loadtest.lessons import __main__ as cli
 from loadtest.lessons import catalog, checks, report, runner
 from services import models
+from tests.conftest import run_module
 
-ROOT = Path(__file__).resolve().parent.parent
 POOL, LOOP, THREADS = checks.POOL, checks.EVENT_LOOP, checks.OS_THREADS
 SWITCHING = checks.switching_models()
 
@@ -431,24 +429,11 @@ def test_the_readme_section_is_written_from_lessons_json(tmp_path):
 def test_a_quick_real_run_writes_figures_verdicts_and_a_chart(tmp_path):
     """Shape only: the verdict depends on how busy the machine is (the full run decides)."""
     narrowed = [name for name in models.NAMES if name in (THREADS, POOL)]
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "loadtest.lessons",
-            "--quick",
-            "--lessons",
-            "io-wait",
-            "--models",
-            ",".join(narrowed),
-            "--out",
-            str(tmp_path),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
+    result = run_module(
+        "loadtest.lessons",
+        *("--quick", "--lessons", "io-wait", "--models", ",".join(narrowed)),
+        *("--out", str(tmp_path)),
         timeout=240,
-        check=False,
     )
     assert result.returncode in (0, 1), result.stderr
     data = json.loads((tmp_path / "lessons.json").read_text())

@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from services import models
-from tests.conftest import MODELS, ROOT, RunningServer, wait_until
+from tests.conftest import MODELS, ROOT, RunningServer, run_module, wait_until
 from tests.server_helpers import (
     LineClient,
     processes_in_session,
@@ -49,15 +49,7 @@ def clean_env(**extra: str) -> dict[str, str]:
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """Run `python -m services ARGS` to completion; fail (not hang) if it starts serving."""
     try:
-        return subprocess.run(
-            [sys.executable, "-m", "services", *args],
-            cwd=ROOT,
-            env=env or clean_env(),
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=False,
-        )
+        return run_module("services", *args, timeout=30, env=env or clean_env())
     except subprocess.TimeoutExpired as error:
         pytest.fail(f"`python -m services {' '.join(args)}` kept running: {error}")
 

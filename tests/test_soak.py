@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 
 from loadtest.soak import parse_duration
-from tests.conftest import MODELS, ROOT
+from tests.conftest import MODELS, run_module
 
 SOAK_SECONDS = 45
 
@@ -38,14 +36,7 @@ def test_durations_are_parsed_like_locust_run_times(text, seconds):
     ],
 )
 def test_bad_arguments_exit_2(command_line):
-    result = subprocess.run(
-        [sys.executable, "-m", "loadtest.soak", *command_line],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = run_module("loadtest.soak", *command_line)
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
 
@@ -54,23 +45,10 @@ def test_bad_arguments_exit_2(command_line):
 @pytest.mark.locust
 def test_short_soak_passes_and_writes_its_report(tmp_path):
     report_dir = tmp_path / "soak"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "loadtest.soak",
-            "--duration",
-            f"{SOAK_SECONDS}s",
-            "--interval",
-            "2",
-            "--report-dir",
-            str(report_dir),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
+    result = run_module(
+        "loadtest.soak",
+        *("--duration", f"{SOAK_SECONDS}s", "--interval", "2", "--report-dir", str(report_dir)),
         timeout=SOAK_SECONDS + 240,
-        check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "soak: PASSED" in result.stdout
@@ -110,26 +88,11 @@ def test_short_soak_passes_and_writes_its_report(tmp_path):
 def test_soak_fails_when_a_bound_is_broken(tmp_path):
     # A descriptor bound of -1000 cannot hold: the verdict, the exit code and the report say so.
     report_dir = tmp_path / "soak"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "loadtest.soak",
-            "--duration",
-            "20s",
-            "--interval",
-            "1",
-            "--warmup",
-            "2s",
-            "--max-fd-growth=-1000",
-            "--report-dir",
-            str(report_dir),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
+    result = run_module(
+        "loadtest.soak",
+        *("--duration", "20s", "--interval", "1", "--warmup", "2s", "--max-fd-growth=-1000"),
+        *("--report-dir", str(report_dir)),
         timeout=240,
-        check=False,
     )
     assert result.returncode == 1, result.stdout + result.stderr
     report = json.loads((report_dir / "report.json").read_text())

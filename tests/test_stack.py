@@ -18,7 +18,7 @@ import pytest
 from loadtest import procs
 from loadtest.stack import PORTS
 from services import models
-from tests.conftest import ROOT, wait_until
+from tests.conftest import ROOT, run_module, wait_until
 
 STARTUP_TIMEOUT = 90.0
 HAS_PROMETHEUS = shutil.which("prometheus") is not None
@@ -141,8 +141,7 @@ def test_stack_serves_everything_then_a_signal_stops_every_process_and_frees_eve
 
 def run_stack(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """Run the stack to its end (a bad setting ends it at once), its output captured."""
-    command = [sys.executable, "-m", "loadtest.stack", *args]
-    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    return run_module("loadtest.stack", *args, env=env)
 
 
 def test_a_port_in_use_is_named_with_the_knob_that_moves_it(stack_ports: dict[str, int]) -> None:
