@@ -100,6 +100,19 @@ def assert_closed_when_idle(
     return metrics
 
 
+def ping_from_new_clients(server: RunningServer, count: int, clients: list[socket.socket]) -> None:
+    """Open `count` connections that each send /ping, added to `clients` (the caller closes)."""
+    for _ in range(count):
+        sock = connect(server.address)
+        sock.sendall(b"/ping\n")
+        clients.append(sock)
+
+
+def wait_logged(server: RunningServer, text: str) -> None:
+    """Poll the server's log until it holds `text`."""
+    poll(f"{text!r} in the server's log", lambda: text in server.log_text(), timeout=30.0)
+
+
 def report(record_property, name: str, value: object) -> None:
     """Show a measured figure in the test output and in the JUnit XML."""
     print(f"\n[reliability] {name} = {value}")
@@ -520,15 +533,8 @@ def test_accept_emfile_is_logged_backed_off_and_recovered(server_factory, model,
     try:
         # The kernel completes every handshake; the server can accept only some of them.
         exhausted_at = time.monotonic()
-        for _ in range(EXHAUSTING_CLIENTS):
-            sock = connect(server.address)
-            sock.sendall(b"/ping\n")
-            clients.append(sock)
-        poll(
-            "the accept() failure to be logged",
-            lambda: "accept() failed" in server.log_text(),
-            timeout=30.0,
-        )
+        ping_from_new_clients(server, EXHAUSTING_CLIENTS, clients)
+        wait_logged(server, "accept() failed")
         assert server.proc.poll() is None, server.log_text()
         # Stay out of descriptors for a while: the server must back off, not spin on accept().
         time.sleep(max(0.0, exhausted_at + EXHAUSTION_HOLD - time.monotonic()))
@@ -575,15 +581,8 @@ def test_threaded_keeps_accepting_after_a_thread_cannot_start(server_factory):
     resource.prlimit(server.proc.pid, resource.RLIMIT_AS, (address_space, resource.RLIM_INFINITY))
     clients = []
     try:
-        for _ in range(CLIENTS_BEYOND_THREADS):
-            sock = connect(server.address)
-            sock.sendall(b"/ping\n")
-            clients.append(sock)
-        poll(
-            "a thread start to fail",
-            lambda: "can't start new thread" in server.log_text(),
-            timeout=30.0,
-        )
+        ping_from_new_clients(server, CLIENTS_BEYOND_THREADS, clients)
+        wait_logged(server, "can't start new thread")
         # Threads can start again.
         resource.prlimit(
             server.proc.pid, resource.RLIMIT_AS, (resource.RLIM_INFINITY, resource.RLIM_INFINITY)

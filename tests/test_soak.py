@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -10,6 +12,11 @@ from loadtest.soak import parse_duration
 from tests.conftest import MODELS, run_module
 
 SOAK_SECONDS = 45
+
+
+def run_soak(report_dir: Path, *args: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    """A real soak (`python -m loadtest.soak ARGS`) that writes its report to `report_dir`."""
+    return run_module("loadtest.soak", *args, "--report-dir", str(report_dir), timeout=timeout)
 
 
 @pytest.mark.parametrize(
@@ -45,10 +52,8 @@ def test_bad_arguments_exit_2(command_line):
 @pytest.mark.locust
 def test_short_soak_passes_and_writes_its_report(tmp_path):
     report_dir = tmp_path / "soak"
-    result = run_module(
-        "loadtest.soak",
-        *("--duration", f"{SOAK_SECONDS}s", "--interval", "2", "--report-dir", str(report_dir)),
-        timeout=SOAK_SECONDS + 240,
+    result = run_soak(
+        report_dir, "--duration", f"{SOAK_SECONDS}s", "--interval", "2", timeout=SOAK_SECONDS + 240
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "soak: PASSED" in result.stdout
@@ -88,10 +93,9 @@ def test_short_soak_passes_and_writes_its_report(tmp_path):
 def test_soak_fails_when_a_bound_is_broken(tmp_path):
     # A descriptor bound of -1000 cannot hold: the verdict, the exit code and the report say so.
     report_dir = tmp_path / "soak"
-    result = run_module(
-        "loadtest.soak",
+    result = run_soak(
+        report_dir,
         *("--duration", "20s", "--interval", "1", "--warmup", "2s", "--max-fd-growth=-1000"),
-        *("--report-dir", str(report_dir)),
         timeout=240,
     )
     assert result.returncode == 1, result.stdout + result.stderr
