@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import re
-import sys
 import time
 import urllib.request
 from collections.abc import Callable, Mapping, Sequence
@@ -22,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from loadtest import procs
 from loadtest.bench import harness, loadgen
 from loadtest.bench import scenarios as bench_scenarios
 from loadtest.bench.scenarios import Scenario
@@ -277,23 +277,6 @@ def server_switch_interval() -> float | None:
 # -- measuring -------------------------------------------------------------------------------
 
 
-def server_command(model: str, args: Sequence[str]) -> list[str]:
-    """`python -m services MODEL ...` on free loopback ports."""
-    return [
-        sys.executable,
-        "-m",
-        "services",
-        model,
-        *args,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        "0",
-        "--metrics-port",
-        "0",
-    ]
-
-
 def scrape(server: harness.ServerProcess) -> tuple[dict[str, float], dict[str, str]]:
     """The server's unlabelled samples from /metrics and the labels of arena_server_info
     (both empty when it serves no metrics)."""
@@ -360,7 +343,7 @@ class Rig:
         """Start the server alone, measure it `reps` times, stop it; the median figures."""
         pinning, shared = self.pinning(run), self.shared(run)
         server = harness.ServerProcess(
-            run.label, server_command(run.model, run.server_args), pinning.server
+            run.label, procs.server_command(run.model, *run.server_args), pinning.server
         )
         records = []
         try:
