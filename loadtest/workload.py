@@ -52,32 +52,35 @@ class KnobError(ValueError):
     """A refused knob value; the message names the knob, what is allowed and what was given."""
 
 
-def _integer(low: int, high: int) -> Callable[[object], int]:
-    def parse(value: object) -> int:
+def _bounded[N: (int, float)](
+    convert: Callable[[str], N], kind: str, low: N, high: N
+) -> Callable[[object], N]:
+    """A knob parser: `convert` the text, then keep it from `low` to `high` (both included)."""
+
+    def show(bound: float) -> str:
+        return str(bound) if isinstance(bound, int) else f"{bound:g}"  # 10000000, not 1e+07
+
+    allowed = f"must be {kind} from {show(low)} to {show(high)}"
+
+    def parse(value: object) -> N:
         text = str(value).strip()
         try:
-            number = int(text)
+            number = convert(text)
         except ValueError:
-            raise KnobError(f"must be a whole number from {low} to {high}, got {text!r}") from None
-        if not low <= number <= high:
-            raise KnobError(f"must be a whole number from {low} to {high}, got {number}")
+            raise KnobError(f"{allowed}, got {text!r}") from None
+        if not math.isfinite(number) or not low <= number <= high:
+            raise KnobError(f"{allowed}, got {text!r}")
         return number
 
     return parse
+
+
+def _integer(low: int, high: int) -> Callable[[object], int]:
+    return _bounded(int, "a whole number", low, high)
 
 
 def _number(low: float, high: float) -> Callable[[object], float]:
-    def parse(value: object) -> float:
-        text = str(value).strip()
-        try:
-            number = float(text)
-        except ValueError:
-            raise KnobError(f"must be a number from {low:g} to {high:g}, got {text!r}") from None
-        if not math.isfinite(number) or not low <= number <= high:
-            raise KnobError(f"must be a number from {low:g} to {high:g}, got {text!r}")
-        return number
-
-    return parse
+    return _bounded(float, "a number", low, high)
 
 
 def _choice(choices: tuple[str, ...]) -> Callable[[object], str]:

@@ -136,6 +136,21 @@ def _args(model: str, pool_workers: int) -> tuple[str, ...]:
     return _pool(pool_workers) if model == checks.POOL else ()
 
 
+def _work_1ms(
+    lesson: str, title: str, work: Work, pool_workers: int, cores: int
+) -> tuple[dict[str, Any], Scenario]:
+    """The computing lessons' load, /work of about 1 ms on CPU_CONNECTIONS connections on
+    `cores` cores: the lesson's setup and its scenario."""
+    setup = {
+        "connections": CPU_CONNECTIONS,
+        "work_ms": work.ms_1,
+        "work_rounds": work.rounds_1ms,
+        "pool_workers": pool_workers,
+        "cores": cores,
+    }
+    return setup, Scenario(lesson, title, CPU_CONNECTIONS, (bench_scenarios.work(work.rounds_1ms),))
+
+
 def plan(lesson: str, models: Sequence[str], work: Work, cpus: int) -> Plan:
     """The runs of one lesson over the chosen models."""
     setup: dict[str, Any]
@@ -152,16 +167,7 @@ def plan(lesson: str, models: Sequence[str], work: Work, cpus: int) -> Plan:
         )
         runs = [Run(m, "", _args(m, IO_POOL_WORKERS), scenario) for m in models]
     elif lesson == "cpu-work":
-        setup = {
-            "connections": CPU_CONNECTIONS,
-            "work_ms": work.ms_1,
-            "work_rounds": work.rounds_1ms,
-            "pool_workers": IO_POOL_WORKERS,
-            "cores": 1,
-        }
-        scenario = Scenario(
-            lesson, "/work ~1 ms", CPU_CONNECTIONS, (bench_scenarios.work(work.rounds_1ms),)
-        )
+        setup, scenario = _work_1ms(lesson, "/work ~1 ms", work, IO_POOL_WORKERS, cores=1)
         runs = [Run(m, "", _args(m, IO_POOL_WORKERS), scenario) for m in models]
     elif lesson == "pool-bound":
         setup = {
@@ -190,20 +196,10 @@ def plan(lesson: str, models: Sequence[str], work: Work, cpus: int) -> Plan:
                 for size in sizes
             ]
     elif lesson == "cores":
-        setup = {
-            "connections": CPU_CONNECTIONS,
-            "work_ms": work.ms_1,
-            "work_rounds": work.rounds_1ms,
-            "pool_workers": CORES_POOL_WORKERS,
-            "cores": cpus,
-            "cpus": cpus,
-        }
-        scenario = Scenario(
-            lesson,
-            "/work ~1 ms, all cores",
-            CPU_CONNECTIONS,
-            (bench_scenarios.work(work.rounds_1ms),),
+        setup, scenario = _work_1ms(
+            lesson, "/work ~1 ms, all cores", work, CORES_POOL_WORKERS, cores=cpus
         )
+        setup["cpus"] = cpus
         runs = [Run(m, "", _args(m, CORES_POOL_WORKERS), scenario, two_cores=True) for m in models]
     elif lesson == "many-clients":
         setup = {"connections": MANY_CONNECTIONS, "echo_bytes": 64, "cores": 1}
