@@ -73,6 +73,16 @@ def histogram_family(
     return family
 
 
+def counter_by(
+    name: str, documentation: str, label: str, counts: Iterable[tuple[str, float]]
+) -> CounterMetricFamily:
+    """A counter family with one label: a sample per (label value, count)."""
+    family = CounterMetricFamily(name, documentation, labels=[label])
+    for value, count in counts:
+        family.add_metric([value], count)
+    return family
+
+
 class ArenaCollector(Collector):
     """The metrics every model shares, plus the model's own from `extra`."""
 
@@ -103,19 +113,18 @@ class ArenaCollector(Collector):
         yield CounterMetricFamily(
             "arena_connections", "Connections accepted and served", value=stats.connections_total
         )
-        rejected = CounterMetricFamily(
+        yield counter_by(
             "arena_connections_rejected",
             "Connections refused with ERR server-busy",
-            labels=["reason"],
+            "reason",
+            [("busy", stats.rejected)],
         )
-        rejected.add_metric(["busy"], stats.rejected)
-        yield rejected
-        closed = CounterMetricFamily(
-            "arena_connections_closed", "Why served connections ended", labels=["reason"]
+        yield counter_by(
+            "arena_connections_closed",
+            "Why served connections ended",
+            "reason",
+            stats.close_reasons.items(),
         )
-        for reason, count in stats.close_reasons.items():
-            closed.add_metric([reason], count)
-        yield closed
         requests = CounterMetricFamily(
             "arena_requests", "Requests answered", labels=["command", "outcome"]
         )
@@ -133,26 +142,24 @@ class ArenaCollector(Collector):
             "arena_received_bytes", "Request bytes read", value=tally.received
         )
         yield CounterMetricFamily("arena_sent_bytes", "Reply bytes written", value=tally.sent)
-        errors = CounterMetricFamily(
-            "arena_protocol_errors", "Error replies by code", labels=["code"]
+        yield counter_by(
+            "arena_protocol_errors",
+            "Error replies by code",
+            "code",
+            ((code, tally.errors.get(code, 0)) for code in protocol.ERROR_CODES),
         )
-        for code in protocol.ERROR_CODES:
-            errors.add_metric([code], tally.errors.get(code, 0))
-        yield errors
-        accept_errors = CounterMetricFamily(
-            "arena_accept_errors", "Failed accept() calls by errno", labels=["errno"]
+        yield counter_by(
+            "arena_accept_errors",
+            "Failed accept() calls by errno",
+            "errno",
+            sorted(stats.accept_errors.items()),
         )
-        for name, count in sorted(stats.accept_errors.items()):
-            accept_errors.add_metric([name], count)
-        yield accept_errors
-        internal = CounterMetricFamily(
+        yield counter_by(
             "arena_internal_errors",
             "Unexpected exceptions by where they were caught (a bug, contained or fatal)",
-            labels=["where"],
+            "where",
+            sorted(stats.internal_errors.items()),
         )
-        for where, count in sorted(stats.internal_errors.items()):
-            internal.add_metric([where], count)
-        yield internal
         fallbacks = GaugeMetricFamily(
             "arena_adapter_fallback",
             "1 when an adapter of another library's private API fell back at start-up",
