@@ -123,6 +123,25 @@ def start_locust(
     return LocustProcess(proc, workdir, name, web_port)
 
 
+def run_to_end(
+    workdir: Path,
+    name: str,
+    args: list[str],
+    env: dict[str, str],
+    timeout: float = 120.0,
+    expect: int = 0,
+) -> LocustProcess:
+    """Run Locust until it ends by itself (killed if it overruns `timeout`); its exit code must
+    be `expect`."""
+    run = start_locust(workdir, name, args, env)
+    try:
+        code = run.wait(timeout=timeout)
+    finally:
+        run.kill()
+    assert code == expect, run.stderr[-3000:]
+    return run
+
+
 class Metrics(procs.Metrics):
     """One scrape (the toolkit's parser), plus Locust's totals and users per target."""
 

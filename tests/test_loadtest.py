@@ -30,12 +30,14 @@ from tests.conftest import RunningServer, launch_server, stop_server
 from tests.loadtest_helpers import (
     COMMANDS,
     TARGETS,
+    LocustProcess,
     Metrics,
     csv_totals,
     free_port,
     locust_env,
     nonzero,
     poll,
+    run_to_end,
     server_counts,
     start_locust,
     stats_totals,
@@ -293,6 +295,16 @@ def addresses(servers: dict[str, RunningServer]) -> dict[str, tuple[str, int]]:
     return {target: server.address for target, server in servers.items()}
 
 
+def wait_every_user(run: LocustProcess, what: str, timeout: float) -> None:
+    """Wait for the web UI, then for USERS_PER_TARGET users on every target."""
+    poll("the web UI", run.web_ready, timeout=60)
+    poll(
+        what,
+        lambda: run.metrics().users() == dict.fromkeys(TARGETS, USERS_PER_TARGET),
+        timeout=timeout,
+    )
+
+
 def successes(metrics: Metrics, target: str) -> int:
     """Successful protocol requests (connects excluded) to a target."""
     totals = metrics.totals()
@@ -312,12 +324,7 @@ def check_servers_saw_the_same_traffic(before, after, totals) -> None:
 
 def run_headless_to_success(tmp_path, name: str, args: list[str], servers) -> tuple[Any, dict]:
     """Run Locust to its end against the servers; it must exit 0 and report every row."""
-    run = start_locust(tmp_path, name, args, locust_env(addresses(servers)))
-    try:
-        code = run.wait(timeout=120)
-    finally:
-        run.kill()
-    assert code == 0, run.stderr[-3000:]
+    run = run_to_end(tmp_path, name, args, locust_env(addresses(servers)))
     totals = csv_totals(tmp_path / f"{Path(args[args.index('--csv') + 1]).name}_stats.csv")
     assert set(totals) == {(target, command) for target in TARGETS for command in COMMANDS}
     return run, totals
@@ -357,17 +364,12 @@ def test_scenario_from_the_environment_sets_the_mix_and_a_given_knob_keeps_its_v
     servers, tmp_path
 ):
     prefix = tmp_path / "io"
-    run = start_locust(
+    run = run_to_end(
         tmp_path,
         "io",
         ["--headless", "-t", "6s", "--sleep-ms", "5", "--csv", str(prefix)],
         locust_env(addresses(servers), LOCUST_SCENARIO="io-wait"),
     )
-    try:
-        code = run.wait(timeout=120)
-    finally:
-        run.kill()
-    assert code == 0, run.stderr[-3000:]
     totals = csv_totals(tmp_path / "io_stats.csv")
     # io-wait: only /sleep requests (plus each user's connect), to every target.
     assert {command for _, command in totals} == {"sleep", "connect"}, totals
@@ -397,12 +399,7 @@ def test_killed_server_shows_failures_and_users_recover_when_it_returns(tmp_path
         web_port=free_port(),
     )
     try:
-        poll("the web UI", run.web_ready, timeout=60)
-        poll(
-            "100 users per target",
-            lambda: run.metrics().users() == dict.fromkeys(TARGETS, 100),
-            timeout=60,
-        )
+        wait_every_user(run, "100 users per target", timeout=60)
         poll("threaded answering", lambda: successes(run.metrics(), "threaded") > 0, timeout=30)
 
         os.killpg(started["threaded"].proc.pid, signal.SIGKILL)
@@ -493,12 +490,7 @@ def test_distributed_master_aggregates_two_workers_and_passes_knob_changes_on(se
         for n in (1, 2)
     ]
     try:
-        poll("the web UI", master.web_ready, timeout=60)
-        poll(
-            "100 users per target over 2 workers",
-            lambda: master.metrics().users() == dict.fromkeys(TARGETS, 100),
-            timeout=90,
-        )
+        wait_every_user(master, "100 users per target over 2 workers", timeout=90)
         poll(
             "every target and command on the master",
             lambda: all(v[0] > 0 for v in master.metrics().totals().values()),
@@ -568,7 +560,7 @@ def test_processes_flag_runs_forked_workers_and_the_master_adds_them_up(servers,
 @pytest.mark.slow
 def test_headless_run_exits_non_zero_when_requests_fail(tmp_path):
     nobody = {"threaded": ("127.0.0.1", free_port())}
-    run = start_locust(
+    run_to_end(
         tmp_path,
         "refused",
         [
@@ -583,12 +575,9 @@ def test_headless_run_exits_non_zero_when_requests_fail(tmp_path):
             str(tmp_path / "refused"),
         ],
         locust_env(nobody),
+        timeout=60,
+        expect=1,
     )
-    try:
-        code = run.wait(timeout=60)
-    finally:
-        run.kill()
-    assert code == 1, run.stderr[-3000:]
     totals = csv_totals(tmp_path / "refused_stats.csv")
     assert set(totals) == {("threaded", "connect")}
     requests, failures = totals[("threaded", "connect")]
