@@ -21,7 +21,6 @@ linked from elsewhere.
 
 from __future__ import annotations
 
-import argparse
 import difflib
 import json
 import re
@@ -29,9 +28,10 @@ import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from loadtest import cli
 from services import models
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = cli.ROOT
 RESULTS = ROOT / "results"
 DOCS = ("README.md", "docs")
 SECTION = re.compile(
@@ -750,28 +750,18 @@ def publish_soak(report: dict, results: Path = RESULTS, root: Path = ROOT) -> li
 
 def main(argv: list[str] | None = None) -> int:
     """Write (or with --check, verify) every marked section; returns the exit code."""
-    parser = argparse.ArgumentParser(
-        prog="python -m loadtest.docfigures",
-        description="Write the measured figures from results/ into the marked sections of "
-        "README.md and docs/*.md.",
+    parser = cli.parser(
+        "loadtest.docfigures",
+        "Write the measured figures from results/ into the marked sections of README.md and "
+        "docs/*.md.",
     )
     parser.add_argument(
         "--check",
         action="store_true",
         help="write nothing; exit 1 with a diff when a section is stale",
     )
-    parser.add_argument(
-        "--results",
-        type=Path,
-        default=RESULTS,
-        help="directory of bench.json and soak.json (default: results/)",
-    )
-    parser.add_argument(
-        "--root",
-        type=Path,
-        default=ROOT,
-        help="where README.md and docs/ are (default: the repository)",
-    )
+    cli.add_path(parser, "--results", RESULTS, "directory of bench.json and soak.json")
+    cli.add_path(parser, "--root", ROOT, "where README.md and docs/ are")
     args = parser.parse_args(argv)
     try:
         if args.check:

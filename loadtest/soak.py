@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from loadtest import procs
+from loadtest import cli, procs
 from services import models
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -66,10 +66,10 @@ def parse_duration(text: str) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line."""
-    parser = argparse.ArgumentParser(
-        prog="python -m loadtest.soak",
-        description="Soak the three servers under the default Locust load; write a report; "
-        "exit 1 if memory or descriptors grow beyond the bounds or any request fails.",
+    parser = cli.parser(
+        "loadtest.soak",
+        "Soak every server under the default Locust load; write a report; exit 1 if memory or "
+        "descriptors grow beyond the bounds or any request fails.",
     )
     parser.add_argument(
         "--duration",
@@ -95,18 +95,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="samples ignored by the verdict at the start (default: a sixth of "
         "the duration, at least 10 s and at most 10 min)",
     )
-    parser.add_argument(
+    cli.add_number(
+        parser,
         "--max-rss-growth-mib",
-        type=float,
-        default=DEFAULT_MAX_RSS_GROWTH_MIB,
-        help=f"largest allowed RSS growth per server, MiB (default {DEFAULT_MAX_RSS_GROWTH_MIB:g})",
+        DEFAULT_MAX_RSS_GROWTH_MIB,
+        "largest allowed RSS growth per server, MiB",
     )
-    parser.add_argument(
+    cli.add_number(
+        parser,
         "--max-fd-growth",
-        type=int,
-        default=DEFAULT_MAX_FD_GROWTH,
-        help=f"largest allowed growth of open descriptors per server "
-        f"(default {DEFAULT_MAX_FD_GROWTH})",
+        DEFAULT_MAX_FD_GROWTH,
+        "largest allowed growth of open descriptors per server",
     )
     parser.add_argument(
         "--users-per-target",

@@ -6,11 +6,10 @@ Writes results/bench.json, results/bench.md and PNG charts. See docs/BENCHMARK.m
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import sys
-from pathlib import Path
 
+from loadtest import cli
 from loadtest.bench import harness, loadgen, report
 from loadtest.bench.scenarios import (
     FAMILIES,
@@ -24,66 +23,26 @@ from loadtest.bench.scenarios import (
 DEFAULT_OUT = harness.ROOT / "results"
 
 
-def _names(text: str, allowed, what: str) -> list[str]:
-    names = [name.strip() for name in text.split(",") if name.strip()]
-    unknown = [name for name in names if name not in allowed]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(
-            f"unknown {what} {', '.join(unknown) or '(none given)'}; choose from "
-            + ", ".join(allowed)
-        )
-    return names
-
-
 def build_parser(scenario_names: list[str]) -> argparse.ArgumentParser:
     """The command line."""
-    parser = argparse.ArgumentParser(
-        prog="python -m loadtest.bench",
-        description="Benchmark each server model alone, with metrics on and off, next to a "
-        "textbook implementation of the same model.",
+    parser = cli.parser(
+        "loadtest.bench",
+        "Benchmark each server model alone, with metrics on and off, next to a textbook "
+        "implementation of the same model.",
     )
-    parser.add_argument(
-        "--scenarios",
-        default=",".join(scenario_names),
-        type=lambda text: _names(text, scenario_names, "scenario"),
-        help="comma-separated scenarios (default: all): " + ", ".join(scenario_names),
-    )
-    parser.add_argument(
-        "--models",
-        default=",".join(FAMILIES),
-        type=lambda text: _names(text, FAMILIES, "model"),
-        help="comma-separated models (default: all): " + ", ".join(FAMILIES),
-    )
-    parser.add_argument(
-        "--kinds",
-        default=",".join(KINDS),
-        type=lambda text: _names(text, KINDS, "kind"),
-        help="which servers per model (default: all): ours, no-metrics, textbook",
-    )
-    parser.add_argument(
-        "--duration", type=float, default=1.0, help="measured seconds per run (default 1)"
-    )
-    parser.add_argument(
-        "--warmup",
-        type=float,
-        default=0.5,
-        help="seconds of load before measuring, per run (default 0.5)",
-    )
-    parser.add_argument(
-        "--reps",
-        type=int,
-        default=3,
-        help="runs per server and scenario; figures are medians (default 3)",
-    )
+    cli.add_names(parser, "--scenarios", scenario_names, "scenario")
+    cli.add_names(parser, "--models", list(FAMILIES), "model")
+    cli.add_names(parser, "--kinds", KINDS, "kind", help="which servers per model")
+    cli.add_number(parser, "--duration", 1.0, "measured seconds per run")
+    cli.add_number(parser, "--warmup", 0.5, "seconds of load before measuring, per run")
+    cli.add_number(parser, "--reps", 3, "runs per server and scenario; figures are medians")
     parser.add_argument(
         "--workers",
         type=int,
         default=os.cpu_count() or 1,
         help="pool workers, ours and textbook (default: CPU count)",
     )
-    parser.add_argument(
-        "--out", type=Path, default=DEFAULT_OUT, help="output directory (default: results/)"
-    )
+    cli.add_path(parser, "--out", DEFAULT_OUT, "output directory")
     parser.add_argument(
         "--no-pin",
         dest="pin",
@@ -96,19 +55,20 @@ def build_parser(scenario_names: list[str]) -> argparse.ArgumentParser:
         action="store_false",
         help="skip measuring the load generator against its C echo server",
     )
-    parser.add_argument(
+    cli.add_number(
+        parser,
         "--noisy-retries",
-        type=int,
-        default=2,
-        help="measure a run again when other work took more than "
-        f"{harness.NOISY_OTHER_FRACTION:.0%}% of the server CPU (default 2)",
+        2,
+        "measure a run again when other work took more than "
+        f"{harness.NOISY_OTHER_FRACTION:.0%}% of the server CPU",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the benchmark and write the results; returns the exit code."""
+    """Run the benchmark and write the results; returns the exit code (a failed or interrupted
+    measurement exits: harness.measuring)."""
     work_rounds, work_round_ns = 20_000, 50.0  # replaced by a measurement below
     scenario_names = list(build_scenarios(work_rounds))
     args = build_parser(scenario_names).parse_args(argv)
@@ -153,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
             "the figures will be noisy (see the 'other on server CPU' column)"
         )
     meta = {
-        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": cli.timestamp(),
         "machine": report.machine_info(),
         "pinning": pinning.describe(),
         "reps": args.reps,
@@ -169,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         "ceiling": None,
         "background_cpu_fraction_at_start": round(background, 3),
     }
-    try:
+    with harness.measuring("bench"):
         if args.ceiling:
             echo_scenario = build_scenarios(work_rounds)["echo64"]
             meta["ceiling"] = harness.measure_ceiling(
@@ -196,12 +156,6 @@ def main(argv: list[str] | None = None) -> int:
                         args.noisy_retries,
                     )
                 )
-    except (harness.HarnessError, loadgen.LoadgenError) as error:
-        print(f"bench: {error}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("bench: interrupted; nothing written", file=sys.stderr)
-        return 130
 
     results = {
         "meta": meta,
@@ -239,11 +193,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     for line in report.starved_lines(results):  # repeated last, where nobody can miss it
         progress.note(f"bench: {line}")
-    if args.out.resolve() == DEFAULT_OUT.resolve():  # the committed results: refresh the docs
-        from loadtest import docfigures
-
-        for path in docfigures.refresh():
-            progress.note(f"bench: wrote {path.relative_to(harness.ROOT)}")
+    cli.refresh_docs_if_committed(
+        args.out, DEFAULT_OUT, lambda text: progress.note(f"bench: {text}")
+    )
     return 0
 
 

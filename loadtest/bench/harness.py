@@ -9,12 +9,14 @@ generator measures, a sampler thread reads the server's processes in /proc
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import statistics
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +38,20 @@ NOISY_OTHER_FRACTION = 0.15
 
 class HarnessError(RuntimeError):
     """A server could not be started or measured."""
+
+
+@contextlib.contextmanager
+def measuring(tool: str) -> Iterator[None]:
+    """Around a tool's measurements: a harness or load generator error ends the tool with its
+    message and exit code 1, Ctrl-C with exit code 130; either way nothing is written."""
+    try:
+        yield
+    except (HarnessError, loadgen.LoadgenError) as error:
+        print(f"{tool}: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except KeyboardInterrupt:
+        print(f"{tool}: interrupted; nothing written", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,6 @@ compare commits with the same tool. Method and figures: docs/METRICS.md.
 
 from __future__ import annotations
 
-import argparse
-import datetime
 import json
 import os
 import resource
@@ -25,10 +23,10 @@ import sys
 import time
 from pathlib import Path
 
-from loadtest import procs
+from loadtest import cli, procs
 from services import models
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = cli.ROOT
 DEFAULT_OUT = ROOT / "results" / "scrape_cost.json"
 BATCH = 200  # connections opened before their replies are read
 
@@ -128,44 +126,17 @@ def commit_of(root: Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Measure every model and write the JSON file."""
-    parser = argparse.ArgumentParser(
-        prog="python -m loadtest.bench.scrape_cost", description=__doc__.split("\n\n")[0]
-    )
-    parser.add_argument(
-        "--models", default=",".join(models.NAMES), help="comma-separated models (default: all)"
-    )
-    parser.add_argument(
-        "--connections",
-        type=int,
-        default=10_000,
-        help="idle connections held during the scrapes (default 10000)",
-    )
-    parser.add_argument(
-        "--scrapes", type=int, default=50, help="scrapes measured per model (default 50)"
-    )
-    parser.add_argument(
-        "--idle",
-        type=float,
-        default=3.0,
-        help="seconds of idle CPU measured before scraping (default 3)",
-    )
-    parser.add_argument(
-        "--root", type=Path, default=ROOT, help="checkout whose servers to run (default: this one)"
-    )
-    parser.add_argument(
-        "--out",
-        type=Path,
-        default=DEFAULT_OUT,
-        help="JSON output (default results/scrape_cost.json)",
-    )
+    parser = cli.parser("loadtest.bench.scrape_cost", __doc__.split("\n\n")[0])
+    cli.add_names(parser, "--models", models.NAMES, "model")
+    cli.add_number(parser, "--connections", 10_000, "idle connections held during the scrapes")
+    cli.add_number(parser, "--scrapes", 50, "scrapes measured per model")
+    cli.add_number(parser, "--idle", 3.0, "seconds of idle CPU measured before scraping")
+    cli.add_path(parser, "--root", ROOT, "checkout whose servers to run")
+    cli.add_path(parser, "--out", DEFAULT_OUT, "JSON output")
     args = parser.parse_args(argv)
-    chosen = [name.strip() for name in args.models.split(",") if name.strip()]
-    unknown = set(chosen) - set(models.NAMES)
-    if unknown:
-        parser.error(f"unknown models {', '.join(sorted(unknown))}; choose from {models.NAMES}")
     raise_fd_limit(args.connections + 200)
     results: dict[str, dict] = {}
-    for model in chosen:
+    for model in args.models:
         figures = measure(args.root, model, args.connections, args.scrapes, args.idle)
         results[model] = figures
         print(
@@ -178,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     report = {
         "what": "server CPU per /metrics scrape at idle connections (docs/METRICS.md)",
-        "when": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "when": cli.timestamp(),
         "commit": commit_of(args.root),
         "cpus": os.cpu_count(),
         "clock_ticks_per_second": procs.TICKS,
@@ -187,11 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"scrape_cost: wrote {args.out}")
-    if args.out.resolve() == DEFAULT_OUT.resolve():  # the committed result: refresh the docs
-        from loadtest import docfigures
-
-        for path in docfigures.refresh():
-            print(f"scrape_cost: refreshed {path}")
+    cli.refresh_docs_if_committed(args.out, DEFAULT_OUT, lambda text: print(f"scrape_cost: {text}"))
     return 0
 
 

@@ -10,13 +10,11 @@ is said, not failed. See docs/LESSONS.md.
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import sys
-from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
+from loadtest import cli
 from loadtest.bench import harness, loadgen
 from loadtest.bench.report import machine_info
 from loadtest.lessons import checks, report, runner
@@ -27,36 +25,15 @@ DEFAULT_OUT = harness.ROOT / "results" / "lessons"
 BUSY_MACHINE = 0.15
 
 
-def _names(text: str, allowed: Sequence[str], what: str) -> list[str]:
-    names = [name.strip() for name in text.split(",") if name.strip()]
-    unknown = [name for name in names if name not in allowed]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(
-            f"unknown {what} {', '.join(unknown) or '(none given)'}; choose from "
-            + ", ".join(allowed)
-        )
-    return [name for name in allowed if name in names]  # the canonical order
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The command line."""
-    parser = argparse.ArgumentParser(
-        prog="python -m loadtest.lessons",
-        description="Check each lesson's claim against each server model alone, with the same "
-        "CPU allotment, and write verdicts, figures and charts.",
+    parser = cli.parser(
+        "loadtest.lessons",
+        "Check each lesson's claim against each server model alone, with the same CPU "
+        "allotment, and write verdicts, figures and charts.",
     )
-    parser.add_argument(
-        "--lessons",
-        default=list(checks.CHECKED_IDS),
-        type=lambda text: _names(text, checks.CHECKED_IDS, "lesson"),
-        help="comma-separated lessons (default: all): " + ", ".join(checks.CHECKED_IDS),
-    )
-    parser.add_argument(
-        "--models",
-        default=list(models.NAMES),
-        type=lambda text: _names(text, models.NAMES, "model"),
-        help="comma-separated models (default: all): " + ", ".join(models.NAMES),
-    )
+    cli.add_names(parser, "--lessons", checks.CHECKED_IDS, "lesson", canonical=True)
+    cli.add_names(parser, "--models", models.NAMES, "model", canonical=True)
     parser.add_argument(
         "--quick",
         action="store_true",
@@ -64,9 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
         f"instead of the median of {runner.FULL.reps} x "
         f"{runner.FULL.duration:g} s",
     )
-    parser.add_argument(
-        "--out", type=Path, default=DEFAULT_OUT, help="output directory (default: results/lessons/)"
-    )
+    cli.add_path(parser, "--out", DEFAULT_OUT, "output directory")
     return parser
 
 
@@ -82,7 +57,8 @@ def _background_text(before: float, after: float) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the chosen lessons and write the results; returns the exit code."""
+    """Run the chosen lessons and write the results; returns the exit code (a failed or
+    interrupted measurement exits: harness.measuring)."""
     args = build_parser().parse_args(argv)
     pace = runner.QUICK if args.quick else runner.FULL
     try:
@@ -136,17 +112,11 @@ def main(argv: list[str] | None = None) -> int:
         entries.append(entry)
         print("\n" + report.console_block(entry) + "\n", flush=True)  # results: stdout
 
-    try:
+    with harness.measuring("lessons"):
         runner.run_plans(plans, rig, on_lesson)
-    except (harness.HarnessError, loadgen.LoadgenError) as error:
-        print(f"lessons: {error}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("lessons: interrupted; nothing written", file=sys.stderr)
-        return 130
     after = harness.background_load()
     results: dict[str, Any] = {
-        "when": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "when": cli.timestamp(),
         "machine": machine_info(),
         "pace": {
             "quick": pace.quick,
@@ -184,11 +154,9 @@ def main(argv: list[str] | None = None) -> int:
         + ", ".join(entry["chart"] for entry in entries if entry["chart"])
     )
     progress.note("lessons: " + results["background"]["text"])
-    if args.out.resolve() == DEFAULT_OUT.resolve():  # the committed results: refresh the docs
-        from loadtest import docfigures
-
-        for path in docfigures.refresh():
-            progress.note(f"lessons: wrote {path.relative_to(harness.ROOT)}")
+    cli.refresh_docs_if_committed(
+        args.out, DEFAULT_OUT, lambda text: progress.note(f"lessons: {text}")
+    )
     return 1 if any(entry["verdict"] == checks.FAILS for entry in entries) else 0
 
 
