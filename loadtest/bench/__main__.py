@@ -141,20 +141,19 @@ def main(argv: list[str] | None = None) -> int:
                 f"{meta['ceiling']['loadgen_cpu_fraction']:.0%} of its core"
             )
         runs = []
+        families = list(dict.fromkeys(target.family for target in targets))
         for scenario in scenarios.values():
-            for target in targets:
-                runs.append(
-                    harness.run_target(
-                        target,
-                        scenario,
-                        binary,
-                        pinning,
-                        args.reps,
-                        args.duration,
-                        args.warmup,
-                        progress,
-                        args.noisy_retries,
-                    )
+            for family in families:
+                runs += harness.run_targets(
+                    [target for target in targets if target.family == family],
+                    scenario,
+                    binary,
+                    pinning,
+                    args.reps,
+                    args.duration,
+                    args.warmup,
+                    progress,
+                    args.noisy_retries,
                 )
 
     results = {

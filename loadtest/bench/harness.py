@@ -1,8 +1,9 @@
 """Run every target under every scenario, one server at a time, and collect the numbers.
 
-For each (scenario, target) a fresh server is started alone on its CPU(s), measured `reps`
-times by the C load generator pinned to another CPU, and stopped (SIGTERM, then SIGKILL of
-its process group, so no worker survives into the next measurement). While the load
+For each (scenario, model family) fresh servers are started on the server CPU(s) -- ours, ours
+without metrics, the textbook version -- measured in turn `reps` times, one at a time, by the C
+load generator pinned to another CPU, and stopped (SIGTERM, then SIGKILL of its process group,
+so no worker survives into the next measurement). While the load
 generator measures, a sampler thread reads the server's processes in /proc
 (loadtest/procs.py): CPU seconds (workers included), peak resident memory and thread count.
 """
@@ -348,8 +349,8 @@ def _clock(seconds: float) -> str:
     return f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
 
 
-def run_target(
-    target: Target,
+def run_targets(
+    targets: list[Target],
     scenario: Scenario,
     binary: Path,
     pinning: Pinning,
@@ -358,50 +359,68 @@ def run_target(
     warmup: float,
     progress: Progress,
     noisy_retries: int = 0,
-) -> dict:
-    """Start one server, measure it `reps` times under one scenario, stop it.
+) -> list[dict]:
+    """Start the servers of one family, measure them in turn `reps` times, stop them.
 
-    A repetition during which other work took more than NOISY_OTHER_FRACTION of the (pinned)
-    server CPU is measured again, up to `noisy_retries` times; the quietest attempt is kept.
+    The repetitions alternate between the servers (ours, ours without metrics, textbook, then
+    again), so a drift of the machine's speed during the scenario -- these virtual cores' speed
+    moves by tens of per cent over minutes -- touches every server alike instead of whichever
+    was measured last. A server waits idle while another is measured. A repetition during which
+    other work took more than NOISY_OTHER_FRACTION of the (pinned) server CPU is measured again,
+    up to `noisy_retries` times; the quietest attempt is kept.
     """
-    server = ServerProcess(target.name, list(target.command), pinning.server)
-    records = []
+    servers = []
+    records: list[list[dict]] = [[] for _ in targets]
     retries = noisy_retries if pinning.server else 0  # unpinned, the load generator is "other"
     try:
+        for target in targets:
+            servers.append(ServerProcess(target.name, list(target.command), pinning.server))
         for rep in range(reps):
-            attempts = []
-            for _ in range(1 + retries):
-                attempts.append(measure_once(server, scenario, binary, duration, warmup, pinning))
-                if attempts[-1]["other_cpu_fraction"] <= NOISY_OTHER_FRACTION:
-                    break
-                time.sleep(1.0)  # give a passing neighbour a moment
-            record = min(attempts, key=lambda attempt: attempt["other_cpu_fraction"])
-            record["attempts"] = len(attempts)
-            records.append(record)
-            flag = "  LOAD GENERATOR SATURATED" if record["loadgen_saturated"] else ""
-            if record["starved"]:
-                flag += f"  STARVED: {starved_text(record)}"
-            if record["other_cpu_fraction"] > NOISY_OTHER_FRACTION:
-                flag += f"  noisy: {record['other_cpu_fraction']:.0%} of the server CPU was busy"
-            elif len(attempts) > 1:
-                flag += f"  (quiet on attempt {len(attempts)})"
-            progress.step(
-                f"{scenario.name:<13} {target.name:<26} rep {rep + 1}/{reps}: "
-                f"{record['rps']:>9,.0f} req/s  p99 {record['latency_us']['p99']:>9,.0f} µs  "
-                f"errors {record['errors']}  answered {record['answered_connections']}/"
-                f"{record['connections']}{flag}"
-            )
+            for index, (target, server) in enumerate(zip(targets, servers, strict=True)):
+                attempts = []
+                for _ in range(1 + retries):
+                    attempts.append(
+                        measure_once(server, scenario, binary, duration, warmup, pinning)
+                    )
+                    if attempts[-1]["other_cpu_fraction"] <= NOISY_OTHER_FRACTION:
+                        break
+                    time.sleep(1.0)  # give a passing neighbour a moment
+                record = min(attempts, key=lambda attempt: attempt["other_cpu_fraction"])
+                record["attempts"] = len(attempts)
+                records[index].append(record)
+                progress.step(
+                    f"{scenario.name:<13} {target.name:<26} rep {rep + 1}/{reps}: "
+                    f"{record['rps']:>9,.0f} req/s  p99 {record['latency_us']['p99']:>9,.0f} µs  "
+                    f"errors {record['errors']}  answered {record['answered_connections']}/"
+                    f"{record['connections']}{_flags(record, len(attempts))}"
+                )
     finally:
-        server.stop()
-    return {
-        "scenario": scenario.name,
-        "target": target.name,
-        "family": target.family,
-        "kind": target.kind,
-        "command": target.description,
-        "reps": records,
-        "median": summarize(records),
-    }
+        for server in servers:
+            server.stop()
+    return [
+        {
+            "scenario": scenario.name,
+            "target": target.name,
+            "family": target.family,
+            "kind": target.kind,
+            "command": target.description,
+            "reps": target_records,
+            "median": summarize(target_records),
+        }
+        for target, target_records in zip(targets, records, strict=True)
+    ]
+
+
+def _flags(record: dict, attempts: int) -> str:
+    """What the progress line says about a repetition beyond its figures."""
+    flag = "  LOAD GENERATOR SATURATED" if record["loadgen_saturated"] else ""
+    if record["starved"]:
+        flag += f"  STARVED: {starved_text(record)}"
+    if record["other_cpu_fraction"] > NOISY_OTHER_FRACTION:
+        flag += f"  noisy: {record['other_cpu_fraction']:.0%} of the server CPU was busy"
+    elif attempts > 1:
+        flag += f"  (quiet on attempt {attempts})"
+    return flag
 
 
 def measure_ceiling(
