@@ -217,7 +217,9 @@ def test_the_fairness_figures_are_quoted_when_the_results_have_them():
         "0\u2013900 requests per connection)"
     ) in reading
     assert reading.count("Not every connection was served in the measured window") == 1
-    assert "48,050 (496) \u26a0 352/1000 answered" in docfigures.bench_run(starved)
+    rows = docfigures.bench_run(starved).splitlines()
+    threaded_row = next(row for row in rows if row.startswith("| threaded |"))
+    assert "\u26a0 352/1000 answered" in threaded_row
 
     fair = " ".join(docfigures.bench_reading(_with_fairness(None)).split())
     assert "Every server answered all 1000 connections in every measured window" in fair
