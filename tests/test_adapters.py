@@ -8,6 +8,7 @@ object lacking the attribute can be handed in; a subprocess where the check runs
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import re
@@ -54,20 +55,47 @@ def test_an_executor_without_processes_falls_back_to_the_warm_up_pids(caplog):
     assert warned(caplog, "executor-processes")
 
 
-def test_a_process_pool_still_serves_and_ends_its_workers_after_the_fallback(monkeypatch, caplog):
-    monkeypatch.setattr(executors, "executor_processes", lambda executor: None)
-    adapters = Adapters()
-    pool = executors.WorkerPool("process", 1, log, adapters)
-    try:
-        assert pool.sentinels() == []  # no Process objects: deaths seen by failed requests only
-        assert pool.executor.submit(pow, 2, 10).result(timeout=30) == 1024
-        pids = pool.pids
-        assert len(pids) == 1 and executors.is_alive(pids[0])
-    finally:
-        pool.end()
-    assert not executors.is_alive(pids[0]), "the recorded pid was not ended"
-    assert adapters.snapshot() == {"executor-processes": True}
-    assert warned(caplog, "executor-processes")
+# In a fresh interpreter: this test process has been monkey-patched by gevent (importing Locust
+# does that), and a process pool's manager thread would then be a greenlet that never lets the
+# interpreter exit.
+PROCESS_POOL_WITHOUT_PROCESSES = """
+import json, logging, sys
+from services.adapters import Adapters
+from services.servers import executors
+logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+executors.executor_processes = lambda executor: None  # as if the private field were gone
+adapters = Adapters()
+pool = executors.WorkerPool("process", 1, logging.getLogger("test"), adapters)
+try:
+    sentinels = pool.sentinels()
+    answer = pool.executor.submit(pow, 2, 10).result(timeout=30)
+    pids = list(pool.pids)
+    alive_before = [executors.is_alive(pid) for pid in pids]
+finally:
+    pool.end()
+alive_after = [executors.is_alive(pid) for pid in pids]
+print(json.dumps({"sentinels": len(sentinels), "answer": answer, "pids": pids,
+                  "alive_before": alive_before, "alive_after": alive_after,
+                  "fallbacks": adapters.snapshot()}))
+"""
+
+
+def test_a_process_pool_still_serves_and_ends_its_workers_after_the_fallback():
+    result = subprocess.run(
+        [sys.executable, "-c", PROCESS_POOL_WITHOUT_PROCESSES],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    seen = json.loads(result.stdout)
+    assert seen["sentinels"] == 0  # no Process objects: deaths seen by failed requests only
+    assert seen["answer"] == 1024
+    assert len(seen["pids"]) == 1 and seen["alive_before"] == [True]
+    assert seen["alive_after"] == [False], "the recorded pid was not ended"
+    assert seen["fallbacks"] == {"executor-processes": True}
+    assert "executor-processes" in result.stderr and "WARNING" in result.stderr
 
 
 # -- gevent-io (in-process: gevent imported, nothing patched) ----------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import threading
+from collections.abc import Callable
 
 import pytest
 
@@ -70,6 +71,33 @@ def test_snapshot_is_a_copy():
     assert taken.requests[protocol.ECHO * 2] == 1
 
 
+def start_os_thread(target: Callable[..., None], *args: object) -> Callable[[float], None]:
+    """Start an OS thread, also where gevent patched `threading` (importing Locust does that in
+    this test process): a green "thread" spinning in scrape_loop would never let the others run.
+    Returns a function that waits up to `timeout` seconds for the thread to end."""
+    monkey = sys.modules.get("gevent.monkey")
+    if monkey is None or not monkey.is_module_patched("threading"):
+        thread = threading.Thread(target=target, args=args)
+        thread.start()
+        return thread.join
+    finished = monkey.get_original("_thread", "allocate_lock")()
+    finished.acquire()
+
+    def run() -> None:
+        try:
+            target(*args)
+        finally:
+            finished.release()
+
+    monkey.get_original("_thread", "start_new_thread")(run, ())
+
+    def join(timeout: float) -> None:
+        if finished.acquire(timeout=timeout):
+            finished.release()
+
+    return join
+
+
 def test_records_racing_scrapes_and_closes_are_counted_exactly():
     """Owner threads record while another scrapes; each total is bounded and the last exact.
 
@@ -79,7 +107,7 @@ def test_records_racing_scrapes_and_closes_are_counted_exactly():
     threads, per_thread, passes = 4, 1500, 2
     stats = ServerStats(threads * per_thread)
     sessions = open_sessions(stats, threads * per_thread)
-    done = threading.Event()
+    done = threading.Event()  # only polled (is_set), so a green one is fine too
     seen: list[int] = []
 
     def serve(mine: list[Session], index: int) -> None:
@@ -102,20 +130,15 @@ def test_records_racing_scrapes_and_closes_are_counted_exactly():
     previous = sys.getswitchinterval()
     sys.setswitchinterval(1e-5)  # switch threads often: inside record(), inside the fold
     try:
-        scraper = threading.Thread(target=scrape_loop)
-        scraper.start()
-        owners = [
-            threading.Thread(
-                target=serve, args=(sessions[index * per_thread : (index + 1) * per_thread], index)
-            )
+        join_scraper = start_os_thread(scrape_loop)
+        joins = [
+            start_os_thread(serve, sessions[index * per_thread : (index + 1) * per_thread], index)
             for index in range(threads)
         ]
-        for owner in owners:
-            owner.start()
-        for owner in owners:
-            owner.join(60)
+        for join in joins:
+            join(60)
         done.set()
-        scraper.join(60)
+        join_scraper(60)
     finally:
         sys.setswitchinterval(previous)
     records = threads * per_thread * passes

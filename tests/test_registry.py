@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -14,8 +16,51 @@ from services.config import ConfigError, load_settings
 from services.servers import create_server
 from tests.conftest import ROOT
 
+REGISTRY = ROOT / "services" / "models.py"
+# Folders whose Python files must not spell out a list of models.
+SOURCE_DIRS = ("services", "loadtest", "tests", "docker")
+
 DASHBOARD = ROOT / "docker" / "grafana" / "dashboards" / "arena.json"
 COMPOSE = ROOT / "docker-compose.yml"
+
+
+def python_files() -> list[Path]:
+    """Every Python file of the project, outside the virtual environment."""
+    return sorted(path for folder in SOURCE_DIRS for path in (ROOT / folder).rglob("*.py"))
+
+
+def model_lists(tree: ast.AST) -> list[tuple[int, list[str]]]:
+    """Literal tuples, lists, sets and dict keys that name two or more models."""
+    names = set(models.NAMES)
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Tuple | ast.List | ast.Set):
+            elements = node.elts
+        elif isinstance(node, ast.Dict):
+            elements = [key for key in node.keys if key is not None]
+        else:
+            continue
+        named = {e.value for e in elements if isinstance(e, ast.Constant) and e.value in names}
+        if len(named) >= 2:
+            found.append((node.lineno, sorted(named)))
+    return found
+
+
+def test_the_scan_finds_a_model_list_written_out() -> None:
+    """The check below would notice a copied list (so it can fail)."""
+    source = 'MODELS = ("threaded", "pool")\nPORTS = {"gevent": 1, "pool": 2}\nONE = ["pool"]\n'
+    assert [line for line, _ in model_lists(ast.parse(source))] == [1, 2]
+
+
+def test_no_model_list_is_written_outside_the_registry() -> None:
+    """Adding a model touches the registry, not eight lists."""
+    offenders = []
+    for path in python_files():
+        if path == REGISTRY:
+            continue
+        for line, named in model_lists(ast.parse(path.read_text(), str(path))):
+            offenders.append(f"{path.relative_to(ROOT)}:{line} names {named}")
+    assert not offenders, "model lists outside services/models.py:\n" + "\n".join(offenders)
 
 
 def test_registry_entries_are_unique_and_complete() -> None:
