@@ -143,8 +143,9 @@ def test_sigkilled_worker_under_load_is_replaced_and_every_client_answered(
     retried = metrics.value("arena_pool_retried_requests_total")
     report(record_property, "retried_requests", retried)
     assert metrics.value("arena_pool_worker_restarts_total") == 1
-    # At most what was in flight: one request per client, plus the long one.
-    assert 1 <= retried <= LOAD_CLIENTS + 1
+    # At most what was in flight: one request per load client, the long one, and the probe
+    # whose /ping measured the time to serve again (it may reach the broken executor too).
+    assert 1 <= retried <= LOAD_CLIENTS + 2
     assert metrics.sum("arena_protocol_errors_total", code="server-busy") == 0
     assert f"worker process {victim} died: killed by SIGKILL" in server.log_text()
     assert len(worker_pids(server)) == 2 and victim not in worker_pids(server)
@@ -160,7 +161,9 @@ def test_a_killed_forkserver_is_restarted_with_one_executor_replacement(server_f
         # same broken executor, which must be replaced once, not once per report.
         helper.kill()
         assert client.request(b"/ping") == b"PONG\n"
-    metrics = wait_for_metrics(server, lambda m: m.has("arena_pool_worker_restarts_total"))
+    # The second /ping may be answered before the helper's death reaches the workers; the
+    # replacement follows when the reactor sees their sentinels: wait for it, then count.
+    metrics = wait_for_metrics(server, lambda m: m.sum("arena_pool_worker_restarts_total") >= 1)
     assert metrics.value("arena_pool_worker_restarts_total") == 1
     assert forkserver_of(server).pid != helper.pid
     assert len(worker_pids(server)) == 2
