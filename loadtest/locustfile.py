@@ -4,7 +4,8 @@
     locust -f loadtest/locustfile.py --headless -t 30s --csv out/run --scenario io-wait
 
 The user classes are made from the model registry (services/models.py): one per model, named
-after it (`ThreadedUser`, `PoolUser`, `GeventUser`), so a new model needs no edit here.
+after it (`ThreadedUser`, `PoolUser`, `GeventUser`, `AsyncioUser`), so a new model needs no
+edit here.
 Knobs, scenarios, defaults and the /metrics contract: docs/LOADTEST.md and docs/LESSONS.md.
 """
 

@@ -1,6 +1,6 @@
 """`python -m loadtest.soak --duration 24h`: run the arena under the default load for a long time.
 
-Starts the three servers (free loopback ports) and a headless Locust with its default load (100
+Starts the four servers (free loopback ports) and a headless Locust with its default load (100
 users per server), samples every few seconds each server's RSS (the pool's workers included),
 open descriptors, threads and its /metrics (threads or greenlets, connections, requests, errors),
 and Locust's running totals, then writes `report.json`, `report.md` and PNG charts.
@@ -181,6 +181,9 @@ def start_locust(
 # -- sampling --------------------------------------------------------------------------------
 
 
+TASK_METRICS = ("arena_threads", "arena_greenlets", "arena_asyncio_transports")
+
+
 @dataclass
 class ServerSample:
     """One look at one server."""
@@ -189,7 +192,7 @@ class ServerSample:
     rss: int  # bytes, the server and its worker processes
     fds: int  # open descriptors of the server process
     threads: int  # OS threads of the server process
-    tasks: float | None  # arena_threads (threaded) or arena_greenlets (gevent)
+    tasks: float | None  # arena_threads, arena_greenlets or arena_asyncio_transports
     connections: float
     requests: float
     request_errors: float
@@ -220,8 +223,9 @@ def sample_server(server: procs.Server, elapsed: float) -> ServerSample:
     """Measure one server now."""
     process = procs.proc_sample(server.pid)
     metrics = server.metrics()
-    # arena_threads (threaded) or arena_greenlets (gevent); the pool exports neither.
-    task_metric = next((n for n in ("arena_threads", "arena_greenlets") if metrics.has(n)), None)
+    # What serves one connection: arena_threads (threaded), arena_greenlets (gevent),
+    # arena_asyncio_transports (asyncio); the pool exports none.
+    task_metric = next((n for n in TASK_METRICS if metrics.has(n)), None)
     return ServerSample(
         t=round(elapsed, 2),
         rss=procs.tree_rss(server.pid),
@@ -333,7 +337,7 @@ def draw_charts(samples: Samples, report_dir: Path, warmup: float) -> list[str]:
         "rss.png": ("RSS (MiB, server + workers)", lambda s: s.rss / MIB),
         "fds.png": ("open descriptors", lambda s: s.fds),
         "threads.png": (
-            "OS threads (solid) and arena_threads/arena_greenlets (dashed)",
+            "OS threads (solid) and threads/greenlets/transports by metric (dashed)",
             lambda s: s.threads,
         ),
         "requests.png": ("requests answered per second", None),

@@ -1,6 +1,6 @@
 """`python -m loadtest.stack`: the whole arena as local processes, without Docker.
 
-Starts the three servers on their own ports, the Locust web UI loading them (100 users per
+Starts the four servers on their own ports, the Locust web UI loading them (100 users per
 server), and a Prometheus scraping all four when a `prometheus` binary is on the PATH. Every
 child's output is printed with a `[name]` prefix. Ctrl-C or SIGTERM stops everything: each
 child gets SIGTERM, then, after the grace period, its whole process group gets SIGKILL, and
@@ -94,7 +94,7 @@ def parse_settings(argv: Sequence[str] | None, environ: Mapping[str, str]) -> St
     """Read flags and ARENA_STACK_* variables (flags win)."""
     parser = argparse.ArgumentParser(
         prog="python -m loadtest.stack",
-        description="Run the three servers, the Locust web UI and Prometheus as local processes. "
+        description="Run the four servers, the Locust web UI and Prometheus as local processes. "
         f"Every option can also be set as an {ENV_PREFIX}* environment variable; flags win.",
     )
     parser.add_argument(

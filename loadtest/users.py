@@ -4,7 +4,7 @@ A concrete user (in locustfile.py) only names its target. Each user owns one :cl
 and, before every request, reads the current workload, so knob changes apply at once.
 
 How many users run: every concrete class has ``fixed_count`` users (``--users-per-target``,
-default 100), and classes whose target is not in ``--targets`` get none. Locust's ``-u`` (300 in
+default 100), and classes whose target is not in ``--targets`` get none. Locust's ``-u`` (400 in
 locust.conf) is then only a cap: below 100 x targets, Locust spreads it evenly over the targets.
 Both are applied when a test starts (:func:`apply_target_selection`), on the master or the
 stand-alone runner, which is where Locust decides how many users of each class to run. When the

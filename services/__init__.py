@@ -1,4 +1,4 @@
-"""Socket Arena servers: one line protocol, three concurrency models.
+"""Socket Arena servers: one line protocol, four concurrency models.
 
 Kept empty on purpose: `python -m services gevent` must be able to monkey-patch before any
 module that creates sockets, threads or locks is imported.

@@ -80,13 +80,14 @@ def main(argv: list[str] | None = None) -> int:
                 )
             )
     log.info(
-        "ready model=%s host=%s port=%d metrics_port=%d max_connections=%d idle_timeout=%s",
+        "ready model=%s host=%s port=%d metrics_port=%d max_connections=%d idle_timeout=%s%s",
         settings.model,
         host,
         port,
         metrics_port,
         settings.max_connections,
         settings.idle_timeout,
+        "".join(f" {name}={value}" for name, value in server.ready_fields().items()),
     )
     wait_for_signal()
     log.info("stopping: answering received requests for up to %ss", settings.grace)

@@ -7,6 +7,7 @@ monkey-patches, so nothing here may import sockets or threads.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
@@ -15,6 +16,9 @@ from typing import Any, NoReturn
 from services import models
 
 EXECUTORS = ("process", "thread")
+LOOPS = ("uvloop", "asyncio")  # the asyncio model's event loops: libuv's, or the standard one
+# uvloop when it is installed (found without importing it: nothing here may load an event loop).
+DEFAULT_LOOP = "uvloop" if importlib.util.find_spec("uvloop") is not None else "asyncio"
 ENV_PREFIX = "ARENA_"
 
 
@@ -43,6 +47,7 @@ class Settings:
     # threaded model only: above this many live connections, requests take turns in arrival
     # order (0: always); below it the GIL alone decides who runs next
     turns_above: int = 256
+    loop: str = DEFAULT_LOOP  # asyncio model only: uvloop or asyncio (the standard library's)
     backlog: int = 1024  # listen backlog: socketserver's 5 refuses 100 clients connecting at once
     log_level: str = "INFO"
 
@@ -102,6 +107,13 @@ def _choice(options: Sequence[str]) -> Callable[[str], str]:
     return parse
 
 
+def _loop(text: str) -> str:
+    name = _choice(LOOPS)(text)
+    if name == "uvloop" and DEFAULT_LOOP != "uvloop":
+        raise ValueError("uvloop is not installed (pip install uvloop, or choose asyncio)")
+    return name
+
+
 def _log_level(text: str) -> str:
     return _choice(("DEBUG", "INFO", "WARNING", "ERROR"))(text.upper())
 
@@ -125,6 +137,10 @@ OPTIONS: dict[str, tuple[Callable[[str], object], str]] = {
     "turns_above": (
         _non_negative_int,
         "threaded model: above this many connections, requests take turns in arrival order",
+    ),
+    "loop": (
+        _loop,
+        "asyncio model: event loop, uvloop or asyncio (default: uvloop when installed)",
     ),
     "backlog": (parse_positive_int, "listen backlog of the protocol socket"),
     "log_level": (_log_level, "DEBUG, INFO, WARNING or ERROR"),

@@ -9,7 +9,8 @@ Standard library only and no model module imported here: `python -m services gev
 registry before gevent monkey-patches, and the Locust image ships this file without the servers.
 
 Adding a model:
-1. its module, `services/servers/<module>.py`, with a `Server` subclass whose `model` is the name;
+1. its module, `services/servers/<module>.py` (never named after a library it imports), with a
+   `Server` subclass whose `model` is the name;
 2. one `Model(...)` entry below (the next free host ports, a dashboard colour);
 3. its service in `docker-compose.yml` (copy a server service; the port variable is
    `ARENA_<NAME>_PORT`), its `LOCUST_<NAME>_TARGET`, and its colour in the Grafana dashboard.
@@ -33,6 +34,9 @@ class Variant:
     name: str  # e.g. "pool-process"; a model's only variant carries the model's name
     flags: tuple[str, ...] = ()  # added to `python -m services MODEL`
     textbook: str | None = None  # the minimal server it is compared with (loadtest/bench)
+    # The server suites (protocol, servers, metrics, reliability) run it too, besides the
+    # model's default run: its flags change the code that serves a connection (an event loop).
+    suites: bool = False
 
 
 @dataclass(frozen=True)
@@ -45,7 +49,9 @@ class Model:
     colour: str  # Grafana's fixed colour for this model in every panel
     port: int  # default host port of the protocol (compose, local stack, Locust targets)
     metrics_port: int  # default host port of /metrics in the local stack
-    flow: str  # what runs one connection: "thread", "greenlet" or "reactor" (an event loop)
+    # What runs one connection: "thread", "greenlet", "reactor" (an event loop handing requests
+    # to a pool) or "callbacks" (a Protocol's callbacks on an event loop, requests inline).
+    flow: str
     variants: tuple[Variant, ...]  # how the benchmark and the server tests run it
     sized: bool = False  # takes --workers, the size of its pool (the benchmark sets it)
     small_flags: tuple[str, ...] = ()  # flags for a small run on 2 cores (tests, soak)
@@ -120,6 +126,26 @@ MODELS: tuple[Model, ...] = (
             "arena_event_loop_blocks",
         ),
     ),
+    Model(
+        "asyncio",
+        "services.servers.eventloop:AsyncioServer",
+        "a Protocol per connection on one asyncio event loop (--loop uvloop or asyncio)",
+        "purple",
+        9004,
+        9104,
+        flow="callbacks",
+        variants=(
+            Variant("asyncio", ("--loop", "uvloop"), "uvloop-protocol", suites=True),
+            Variant("asyncio-stock", ("--loop", "asyncio"), "asyncio-streams", suites=True),
+        ),
+        own_metrics=(
+            "arena_asyncio_transports",
+            "arena_asyncio_tasks",
+            "arena_event_loop_lag_seconds",
+            "arena_event_loop_blocked_seconds",
+            "arena_event_loop_blocks",
+        ),
+    ),
 )
 NAMES: tuple[str, ...] = tuple(model.name for model in MODELS)
 # Every variant by name, with the model it runs (the benchmark's families, the server tests).
@@ -127,6 +153,11 @@ VARIANTS: dict[str, tuple[Model, Variant]] = {
     variant.name: (model, variant) for model in MODELS for variant in model.variants
 }
 _BY_NAME = {model.name: model for model in MODELS}
+# What the server suites run (tests/conftest.py): each model as it starts by default, plus the
+# variants marked `suites` under their own names (the asyncio model on the standard loop).
+SUITE_TARGETS: tuple[str, ...] = NAMES + tuple(
+    name for name, (_, variant) in VARIANTS.items() if variant.suites and name not in _BY_NAME
+)
 
 
 def get(name: str) -> Model:
@@ -135,3 +166,13 @@ def get(name: str) -> Model:
         return _BY_NAME[name]
     except KeyError:
         raise KeyError(f"unknown model {name!r}; choose from {', '.join(NAMES)}") from None
+
+
+def target(name: str) -> tuple[Model, tuple[str, ...]]:
+    """A model or a variant by name: its model, and the flags that choose the variant."""
+    if name in _BY_NAME:
+        return _BY_NAME[name], ()
+    if name in VARIANTS:
+        model, variant = VARIANTS[name]
+        return model, variant.flags
+    raise KeyError(f"unknown model or variant {name!r}; choose from {', '.join(VARIANTS)}")

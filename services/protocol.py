@@ -102,6 +102,20 @@ def answer(line: bytes) -> Answer:
     return _run_command(line)
 
 
+def sleep_request(line: bytes) -> tuple[float, Answer] | None:
+    """A valid `/sleep MS [TEXT]` line's seconds and answer, without sleeping; else None.
+
+    For an event loop, which must wait with a timer instead of `time.sleep`; any other line,
+    a malformed `/sleep` included, is `answer`'s (it does not sleep on those).
+    """
+    if not line.startswith(b"/sleep "):
+        return None
+    parsed = _parse_number(line[7:], MAX_SLEEP_MS)
+    if parsed is None:
+        return None
+    return parsed[0] / 1000, Answer(SLEEP, parsed[1].upper() + b"\n")
+
+
 def answer_batch(lines: list[bytes]) -> list[Answer]:
     """Run request lines in order, stopping after one that closes the connection."""
     answers = []

@@ -17,7 +17,13 @@ from loadtest import procs
 from services import models
 
 ROOT = Path(__file__).resolve().parent.parent
-MODELS = models.NAMES
+# What the server suites run: every model, and the variants the registry marks `suites` (the
+# asyncio model on each event loop) under their own names.
+MODELS = models.SUITE_TARGETS
+# The suite targets with one event loop for every connection, and its lag probe.
+EVENT_LOOPS = [
+    name for name in MODELS if "arena_event_loop_blocks" in models.target(name)[0].own_metrics
+]
 START_TIMEOUT = 30.0
 STOP_GRACE = 30.0
 
@@ -43,12 +49,19 @@ def run_module(
     )
 
 
-def launch_server(model: str, *args: str, env: dict[str, str] | None = None) -> RunningServer:
+def launch_server(name: str, *args: str, env: dict[str, str] | None = None) -> RunningServer:
     """Start `python -m services MODEL ARGS` on 127.0.0.1 (port 0) and wait for its ready line.
 
-    `env` adds to this process's environment.
+    `name` is a model or a variant (`asyncio-stock`: its model, its flags before ARGS); the
+    server's `.model` is that name. `env` adds to this process's environment.
     """
-    return launch(procs.server_command(model, *args), model, env)
+    model, variant_flags = models.target(name)
+    return launch(procs.server_command(model.name, *variant_flags, *args), name, env)
+
+
+def small_flags(name: str) -> tuple[str, ...]:
+    """The flags of a small run of a model or variant (the pool: 2 workers, as on 2 cores)."""
+    return models.target(name)[0].small_flags
 
 
 def launch(command: list[str], name: str, env: dict[str, str] | None = None) -> RunningServer:
@@ -87,7 +100,7 @@ def server_factory() -> Iterator:
 @pytest.fixture(params=MODELS)
 def server(request) -> Iterator[RunningServer]:
     """One default server per model (pool with 2 workers, as on a 2-core machine)."""
-    running = launch_server(request.param, *models.get(request.param).small_flags)
+    running = launch_server(request.param, *small_flags(request.param))
     yield running
     stop_server(running)
 

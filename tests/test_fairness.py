@@ -55,7 +55,8 @@ def measured(loadgen_binary) -> Iterator:
         if model in results:
             return results[model]
         ensure_descriptors(CONNECTIONS)  # before the server starts: it inherits the limit
-        command = procs.server_command(model, *models.get(model).small_flags)
+        registered, variant_flags = models.target(model)
+        command = procs.server_command(registered.name, *variant_flags, *registered.small_flags)
         server = harness.ServerProcess(model, command, pinning.server)
         servers.append(server)
         scenario = Scenario("fairness", "echo 64 B, 1000 busy conns", CONNECTIONS, (echo(64),))

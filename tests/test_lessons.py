@@ -13,7 +13,8 @@ from loadtest.lessons import catalog, checks, report, runner
 from services import models
 from tests.conftest import run_module
 
-POOL, LOOP, THREADS = checks.POOL, checks.EVENT_LOOP, checks.OS_THREADS
+POOL, THREADS = checks.POOL, checks.OS_THREADS
+LOOP = checks.EVENT_LOOPS[0]
 SWITCHING = checks.switching_models()
 
 
@@ -280,9 +281,10 @@ def _blocked(
     cpython_p99: float | None = None,
 ) -> dict:
     figures = {name: _quiet(echo_p99_ms=400, echo_p99_alone_ms=1) for name in models.NAMES}
-    figures[LOOP] = _quiet(echo_p99_ms=loop_p99, echo_p99_alone_ms=alone)
-    if blocked is not None:
-        figures[LOOP].update(blocked_s=blocked, blocked_span_s=3.8)
+    for loop in checks.EVENT_LOOPS:  # gevent, asyncio: each must show the blocked loop
+        figures[loop] = _quiet(echo_p99_ms=loop_p99, echo_p99_alone_ms=alone)
+        if blocked is not None:
+            figures[loop].update(blocked_s=blocked, blocked_span_s=3.8)
     figures[THREADS] = _quiet(
         echo_p99_ms=threads_p99, echo_p99_alone_ms=0.4, switch_interval_s=0.05
     )
@@ -452,3 +454,12 @@ def test_a_quick_real_run_writes_figures_verdicts_and_a_chart(tmp_path):
     assert "claim:" in result.stdout and "verdict:" in result.stdout  # the lesson's block
     assert "lesson" in result.stdout.splitlines()[-2]  # the final summary table
     assert runner.QUICK.quick
+
+
+def test_blocked_loop_fails_when_any_event_loop_does_not_show_the_block():
+    figures = _blocked()
+    last = checks.EVENT_LOOPS[-1]
+    figures[last] = _quiet(echo_p99_ms=2, echo_p99_alone_ms=1, blocked_s=0.0, blocked_span_s=3.8)
+    verdict = checks.check_blocked_loop(figures, BLOCKED_SETUP)
+    assert verdict.verdict == checks.FAILS, verdict.reason
+    assert f"{last}'s echo p99" in verdict.reason and LOOP not in verdict.reason.split(";")[0]

@@ -1,4 +1,4 @@
-"""gevent's /metrics answers while `/work` blocks the event loop (issue 9, part 2).
+"""/metrics answers while `/work` blocks the event loop: gevent, asyncio (issue 9, part 2).
 
 The one timing assert in the suite is the issue's own bound: every scrape within 1 s.
 """
@@ -12,6 +12,7 @@ import urllib.request
 import pytest
 
 from services import protocol
+from tests.conftest import EVENT_LOOPS
 from tests.server_helpers import LineClient, Metrics, scrape
 
 CLIENTS = 8
@@ -31,8 +32,9 @@ def rounds_for(seconds: float) -> int:
 
 
 @pytest.mark.slow
-def test_gevent_metrics_answer_within_a_second_while_work_blocks_the_loop(server_factory):
-    server = server_factory("gevent")
+@pytest.mark.parametrize("model", EVENT_LOOPS)
+def test_metrics_answer_within_a_second_while_work_blocks_the_loop(server_factory, model):
+    server = server_factory(model)
     rounds = rounds_for(WORK_SECONDS)
     before = scrape(server)
     stop = threading.Event()

@@ -8,9 +8,9 @@ from collections.abc import Callable
 
 import pytest
 
-from services import models, protocol
+from services import protocol
 from services.session import ServerStats, Session, Tally
-from tests.conftest import MODELS
+from tests.conftest import MODELS, small_flags
 from tests.server_helpers import LineClient, scrape, wait_for_metrics
 
 ECHO = protocol.Answer(protocol.ECHO, b"X\n")
@@ -156,7 +156,7 @@ def test_records_racing_scrapes_and_closes_are_counted_exactly():
 def test_counters_stay_exact_as_connections_open_idle_and_close_across_scrapes(
     server_factory, model
 ):
-    server = server_factory(model, *models.get(model).small_flags)
+    server = server_factory(model, *small_flags(model))
     batches, per_batch = 6, 40
     held: list[LineClient] = []
     sent = received = 0

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 
 from services import models
-from tests.conftest import MODELS, RunningServer, launch_server, stop_server
+from tests.conftest import MODELS, RunningServer, launch_server, small_flags, stop_server
 from tests.server_helpers import LineClient, scrape, wait_for_metrics
 
 
@@ -19,7 +19,7 @@ def wire_server(request) -> Iterator[RunningServer]:
     Sharing keeps the module fast: the tests here only need a default server, and every test
     uses fresh connections, so they cannot disturb each other.
     """
-    running = launch_server(request.param, *models.get(request.param).small_flags)
+    running = launch_server(request.param, *small_flags(request.param))
     yield running
     stop_server(running)
 
@@ -308,4 +308,4 @@ def test_metrics_endpoint_answers_while_serving(wire_server):
     with LineClient(wire_server.address) as client:
         assert client.request(b"/ping") == b"PONG\n"
         metrics = scrape(wire_server)
-    assert metrics.value("arena_server_info", model=wire_server.model) == 1
+    assert metrics.value("arena_server_info", model=models.target(wire_server.model)[0].name) == 1

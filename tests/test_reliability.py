@@ -21,9 +21,9 @@ from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from loadtest.procs import Metrics
-from services import models, protocol
+from services import protocol
 from services.session import READ_SIZE
-from tests.conftest import MODELS, RunningServer
+from tests.conftest import MODELS, RunningServer, small_flags
 from tests.reliability_helpers import (
     MIB,
     connect,
@@ -67,7 +67,7 @@ FD_SLACK = 3
 
 def start(server_factory, model: str, *args: str) -> RunningServer:
     """A server of `model` with the test's flags (the pool with 2 workers, as on 2 cores)."""
-    return server_factory(model, *models.get(model).small_flags, *args)
+    return server_factory(model, *small_flags(model), *args)
 
 
 def assert_serves(server: RunningServer) -> None:

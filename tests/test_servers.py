@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from services import models
-from tests.conftest import MODELS, ROOT, RunningServer, run_module, wait_until
+from tests.conftest import MODELS, ROOT, RunningServer, run_module, small_flags, wait_until
 from tests.server_helpers import (
     LineClient,
     processes_in_session,
@@ -37,7 +37,7 @@ SHUTDOWN_TIMEOUT = 60.0
 
 def model_args(model: str) -> tuple[str, ...]:
     """Extra flags a model needs in these tests (the pool gets 2 workers, as on 2 cores)."""
-    return models.get(model).small_flags
+    return small_flags(model)
 
 
 def clean_env(**extra: str) -> dict[str, str]:
@@ -143,7 +143,8 @@ def test_port_in_use_exits_2_with_one_line_and_leaves_no_process(model, busy_fla
     with listening_socket() as busy:
         busy_port = str(busy.getsockname()[1])
         ports = {"--port": "0", "--metrics-port": "0", busy_flag: busy_port}
-        args = [model, "--host", "127.0.0.1", *model_args(model)]
+        registered, variant_flags = models.target(model)
+        args = [registered.name, *variant_flags, "--host", "127.0.0.1", *model_args(model)]
         for flag, port in ports.items():
             args += [flag, port]
         proc = subprocess.Popen(
@@ -170,10 +171,11 @@ def test_port_in_use_exits_2_with_one_line_and_leaves_no_process(model, busy_fla
 def test_port_zero_ready_line_names_the_real_ports(server_factory, model):
     server = server_factory(model, *model_args(model))
     assert server.port != 0 and server.metrics_port != 0
-    assert f"ready model={model} host=127.0.0.1 port={server.port} " in server.log_text()
+    registered = models.target(model)[0].name
+    assert f"ready model={registered} host=127.0.0.1 port={server.port} " in server.log_text()
     with LineClient(server.address) as client:
         assert client.request(b"/ping") == b"PONG\n"
-    assert scrape(server).value("arena_server_info", model=model) == 1
+    assert scrape(server).value("arena_server_info", model=registered) == 1
 
 
 def test_flag_wins_over_env_for_idle_timeout(server_factory):

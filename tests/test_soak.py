@@ -72,11 +72,13 @@ def test_short_soak_passes_and_writes_its_report(tmp_path):
         figures = report["figures"][model]
         assert abs(figures["rss_growth_mib"]) <= report["bounds"]["max_rss_growth_mib"]
         assert figures["fd_growth"] <= report["bounds"]["max_fd_growth"]
-    # A thread per connection on threaded; greenlets on gevent.
+    # A thread per connection on threaded; greenlets on gevent; transports on asyncio.
     threaded = report["samples"]["servers"]["threaded"]
     assert max(sample["tasks"] for sample in threaded) >= 100
     gevent = report["samples"]["servers"]["gevent"]
     assert max(sample["tasks"] for sample in gevent) == 100
+    asyncio = report["samples"]["servers"]["asyncio"]
+    assert max(sample["tasks"] for sample in asyncio) == 100
 
     markdown = (report_dir / "report.md").read_text()
     assert markdown.startswith("# Soak report — PASSED")

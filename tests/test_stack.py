@@ -115,7 +115,7 @@ def test_stack_serves_everything_then_a_signal_stops_every_process_and_frees_eve
     assert all_answer(stack), stack.output()
     children = psutil.Process(stack.proc.pid).children(recursive=True)
     names = " ".join(" ".join(child.cmdline()) for child in children)
-    for expected in ("services threaded", "services pool", "services gevent", "locust"):
+    for expected in (*(f"services {name}" for name in models.NAMES), "locust"):
         assert expected in names
     if HAS_PROMETHEUS:
         assert "prometheus" in names

@@ -1,1 +1,1 @@
-"""Benchmark of the three server models against textbook versions: `python -m loadtest.bench`."""
+"""Benchmark of the server models against textbook versions: `python -m loadtest.bench`."""

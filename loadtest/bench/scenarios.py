@@ -98,6 +98,8 @@ TEXTBOOK_NAMES = {
     "processpool": "selectors + ProcessPoolExecutor",
     "threadpool": "selectors + ThreadPoolExecutor",
     "streamserver": "gevent.server.StreamServer",
+    "asyncio-streams": "asyncio.start_server streams, standard loop",
+    "uvloop-protocol": "asyncio.Protocol on uvloop",
 }
 
 

@@ -10,6 +10,10 @@ project's own protocol (`services.protocol.answer`) so the work per request is i
 - `processpool`  -- the same reactor with a `ProcessPoolExecutor`: the line goes to a worker
                     process and the reply comes back through the executor's pipes (the IPC
                     cost the project's pool server tries to cut).
+- `asyncio-streams` -- `asyncio.start_server` on the standard loop: a task per connection,
+                    `await reader.readline()`, `writer.write`, `await writer.drain()`.
+- `uvloop-protocol` -- a bare `asyncio.Protocol` on uvloop: `data_received` answers each
+                    complete line; the fastest Python server measured here.
 
 They have no metrics, no connection limit, no idle timeout, no line limit and no graceful
 shutdown: the benchmark shows what those cost in our servers. The one deviation from the
@@ -27,8 +31,16 @@ import argparse
 import os
 import signal
 import sys
+from typing import Any
 
-KINDS = ("socketserver", "streamserver", "threadpool", "processpool")
+KINDS = (
+    "socketserver",
+    "streamserver",
+    "threadpool",
+    "processpool",
+    "asyncio-streams",
+    "uvloop-protocol",
+)
 BACKLOG = 1024
 
 
@@ -94,6 +106,73 @@ def serve_gevent(host: str, port: int) -> None:
     gevent.signal_handler(signal.SIGTERM, server.stop)
     _ready("streamserver", host, server.server_port)
     server.serve_forever()
+
+
+def serve_asyncio_streams(host: str, port: int) -> None:
+    """A task per connection with asyncio's streams, on the standard event loop."""
+    import asyncio
+
+    from services.protocol import answer
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while line := await reader.readline():
+                result = answer(_strip(line))
+                writer.write(result.reply)
+                await writer.drain()
+                if result.close:
+                    break
+        except (ConnectionError, asyncio.LimitOverrunError, ValueError):
+            pass
+        finally:
+            writer.close()
+
+    async def serve() -> None:
+        server = await asyncio.start_server(handle, host, port, backlog=BACKLOG)
+        stopped = asyncio.Event()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stopped.set)
+        _ready("asyncio-streams", host, server.sockets[0].getsockname()[1])
+        async with server:
+            await stopped.wait()
+
+    asyncio.run(serve())
+
+
+def serve_uvloop_protocol(host: str, port: int) -> None:
+    """A bare asyncio.Protocol per connection on uvloop."""
+    import asyncio
+
+    import uvloop
+
+    from services.protocol import answer
+
+    class LineProtocol(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.transport: Any = transport
+            self.partial = b""
+
+        def data_received(self, data: bytes) -> None:
+            *lines, self.partial = (self.partial + data).split(b"\n")
+            replies = []
+            for line in lines:
+                result = answer(_strip(line))
+                replies.append(result.reply)
+                if result.close:
+                    self.transport.write(b"".join(replies))
+                    self.transport.close()
+                    return
+            self.transport.write(b"".join(replies))
+
+    async def serve() -> None:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(LineProtocol, host, port, backlog=BACKLOG)
+        stopped = asyncio.Event()
+        loop.add_signal_handler(signal.SIGTERM, stopped.set)
+        _ready("uvloop-protocol", host, server.sockets[0].getsockname()[1])
+        async with server:
+            await stopped.wait()
+
+    uvloop.run(serve())
 
 
 def serve_reactor(host: str, port: int, executor_kind: str, workers: int) -> None:
@@ -165,6 +244,10 @@ def main(argv: list[str] | None = None) -> None:
         serve_threaded(args.host, args.port)
     elif args.model == "streamserver":
         serve_gevent(args.host, args.port)
+    elif args.model == "asyncio-streams":
+        serve_asyncio_streams(args.host, args.port)
+    elif args.model == "uvloop-protocol":
+        serve_uvloop_protocol(args.host, args.port)
     else:
         serve_reactor(args.host, args.port, args.model.removesuffix("pool"), args.workers)
 

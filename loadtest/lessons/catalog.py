@@ -62,21 +62,21 @@ LESSONS: tuple[Lesson, ...] = (
     Lesson(
         "io-wait",
         "io-wait: every request waits 20 ms",
-        "Switching helps waiting: a thread or greenlet per connection overlaps the waits, a "
-        "pool of N workers runs only N at a time.",
+        "Switching helps waiting: a thread, greenlet or asyncio timer per connection overlaps "
+        "the waits, a pool of N workers runs only N at a time.",
         "requests/s, the pool's queue depth and busy workers, client p99.",
-        "threaded and gevent many times the pool's rate (up to users / 20 ms, 5,000/s each "
-        "with 100 users, as far as the CPU allows); the pool near workers / 20 ms, its queue "
-        "full and its p99 in seconds.",
+        "threaded, gevent and asyncio many times the pool's rate (up to users / 20 ms, "
+        "5,000/s each with 100 users, as far as the CPU allows); the pool near workers / "
+        "20 ms, its queue full and its p99 in seconds.",
         {**STEADY_KNOBS, **_ONLY_ECHO, "sleep_share": "1", "sleep_ms": "20", "think_ms": "0"},
     ),
     Lesson(
         "cpu-work",
         "cpu-work: every request burns ~1 ms of CPU",
-        "Switching does not help computing: threads and greenlets share one core under the "
-        "GIL; only processes add cores.",
-        "requests/s against CPU per server, event-loop blocking on gevent.",
-        "threaded and gevent at about one core's worth (1 ms of CPU each: about 1,000 a "
+        "Switching does not help computing: threads, greenlets and coroutines share one core "
+        "under the GIL; only processes add cores.",
+        "requests/s against CPU per server, event-loop blocking on gevent and asyncio.",
+        "threaded, gevent and asyncio at about one core's worth (1 ms of CPU each: about 1,000 a "
         "second); a process pool can go past it when it has spare cores. Side by side the "
         "servers share the machine's cores, so `make lessons` checks this claim with one "
         "server at a time.",
@@ -94,7 +94,8 @@ LESSONS: tuple[Lesson, ...] = (
         "A pool's size bounds its concurrency: with more concurrent waits than workers, "
         "requests queue for a worker.",
         "the pool's queue depth and busy workers, requests/s per server.",
-        "the pool capped near workers / 50 ms while threaded and gevent serve every user; the "
+        "the pool capped near workers / 50 ms while threaded, gevent and asyncio serve every "
+        "user; the "
         "pool's queue stays full.",
         {**STEADY_KNOBS, **_ONLY_ECHO, "sleep_share": "1", "sleep_ms": "50", "think_ms": "100"},
     ),
@@ -112,11 +113,12 @@ LESSONS: tuple[Lesson, ...] = (
     Lesson(
         "blocked-loop",
         "blocked-loop: 2 % of requests are ~100 ms of CPU",
-        "One blocking call blocks every greenlet: while one request computes, the event loop "
-        "serves nobody; an OS thread is preempted instead.",
-        "gevent's event-loop blocked time and its echo p99 next to threaded's.",
-        "gevent's echo p99 jumps to about the /work time (every greenlet waited behind it) "
-        "and its blocked seconds climb; threaded's echo p99 stays lower.",
+        "One blocking call blocks every connection of an event loop: while one request "
+        "computes, gevent's hub and asyncio's loop serve nobody (patched or awaited, only I/O "
+        "and timers yield); an OS thread is preempted instead.",
+        "gevent's and asyncio's event-loop blocked time and echo p99 next to threaded's.",
+        "gevent's and asyncio's echo p99 jump to about the /work time (every connection waited "
+        "behind it) and their blocked seconds climb; threaded's echo p99 stays lower.",
         {
             **STEADY_KNOBS,
             **_ONLY_ECHO,

@@ -10,8 +10,9 @@ the model, so the run neither passes nor fails on noise; the reason says so. A c
 on noisy figures holds, and its reason says the machine was busy.
 
 Model roles are read from the registry, never listed: the pool is the model with workers; every
-other model switches between connections (a thread or a greenlet per connection); gevent is the
-event loop and threaded the preempted OS threads of `blocked-loop`.
+other model switches between connections (a thread, a greenlet or a Protocol per connection);
+the models with one event loop for every connection (gevent, asyncio: those exporting the loop's
+blocked seconds) are the event loops of `blocked-loop`, threaded its preempted OS threads.
 """
 
 from __future__ import annotations
@@ -25,7 +26,10 @@ from services import models
 HOLDS, FAILS, INCONCLUSIVE = "holds", "fails", "inconclusive"
 
 POOL = "pool"  # the model whose concurrency is its number of workers
-EVENT_LOOP = "gevent"  # one loop for every connection: a blocking call blocks them all
+# One loop for every connection: a blocking call blocks them all (gevent's and asyncio's).
+EVENT_LOOPS: tuple[str, ...] = tuple(
+    model.name for model in models.MODELS if "arena_event_loop_blocked_seconds" in model.own_metrics
+)
 OS_THREADS = "threaded"  # the OS preempts a long request
 
 # io-wait: the switching models against a pool of IO_POOL_WORKERS on /sleep.
@@ -42,7 +46,7 @@ CORES_RATIO = 1.6
 # Below this many cores of the server's allotment actually available (others took the rest),
 # the cores lesson cannot be decided.
 CORES_AVAILABLE = 1.6
-# blocked-loop: gevent's echo p99 with the long /work against without it.
+# blocked-loop: each event loop's echo p99 with the long /work against without it.
 BLOCKED_FACTOR = 10.0
 # CPython's own GIL switch interval (sys.getswitchinterval() unless changed): the threaded
 # server may set a longer one; blocked-loop then measures it at both.
@@ -54,7 +58,7 @@ CORES = Lesson(
     "Processes use cores, threads and greenlets do not: under the GIL a thread per connection and "
     "an event loop compute on one core at a time, a pool of worker processes on all of them.",
     "requests/s and the cores each server used.",
-    "the process pool near two cores' worth of /work; threaded and gevent near one.",
+    "the process pool near two cores' worth of /work; threaded, gevent and asyncio near one.",
 )
 CHECK_ONLY: tuple[Lesson, ...] = (CORES,)  # checked here, not a Locust scenario
 # The lessons with a verdict, in the order they run and print.
@@ -404,46 +408,53 @@ def hypothesis_many_clients(setup: Mapping) -> str:
 
 
 def check_blocked_loop(figures: Mapping[str, Mapping], setup: Mapping) -> Verdict:
-    """gevent's echo p99 >= the /work time and >= 10x alone; threaded's below; loop blocked."""
-    missing = _missing(figures, [EVENT_LOOP, OS_THREADS])
+    """Each event loop's echo p99 >= the /work time and >= 10x alone, its loop blocked;
+    threaded's below the /work time."""
+    loops = [name for name in EVENT_LOOPS if name in figures]
+    missing = _missing(figures, [OS_THREADS, *(() if loops else EVENT_LOOPS)])
     if missing:
         return missing
     work = setup["work_ms"]
-    loop, threads = figures[EVENT_LOOP], figures[OS_THREADS]
+    threads = figures[OS_THREADS]
     problems = Problems()
-    if loop["echo_p99_ms"] < work:
-        problems.add(
-            f"{EVENT_LOOP}'s echo p99 {_ms(loop['echo_p99_ms'])} is below the /work "
-            f"time {_ms(work)}",
-            EVENT_LOOP,
-        )
-    if loop["echo_p99_ms"] < BLOCKED_FACTOR * loop["echo_p99_alone_ms"]:
-        problems.add(
-            f"{EVENT_LOOP}'s echo p99 {_ms(loop['echo_p99_ms'])} is only "
-            f"{loop['echo_p99_ms'] / max(loop['echo_p99_alone_ms'], 1e-9):.1f}x its "
-            f"p99 without /work ({_ms(loop['echo_p99_alone_ms'])}; needs "
-            f"{BLOCKED_FACTOR:g}x)",
-            EVENT_LOOP,
-        )
+    for name in loops:
+        _check_loop_blocked(name, figures[name], work, problems)
     preempted, trade_off = _preemption(threads, work)
     if not preempted:
         problems.add(trade_off, OS_THREADS)
+    ok = "; ".join(
+        f"{name}'s echo p99 {_ms(loop['echo_p99_ms'])} >= the /work time {_ms(work)} and "
+        f"{loop['echo_p99_ms'] / max(loop['echo_p99_alone_ms'], 1e-9):.0f}x its p99 without "
+        f"/work ({_ms(loop['echo_p99_alone_ms'])}), the loop blocked "
+        f"{loop.get('blocked_s') or 0:.1f} s of a {loop.get('blocked_span_s', 0):.1f} s run"
+        for name, loop in ((name, figures[name]) for name in loops)
+    )
+    ok += f"; {trade_off}"
+    used = {**{name: figures[name] for name in loops}, OS_THREADS: _threads_noise(threads)}
+    return _decide(problems, ok, used, [*loops, OS_THREADS])
+
+
+def _check_loop_blocked(name: str, loop: Mapping, work: float, problems: Problems) -> None:
+    """What one event loop's figures must show: echo waited for /work, the probe saw it."""
+    if loop["echo_p99_ms"] < work:
+        problems.add(
+            f"{name}'s echo p99 {_ms(loop['echo_p99_ms'])} is below the /work time {_ms(work)}",
+            name,
+        )
+    if loop["echo_p99_ms"] < BLOCKED_FACTOR * loop["echo_p99_alone_ms"]:
+        problems.add(
+            f"{name}'s echo p99 {_ms(loop['echo_p99_ms'])} is only "
+            f"{loop['echo_p99_ms'] / max(loop['echo_p99_alone_ms'], 1e-9):.1f}x its "
+            f"p99 without /work ({_ms(loop['echo_p99_alone_ms'])}; needs "
+            f"{BLOCKED_FACTOR:g}x)",
+            name,
+        )
     blocked = loop.get("blocked_s")
     if blocked is None:
         # Not a measurement: no noise excuses a missing metric.
-        problems.add(f"{EVENT_LOOP}'s /metrics gave no arena_event_loop_blocked_seconds_total")
+        problems.add(f"{name}'s /metrics gave no arena_event_loop_blocked_seconds_total")
     elif blocked <= 0:
-        problems.add(
-            f"{EVENT_LOOP}'s arena_event_loop_blocked_seconds_total did not rise", EVENT_LOOP
-        )
-    ok = (
-        f"{EVENT_LOOP}'s echo p99 {_ms(loop['echo_p99_ms'])} >= the /work time {_ms(work)} and "
-        f"{loop['echo_p99_ms'] / max(loop['echo_p99_alone_ms'], 1e-9):.0f}x its p99 without "
-        f"/work ({_ms(loop['echo_p99_alone_ms'])}); {trade_off}; the loop was blocked "
-        f"{blocked or 0:.1f} s of a {loop.get('blocked_span_s', 0):.1f} s run"
-    )
-    used = {EVENT_LOOP: loop, OS_THREADS: _threads_noise(threads)}
-    return _decide(problems, ok, used, [EVENT_LOOP, OS_THREADS])
+        problems.add(f"{name}'s arena_event_loop_blocked_seconds_total did not rise", name)
 
 
 def _interval(figure: Mapping) -> str:
@@ -493,8 +504,9 @@ def hypothesis_blocked_loop(setup: Mapping) -> str:
     """The claim in numbers."""
     return (
         f"With {setup['connections']} connections sending {setup['work_share']:.0%} /work of "
-        f"{setup['work_ms']:.0f} ms among echo requests, {EVENT_LOOP}'s echo p99 reaches the "
-        f"/work time and >= {BLOCKED_FACTOR:g}x its echo p99 without /work, and "
+        f"{setup['work_ms']:.0f} ms among echo requests, the echo p99 of each "
+        f"event loop ({', '.join(EVENT_LOOPS)}) reaches the /work time and >= "
+        f"{BLOCKED_FACTOR:g}x its echo p99 without /work, and its "
         "arena_event_loop_blocked_seconds_total rises; "
         f"{OS_THREADS}'s echo p99 stays below the /work time, measured at the server's own "
         f"GIL switch interval and at CPython's {CPYTHON_SWITCH_INTERVAL * 1000:g} ms (a "

@@ -239,14 +239,17 @@ def reading(lesson: str, figures: Mapping[str, Mapping], setup: Mapping) -> str:
             "hand over between them; a greenlet or a reactor slot costs almost nothing."
         )
     if lesson == "blocked-loop":
-        loop, threads = figures.get(checks.EVENT_LOOP), figures.get(checks.OS_THREADS)
+        threads = figures.get(checks.OS_THREADS)
         text = f"{setup['work_share']:.0%} of requests compute {setup['work_ms']:.0f} ms. "
-        if loop:
+        for name in checks.EVENT_LOOPS:
+            loop = figures.get(name)
+            if not loop:
+                continue
             text += (
-                f"{checks.EVENT_LOOP} runs one greenlet at a time: an echo that arrives "
-                f"during /work waits for it, so its echo p99 is {_ms(loop['echo_p99_ms'])} "
-                f"ms (without /work {_ms(loop['echo_p99_alone_ms'])} ms) and its probe saw "
-                f"the loop blocked {loop.get('blocked_s', 0):.1f} s of a "
+                f"{name} runs one connection's code at a time on its loop: an echo that "
+                f"arrives during /work waits for it, so its echo p99 is "
+                f"{_ms(loop['echo_p99_ms'])} ms (without /work {_ms(loop['echo_p99_alone_ms'])}"
+                f" ms) and its probe saw the loop blocked {loop.get('blocked_s', 0):.1f} s of a "
                 f"{loop.get('blocked_span_s', 0):.1f} s run. "
             )
         if threads:

@@ -79,6 +79,10 @@ class Server(ABC):
         """Labels of the arena_server_info metric."""
         return {"model": self.model, "executor": "none", "workers": "0"}
 
+    def ready_fields(self) -> dict[str, str]:
+        """What the ready line names besides the addresses and limits (asyncio: its loop)."""
+        return {}
+
     def extra_metrics(self) -> Iterable[Metric]:
         """The model's own metrics (threads, pool queue, event loop)."""
         return ()

@@ -1,0 +1,494 @@
+"""asyncio: every connection a `Protocol` on one event loop, the standard one or uvloop.
+
+The seed builds coroutines from `yield`: code that says where it may switch. asyncio is that
+idea grown up (`async`/`await` are generators underneath), against gevent's implicit switching
+through monkey-patching. Nothing switches unless the code hands control back to the loop: a
+timer (`/sleep`) lets every other connection run, a computation (`/work`) holds the one loop
+and every client waits, which the loop-lag probe shows as `arena_event_loop_blocked_seconds`
+(the same probe and names as gevent's).
+
+Why a `Protocol` and not streams. A streams server reads like the seed's loop (`line = await
+reader.readline()`, `writer.write(reply)`, `await writer.drain()`), which teaches well; but each
+connection is then a task, each read a future and a resumed coroutine, and each reply a drain.
+A `Protocol` is the loop's own callback interface: `data_received` answers the complete lines
+of each read and writes their replies at once, with no task or future per request. Measured
+with the C load generator (100 connections x 64 B echo, closed loop, server on one core, 3 s
+runs on the shared 2-core machine, so read them as ratios): the textbook streams server 31k
+req/s and this server 45k on the stock loop; the bare uvloop `Protocol` echo server 63k and
+this server 56k on uvloop (metrics on). The issue's quieter numbers (uvloop Protocol 142k,
+streams 87k) have the same order. So the arena serves with a `Protocol`, and the streams server
+stays in the benchmark as the textbook (loadtest/bench/textbook.py) to show the difference.
+
+What a connection does, as the other models: lines are framed by `LineFramer` and answered by
+`protocol.answer` in order; a valid `/sleep` waits on `loop.call_later` while the lines behind
+it wait in `pending` (the connection stops reading once some do, as the pool's reactor does);
+`/work` runs inline. A client that does not read its replies: above `MAX_UNSENT_OUTPUT` bytes
+in the transport's buffer the transport calls `pause_writing`, and the connection stops
+answering and reading until `resume_writing`; the rest queues in the kernel. Idle connections
+are closed by a sweep, which also checks the listener (`Server.check_listener`).
+
+The loop runs in a thread of its own (`Server.start` must return; the main thread waits for
+signals and `/metrics` has its OS thread, as for every model). Accepting is ours, not
+`loop.create_server`'s, so that the connection limit, `accept()` errors and their back-off
+behave and are counted exactly as in the other models; each accepted socket is handed to the
+loop with `connect_accepted_socket`. A failing accept, sweep or probe callback is fatal (exit
+code 1, `Server.run_or_exit`); an exception while serving one connection closes only it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from typing import Any, cast
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from services import protocol
+from services.config import Settings
+from services.metrics import histogram_family
+from services.servers.base import MAX_ACCEPT_BACKOFF, Server
+from services.servers.batching import MAX_UNSENT_OUTPUT
+from services.session import Histogram, Session, reject
+
+PROBE_INTERVAL = 0.1  # seconds between loop-lag probes, as gevent's
+BLOCKED_THRESHOLD = 0.01  # lateness counted as "the loop was blocked", as gevent's
+ACCEPTS_PER_WAKEUP = 64  # accept a burst of connections, but let established ones be served
+WRITE_CHUNK = 65536  # replies gathered before a write: one write per read, bounded in size
+STOP_TIMEOUT = 5.0  # seconds to wait for the loop to end after the connections closed
+SLEEP_PREFIX = b"/sleep "
+
+
+class Connection(Session, asyncio.Protocol):
+    """One connection as the loop serves it: a session driven by the transport's callbacks."""
+
+    __slots__ = (
+        "eof",
+        "overflow",
+        "pending",
+        "reading",
+        "server",
+        "sleep",
+        "throttled",
+        "transport",
+    )
+
+    def __init__(self, sock: socket.socket, line_limit: int) -> None:
+        super().__init__(sock, line_limit)
+        self.server: AsyncioServer | None = None  # set by the server that adopts it
+        self.transport: asyncio.Transport | None = None
+        self.pending: deque[bytes] = deque()  # complete lines not answered yet
+        self.sleep: asyncio.TimerHandle | None = None  # the /sleep this connection waits for
+        self.throttled = False  # the transport's buffer is over its limit: answer nothing
+        self.reading = True
+        self.eof = False  # the client sends nothing more (or the server drains)
+        self.overflow = False  # a line broke the limit: answer what came before, then close
+
+    # -- transport callbacks -------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """Limit the transport's buffer; a connection made while draining ends at once."""
+        # uvloop's transports quack like asyncio.Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
+        server = self.server
+        assert server is not None
+        server.connections.add(self)
+        try:
+            self.transport.set_write_buffer_limits(high=MAX_UNSENT_OUTPUT)
+            if server.stats.draining:
+                self.finish("shutdown")
+        except Exception:
+            self.contain()
+
+    def data_received(self, data: bytes) -> None:
+        """Answer the complete lines that arrived (the common case, one line, without framing)."""
+        if self.close_reason:
+            return
+        try:
+            self.last_active = time.monotonic()
+            tally = self.tally
+            tally.received += len(data)
+            framer = self.framer
+            end = len(data) - 1
+            if (
+                data.find(b"\n") == end
+                and end <= framer.limit
+                and not framer.partial
+                and not self.pending
+                and self.sleep is None
+                and not self.throttled
+                and not data.startswith(SLEEP_PREFIX)
+            ):
+                line = data[:-2] if data.endswith(b"\r\n") else data[:-1]
+                timed = self.server is not None and self.server.timed
+                started = time.perf_counter() if timed else 0.0
+                result = protocol.answer(line)
+                tally.record(result, time.perf_counter() - started if timed else 0.0)
+                self.write(result.reply)
+                if result.close:
+                    self.finish("quit")
+                return
+            lines, overflow = framer.feed(data)
+            self.pending.extend(lines)
+            self.overflow = overflow
+            self.serve_pending()
+        except Exception:
+            self.contain()
+
+    def eof_received(self) -> bool:
+        """Half-closed: answer what was read, then close (True keeps the writing side open)."""
+        self.eof = True
+        try:
+            self.serve_pending()
+        except Exception:
+            self.contain()
+        return True
+
+    def pause_writing(self) -> None:
+        """The client is not reading its replies: answer and read nothing more for now."""
+        self.throttled = True
+        self.update_reading()
+
+    def resume_writing(self) -> None:
+        """The client caught up: answer what waited and read again."""
+        self.throttled = False
+        try:
+            self.serve_pending()
+        except Exception:
+            self.contain()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """Forget the connection and fold its counts into the totals."""
+        if self.sleep is not None:
+            self.sleep.cancel()
+            self.sleep = None
+        server = self.server
+        assert server is not None
+        server.connections.discard(self)
+        draining = server.stats.draining
+        server.stats.close_session(
+            self, "reset" if exc is not None else "shutdown" if draining else "client"
+        )
+
+    # -- serving ----------------------------------------------------------------------------
+    def serve_pending(self) -> None:
+        """Answer waiting lines in order until a /sleep, a full buffer, or none are left."""
+        pending, tally = self.pending, self.tally
+        server = self.server
+        assert server is not None
+        timed = server.timed
+        replies: list[bytes] = []
+        size = 0
+        while pending and self.sleep is None and not self.throttled and not self.close_reason:
+            line = pending.popleft()
+            started = time.perf_counter() if timed else 0.0
+            if line.startswith(SLEEP_PREFIX):
+                request = protocol.sleep_request(line)
+                if request is not None:
+                    seconds, result = request
+                    self.sleep = server.loop_call_later(seconds, self.woke, result, started)
+                    break
+            result = protocol.answer(line)
+            tally.record(result, time.perf_counter() - started if timed else 0.0)
+            replies.append(result.reply)
+            size += len(result.reply)
+            if result.close:
+                pending.clear()
+                self.write(b"".join(replies))
+                self.finish("quit")
+                return
+            if size >= WRITE_CHUNK:  # write now: the transport may ask us to pause
+                self.write(b"".join(replies))
+                replies, size = [], 0
+        if replies:
+            self.write(b"".join(replies))
+        if not pending and self.sleep is None and not self.close_reason:
+            if self.overflow:
+                self.tally.count_error("line-too-long")
+                self.write(protocol.line_too_long_reply(self.framer.limit))
+                self.finish("line-too-long")
+                return
+            if self.eof and not self.throttled:
+                self.finish("shutdown" if server.stats.draining else "client")
+                return
+        self.update_reading()
+
+    def woke(self, result: protocol.Answer, started: float) -> None:
+        """A /sleep is over: reply, then answer the lines that waited behind it."""
+        self.sleep = None
+        server = self.server
+        if self.close_reason or server is None:
+            return
+        try:
+            now = time.perf_counter()
+            self.tally.record(result, now - started if server.timed else 0.0)
+            self.last_active = time.monotonic()
+            self.write(result.reply)
+            self.serve_pending()
+        except Exception:
+            self.contain()
+
+    def write(self, data: bytes) -> None:
+        """Hand replies to the transport (it sends what the socket takes and buffers the rest)."""
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(data)
+            self.tally.sent += len(data)
+
+    def update_reading(self) -> None:
+        """Read unless finished, throttled, or lines already wait behind a /sleep."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        wanted = not (
+            self.eof
+            or self.overflow
+            or self.close_reason
+            or self.throttled
+            or (self.pending and self.sleep is not None)
+        )
+        if wanted != self.reading:
+            self.reading = wanted
+            if wanted:
+                transport.resume_reading()
+            else:
+                transport.pause_reading()
+
+    def finish(self, reason: str) -> None:
+        """Close once the buffered replies are out (`connection_lost` then counts it)."""
+        self.close_reason = self.close_reason or reason
+        if self.transport is not None:
+            self.transport.close()
+
+    def is_idle(self, deadline: float) -> bool:
+        """Nothing read, waiting or unsent since before `deadline` (a monotonic time)."""
+        transport = self.transport
+        return (
+            self.sleep is None
+            and not self.pending
+            and self.last_active < deadline
+            and transport is not None
+            and transport.get_write_buffer_size() == 0
+        )
+
+    def contain(self) -> None:
+        """An unexpected exception while serving this connection: log, count, close only it."""
+        server = self.server
+        assert server is not None
+        server.stats.count_internal_error("session")
+        server.log.error("serving a connection failed; closing that connection", exc_info=True)
+        self.pending.clear()
+        self.close_reason = self.close_reason or "error"
+        if self.transport is not None:
+            self.transport.abort()
+        else:
+            server.stats.close_session(self, "error")
+
+
+class AsyncioServer(Server):
+    """Connections as `Protocol`s on one asyncio event loop (uvloop or the standard one)."""
+
+    model = "asyncio"
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+        self.loop_name = settings.loop
+        self.loop: asyncio.AbstractEventLoop = self.new_loop()
+        self.timed = settings.metrics
+        self.connections: set[Connection] = set()  # the loop's thread only (len() elsewhere)
+        self.thread: threading.Thread | None = None
+        self.accepting = False
+        self.accept_backoff = 0.0  # seconds of the current accept() back-off (0: none)
+        self.live_tasks = 0  # counted by the probe, in the loop's thread
+        self.lag = Histogram()
+        self.blocked_seconds = 0.0
+        self.blocks = 0
+        self.loop_call_later = self.loop.call_later
+
+    def new_loop(self) -> asyncio.AbstractEventLoop:
+        """A new event loop of the configured kind (config checked that uvloop is installed)."""
+        if self.loop_name == "uvloop":
+            import uvloop
+
+            return uvloop.new_event_loop()
+        return asyncio.new_event_loop()
+
+    def info(self) -> dict[str, str]:
+        """Labels of arena_server_info, with the event loop."""
+        return {**super().info(), "loop": self.loop_name}
+
+    def ready_fields(self) -> dict[str, str]:
+        """The event loop, for the ready line."""
+        return {"loop": self.loop_name}
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def serve_in_background(self) -> None:
+        """Run the loop in its own thread: accept, sweep and probe from there."""
+        assert self.listener is not None
+        self.listener.setblocking(False)
+        self.loop.set_exception_handler(self.loop_exception)
+        self.loop.call_soon(self.start_serving)
+        self.thread = threading.Thread(
+            target=self.run_or_exit, args=("loop", self.loop.run_forever), name="loop", daemon=True
+        )
+        self.thread.start()
+
+    def start_serving(self) -> None:
+        """In the loop: listen, and schedule the first sweep and probe."""
+        self.listen()
+        idle_timeout = self.settings.idle_timeout
+        self.schedule_sweep(min(1.0, idle_timeout / 4))
+        self.loop.call_later(PROBE_INTERVAL, self.probe, time.perf_counter() + PROBE_INTERVAL)
+
+    def fatal(self, name: str, step: Callable[..., None], *args: Any) -> Callable[[], None]:
+        """A loop callback that ends the process if `step` raises (`Server.run_or_exit`)."""
+        return lambda: self.run_or_exit(name, lambda: step(*args))
+
+    def listen(self) -> None:
+        """Accept connections when the listener is readable."""
+        assert self.listener is not None
+        self.accepting = True
+        self.loop.add_reader(self.listener.fileno(), self.fatal("accept", self.accept_burst))
+
+    def stop(self, grace: float) -> None:
+        """Stop accepting, answer what was read for up to `grace` seconds, close the rest."""
+        thread = self.thread
+        if thread is None or not thread.is_alive():
+            self.stats.draining = True
+            if self.listener is not None:
+                self.listener.close()
+            return
+        self.loop.call_soon_threadsafe(self.begin_draining)
+        if not self.stats.wait_all_closed(grace):
+            self.log.warning(
+                "grace of %ss over: closing %d connections", grace, len(self.stats.sessions)
+            )
+            self.loop.call_soon_threadsafe(self.abort_all)
+            self.stats.wait_all_closed(STOP_TIMEOUT)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        thread.join(STOP_TIMEOUT)
+
+    def begin_draining(self) -> None:
+        """In the loop: close the listener; connections answer what they read, then close."""
+        self.stats.draining = True
+        if self.listener is not None:
+            if self.accepting:
+                self.loop.remove_reader(self.listener.fileno())
+                self.accepting = False
+            self.listener.close()
+        for connection in list(self.connections):
+            connection.eof = True  # read nothing more
+            connection.serve_pending()
+
+    def abort_all(self) -> None:
+        """In the loop: the grace period is over, end every connection now."""
+        for connection in list(self.connections):
+            connection.close_reason = connection.close_reason or "shutdown"
+            if connection.transport is not None:
+                connection.transport.abort()
+
+    # -- accepting ----------------------------------------------------------------------------
+    def accept_burst(self) -> None:
+        """Accept the connections waiting in the backlog (a bounded number per wakeup)."""
+        listener = self.listener
+        assert listener is not None
+        for _ in range(ACCEPTS_PER_WAKEUP):
+            try:
+                sock, _address = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as error:
+                pause = self.accept_failed(error)  # raises when the listener is broken
+                if pause:
+                    # Out of descriptors: stop listening for a while instead of spinning.
+                    self.accept_backoff = min(MAX_ACCEPT_BACKOFF, self.accept_backoff * 2 or pause)
+                    self.loop.remove_reader(listener.fileno())
+                    self.accepting = False
+                    self.loop.call_later(self.accept_backoff, self.fatal("accept", self.resume))
+                return
+            self.accept_backoff = 0.0
+            self.adopt(sock)
+
+    def resume(self) -> None:
+        """Listen again after an accept() back-off (unless draining meanwhile)."""
+        if not self.stats.draining and not self.accepting:
+            self.listen()
+
+    def adopt(self, sock: socket.socket) -> None:
+        """Serve a connected socket from now on (over the limit: answered busy, closed)."""
+        connection = self.stats.open_session(sock, self.settings.line_limit, Connection)
+        if not isinstance(connection, Connection):
+            reject(sock, self.settings.max_connections)
+            return
+        connection.server = self
+        sock.setblocking(False)
+        self.loop.create_task(self.connect(connection))
+
+    async def connect(self, connection: Connection) -> None:
+        """Give the socket to the loop as a transport with `connection` as its protocol."""
+        try:
+            await self.loop.connect_accepted_socket(lambda: connection, connection.sock)
+        except OSError:  # reset before the transport was made
+            self.stats.close_session(connection, "reset")
+
+    # -- sweep and probe ----------------------------------------------------------------------
+    def schedule_sweep(self, interval: float) -> None:
+        """Run `sweep` every `interval` seconds."""
+        self.loop.call_later(interval, self.fatal("sweep", self.sweep, interval))
+
+    def sweep(self, interval: float) -> None:
+        """Close idle connections; check that the listener still listens."""
+        if not self.stats.draining:
+            self.check_listener()
+        deadline = time.monotonic() - self.settings.idle_timeout
+        for connection in list(self.connections):
+            if connection.is_idle(deadline):
+                connection.finish("idle")
+        self.schedule_sweep(interval)
+
+    def probe(self, expected: float) -> None:
+        """Measure how late a periodic timer fires: the time the loop was blocked."""
+        lateness = max(0.0, time.perf_counter() - expected)
+        self.lag.observe(lateness)
+        if lateness > BLOCKED_THRESHOLD:
+            self.blocked_seconds += lateness
+            self.blocks += 1
+        self.live_tasks = len(asyncio.all_tasks(self.loop))
+        self.loop.call_later(PROBE_INTERVAL, self.probe, time.perf_counter() + PROBE_INTERVAL)
+
+    def loop_exception(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        """A callback raised outside our own handlers: log and count it, keep serving."""
+        self.stats.count_internal_error("loop")
+        error = context.get("exception")
+        self.log.error(
+            "event loop: %s",
+            context.get("message", "unexpected error"),
+            exc_info=(type(error), error, error.__traceback__) if error is not None else None,
+        )
+
+    # -- metrics ------------------------------------------------------------------------------
+    def extra_metrics(self) -> Iterable[Metric]:
+        """Live transports and tasks, and event-loop blocking (as gevent's)."""
+        yield GaugeMetricFamily(
+            "arena_asyncio_transports",
+            "Connections the event loop serves (a Protocol each, no task)",
+            value=len(self.connections),
+        )
+        yield GaugeMetricFamily(
+            "arena_asyncio_tasks", "asyncio tasks alive on the event loop", value=self.live_tasks
+        )
+        yield histogram_family(
+            "arena_event_loop_lag_seconds",
+            "How late a 100 ms timer probe woke up",
+            [([], self.lag)],
+        )
+        yield CounterMetricFamily(
+            "arena_event_loop_blocked_seconds",
+            "Sum of probe lateness above 10 ms: time the event loop was blocked",
+            value=self.blocked_seconds,
+        )
+        yield CounterMetricFamily(
+            "arena_event_loop_blocks", "Probe wake-ups later than 10 ms", value=self.blocks
+        )
