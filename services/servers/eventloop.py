@@ -11,13 +11,19 @@ Why a `Protocol` and not streams. A streams server reads like the seed's loop (`
 reader.readline()`, `writer.write(reply)`, `await writer.drain()`), which teaches well; but each
 connection is then a task, each read a future and a resumed coroutine, and each reply a drain.
 A `Protocol` is the loop's own callback interface: `data_received` answers the complete lines
-of each read and writes their replies at once, with no task or future per request. Measured
-with the C load generator (100 connections x 64 B echo, closed loop, server on one core, 3 s
-runs on the shared 2-core machine, so read them as ratios): the textbook streams server 31k
-req/s and this server 45k on the stock loop; the bare uvloop `Protocol` echo server 63k and
-this server 56k on uvloop (metrics on). The issue's quieter numbers (uvloop Protocol 142k,
-streams 87k) have the same order. So the arena serves with a `Protocol`, and the streams server
-stays in the benchmark as the textbook (loadtest/bench/textbook.py) to show the difference.
+of each read and writes their replies at once, with no task or future per request. Issue 13
+measured, on a quiet machine (C closed-loop client, 100 connections x 64 B echo, server on one
+core): a bare uvloop `Protocol` 142k req/s against asyncio streams 87k. Here, with the
+benchmark's C load generator (`python -m loadtest.bench --scenarios echo64 --models
+asyncio,asyncio-stock --kinds ours,textbook --reps 3 --duration 2`: short runs on a shared
+2-core machine whose neighbours took up to half the server's core, so only ratios within a pair
+of runs mean anything): on the standard loop this server, metrics on, answered 11.5k/18.8k/21.7k
+req/s where the minimal streams server answered 9.3k/14.8k/17.5k, 1.23-1.27x in every pair,
+although it frames, limits, counts and times every request and the textbook does none of it. So
+the arena serves with a `Protocol`; the streams server stays in the benchmark as the textbook
+(loadtest/bench/textbook.py) to show the difference. On uvloop the same runs were too noisy to
+rank this server against the bare `Protocol` (16-25k against 21-37k); the per-request work it
+adds (the tally, two clock reads) is about a microsecond.
 
 What a connection does, as the other models: lines are framed by `LineFramer` and answered by
 `protocol.answer` in order; a valid `/sleep` waits on `loop.call_later` while the lines behind
@@ -60,12 +66,14 @@ ACCEPTS_PER_WAKEUP = 64  # accept a burst of connections, but let established on
 WRITE_CHUNK = 65536  # replies gathered before a write: one write per read, bounded in size
 STOP_TIMEOUT = 5.0  # seconds to wait for the loop to end after the connections closed
 SLEEP_PREFIX = b"/sleep "
+answer, perf_counter = protocol.answer, time.perf_counter  # looked up once: the hot path
 
 
 class Connection(Session, asyncio.Protocol):
     """One connection as the loop serves it: a session driven by the transport's callbacks."""
 
     __slots__ = (
+        "active",
         "eof",
         "overflow",
         "pending",
@@ -73,12 +81,17 @@ class Connection(Session, asyncio.Protocol):
         "server",
         "sleep",
         "throttled",
+        "timed",
         "transport",
     )
 
     def __init__(self, sock: socket.socket, line_limit: int) -> None:
         super().__init__(sock, line_limit)
         self.server: AsyncioServer | None = None  # set by the server that adopts it
+        self.timed = True  # time each request (metrics on); set by the server too
+        # Request bytes arrived since the last sweep, which then sets `last_active`: a flag per
+        # read is cheaper than a clock call, and the sweep's time is late, never early.
+        self.active = False
         self.transport: asyncio.Transport | None = None
         self.pending: deque[bytes] = deque()  # complete lines not answered yet
         self.sleep: asyncio.TimerHandle | None = None  # the /sleep this connection waits for
@@ -107,7 +120,7 @@ class Connection(Session, asyncio.Protocol):
         if self.close_reason:
             return
         try:
-            self.last_active = time.monotonic()
+            self.active = True
             tally = self.tally
             tally.received += len(data)
             framer = self.framer
@@ -121,12 +134,19 @@ class Connection(Session, asyncio.Protocol):
                 and not self.throttled
                 and not data.startswith(SLEEP_PREFIX)
             ):
+                # The common case, one whole request in one read: no framing, no queue, and
+                # the transport is open (we close it only after setting close_reason).
                 line = data[:-2] if data.endswith(b"\r\n") else data[:-1]
-                timed = self.server is not None and self.server.timed
-                started = time.perf_counter() if timed else 0.0
-                result = protocol.answer(line)
-                tally.record(result, time.perf_counter() - started if timed else 0.0)
-                self.write(result.reply)
+                if self.timed:
+                    started = perf_counter()
+                    result = answer(line)
+                    tally.record(result, perf_counter() - started)
+                else:
+                    result = answer(line)
+                    tally.record(result, 0.0)
+                reply = result.reply
+                self.transport.write(reply)  # type: ignore[union-attr]
+                tally.sent += len(reply)
                 if result.close:
                     self.finish("quit")
                 return
@@ -178,7 +198,7 @@ class Connection(Session, asyncio.Protocol):
         pending, tally = self.pending, self.tally
         server = self.server
         assert server is not None
-        timed = server.timed
+        timed = self.timed
         replies: list[bytes] = []
         size = 0
         while pending and self.sleep is None and not self.throttled and not self.close_reason:
@@ -222,9 +242,8 @@ class Connection(Session, asyncio.Protocol):
         if self.close_reason or server is None:
             return
         try:
-            now = time.perf_counter()
-            self.tally.record(result, now - started if server.timed else 0.0)
-            self.last_active = time.monotonic()
+            self.tally.record(result, time.perf_counter() - started if self.timed else 0.0)
+            self.active = True
             self.write(result.reply)
             self.serve_pending()
         except Exception:
@@ -423,7 +442,10 @@ class AsyncioServer(Server):
             reject(sock, self.settings.max_connections)
             return
         connection.server = self
+        connection.timed = self.timed
         sock.setblocking(False)
+        # As every loop's own server sockets (uvloop does not set it on an adopted socket).
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.loop.create_task(self.connect(connection))
 
     async def connect(self, connection: Connection) -> None:
@@ -442,9 +464,13 @@ class AsyncioServer(Server):
         """Close idle connections; check that the listener still listens."""
         if not self.stats.draining:
             self.check_listener()
-        deadline = time.monotonic() - self.settings.idle_timeout
+        now = time.monotonic()
+        deadline = now - self.settings.idle_timeout
         for connection in list(self.connections):
-            if connection.is_idle(deadline):
+            if connection.active:
+                connection.active = False
+                connection.last_active = now
+            elif connection.is_idle(deadline):
                 connection.finish("idle")
         self.schedule_sweep(interval)
 
