@@ -22,13 +22,15 @@ import pytest
 
 from loadtest import procs
 from services import models
-from tests.conftest import RunningServer, launch, stop_server
+from tests.conftest import EVENT_LOOPS, MODELS, RunningServer, launch, stop_server
 from tests.reliability_helpers import connect, poll, poll_metrics, read_until_closed, request
 
 EXIT_TIMEOUT = 30.0  # a broken server exits within a second; the rest is slack for a loaded CI
 FAULT_LINE = b"boom"  # the request line the injected protocol bug raises on
-# The models whose connections each run the blocking session loop (services/blocking.py).
-BLOCKING = [model.name for model in models.MODELS if model.blocking]
+# The models that answer a connection's requests in the server process, where the fault is
+# planted: a thread or greenlet running the blocking session loop (services/blocking.py), or an
+# asyncio Protocol (on each event loop). The pool answers in its workers.
+IN_PROCESS = [name for name in MODELS if models.target(name)[0].flow != "reactor"]
 
 # Runs the real `services.__main__.main` after planting one fault (argv: model, fault, flags).
 # gevent patches first, as `python -m services gevent` does before importing anything else.
@@ -52,10 +54,11 @@ if fault == "session":
             raise RuntimeError("injected fault in one session")
         return real_answer(line)
     protocol.answer = answer  # pool workers fork later and inherit it
-elif fault == "sweep":
+elif fault == "sweep":  # the blocking models' sweep closes idle sessions; every sweep checks
     session.ServerStats.sweep_idle = injected
+    base.Server.check_listener = injected
 elif fault == "probe":
-    session.Histogram.observe = injected  # only the gevent probe calls it in a server
+    session.Histogram.observe = injected  # only the event-loop probes call it in a server
 elif fault in ("shutdown", "devnull"):
     real_start = base.Server.start
     def start_then_break(self):
@@ -78,14 +81,16 @@ sys.exit(main([model, "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0
 
 
 def launch_faulty(model: str, fault: str, *flags: str) -> RunningServer:
-    """Start a server of `model` with `fault` planted; wait for its ready line."""
+    """Start a server of `model` (or a variant) with `fault` planted; wait for its ready line."""
+    registered, variant_flags = models.target(model)
     command = [
         sys.executable,
         "-c",
         FAULTY_SERVER,
-        model,
+        registered.name,
         fault,
-        *models.get(model).small_flags,
+        *variant_flags,
+        *registered.small_flags,
         *flags,
     ]
     return launch(command, model)
@@ -140,7 +145,8 @@ def others_served(server: RunningServer) -> Iterator[socket.socket]:
 def assert_fatal_logged(server: RunningServer, loop: str) -> None:
     """The log names the failed loop at CRITICAL level, with the traceback."""
     log = server.log_text()
-    assert f"CRITICAL arena.{server.model}: the {loop} loop failed; exiting with code 1" in log, log
+    logger = f"arena.{models.target(server.model)[0].name}"
+    assert f"CRITICAL {logger}: the {loop} loop failed; exiting with code 1" in log, log
     assert "Traceback (most recent call last)" in log, log
 
 
@@ -154,6 +160,9 @@ BROKEN_LISTENERS = [
     ("threaded", "devnull", "accept"),
     ("gevent", "devnull", "sweep"),
     ("pool", "devnull", "reactor"),  # the reactor's sweep checks the listener
+    # asyncio waits for the listener in its loop's epoll, as gevent does.
+    *((name, "shutdown", "accept") for name in EVENT_LOOPS if name != "gevent"),
+    *((name, "devnull", "sweep") for name in EVENT_LOOPS if name != "gevent"),
 ]
 
 
@@ -168,7 +177,7 @@ def test_a_broken_listener_exits_1_with_a_critical_log(faulty, model, how, loop)
     assert any(f"[Errno {error}]" in server.log_text() for error in errors), server.log_text()
 
 
-@pytest.mark.parametrize("model", BLOCKING)
+@pytest.mark.parametrize("model", IN_PROCESS)
 def test_a_bug_in_one_session_closes_only_that_connection_and_is_counted(faulty, model):
     server = faulty(model, "session")
     with others_served(server) as victim:
@@ -209,14 +218,15 @@ def test_a_bug_in_one_pool_task_is_contained_and_counted(faulty):
     assert "injected fault in one session" in server.log_text()
 
 
-@pytest.mark.parametrize("model", BLOCKING)
+@pytest.mark.parametrize("model", IN_PROCESS)
 def test_a_failing_sweep_loop_exits_1(faulty, model):
     server = faulty(model, "sweep", "--idle-timeout", "0.4")  # a sweep every 0.1 s
     assert wait_for_exit(server) == 1
     assert_fatal_logged(server, "sweep")
 
 
-def test_a_failing_event_loop_probe_exits_1(faulty):
-    server = faulty("gevent", "probe")
+@pytest.mark.parametrize("model", EVENT_LOOPS)
+def test_a_failing_event_loop_probe_exits_1(faulty, model):
+    server = faulty(model, "probe")
     assert wait_for_exit(server) == 1
     assert_fatal_logged(server, "probe")

@@ -297,7 +297,7 @@ class Connection(Session, asyncio.Protocol):
         server = self.server
         assert server is not None
         server.stats.count_internal_error("session")
-        server.log.error("serving a connection failed; closing that connection", exc_info=True)
+        server.log.error("session failed; closing its connection", exc_info=True)
         self.pending.clear()
         self.close_reason = self.close_reason or "error"
         if self.transport is not None:
@@ -359,7 +359,7 @@ class AsyncioServer(Server):
         self.listen()
         idle_timeout = self.settings.idle_timeout
         self.schedule_sweep(min(1.0, idle_timeout / 4))
-        self.loop.call_later(PROBE_INTERVAL, self.probe, time.perf_counter() + PROBE_INTERVAL)
+        self.schedule_probe()
 
     def fatal(self, name: str, step: Callable[..., None], *args: Any) -> Callable[[], None]:
         """A loop callback that ends the process if `step` raises (`Server.run_or_exit`)."""
@@ -482,7 +482,12 @@ class AsyncioServer(Server):
             self.blocked_seconds += lateness
             self.blocks += 1
         self.live_tasks = len(asyncio.all_tasks(self.loop))
-        self.loop.call_later(PROBE_INTERVAL, self.probe, time.perf_counter() + PROBE_INTERVAL)
+        self.schedule_probe()
+
+    def schedule_probe(self) -> None:
+        """Run `probe` in PROBE_INTERVAL seconds (a failing probe is fatal, as gevent's)."""
+        expected = time.perf_counter() + PROBE_INTERVAL
+        self.loop.call_later(PROBE_INTERVAL, self.fatal("probe", self.probe, expected))
 
     def loop_exception(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         """A callback raised outside our own handlers: log and count it, keep serving."""
