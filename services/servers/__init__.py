@@ -1,4 +1,4 @@
-"""How does a connection get run? Three answers to one question.
+"""How does a connection get run? Four answers to one question.
 
 Every server here speaks the same protocol (`services.protocol`) through the same framing and
 counting (`services.session`) and has the same lifecycle (`base.Server`: `start()` binds and
@@ -18,6 +18,11 @@ the rest). What differs is only the concurrency policy, in the spirit of CPython
   per connection on gevent's event loop (monkey-patched). Idle and waiting connections are
   nearly free and a `/sleep` yields to everyone else -- until a request burns CPU: then the one
   loop is blocked and every client waits, which the loop-lag probe makes visible.
+- `eventloop.AsyncioServer` is the same single loop with explicit switching: each connection is
+  an `asyncio.Protocol` on one asyncio event loop (uvloop, or the standard one), nothing is
+  patched, and control goes back to the loop only where the code says so (a callback returns,
+  `/sleep` is a timer). Cheaper per request than greenlets, and just as blocked by `/work`; a
+  blocking call that gevent would have patched (`time.sleep`) blocks it too.
 """
 
 from __future__ import annotations
