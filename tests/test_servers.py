@@ -16,8 +16,18 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from loadtest import procs
 from services import models
-from tests.conftest import MODELS, ROOT, RunningServer, run_module, small_flags, wait_until
+from tests.conftest import (
+    MODELS,
+    ROOT,
+    RunningServer,
+    launch,
+    run_module,
+    small_flags,
+    stop_server,
+    wait_until,
+)
 from tests.server_helpers import (
     LineClient,
     processes_in_session,
@@ -128,6 +138,8 @@ BAD_COMMAND_LINES = {
     ),
     "env-zero-workers": (("pool", *SAFE_FLAGS), {"ARENA_WORKERS": "0"}),
     "env-bad-idle-timeout": (("gevent", *SAFE_FLAGS), {"ARENA_IDLE_TIMEOUT": "soon"}),
+    "unknown-loop": (("asyncio", *SAFE_FLAGS, "--loop", "trio"), {}),
+    "env-unknown-loop": (("asyncio", *SAFE_FLAGS), {"ARENA_LOOP": "tokio"}),
 }
 
 
@@ -203,6 +215,35 @@ def test_flag_port_wins_over_env_port(server_factory):
         server = server_factory("gevent", env={"ARENA_PORT": str(busy.getsockname()[1])})
         with LineClient(server.address) as client:
             assert client.request(b"/ping") == b"PONG\n"
+
+
+# The variants that choose an event loop (the asyncio model's), with the loop each names.
+LOOP_VARIANTS = {
+    name: variant.flags[variant.flags.index("--loop") + 1]
+    for name, (_, variant) in models.VARIANTS.items()
+    if "--loop" in variant.flags
+}
+
+
+@pytest.mark.parametrize("variant", LOOP_VARIANTS)
+def test_the_event_loop_is_named_in_the_ready_line_and_the_server_info(server_factory, variant):
+    loop = LOOP_VARIANTS[variant]
+    server = server_factory(variant)
+    assert f" loop={loop}" in server.log_text()
+    model = models.target(variant)[0].name
+    assert scrape(server).value("arena_server_info", model=model, loop=loop) == 1
+
+
+@pytest.mark.parametrize("loop", sorted(set(LOOP_VARIANTS.values())))
+def test_env_chooses_the_event_loop(loop):
+    model = models.target(next(iter(LOOP_VARIANTS)))[0].name
+    server = launch(procs.server_command(model), f"{model}-{loop}", {"ARENA_LOOP": loop})
+    try:
+        assert f" loop={loop}" in server.log_text()
+        with LineClient(server.address) as client:
+            assert client.request(b"/sleep 10 slept") == b"SLEPT\n"
+    finally:
+        stop_server(server)
 
 
 def test_env_configures_the_pool(server_factory):

@@ -399,7 +399,10 @@ class AsyncioServer(Server):
             self.listener.close()
         for connection in list(self.connections):
             connection.eof = True  # read nothing more
-            connection.serve_pending()
+            try:
+                connection.serve_pending()
+            except Exception:
+                connection.contain()
 
     def abort_all(self) -> None:
         """In the loop: the grace period is over, end every connection now."""
@@ -454,6 +457,10 @@ class AsyncioServer(Server):
             await self.loop.connect_accepted_socket(lambda: connection, connection.sock)
         except OSError:  # reset before the transport was made
             self.stats.close_session(connection, "reset")
+        except Exception:
+            self.stats.count_internal_error("session")
+            self.log.error("could not serve an accepted connection; closed it", exc_info=True)
+            self.stats.close_session(connection, "error")
 
     # -- sweep and probe ----------------------------------------------------------------------
     def schedule_sweep(self, interval: float) -> None:
