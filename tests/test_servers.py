@@ -93,6 +93,7 @@ def wait_until_all_closed(server: RunningServer):
 # Command line -------------------------------------------------------------------------------
 
 OPTIONS = (
+    "--loop",
     "--host",
     "--port",
     "--metrics-port",
@@ -112,7 +113,7 @@ def test_help_documents_every_option():
     assert result.returncode == 0, result.stderr
     for option in OPTIONS:
         assert option in result.stdout, f"{option} missing from --help"
-    for model in MODELS:
+    for model in models.NAMES:
         assert model in result.stdout
     assert "ARENA_" in result.stdout
 
