@@ -46,8 +46,11 @@ TIMES, DASH = "\u00d7", "\u2013"
 # Benchmark families (services/models.py's variants) grouped by what runs one connection.
 # A thread or greenlet per connection:
 THREAD_MODELS = [name for name, (model, _) in models.VARIANTS.items() if model.blocking]
-# A few threads whatever the connections (an event loop: the pool's reactor or gevent's hub):
+# A few threads whatever the connections (an event loop: the pool's reactor, gevent's hub or
+# asyncio's loop):
 REACTORS = [name for name, (model, _) in models.VARIANTS.items() if model.flow != "thread"]
+# Every connection waits on its own (a thread, a greenlet, an asyncio timer), not in a pool:
+SWITCHING = [name for name, (model, _) in models.VARIANTS.items() if model.flow != "reactor"]
 # A reactor whose requests run in a pool:
 POOLS = [name for name, (model, _) in models.VARIANTS.items() if model.flow == "reactor"]
 
@@ -370,7 +373,7 @@ def _reading_many_connections(bench: Bench) -> str | None:
     parts = [f"*{connections} connections (echo 64 B):*"]
     if reactors:
         parts.append(
-            "the reactor and gevent keep "
+            "the event-loop servers keep "
             f"{_span((m['threads'] for m in reactors), '{:.0f}'.format)} threads and a p99 of "
             f"{_span((_p99(m) for m in reactors), _ms)} ms;"
         )
@@ -437,14 +440,13 @@ def _reading_sleep(bench: Bench) -> str | None:
         return None
     sleep_ms = _sleep_ms(bench, scenario) or 20.0
     connections = bench.scenarios[scenario]["connections"]
-    waiting = bench.medians(
-        [scenario], [f"{f}{k}" for f in THREAD_MODELS for k in ("", " textbook")]
-    )
+    waiting = bench.medians([scenario], [f"{f}{k}" for f in SWITCHING for k in ("", " textbook")])
     pools = bench.medians([scenario], [f"{f}{k}" for f in POOLS for k in ("", " textbook")])
     parts = [f"*Waiting (`/sleep {sleep_ms:g}`):*"]
     if waiting:
         parts.append(
-            f"threads and greenlets overlap the waits: {_span((m['rps'] for m in waiting), _k)} "
+            "a thread, greenlet or timer per connection overlaps the waits: "
+            f"{_span((m['rps'] for m in waiting), _k)} "
             f"req/s of the {_k(connections * 1000 / sleep_ms)} that {connections} connections / "
             f"{sleep_ms:g} ms allow."
         )

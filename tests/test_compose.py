@@ -109,6 +109,8 @@ def test_compose_defaults_match_the_code(compose_cli: ComposeProject) -> None:
         assert int(environment["ARENA_MAX_CONNECTIONS"]) == server_defaults.max_connections
         assert float(environment["ARENA_IDLE_TIMEOUT"]) == server_defaults.idle_timeout
         assert environment["ARENA_LOG_LEVEL"] == server_defaults.log_level
+        if "ARENA_LOOP" in environment:  # asyncio's event loop: the server's own default
+            assert environment["ARENA_LOOP"] == server_defaults.loop
         # SIGKILL must come only after the server's own grace period is over.
         assert seconds(services[name]["stop_grace_period"]) > float(environment["ARENA_GRACE"])
         assert services[name]["cpus"] == services["threaded"]["cpus"]

@@ -14,6 +14,8 @@ project's own protocol (`services.protocol.answer`) so the work per request is i
                     `await reader.readline()`, `writer.write`, `await writer.drain()`.
 - `uvloop-protocol` -- a bare `asyncio.Protocol` on uvloop: `data_received` answers each
                     complete line; the fastest Python server measured here.
+                    Both wait out a `/sleep` with the loop (`asyncio.sleep`, a timer), as an
+                    asyncio program awaits its I/O; `protocol.answer` would block the loop.
 
 They have no metrics, no connection limit, no idle timeout, no line limit and no graceful
 shutdown: the benchmark shows what those cost in our servers. The one deviation from the
@@ -112,12 +114,15 @@ def serve_asyncio_streams(host: str, port: int) -> None:
     """A task per connection with asyncio's streams, on the standard event loop."""
     import asyncio
 
-    from services.protocol import answer
+    from services.protocol import answer, sleep_request
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while line := await reader.readline():
-                result = answer(_strip(line))
+                request = sleep_request(_strip(line))
+                if request is not None:  # what an async database call would be: awaited
+                    await asyncio.sleep(request[0])
+                result = request[1] if request is not None else answer(_strip(line))
                 writer.write(result.reply)
                 await writer.drain()
                 if result.close:
@@ -132,8 +137,8 @@ def serve_asyncio_streams(host: str, port: int) -> None:
         stopped = asyncio.Event()
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stopped.set)
         _ready("asyncio-streams", host, server.sockets[0].getsockname()[1])
-        async with server:
-            await stopped.wait()
+        await stopped.wait()
+        server.close()  # and exit: `async with server` would wait for every client to leave
 
     asyncio.run(serve())
 
@@ -144,17 +149,31 @@ def serve_uvloop_protocol(host: str, port: int) -> None:
 
     import uvloop
 
-    from services.protocol import answer
+    from services.protocol import answer, sleep_request
 
     class LineProtocol(asyncio.Protocol):
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
             self.transport: Any = transport
             self.partial = b""
+            self.waiting: list[bytes] = []  # lines behind a /sleep, answered when it is over
+            self.sleeping = False
 
         def data_received(self, data: bytes) -> None:
             *lines, self.partial = (self.partial + data).split(b"\n")
+            self.waiting.extend(lines)
+            if not self.sleeping:
+                self.answer_waiting()
+
+        def answer_waiting(self) -> None:
+            lines, self.waiting = self.waiting, []
             replies = []
-            for line in lines:
+            for index, line in enumerate(lines):
+                request = sleep_request(_strip(line))
+                if request is not None:  # a timer, not time.sleep: the loop serves the others
+                    self.sleeping = True
+                    self.waiting = lines[index + 1 :] + self.waiting
+                    asyncio.get_running_loop().call_later(request[0], self.woke, request[1])
+                    break
                 result = answer(_strip(line))
                 replies.append(result.reply)
                 if result.close:
@@ -163,14 +182,19 @@ def serve_uvloop_protocol(host: str, port: int) -> None:
                     return
             self.transport.write(b"".join(replies))
 
+        def woke(self, result: Any) -> None:
+            self.sleeping = False
+            self.transport.write(result.reply)
+            self.answer_waiting()
+
     async def serve() -> None:
         loop = asyncio.get_running_loop()
         server = await loop.create_server(LineProtocol, host, port, backlog=BACKLOG)
         stopped = asyncio.Event()
         loop.add_signal_handler(signal.SIGTERM, stopped.set)
         _ready("uvloop-protocol", host, server.sockets[0].getsockname()[1])
-        async with server:
-            await stopped.wait()
+        await stopped.wait()
+        server.close()  # and exit: `async with server` would wait for every client to leave
 
     uvloop.run(serve())
 
