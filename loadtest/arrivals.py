@@ -127,9 +127,10 @@ class Timetable:
                 gevent.sleep(delay)
             # Behind schedule (a busy CPU, a paused process), the overdue starts go out at once:
             # the timetable never slips, which is the point of the mode.
-            self._dispatch(due)
+            self.dispatch(due)
 
-    def _dispatch(self, due: float) -> None:
+    def dispatch(self, due: float) -> None:
+        """Give a start due at `due` to an idle connection, open ones first; else it waits, late."""
         for queue in (self._idle, self._cold):
             while queue:
                 waiter = queue.pop()

@@ -9,15 +9,19 @@ in the stall and reports far fewer slow requests. Both figures are printed.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
+import gevent
 import pytest
 
+from loadtest.arrivals import Start, Timetable
 from loadtest.client_metrics import render_metrics
 from loadtest.client_stats import ClientStats, latency_rows
 from loadtest.workload import KnobError, Workload
@@ -81,6 +85,22 @@ def test_service_time_and_late_starts_travel_beside_the_latency():
     assert metrics.value("locust_service_time_seconds_bucket", le="0.0025", **labels) == 2
     assert metrics.value("locust_late_starts_total", **labels) == 1
     assert metrics.value("locust_arrival_rate", target=TARGET) == 200
+
+
+def test_a_due_start_goes_to_an_open_idle_connection_first_and_waits_late_when_none_is_idle():
+    environment = SimpleNamespace(parsed_options=SimpleNamespace(arrival_rate="0"))
+    table = Timetable(TARGET, environment)
+    table.dispatch(1.0)  # nobody idle: it waits, late
+    assert table.backlog == 1
+    assert table.take(connected=True) == Start(1.0, late=True)
+    cold = gevent.spawn(table.take, False, 5.0)
+    warm = gevent.spawn(table.take, True, 5.0)
+    gevent.sleep(0)  # both are waiting now
+    table.dispatch(2.0)
+    assert warm.get(timeout=5) == Start(2.0, late=False)
+    table.dispatch(3.0)  # the unopened connection only when no open one is idle
+    assert cold.get(timeout=5) == Start(3.0, late=False)
+    assert table.take(connected=True, wait_s=0.01) is None  # nothing due: back to the caller
 
 
 # --- real Locust runs -------------------------------------------------------------------------
@@ -155,8 +175,6 @@ def server_answers(server: RunningServer) -> float:
 
 def json_rows(run: Any) -> dict[str, dict[str, Any]]:
     """The latency tab's rows of the target, by command."""
-    import json
-
     return {row["command"]: row for row in json.loads(run.get("/latency?format=json"))}
 
 
