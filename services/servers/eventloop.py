@@ -14,16 +14,14 @@ A `Protocol` is the loop's own callback interface: `data_received` answers the c
 of each read and writes their replies at once, with no task or future per request. Issue 13
 measured, on a quiet machine (C closed-loop client, 100 connections x 64 B echo, server on one
 core): a bare uvloop `Protocol` 142k req/s against asyncio streams 87k. Here, with the
-benchmark's C load generator (`python -m loadtest.bench --scenarios echo64 --models
-asyncio,asyncio-stock --kinds ours,textbook --reps 3 --duration 2`: short runs on a shared
-2-core machine whose neighbours took up to half the server's core, so only ratios within a pair
-of runs mean anything): on the standard loop this server, metrics on, answered 11.5k/18.8k/21.7k
-req/s where the minimal streams server answered 9.3k/14.8k/17.5k, 1.23-1.27x in every pair,
-although it frames, limits, counts and times every request and the textbook does none of it. So
-the arena serves with a `Protocol`; the streams server stays in the benchmark as the textbook
-(loadtest/bench/textbook.py) to show the difference. On uvloop the same runs were too noisy to
-rank this server against the bare `Protocol` (16-25k against 21-37k); the per-request work it
-adds (the tally, two clock reads) is about a microsecond.
+benchmark (`python -m loadtest.bench --scenarios echo64 --models asyncio,asyncio-stock --reps 3
+--duration 2`: same load, one run of 3 x 2 s on the shared 2-core machine in a quiet moment, so
+read the ratios, not the rates), metrics on: on the standard loop this server answered 26.0k
+req/s at 37 us of CPU per request, the minimal streams server 18.9k at 52 us (1.38x), although
+this one frames, limits, counts and times every request and the textbook does none of it; on
+uvloop this server 32.8k at 30 us, the bare `Protocol` echo server 31.6k at 30 us (1.04x), and
+metrics cost 2 %. So the arena serves with a `Protocol`; the streams server stays in the
+benchmark as the textbook (loadtest/bench/textbook.py) to show the difference.
 
 What a connection does, as the other models: lines are framed by `LineFramer` and answered by
 `protocol.answer` in order; a valid `/sleep` waits on `loop.call_later` while the lines behind
