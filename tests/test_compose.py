@@ -209,7 +209,7 @@ def test_servers_answer_on_their_published_ports(stack: ComposeProject) -> None:
 
 
 def test_locust_loads_every_server_with_zero_failures(stack: ComposeProject) -> None:
-    """Locust autostarts 100 users per server; all three see requests and none fail."""
+    """Locust autostarts 100 users per server; all of them see requests and none fail."""
     seen: dict[str, dict[str, float]] = {}
 
     def loaded() -> dict | None:
@@ -250,7 +250,7 @@ def test_locust_loads_every_server_with_zero_failures(stack: ComposeProject) -> 
 
 
 def test_prometheus_scrapes_every_target(stack: ComposeProject) -> None:
-    """Prometheus reports the three servers and the Locust master as up."""
+    """Prometheus reports every server and the Locust master as up."""
     expected = {*SERVER_SERVICES, "locust"}
 
     def all_up() -> dict[str, str] | None:

@@ -1,4 +1,4 @@
-"""`python -m loadtest.soak`: a short real soak (three servers, headless Locust) and its report."""
+"""`python -m loadtest.soak`: a short real soak (every server, headless Locust) and its report."""
 
 from __future__ import annotations
 
