@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from loadtest import procs
-from services import models
+from services import config, models
 from tests.conftest import (
     MODELS,
     ROOT,
@@ -233,6 +233,13 @@ def test_the_event_loop_is_named_in_the_ready_line_and_the_server_info(server_fa
     assert f" loop={loop}" in server.log_text()
     model = models.target(variant)[0].name
     assert scrape(server).value("arena_server_info", model=model, loop=loop) == 1
+
+
+def test_uvloop_asked_for_but_not_installed_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(config, "DEFAULT_LOOP", "asyncio")  # as where uvloop is not installed
+    with pytest.raises(config.ConfigError, match="uvloop is not installed"):
+        config.load_settings(["asyncio", "--loop", "uvloop"], {})
+    assert config.load_settings(["asyncio", "--loop", "asyncio"], {}).loop == "asyncio"
 
 
 @pytest.mark.parametrize("loop", sorted(set(LOOP_VARIANTS.values())))
