@@ -7,19 +7,46 @@ Rules it keeps (see docs/LOADTEST.md):
 - on any error the socket is closed at once and the next request reconnects, so a dead socket is
   never reused (Locust's ``events.request.measure()`` would swallow the error and keep it);
 - connecting is timed and reported as its own row (name ``connect``);
+- the name is resolved again at every connect and one of its addresses taken in turn, so the
+  users of one target spread over every replica behind its name (Docker's DNS returns each
+  replica's address; a replica that comes or goes is seen at the next connect);
 - it never raises into the task: every outcome becomes exactly one request event.
 """
 
 from __future__ import annotations
 
+import itertools
 import socket
 import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 CONNECT = "connect"
 READ_SIZE = 65536
 # A reply may be longer than expected only by an error message; more than this is a broken stream.
 REPLY_SLACK = 1024
+# (host, port) -> every address it stands for now, in any order.
+Resolver = Callable[[str, int], list[tuple[str, int]]]
+# One turn counter per name in this process: the users of one target take its replicas in turn,
+# whatever the other targets do (one shared counter would skew with three targets on three
+# replicas). next() on itertools.count is atomic, so threads and greenlets may share it.
+_turns: dict[tuple[str, int], Iterator[int]] = {}
+
+
+def resolve(host: str, port: int) -> list[tuple[str, int]]:
+    """Every TCP address `host` resolves to now (getaddrinfo, so /etc/hosts and DNS count)."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return [(str(info[4][0]), int(info[4][1])) for info in infos]
+
+
+def next_address(address: tuple[str, int], resolver: Resolver = resolve) -> tuple[str, int]:
+    """The address to connect to now: the next of the name's current addresses in turn."""
+    # Sorted, so the turn does not depend on the order a DNS server shuffled the records into.
+    addresses = sorted(set(resolver(*address)))
+    if not addresses:
+        raise OSError(f"{address[0]} resolves to no address")
+    turn = next(_turns.setdefault(address, itertools.count()))
+    return addresses[turn % len(addresses)]
 
 
 class ReplyError(Exception):
@@ -59,9 +86,13 @@ class LineClient:
         address: tuple[str, int],
         request_event: Any,
         connect_timeout: float = 10.0,
+        resolver: Resolver = resolve,
     ) -> None:
         self.target = target
         self.address = address
+        self.resolver = resolver
+        # The replica the current connection went to (None before the first connect).
+        self.peer: tuple[str, int] | None = None
         self.connect_timeout = connect_timeout
         self.consecutive_connect_failures = 0
         self._request_event = request_event
@@ -117,7 +148,8 @@ class LineClient:
         start_time = time.time()
         started = time.perf_counter()
         try:
-            sock = socket.create_connection(self.address, timeout=self.connect_timeout)
+            self.peer = next_address(self.address, self.resolver)
+            sock = socket.create_connection(self.peer, timeout=self.connect_timeout)
             # Request/reply traffic: do not let Nagle hold back a small request.
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except Exception as error:  # reported as a failed connect, never raised

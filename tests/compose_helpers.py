@@ -187,6 +187,9 @@ class ComposeProject:
         default_factory=lambda: {service: procs.free_port() for service in PUBLISHED_PORT_VARIABLES}
     )
     started: list[str] = field(default_factory=list)
+    # Replicas per server model (`up --scale`); a scaled model's host port variable is left empty,
+    # so each replica is published on a free port (replica_ports).
+    scale: dict[str, int] = field(default_factory=dict)
     # The Locust web UI's login (ARENA_LOCUST_LOGIN): on in the test, so the healthchecks and
     # the Prometheus scrape are shown to work with it; the default (off) is checked without
     # Docker in tests/test_locust_weblogin.py.
@@ -197,7 +200,10 @@ class ComposeProject:
     @property
     def env(self) -> dict[str, str]:
         """The environment for compose commands: default knobs, our ports, the classic builder."""
-        published = {PUBLISHED_PORT_VARIABLES[s]: str(p) for s, p in self.ports.items()}
+        published = {
+            PUBLISHED_PORT_VARIABLES[s]: "" if self.scale.get(s, 1) > 1 else str(p)
+            for s, p in self.ports.items()
+        }
         return {
             **clean_environment(),
             "COMPOSE_BAKE": "false",
@@ -234,6 +240,7 @@ class ComposeProject:
             "--wait",
             "--wait-timeout",
             str(int(timeout)),
+            *[f"--scale={service}={count}" for service, count in self.scale.items()],
             *services,
             timeout=timeout + 60,
             env=env,
@@ -305,6 +312,14 @@ class ComposeProject:
             "'http://127.0.0.1:9100/metrics', timeout=5).read().decode())"
         )
         return self.compose("exec", "-T", service, "python", "-c", script, timeout=30).stdout
+
+    def replica_ports(self, service: str, port: int = 9000) -> list[int]:
+        """The host port of each replica of `service` (`docker compose port --index N`)."""
+        found = []
+        for index in range(1, self.scale.get(service, 1) + 1):
+            output = self.compose("port", "--index", str(index), service, str(port)).stdout
+            found.append(int(output.strip().rpartition(":")[2]))
+        return found
 
     def url(self, service: str, path: str) -> str:
         """http://127.0.0.1:PUBLISHED_PORT/path of a service."""

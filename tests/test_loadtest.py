@@ -19,7 +19,7 @@ import pytest
 from locust.event import EventHook
 
 from loadtest import locustfile
-from loadtest.client import LineClient
+from loadtest.client import LineClient, resolve
 from loadtest.client_metrics import render_metrics
 from loadtest.client_stats import ClientStats, fine_key, latency_rows
 from loadtest.lessons import catalog
@@ -225,6 +225,39 @@ def test_client_counts_a_refused_connect_and_sends_nothing():
     assert [name for name, _ in recorded.outcomes()] == ["connect", "connect"]
     assert all("refused" in error for _, error in recorded.outcomes())
     assert client.consecutive_connect_failures == 2
+
+
+def test_clients_of_one_name_take_its_replicas_in_turn_at_each_connect():
+    """A name behind which two real servers answer (two replicas; the resolver stands in for
+    Docker's DNS): the clients' connects alternate between them and every request is answered."""
+    replicas = [launch_server("threaded"), launch_server("threaded")]
+    try:
+        addresses = sorted(server.address for server in replicas)
+        name = ("replicas.invalid", free_port())  # never resolved for real: the resolver answers
+        # DNS servers shuffle the records: the turn must not depend on their order.
+        answers = iter([addresses, addresses[::-1]] * 4)
+        recorded = RecordedEvents()
+        clients = [
+            LineClient("threaded", name, recorded.hook, resolver=lambda *_: next(answers))
+            for _ in range(4)
+        ]
+        for client in clients:
+            assert client.request("echo", b"abc\n", b"ABC", timeout=10)
+        peers = [client.peer for client in clients]
+        assert peers[0] != peers[1] and peers[0::2] == [peers[0]] * 2, peers
+        assert set(peers) == set(addresses)
+        for client in clients:
+            client.close()
+    finally:
+        for server in replicas:
+            stop_server(server)
+
+
+def test_the_default_resolver_returns_the_addresses_of_a_name():
+    assert resolve("127.0.0.1", 9) == [("127.0.0.1", 9)]
+    assert ("127.0.0.1", 9) in resolve("localhost", 9)
+    with pytest.raises(OSError):
+        resolve("no-such-host.invalid", 9)
 
 
 def test_fine_histogram_keeps_three_significant_digits():

@@ -117,7 +117,7 @@ def test_compose_has_a_service_port_and_locust_target_per_model(model: models.Mo
     """docker-compose.yml: the service, its published port variable and default, its target."""
     text = COMPOSE.read_text()
     assert re.search(rf"^  {re.escape(model.name)}:\n", text, re.MULTILINE), model.name
-    assert f"${{ARENA_{model.env_name}_PORT:-{model.port}}}:9000" in text
+    assert f"${{ARENA_{model.env_name}_PORT-{model.port}}}:9000" in text
     assert f"LOCUST_{model.env_name}_TARGET: tcp://{model.name}:9000" in text
 
 
