@@ -178,8 +178,25 @@ def metric_samples(text: str, name: str) -> dict[frozenset[tuple[str, str]], flo
     return procs.Metrics(text).by_labels(name)
 
 
+class PublishedStack:
+    """What a stack on 127.0.0.1 offers a test: its services' URLs and Prometheus queries.
+    Subclasses hold `ports`: {service: published host port}."""
+
+    ports: dict[str, int]
+
+    def url(self, service: str, path: str) -> str:
+        """http://127.0.0.1:PUBLISHED_PORT/path of a service."""
+        return f"http://127.0.0.1:{self.ports[service]}{path}"
+
+    def promql(self, query: str) -> list[dict[str, Any]]:
+        """Run an instant query against the stack's Prometheus; return the result vector."""
+        reply = http_json(self.url("prometheus", "/api/v1/query"), data={"query": query})
+        assert reply["status"] == "success", reply
+        return reply["data"]["result"]
+
+
 @dataclass
-class ComposeProject:
+class ComposeProject(PublishedStack):
     """One uniquely named project of the repository's compose file, on free host ports."""
 
     name: str = field(default_factory=lambda: f"arena-test-{secrets.token_hex(4)}")
@@ -320,16 +337,6 @@ class ComposeProject:
             output = self.compose("port", "--index", str(index), service, str(port)).stdout
             found.append(int(output.strip().rpartition(":")[2]))
         return found
-
-    def url(self, service: str, path: str) -> str:
-        """http://127.0.0.1:PUBLISHED_PORT/path of a service."""
-        return f"http://127.0.0.1:{self.ports[service]}{path}"
-
-    def promql(self, query: str) -> list[dict[str, Any]]:
-        """Run an instant query against the project's Prometheus; return the result vector."""
-        reply = http_json(self.url("prometheus", "/api/v1/query"), data={"query": query})
-        assert reply["status"] == "success", reply
-        return reply["data"]["result"]
 
     def diagnostics(self) -> str:
         """Container states and recent logs, for assertion messages."""
