@@ -369,7 +369,7 @@ def _results(tmp_path: Path) -> dict:
                 "id": lesson_id,
                 "title": checks.lesson(lesson_id).title,
                 "claim": checks.lesson(lesson_id).claim,
-                "hypothesis": checks.HYPOTHESES[lesson_id](setup),
+                "hypothesis": checks.hypothesis(lesson_id, setup),
                 "verdict": verdict.verdict,
                 "reason": verdict.reason,
                 "setup": setup,

@@ -120,30 +120,36 @@ def test_quit_stops_a_pipeline(wire_server):
 
 # Errors -------------------------------------------------------------------------------------
 
-ERROR_CASES = [
-    (b"/PING", b"unknown-command"),  # commands are case-sensitive
-    (b"/nope", b"unknown-command"),
-    (b"/", b"unknown-command"),
-    (b"/pingx", b"unknown-command"),
-    (b"/ sleep 1", b"unknown-command"),
-    (b"/ping x", b"bad-argument"),
-    (b"/ping ", b"bad-argument"),
-    (b"/quit now", b"bad-argument"),
-    (b"/sleep", b"bad-argument"),
-    (b"/sleep ", b"bad-argument"),
-    (b"/sleep abc", b"bad-argument"),
-    (b"/sleep -1", b"bad-argument"),
-    (b"/sleep +5", b"bad-argument"),
-    (b"/sleep 1x", b"bad-argument"),
-    (b"/sleep 1.5", b"bad-argument"),
-    (b"/sleep  5", b"bad-argument"),  # two spaces: the number is missing
-    (b"/sleep 60001", b"bad-argument"),
-    (b"/sleep 99999999999999999999999999999999", b"bad-argument"),
-    ("/sleep \u0663".encode(), b"bad-argument"),  # a non-ASCII digit
-    (b"/work", b"bad-argument"),
-    (b"/work x", b"bad-argument"),
-    (b"/work 10000001", b"bad-argument"),
-    (b"/work -5", b"bad-argument"),
+# Lines answered `ERR CODE ...`, grouped by code.
+UNKNOWN_COMMANDS = [
+    b"/PING",  # commands are case-sensitive
+    b"/nope",
+    b"/",
+    b"/pingx",
+    b"/ sleep 1",
+]
+BAD_ARGUMENTS = [
+    b"/ping x",
+    b"/ping ",
+    b"/quit now",
+    b"/sleep",
+    b"/sleep ",
+    b"/sleep abc",
+    b"/sleep -1",
+    b"/sleep +5",
+    b"/sleep 1x",
+    b"/sleep 1.5",
+    b"/sleep  5",  # two spaces: the number is missing
+    b"/sleep 60001",
+    b"/sleep 99999999999999999999999999999999",
+    "/sleep \u0663".encode(),  # a non-ASCII digit
+    b"/work",
+    b"/work x",
+    b"/work 10000001",
+    b"/work -5",
+]
+ERROR_CASES = [(line, b"unknown-command") for line in UNKNOWN_COMMANDS] + [
+    (line, b"bad-argument") for line in BAD_ARGUMENTS
 ]
 
 

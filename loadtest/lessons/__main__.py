@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
             "id": item.lesson,
             "title": lesson.title,
             "claim": lesson.claim,
-            "hypothesis": checks.HYPOTHESES[item.lesson](item.setup),
+            "hypothesis": checks.hypothesis(item.lesson, item.setup),
             "verdict": verdict.verdict,
             "reason": verdict.reason,
             "setup": item.setup,

@@ -185,17 +185,6 @@ def check_io_wait(figures: Mapping[str, Mapping], setup: Mapping) -> Verdict:
     return _decide(problems, ok, figures, [POOL, *switching])
 
 
-def hypothesis_io_wait(setup: Mapping) -> str:
-    """The claim in numbers."""
-    ideal = setup["connections"] / (setup["sleep_ms"] / 1000)
-    return (
-        f"On /sleep {setup['sleep_ms']} with {setup['connections']} connections, every "
-        f"model but the pool answers >= {IO_SPEEDUP:g}x a pool of {setup['pool_workers']} "
-        f"workers, and each >= {IO_IDEAL_SHARE:.0%} of the ideal {_rate(ideal)} "
-        f"(connections / sleep)."
-    )
-
-
 # -- cpu-work --------------------------------------------------------------------------------
 
 
@@ -249,17 +238,6 @@ def _cpu_per_request(figure: Mapping) -> str:
     return f" ({cpu:.2f} ms of server CPU per request)" if cpu else ""
 
 
-def hypothesis_cpu_work(setup: Mapping) -> str:
-    """The claim in numbers."""
-    worth = 1000 / setup["work_ms"]
-    return (
-        f"On one core, /work of {setup['work_ms']:.2f} ms with {setup['connections']} "
-        f"connections: the models that switch between connections are within "
-        f"{CPU_SPREAD:.0%} of each other, and no model goes above one core's worth "
-        f"({_rate(worth)}, +{CORE_SLACK:.0%} for the calibration)."
-    )
-
-
 # -- pool-bound ------------------------------------------------------------------------------
 
 
@@ -300,16 +278,6 @@ def check_pool_bound(figures: Mapping[str, Mapping], setup: Mapping) -> Verdict:
         POOL: {"noisy": noisy_pool, "other_cpu": max(run.get("other_cpu", 0) for run in runs)}
     }
     return _decide(problems, ok, pool_noise, [POOL])
-
-
-def hypothesis_pool_bound(setup: Mapping) -> str:
-    """The claim in numbers."""
-    sizes = " and ".join(str(workers) for workers in setup["pool_workers"])
-    return (
-        f"On /sleep {setup['sleep_ms']} with {setup['connections']} connections, a pool of "
-        f"{sizes} workers answers workers / sleep (within {POOL_TOLERANCE:.0%}), so doubling "
-        "the workers doubles the rate; the switching models serve every connection."
-    )
 
 
 # -- cores -----------------------------------------------------------------------------------
@@ -356,16 +324,6 @@ def check_cores(figures: Mapping[str, Mapping], setup: Mapping) -> Verdict:
     return Verdict(FAILS, f"{text} (needs {CORES_RATIO:g}x)")
 
 
-def hypothesis_cores(setup: Mapping) -> str:
-    """The claim in numbers."""
-    return (
-        f"With the server given {setup.get('cpus', 2)} cores, /work of "
-        f"{setup['work_ms']:.2f} ms and {setup['connections']} connections: a pool of "
-        f"{setup['pool_workers']} worker processes answers >= {CORES_RATIO:g}x the threaded "
-        "server."
-    )
-
-
 # -- many-clients ----------------------------------------------------------------------------
 
 
@@ -389,15 +347,6 @@ def check_many_clients(figures: Mapping[str, Mapping], setup: Mapping) -> Verdic
         )
     )
     return _decide(problems, ok, figures, list(figures))
-
-
-def hypothesis_many_clients(setup: Mapping) -> str:
-    """The claim in numbers."""
-    return (
-        f"With {setup['connections']} connections sending echo without pause, every "
-        f"connection of every model gets a reply within the {setup['window_s']:g} s window "
-        "(none starved); the longest wait is reported per model."
-    )
 
 
 # -- blocked-loop ----------------------------------------------------------------------------
@@ -489,19 +438,6 @@ def _threads_noise(threads: Mapping) -> Mapping:
     }
 
 
-def hypothesis_blocked_loop(setup: Mapping) -> str:
-    """The claim in numbers."""
-    return (
-        f"With {setup['connections']} connections sending {setup['work_share']:.0%} /work of "
-        f"{setup['work_ms']:.0f} ms among echo requests, {EVENT_LOOP}'s echo p99 reaches the "
-        f"/work time and >= {BLOCKED_FACTOR:g}x its echo p99 without /work, and "
-        "arena_event_loop_blocked_seconds_total rises; "
-        f"{OS_THREADS}'s echo p99 stays below the /work time, measured at the server's own "
-        f"GIL switch interval and at CPython's {CPYTHON_SWITCH_INTERVAL * 1000:g} ms (a "
-        "longer interval, chosen for fairness, preempts later: the trade-off is shown)."
-    )
-
-
 CHECKS: Mapping[str, Callable[[Mapping[str, Mapping], Mapping], Verdict]] = {
     "io-wait": check_io_wait,
     "cpu-work": check_cpu_work,
@@ -510,14 +446,68 @@ CHECKS: Mapping[str, Callable[[Mapping[str, Mapping], Mapping], Verdict]] = {
     "many-clients": check_many_clients,
     "blocked-loop": check_blocked_loop,
 }
-HYPOTHESES: Mapping[str, Callable[[Mapping], str]] = {
-    "io-wait": hypothesis_io_wait,
-    "cpu-work": hypothesis_cpu_work,
-    "pool-bound": hypothesis_pool_bound,
-    "cores": hypothesis_cores,
-    "many-clients": hypothesis_many_clients,
-    "blocked-loop": hypothesis_blocked_loop,
+# Each lesson's claim in numbers: a template over its setup, the thresholds above and the
+# figures derived from both (`hypothesis_values`), so every claim reads the constants its check
+# decides with.
+HYPOTHESES: Mapping[str, str] = {
+    "io-wait": (
+        "On /sleep {sleep_ms} with {connections} connections, every model but the pool answers "
+        ">= {IO_SPEEDUP:g}x a pool of {pool_workers} workers, and each >= {IO_IDEAL_SHARE:.0%} "
+        "of the ideal {ideal} (connections / sleep)."
+    ),
+    "cpu-work": (
+        "On one core, /work of {work_ms:.2f} ms with {connections} connections: the models that "
+        "switch between connections are within {CPU_SPREAD:.0%} of each other, and no model "
+        "goes above one core's worth ({worth}, +{CORE_SLACK:.0%} for the calibration)."
+    ),
+    "pool-bound": (
+        "On /sleep {sleep_ms} with {connections} connections, a pool of {sizes} workers answers "
+        "workers / sleep (within {POOL_TOLERANCE:.0%}), so doubling the workers doubles the "
+        "rate; the switching models serve every connection."
+    ),
+    "cores": (
+        "With the server given {cpus} cores, /work of {work_ms:.2f} ms and {connections} "
+        "connections: a pool of {pool_workers} worker processes answers >= {CORES_RATIO:g}x the "
+        "threaded server."
+    ),
+    "many-clients": (
+        "With {connections} connections sending echo without pause, every connection of every "
+        "model gets a reply within the {window_s:g} s window (none starved); the longest wait is "
+        "reported per model."
+    ),
+    "blocked-loop": (
+        "With {connections} connections sending {work_share:.0%} /work of {work_ms:.0f} ms among "
+        "echo requests, {EVENT_LOOP}'s echo p99 reaches the /work time and >= "
+        "{BLOCKED_FACTOR:g}x its echo p99 without /work, and "
+        "arena_event_loop_blocked_seconds_total rises; {OS_THREADS}'s echo p99 stays below the "
+        "/work time, measured at the server's own GIL switch interval and at CPython's "
+        "{cpython_switch_ms:g} ms (a longer interval, chosen for fairness, preempts later: the "
+        "trade-off is shown)."
+    ),
 }
+
+
+def hypothesis_values(setup: Mapping) -> dict[str, object]:
+    """What a claim's template may name: the setup, the thresholds, figures derived from them."""
+    values: dict[str, object] = {
+        name: value for name, value in globals().items() if name.isupper() and name.isidentifier()
+    }
+    values.update(
+        setup, cpus=setup.get("cpus", 2), cpython_switch_ms=CPYTHON_SWITCH_INTERVAL * 1000
+    )
+    if setup.get("sleep_ms") and setup.get("connections"):
+        values["ideal"] = _rate(setup["connections"] / (setup["sleep_ms"] / 1000))
+    if setup.get("work_ms"):
+        values["worth"] = _rate(1000 / setup["work_ms"])
+    workers = setup.get("pool_workers")
+    if isinstance(workers, list | tuple):
+        values["sizes"] = " and ".join(str(size) for size in workers)
+    return values
+
+
+def hypothesis(lesson_id: str, setup: Mapping) -> str:
+    """The claim of one lesson in numbers, for this setup."""
+    return HYPOTHESES[lesson_id].format_map(hypothesis_values(setup))
 
 
 def decide(lesson_id: str, figures: Mapping[str, Mapping], setup: Mapping) -> Verdict:
