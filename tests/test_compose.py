@@ -30,6 +30,7 @@ from services.config import Settings
 from tests.compose_helpers import (
     DASHBOARD_DIR,
     LOCUST_CONF,
+    PUBLISHED_PORT_VARIABLES,
     SERVER_SERVICES,
     ComposeProject,
     clean_environment,
@@ -126,6 +127,20 @@ def test_compose_defaults_match_the_code(compose_cli: ComposeProject) -> None:
             assert knob.parse(environment[knob.env_var]) == knob.parse(knob.default), knob.flag
         assert environment["LOCUST_USERS"] == conf["users"]
         assert environment["LOCUST_SPAWN_RATE"] == conf["spawn-rate"]
+
+
+def test_every_model_can_publish_its_replicas_without_a_clash(compose_cli: ComposeProject) -> None:
+    """One replica: the model's fixed host port. Its port variable empty: no fixed host port (a
+    free one per replica, so `--scale` works); a range: one port of it per replica."""
+    for value, published in (("", None), ("9030-9039", "9030-9039")):
+        env = {
+            **clean_environment(),
+            **{PUBLISHED_PORT_VARIABLES[s]: value for s in SERVER_SERVICES},
+        }
+        services = json.loads(compose_cli.compose("config", "--format", "json", env=env).stdout)
+        for name in SERVER_SERVICES:
+            ports = services["services"][name]["ports"]
+            assert [(p["target"], p.get("published")) for p in ports] == [(9000, published)], ports
 
 
 def test_compose_file_hardens_every_service(compose_cli: ComposeProject) -> None:
