@@ -671,6 +671,10 @@ def scrape_cost_table(data: dict) -> str:
 # -- replicas (results/replicas.json, python -m loadtest.replicas) ----------------------------
 
 
+# Other processes above this many cores during a replicas run: the figure says so.
+BUSY_OTHER_CORES = 0.25
+
+
 def replicas_figure(data: dict) -> str:
     """README and SCALING.md: one replica against N on /work, and what Locust used meanwhile."""
     one, many = data["runs"]
@@ -684,7 +688,18 @@ def replicas_figure(data: dict) -> str:
         f"{data['model']}, {data['cpus_per_replica']:g} CPU per replica: one replica "
         f"{one['rps']:,.0f} requests/s, {many['replicas']} replicas {many['rps']:,.0f} requests/s, "
         f"**{data['ratio']:.2f}x**. The servers used {cores(one)} and {cores(many)} cores; "
-        f"Locust used {one['locust_cores']:.2f} and {many['locust_cores']:.2f} cores meanwhile."
+        f"Locust used {one['locust_cores']:.2f} and {many['locust_cores']:.2f} cores meanwhile"
+        + (
+            f", other processes {one['other_cores']:.2f} and {many['other_cores']:.2f}."
+            if "other_cores" in one and "other_cores" in many
+            else "."
+        )
+        + (
+            " The machine was busy: the replicas did not get their cores, so this ratio is not "
+            "the models' alone; measure again on a quiet machine."
+            if max(one.get("other_cores", 0), many.get("other_cores", 0)) > BUSY_OTHER_CORES
+            else ""
+        )
     )
 
 

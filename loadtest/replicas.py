@@ -6,8 +6,9 @@ to N replicas (`--scale`), each with `ARENA_SERVER_CPUS` (1 by default), Locust'
 worker in their containers running the `cpu-work` lesson (every request ~1 ms of CPU, no think
 time) against that one target. After a warm-up it reads, over the same window, Locust's
 request count (all replicas together) and the CPU time of every container from its cgroup,
-so the figure comes with how much of the machine Locust itself used: on a machine with fewer
-spare cores than replicas + Locust, the ratio stays below N.
+so the figure comes with how much of the machine Locust itself used, and everything else
+(other processes, from /proc/stat): on a machine with fewer spare cores than replicas +
+Locust, the ratio stays below N.
 
     python -m loadtest.replicas                  # gevent, 1 then 2 replicas, 30 s each
     python -m loadtest.replicas --duration 2 --warmup 1 --out /tmp/r.json   # a smoke run
@@ -43,6 +44,15 @@ CGROUP_CPU_FILES = (
     "/sys/fs/cgroup/system.slice/docker-{id}.scope/cpu.stat",  # usage_usec
     "/sys/fs/cgroup/docker/{id}/cpu.stat",
 )
+
+
+def machine_busy_seconds() -> float:
+    """CPU time every core of this machine spent busy so far (/proc/stat: all but idle, iowait)."""
+    with open("/proc/stat") as stat:
+        fields = [int(value) for value in stat.readline().split()[1:]]
+    idle = fields[3] + fields[4]
+    # guest and guest_nice (fields 8, 9) are already counted in user and nice.
+    return (sum(fields[:8]) - idle) / procs.TICKS
 
 
 class MeasureError(Exception):
@@ -137,15 +147,20 @@ def measure(stack: Stack, warmup: float, duration: float) -> dict:
     if len(servers) != stack.replicas:
         raise MeasureError(f"{len(servers)} containers of {stack.model.name}, not {stack.replicas}")
     before = {cid: cpu_seconds(cid) for cid in servers + locusts}
+    busy_before = machine_busy_seconds()
     requests_before, started = stack.requests(), time.monotonic()
     time.sleep(duration)
     requests_after, elapsed = stack.requests(), time.monotonic() - started
     used = {cid: (cpu_seconds(cid) - before[cid]) / elapsed for cid in before}
+    busy = (machine_busy_seconds() - busy_before) / elapsed
     return {
         "replicas": stack.replicas,
         "rps": round((requests_after - requests_before) / elapsed, 1),
         "server_cores": [round(used[cid], 2) for cid in servers],
         "locust_cores": round(sum(used[cid] for cid in locusts), 2),
+        # Everything else on the machine (other sessions, dockerd, this tool): on a shared
+        # machine it shows how much of the cores the replicas could not have.
+        "other_cores": round(max(0.0, busy - sum(used.values())), 2),
         "seconds": round(elapsed, 1),
     }
 
@@ -180,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
             stack.down()
         print(
             f"replicas: x{replicas}: {run['rps']:,.0f} requests/s; server cores "
-            f"{run['server_cores']}, Locust {run['locust_cores']} cores",
+            f"{run['server_cores']}, Locust {run['locust_cores']}, others {run['other_cores']}",
             flush=True,
         )
         runs.append(run)

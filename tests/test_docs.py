@@ -175,12 +175,17 @@ def test_a_missing_result_is_said_not_invented(tmp_path):
 
 def test_the_replicas_figure_states_both_rates_the_ratio_and_locusts_share():
     run = {"rps": 1000.0, "server_cores": [0.98], "locust_cores": 0.4, "replicas": 1}
+    run |= {"other_cores": 0.05}
     runs = [run, {**run, "rps": 1700.0, "server_cores": [0.9, 0.8], "replicas": 2}]
     data = {"when": "2027-01-02 03:04 UTC", "commit": "abc1234", "cpus": 4, "model": "gevent"}
     data |= {"cpus_per_replica": 1.0, "users": 100, "runs": runs, "ratio": 1.7}
     text = " ".join(docfigures.replicas_figure(data).split())
     assert "one replica 1,000 requests/s, 2 replicas 1,700 requests/s, **1.70x**" in text
     assert "servers used 0.98 and 1.70 cores; Locust used 0.40 and 0.40 cores" in text
+    assert "meanwhile, other processes 0.05 and 0.05." in text
+    assert "busy" not in text
+    runs[1]["other_cores"] = 0.8
+    assert "The machine was busy" in docfigures.replicas_figure(data)
 
 
 def test_the_replicas_measurement_refuses_a_bad_argument_without_docker():
