@@ -9,7 +9,8 @@ Rules it keeps (see docs/LOADTEST.md):
 - connecting is timed and reported as its own row (name ``connect``);
 - the name is resolved again at every connect and one of its addresses taken in turn, so the
   users of one target spread over every replica behind its name (Docker's DNS returns each
-  replica's address; a replica that comes or goes is seen at the next connect);
+  replica's address; a replica that comes or goes is seen at the next connect, and one that
+  refuses is passed over for the next address);
 - it never raises into the task: every outcome becomes exactly one request event.
 """
 
@@ -39,14 +40,31 @@ def resolve(host: str, port: int) -> list[tuple[str, int]]:
     return [(str(info[4][0]), int(info[4][1])) for info in infos]
 
 
-def next_address(address: tuple[str, int], resolver: Resolver = resolve) -> tuple[str, int]:
-    """The address to connect to now: the next of the name's current addresses in turn."""
+def addresses_in_turn(
+    address: tuple[str, int], resolver: Resolver = resolve
+) -> list[tuple[str, int]]:
+    """The name's current addresses, starting with the next one in turn (the rest are the
+    fallbacks, in order: `localhost` may name ::1 where only 127.0.0.1 listens)."""
     # Sorted, so the turn does not depend on the order a DNS server shuffled the records into.
     addresses = sorted(set(resolver(*address)))
     if not addresses:
         raise OSError(f"{address[0]} resolves to no address")
-    turn = next(_turns.setdefault(address, itertools.count()))
-    return addresses[turn % len(addresses)]
+    start = next(_turns.setdefault(address, itertools.count())) % len(addresses)
+    return addresses[start:] + addresses[:start]
+
+
+def connect_first(
+    addresses: list[tuple[str, int]], timeout: float
+) -> tuple[socket.socket, tuple[str, int]]:
+    """A connection to the first of `addresses` that accepts one, and that address; the last
+    error when none does."""
+    error: OSError = OSError("no address to connect to")
+    for address in addresses:
+        try:
+            return socket.create_connection(address, timeout=timeout), address
+        except OSError as refused:
+            error = refused
+    raise error
 
 
 class ReplyError(Exception):
@@ -148,8 +166,8 @@ class LineClient:
         start_time = time.time()
         started = time.perf_counter()
         try:
-            self.peer = next_address(self.address, self.resolver)
-            sock = socket.create_connection(self.peer, timeout=self.connect_timeout)
+            candidates = addresses_in_turn(self.address, self.resolver)
+            sock, self.peer = connect_first(candidates, self.connect_timeout)
             # Request/reply traffic: do not let Nagle hold back a small request.
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except Exception as error:  # reported as a failed connect, never raised

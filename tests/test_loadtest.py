@@ -253,6 +253,27 @@ def test_clients_of_one_name_take_its_replicas_in_turn_at_each_connect():
             stop_server(server)
 
 
+def test_an_address_that_refuses_is_passed_over_for_the_next(threaded_server):
+    """A name whose other address refuses (a replica gone, or `localhost` naming ::1 where only
+    127.0.0.1 listens): every connect still reaches the one that answers, and nothing fails."""
+    dead = ("127.0.0.1", free_port())
+    recorded = RecordedEvents()
+    clients = [
+        LineClient(
+            "threaded",
+            ("mixed.invalid", 9),
+            recorded.hook,
+            resolver=lambda *_: [dead, threaded_server.address],
+        )
+        for _ in range(3)
+    ]
+    for client in clients:
+        assert client.request("echo", b"abc\n", b"ABC", timeout=10)
+        assert client.peer == threaded_server.address
+        client.close()
+    assert all(error is None for _, error in recorded.outcomes())
+
+
 def test_the_default_resolver_returns_the_addresses_of_a_name():
     assert resolve("127.0.0.1", 9) == [("127.0.0.1", 9)]
     assert ("127.0.0.1", 9) in resolve("localhost", 9)
