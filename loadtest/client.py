@@ -12,6 +12,12 @@ Rules it keeps (see docs/LOADTEST.md):
   replica's address; a replica that comes or goes is seen at the next connect, and one that
   refuses is passed over for the next address);
 - it never raises into the task: every outcome becomes exactly one request event.
+
+In arrival-rate mode (``loadtest.arrivals``) a request has an *intended* start on a timetable:
+the latency reported (Locust's response time) runs from that instant, so time spent waiting for
+a free connection or behind a stalled server counts; the service time (send to answer) travels
+beside it in the event's context (``SERVICE_S``), with ``LATE`` saying that no connection was
+free when the request was due.
 """
 
 from __future__ import annotations
@@ -26,6 +32,9 @@ CONNECT = "connect"
 READ_SIZE = 65536
 # A reply may be longer than expected only by an error message; more than this is a broken stream.
 REPLY_SLACK = 1024
+# Keys of a request event's context (read by loadtest.exporter).
+SERVICE_S = "service_s"  # seconds from sending the request to reading its reply
+LATE = "late_start"  # an arrival-rate start that found no free connection when it was due
 # (host, port) -> every address it stands for now, in any order.
 Resolver = Callable[[str, int], list[tuple[str, int]]]
 # One turn counter per name in this process: the users of one target take its replicas in turn,
@@ -138,29 +147,53 @@ class LineClient:
             except OSError:
                 pass
 
-    def request(self, command: str, line: bytes, expected: bytes, timeout: float) -> bool:
-        """Send one line, read one reply line, check it; fire one request event. True on success."""
+    def request(
+        self,
+        command: str,
+        line: bytes,
+        expected: bytes,
+        timeout: float,
+        intended: float | None = None,
+        late: bool = False,
+    ) -> bool:
+        """Send one line, read one reply line, check it; fire one request event. True on success.
+
+        `intended` (a ``time.perf_counter()`` instant) is when the request was due in arrival-rate
+        mode: the latency reported then counts from it, connecting included.
+        """
         if self._sock is None and not self._connect():
             return False
         sock = self._sock
         assert sock is not None
         start_time = time.time()
         started = time.perf_counter()
+        if intended is not None:
+            start_time -= started - intended
+        else:
+            intended = started
         try:
             sock.settimeout(timeout)
             sock.sendall(line)
             reply = self._read_line(sock, len(expected) + REPLY_SLACK)
-            elapsed = time.perf_counter() - started
+            answered = time.perf_counter()
             if reply != expected:
                 raise WrongReply(command, expected, reply)
         except Exception as error:  # every failure is reported, none escapes the task
-            elapsed = time.perf_counter() - started
+            answered = time.perf_counter()
             # After any error the stream position is unknown: never reuse this socket.
             self.close()
-            self._fire(command, elapsed, 0, start_time, error)
+            context = {SERVICE_S: answered - started, LATE: late}
+            self._fire(command, answered - intended, 0, start_time, error, context)
             return False
-        self._fire(command, elapsed, len(reply) + 1, start_time, None)
+        context = {SERVICE_S: answered - started, LATE: late}
+        self._fire(command, answered - intended, len(reply) + 1, start_time, None, context)
         return True
+
+    def missed(self, command: str, intended: float, error: Exception) -> None:
+        """Report an arrival-rate start that waited for a connection longer than its timeout."""
+        waited = time.perf_counter() - intended
+        start_time = time.time() - waited
+        self._fire(command, waited, 0, start_time, error, {SERVICE_S: 0.0, LATE: True})
 
     def _connect(self) -> bool:
         start_time = time.time()
@@ -197,7 +230,13 @@ class LineClient:
             self._buffer += chunk
 
     def _fire(
-        self, name: str, elapsed: float, length: int, start_time: float, error: Exception | None
+        self,
+        name: str,
+        elapsed: float,
+        length: int,
+        start_time: float,
+        error: Exception | None,
+        context: dict[str, Any] | None = None,
     ) -> None:
         self._request_event.fire(
             request_type=self.target,
@@ -205,7 +244,7 @@ class LineClient:
             response_time=elapsed * 1000.0,
             response_length=length,
             exception=error,
-            context={},
+            context=context if context is not None else {SERVICE_S: elapsed, LATE: False},
             start_time=start_time,
             url=None,
         )

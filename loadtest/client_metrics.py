@@ -7,16 +7,31 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from loadtest.client import CONNECT
-from loadtest.client_stats import BUCKETS_SECONDS, ClientStats, Series
+from loadtest.client_stats import BUCKETS_SECONDS, ClientStats, Series, Timing
 from loadtest.workload import COMMANDS
 
 PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
 
 
+def _buckets(timing: Timing) -> list[tuple[str, float]]:
+    cumulative = 0
+    buckets: list[tuple[str, float]] = []
+    for bound, count in zip((*BUCKETS_SECONDS, math.inf), timing.buckets, strict=True):
+        cumulative += count
+        buckets.append(("+Inf" if bound == math.inf else repr(bound), cumulative))
+    return buckets
+
+
 def render_metrics(
-    stats: ClientStats, users_by_target: Mapping[str, int], targets: Iterable[str]
+    stats: ClientStats,
+    users_by_target: Mapping[str, int],
+    targets: Iterable[str],
+    offered_rate: Mapping[str, float] | None = None,
 ) -> bytes:
-    """Prometheus text; every selected target has all its series (zeros included)."""
+    """Prometheus text; every selected target has all its series (zeros included).
+
+    `offered_rate` is the arrival rate per target (requests per second, 0 in the closed loop).
+    """
     from prometheus_client import CollectorRegistry, generate_latest
     from prometheus_client.core import (
         CounterMetricFamily,
@@ -50,8 +65,19 @@ def render_metrics(
             )
             durations = HistogramMetricFamily(
                 "locust_request_duration_seconds",
+                "Client-side time from a request's intended start (arrival-rate mode: when it "
+                "was due; else when it was sent) to reading its whole reply (successes only)",
+                labels=["target", "command"],
+            )
+            service = HistogramMetricFamily(
+                "locust_service_time_seconds",
                 "Client-side time from sending a request to reading its whole reply "
                 "(successful requests only)",
+                labels=["target", "command"],
+            )
+            late = CounterMetricFamily(
+                "locust_late_starts",
+                "Arrival-rate starts that found no free connection when they were due",
                 labels=["target", "command"],
             )
             empty = Series()
@@ -59,17 +85,27 @@ def render_metrics(
                 series = stats.series.get((target, command), empty)
                 requests.add_metric([target, command], series.requests)
                 failures.add_metric([target, command], series.failures)
-                cumulative, buckets = 0, []
-                for bound, count in zip((*BUCKETS_SECONDS, math.inf), series.buckets, strict=True):
-                    cumulative += count
-                    buckets.append(("+Inf" if bound == math.inf else repr(bound), cumulative))
-                durations.add_metric([target, command], buckets, series.duration_sum)
+                durations.add_metric(
+                    [target, command], _buckets(series.latency), series.latency.total
+                )
+                service.add_metric(
+                    [target, command], _buckets(series.service), series.service.total
+                )
+                late.add_metric([target, command], series.late)
             connect_errors = CounterMetricFamily(
                 "locust_connect_errors", "Failed connection attempts", labels=["target"]
             )
             for target in shown_targets:
                 connect_errors.add_metric([target], stats.connect_errors(target))
-            yield from (users, requests, failures, durations, connect_errors)
+            offered = GaugeMetricFamily(
+                "locust_arrival_rate",
+                "Offered load: requests per second per target on the timetable (0: closed loop)",
+                labels=["target"],
+            )
+            for target in shown_targets:
+                offered.add_metric([target], (offered_rate or {}).get(target, 0.0))
+            yield from (users, requests, failures, durations, service, late, connect_errors)
+            yield offered
 
     registry = CollectorRegistry(auto_describe=False)
     registry.register(Snapshot())

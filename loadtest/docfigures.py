@@ -9,7 +9,8 @@ result files, into a marked section of the Markdown:
 
 Sources: `results/bench.json` (`python -m loadtest.bench`), `results/soak.json`
 (`python -m loadtest.soak`, the small summary it writes next to its full report) and
-`results/lessons/lessons.json` (`python -m loadtest.lessons`). The tools call
+`results/lessons/lessons.json` (`python -m loadtest.lessons`), `results/bench-open-loop.json`
+(`python -m loadtest.bench --open-loop`). The tools call
 :func:`refresh` after writing, so a fresh run refreshes the docs; `make docs` runs this by hand.
 `--check` writes nothing: it exits 1 and prints a diff when a section differs from what would be
 written (tests/test_docs.py runs it), so a figure cannot drift from its source unnoticed.
@@ -69,6 +70,7 @@ class Sources:
         self.lessons = _load(results / "lessons" / "lessons.json")
         self.scrape_cost = _load(results / "scrape_cost.json")
         self.replicas = _load(results / "replicas.json")
+        self.open_loop = _load(results / "bench-open-loop.json")
 
 
 def _load(path: Path) -> dict | None:
@@ -703,6 +705,47 @@ def replicas_figure(data: dict) -> str:
     )
 
 
+# -- open loop (results/bench-open-loop.json, python -m loadtest.bench --open-loop) ----------
+
+
+def open_loop_readme(data: dict) -> str:
+    """README: when and where, each model's closed-loop rate and knee, the chart."""
+    meta = data["meta"]
+    bound_ms = meta["knee_p99_us"] / 1000
+    steps = meta["steps_percent"]
+    lines = [
+        wrap(
+            f"Latest open-loop run: **{meta['date']}**, {meta['machine']['cores']} cores; "
+            f"{meta['pinning']}; {meta['scenario_title']}, offered {steps[0]} % to {steps[-1]} % "
+            f"of each model's closed-loop rate in steps, {meta['duration_s']:g} s each. The "
+            f"knee is the highest offered rate a model sustains with p99 {bound_ms:g} ms or "
+            f"less (every lower step too, the achieved rate within "
+            f"{100 - meta['kept_up_share'] * 100:.0f} % of the offered one)."
+        ),
+        "",
+        f"| model | closed loop req/s | knee: offered req/s with p99 ≤ {bound_ms:g} ms | share "
+        "of closed loop | p99 at the knee | p99 one step higher |",
+        "|---|--:|--:|--:|--:|--:|",
+    ]
+    for model in data["models"]:
+        knee = model["knee"]
+        closed = model["closed_loop"]["rps"]
+        if knee is None:
+            lines.append(
+                f"| {model['family']} | {closed:,.0f} | none (p99 over {bound_ms:g} ms from the "
+                f"first step) | {DASH} | {DASH} | {DASH} |"
+            )
+            continue
+        after = [p for p in model["points"] if p["offered_rps"] > knee["offered_rps"]]
+        next_p99 = _ms(after[0]["latency_us"]["p99"]) + " ms" if after else DASH
+        lines.append(
+            f"| {model['family']} | {closed:,.0f} | {knee['offered_rps']:,.0f} | "
+            f"{knee['percent']} % | {_ms(knee['p99_us'])} ms | {next_p99} |"
+        )
+    lines += ["", "![latency against offered load](results/open-loop.png)"]
+    return "\n".join(lines)
+
+
 # -- sections and files ----------------------------------------------------------------------
 
 NO_BENCH = "(No benchmark result is committed: run `make bench`.)"
@@ -710,6 +753,10 @@ NO_SOAK = "(No soak result is committed: run `make soak`.)"
 NO_LESSONS = "(No lessons result is committed: run `make lessons`.)"
 NO_REPLICAS = "(No replicas result is committed: run `python -m loadtest.replicas`.)"
 NO_SCRAPE_COST = "(No scrape-cost result is committed: run `python -m loadtest.bench.scrape_cost`.)"
+NO_OPEN_LOOP = (
+    "(No open-loop result is committed: run `python -m loadtest.bench --open-loop`, "
+    "docs/BENCHMARK.md.)"
+)
 
 
 def _bench(render: Callable[[Bench], str]) -> Callable[[Sources], str]:
@@ -733,6 +780,9 @@ RENDERERS: dict[str, Callable[[Sources], str]] = {
     ),
     "replicas": lambda sources: (
         replicas_figure(sources.replicas) if sources.replicas else NO_REPLICAS
+    ),
+    "open-loop": lambda sources: (
+        open_loop_readme(sources.open_loop) if sources.open_loop else NO_OPEN_LOOP
     ),
 }
 

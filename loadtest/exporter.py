@@ -15,6 +15,7 @@ import logging
 import os
 from typing import Any
 
+from loadtest.client import LATE, SERVICE_S
 from loadtest.client_metrics import render_metrics
 from loadtest.client_stats import ClientStats, latency_rows, latency_table
 from loadtest.workload import KnobError, current_workload
@@ -33,10 +34,24 @@ class Exporter:
 
     # --- recording and aggregation ------------------------------------------------------------
     def on_request(
-        self, request_type: str, name: str, response_time: float, exception: Any = None, **_: Any
+        self,
+        request_type: str,
+        name: str,
+        response_time: float,
+        exception: Any = None,
+        context: Any = None,
+        **_: Any,
     ) -> None:
         """Record one request event (fired by our client on workers and stand-alone)."""
-        self.stats.record(request_type, name, response_time / 1000.0, exception is not None)
+        context = context or {}
+        self.stats.record(
+            request_type,
+            name,
+            response_time / 1000.0,
+            exception is not None,
+            context.get(SERVICE_S),
+            bool(context.get(LATE, False)),
+        )
 
     def on_report_to_master(self, data: dict[str, Any], **_: Any) -> None:
         """Worker: attach what was recorded since the last report."""
@@ -84,9 +99,19 @@ class Exporter:
         except KnobError:
             return ()
 
+    def offered_rate(self) -> dict[str, float]:
+        """The arrival rate per selected target (0 in the closed loop)."""
+        try:
+            workload = current_workload(self.environment.parsed_options)
+        except KnobError:
+            return {}
+        return dict.fromkeys(workload.targets, workload.arrival_rate)
+
     def metrics_text(self) -> bytes:
         """The /metrics page."""
-        return render_metrics(self.stats, self.users_by_target(), self.selected_targets())
+        return render_metrics(
+            self.stats, self.users_by_target(), self.selected_targets(), self.offered_rate()
+        )
 
     def let_csv_writer_catch_up(self, **_: Any) -> None:
         """At exit with --csv: give Locust's CSV writer one more pass over the final numbers."""

@@ -12,6 +12,12 @@ users per target come from the scenario (the knob is blank), the scenario decide
 :func:`scenario_user_count` raises ``-u`` to users per target x targets, so one click on
 ``many-clients`` runs its 1000 users per target.
 
+In arrival-rate mode (``--arrival-rate``, :mod:`loadtest.arrivals`) the users of a target are
+the connections of a pool: a scheduler hands them starts on a timetable, and each request's
+latency counts from the instant it was due. The pool is then always ``--users-per-target``
+connections (``-u`` is raised to it, never a cap), since the rate share of a process is
+reckoned from its users.
+
 Each concrete class also has its target's address as Locust's ``host`` (:func:`sync_hosts`), so
 Locust's web UI neither asks for a host nor offers to override one.
 """
@@ -22,10 +28,12 @@ import itertools
 import logging
 import random
 import string
+import time
 from typing import Any
 
 from locust import User, task
 
+from loadtest import arrivals
 from loadtest.client import LineClient
 from loadtest.workload import (
     DEFAULT_USERS_PER_TARGET,
@@ -70,16 +78,19 @@ class SocketUser(User):
             self.environment.events.request,
             connect_timeout=workload.timeout_s,
         )
+        arrivals.timetable(self.target, self.environment).join(self)
 
     def on_stop(self) -> None:
         """Close the connection."""
+        arrivals.timetable(self.target, self.environment).leave(self)
         if self.client is not None:
             self.client.close()
 
     def wait_time(self) -> float:
         """Think time from the knobs, or a growing back-off while the target refuses connections."""
         workload = current_workload(self.environment.parsed_options)
-        think = workload.think_ms / 1000 * random.uniform(0.5, 1.5)
+        # In arrival-rate mode the timetable paces the requests: no think time.
+        think = 0.0 if workload.open_loop else workload.think_ms / 1000 * random.uniform(0.5, 1.5)
         failures = self.client.consecutive_connect_failures if self.client else 0
         if failures:
             backoff = min(BACKOFF_FIRST_S * 2 ** (failures - 1), BACKOFF_MAX_S)
@@ -93,9 +104,33 @@ class SocketUser(User):
         assert self.client is not None
         self.client.retarget(workload.addresses[self.target])
         self.client.connect_timeout = workload.timeout_s
+        if workload.open_loop:
+            self._send_when_due(workload)
+            return
         command = workload.pick_command(random.random())
         line, expected = workload.build_request(command, self._payload(workload.payload_bytes))
         self.client.request(command, line, expected, workload.reply_timeout(command))
+
+    def _send_when_due(self, workload: Workload) -> None:
+        """Arrival-rate mode: wait for the next start of the timetable and send it."""
+        assert self.client is not None
+        start = arrivals.timetable(self.target, self.environment).take(self.client.connected)
+        if start is None:
+            return  # nothing due for a while: the task runs again and rechecks the mode
+        command = workload.pick_command(random.random())
+        waited = time.perf_counter() - start.due
+        if waited > workload.timeout_s:
+            # Queued behind busy connections for longer than any reply may take: a timeout.
+            error = TimeoutError(
+                f"no free connection for {waited:.1f} s after the request was due "
+                f"(--timeout-s {workload.timeout_s:g}); not sent"
+            )
+            self.client.missed(command, start.due, error)
+            return
+        line, expected = workload.build_request(command, self._payload(workload.payload_bytes))
+        self.client.request(
+            command, line, expected, workload.reply_timeout(command), start.due, start.late
+        )
 
     def _payload(self, size: int) -> bytes:
         self._sequence = (self._sequence + 1) % 10
@@ -156,8 +191,9 @@ def sync_hosts(environment: Any, workload: Workload | None = None) -> None:
 
 def scenario_user_count(workload: Workload, user_count: int | None) -> int | None:
     """The number of users to start: at least users per target x targets when the scenario sets
-    the users per target; `user_count` (Locust's -u, a cap) when the knob was given."""
-    if "users_per_target" in workload.given:
+    the users per target or in arrival-rate mode (the pool); `user_count` (Locust's -u, a cap)
+    when the knob was given in the closed loop."""
+    if "users_per_target" in workload.given and not workload.open_loop:
         return user_count
     return max(user_count or 0, workload.users_per_target * len(workload.targets))
 

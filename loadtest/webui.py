@@ -20,6 +20,7 @@ import json
 from typing import TYPE_CHECKING, Any
 
 from loadtest import locust_adapter
+from loadtest.client import CONNECT
 from loadtest.client_metrics import PROMETHEUS_TEXT
 from loadtest.client_stats import latency_rows, latency_table
 from loadtest.lessons import catalog
@@ -57,6 +58,36 @@ def scenario_rows(workload: Workload) -> list[dict[str, str]]:
     for knob, value, source in workload.knob_values():
         rows.append({"item": knob.flag, "value": f"{value} ({source})"})
     return rows
+
+
+def load_rows(workload: Workload, stats_entries: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """The Scenario tab's load rows: the mode, and the offered vs the achieved rate per target."""
+    if not workload.open_loop:
+        return [
+            {
+                "item": "Load",
+                "value": "closed loop: each user waits for its answer, then thinks "
+                "(--arrival-rate 0)",
+            }
+        ]
+    achieved = dict.fromkeys(workload.targets, 0.0)
+    for entry in stats_entries:
+        if entry.get("method") in achieved and entry.get("name") != CONNECT:
+            achieved[entry["method"]] += float(entry.get("current_rps") or 0.0)
+    return [
+        {
+            "item": "Load",
+            "value": f"arrival rate: {workload.arrival_rate:g} requests/s per target on a "
+            f"{workload.arrival} timetable; latency counts from when each request was due",
+        },
+        {
+            "item": "Offered vs achieved",
+            "value": ", ".join(
+                f"{target} {workload.arrival_rate:g}/s vs {rate:.1f}/s"
+                for target, rate in achieved.items()
+            ),
+        },
+    ]
 
 
 def add_web_routes(web_ui: Any, exporter: Exporter) -> None:
@@ -101,6 +132,9 @@ def add_web_routes(web_ui: Any, exporter: Exporter) -> None:
                 {"key": "p99_us", "title": "p99"},
                 {"key": "p999_us", "title": "p99.9"},
                 {"key": "max_us", "title": "max"},
+                {"key": "service_p50_us", "title": "service p50"},
+                {"key": "service_p99_us", "title": "service p99"},
+                {"key": "late_starts", "title": "late starts"},
             ],
         },
     ]
@@ -137,7 +171,9 @@ def add_web_routes(web_ui: Any, exporter: Exporter) -> None:
             extended = [{"key": LATENCY_TAB, "data": latency_rows(exporter.stats)}]
             try:
                 workload = current_workload(environment.parsed_options)
-                extended.append({"key": SCENARIO_TAB, "data": scenario_rows(workload)})
+                rows = scenario_rows(workload)
+                rows[1:1] = load_rows(workload, body.get("stats") or [])
+                extended.append({"key": SCENARIO_TAB, "data": rows})
             except KnobError:
                 pass
             body["extended_stats"] = extended

@@ -45,6 +45,9 @@ DEFAULT_USERS_PER_TARGET = 100
 LOCUST_CONF = os.path.join(os.path.dirname(os.path.abspath(__file__)), "locust.conf")
 # The servers' default line limit is 65536 bytes; leave room for "/sleep 60000 " in front of TEXT.
 MAX_PAYLOAD_BYTES = 65000
+# Arrival-rate mode: requests per second per target (0 = closed loop) and how starts are spaced.
+MAX_ARRIVAL_RATE = 100_000
+ARRIVALS = ("poisson", "uniform")
 WORK_ROUNDS_PER_SECOND = 1e9 / WORK_ROUND_NS
 
 
@@ -184,6 +187,18 @@ KNOBS: tuple[Knob, ...] = (
     _workload_knob(
         "--think-ms", _number(0, 600_000), "mean ms a user pauses between requests (0.5x-1.5x)"
     ),
+    _workload_knob(
+        "--arrival-rate",
+        _number(0, MAX_ARRIVAL_RATE),
+        "requests/s per target on a fixed timetable (open loop); 0 = closed loop",
+    ),
+    Knob(
+        "--arrival",
+        ARRIVALS[0],
+        _choice(ARRIVALS),
+        "how --arrival-rate spaces the starts: poisson (random) or uniform",
+        choices=ARRIVALS,
+    ),
     _workload_knob("--sleep-share", _number(0, 1), "fraction of requests that are /sleep"),
     _workload_knob("--sleep-ms", _integer(0, MAX_SLEEP_MS), "ms each /sleep waits on the server"),
     _workload_knob("--work-share", _number(0, 1), "fraction of requests that are /work"),
@@ -280,6 +295,8 @@ class Workload:
     work_rounds: int
     think_ms: float
     timeout_s: float
+    arrival_rate: float = 0.0
+    arrival: str = ARRIVALS[0]
     scenario: str = catalog.DEFAULT_LESSON
     # The workload knobs given explicitly (not blank), which the scenario did not set.
     given: frozenset[str] = frozenset()
@@ -320,6 +337,8 @@ class Workload:
             work_rounds=values["work_rounds"],
             think_ms=values["think_ms"],
             timeout_s=values["timeout_s"],
+            arrival_rate=values["arrival_rate"],
+            arrival=values["arrival"],
             scenario=lesson.id,
             given=given,
         )
@@ -334,6 +353,11 @@ class Workload:
                 text = str(value) if isinstance(value, int) else f"{value:g}"
                 rows.append((knob, text, source))
         return rows
+
+    @property
+    def open_loop(self) -> bool:
+        """Arrival-rate mode: requests start on a timetable, not after the previous answer."""
+        return self.arrival_rate > 0
 
     def pick_command(self, draw: float) -> str:
         """Map a uniform draw in [0, 1) to a command according to the shares."""

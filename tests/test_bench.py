@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
-from loadtest.bench import loadgen, report
+from loadtest import procs
+from loadtest.bench import loadgen, openloop, report
+from loadtest.bench.loadgen import Request
 from loadtest.bench.scenarios import TEXTBOOK_NAMES
 from services import models
 from tests.conftest import run_module
@@ -114,6 +119,76 @@ def test_a_saturated_load_generator_is_flagged_next_to_the_number(tiny_run, tmp_
     markdown = report.write_markdown(results, tmp_path).read_text()
     flagged = [line for line in markdown.splitlines() if "load generator saturated" in line]
     assert len(flagged) == 1 and flagged[0].startswith(f"| {results['runs'][0]['target']} |")
+
+
+@pytest.mark.slow
+def test_open_loop_latency_counts_from_when_each_request_was_due(tmp_path) -> None:
+    """The C echo server stopped for 0.5 s of a 2 s run at 1000 requests/s: about 500 requests
+    fall due during the stall, so a quarter of the run waited up to 0.5 s, whatever was sent."""
+    binary = loadgen.build()
+    server = procs.start_server([str(binary), "--serve", "0"], name="c-epoll", timeout=30)
+    try:
+        generator = subprocess.Popen(
+            loadgen.command(
+                binary, server.port, 20, 2.0, 0.2, [Request(1, "abc", "ABC")], rate=1000
+            ),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
+        time.sleep(1.0)  # inside the measured window (connect + 0.2 s warm-up before it)
+        os.kill(server.proc.pid, signal.SIGSTOP)
+        time.sleep(0.5)  # the stall
+        os.kill(server.proc.pid, signal.SIGCONT)
+        output, _ = generator.communicate(timeout=60)
+    finally:
+        os.kill(server.proc.pid, signal.SIGCONT)
+        server.stop(10)
+    result = json.loads(output)
+    assert result["errors"] == {"connect": 0, "closed": 0, "mismatch": 0, "timeout": 0}
+    assert result["open_loop"]["rate"] == 1000
+    assert result["open_loop"]["due"] >= 1500 and result["open_loop"]["backlog_end"] < 100
+    # Closed loop, 20 connections would record at most 20 slow requests (p99 of 2000: fast).
+    assert result["latency_us"]["p99"] >= 250_000, result["latency_us"]
+    assert result["latency_us"]["p50"] < 250_000, result["latency_us"]
+
+
+@pytest.mark.slow
+def test_the_open_loop_sweep_charts_latency_against_offered_load(tmp_path) -> None:
+    family = next(iter(FAMILIES))
+    result = run_module(
+        "loadtest.bench",
+        *("--open-loop", "--quick", "--models", family, "--duration", "0.3", "--warmup", "0.1"),
+        *("--out", str(tmp_path)),
+        timeout=240,
+    )
+    assert result.returncode == 0, result.stderr
+    data = json.loads((tmp_path / openloop.RESULT).read_text())
+    [model] = data["models"]
+    assert model["family"] == family and model["closed_loop"]["rps"] > 0
+    assert [step["percent"] for step in model["points"]] == list(openloop.QUICK_STEPS)
+    for step in model["points"]:
+        assert step["achieved_rps"] > 0 and step["errors"] == 0
+        assert step["latency_us"]["p99"] >= step["latency_us"]["p50"] > 0
+    assert "knee" in model  # None when even the first step missed the bound (a busy machine)
+    assert (tmp_path / openloop.CHART).read_bytes()[:8] == PNG_MAGIC
+    assert "offered" in result.stderr and "knee" in result.stderr  # progress, then the knees
+
+
+def test_the_knee_is_the_last_step_within_the_bound_before_the_first_miss() -> None:
+    def step(percent: int, p99_us: float, achieved: float | None = None) -> dict:
+        offered = percent * 10.0
+        return {
+            "percent": percent,
+            "offered_rps": offered,
+            "achieved_rps": offered if achieved is None else achieved,
+            "errors": 0,
+            "latency_us": {"p99": p99_us},
+        }
+
+    steps = [step(10, 500), step(20, 900), step(30, 20_000), step(40, 800)]
+    assert openloop.knee(steps) == {"offered_rps": 200.0, "percent": 20, "p99_us": 900}
+    assert openloop.knee([step(10, 500, achieved=50)]) is None  # did not keep up
+    assert openloop.knee([step(10, 11_000)]) is None
 
 
 @pytest.mark.parametrize(

@@ -170,6 +170,7 @@ def test_a_missing_result_is_said_not_invented(tmp_path):
             docfigures.NO_LESSONS,
             docfigures.NO_SCRAPE_COST,
             docfigures.NO_REPLICAS,
+            docfigures.NO_OPEN_LOOP,
         ), name
 
 
@@ -193,6 +194,45 @@ def test_the_replicas_measurement_refuses_a_bad_argument_without_docker():
     assert result.returncode == 2 and "--replicas >= 2" in result.stderr
     result = run_module("loadtest.replicas", "--model", "nginx")
     assert result.returncode == 2 and "invalid choice" in result.stderr
+
+
+def test_the_open_loop_section_reads_each_models_knee(tmp_path):
+    def step(percent: int, offered: float, p99_us: float) -> dict:
+        latency = {"p50": p99_us / 10, "p99": p99_us}
+        return {"percent": percent, "offered_rps": offered, "latency_us": latency}
+
+    first, second = models.NAMES[:2]
+    data = {
+        "meta": {
+            "date": "2026-12-02 12:00 UTC",
+            "machine": {"cores": 2},
+            "pinning": "not pinned",
+            "scenario_title": "echo 64 B, 100 conns",
+            "steps_percent": [10, 20],
+            "duration_s": 3,
+            "knee_p99_us": 10_000.0,
+            "kept_up_share": 0.9,
+        },
+        "models": [
+            {
+                "family": first,
+                "closed_loop": {"rps": 10_000},
+                "points": [step(10, 1000, 900), step(20, 2000, 45_000)],
+                "knee": {"offered_rps": 1000, "percent": 10, "p99_us": 900},
+            },
+            {
+                "family": second,
+                "closed_loop": {"rps": 5000},
+                "points": [step(10, 500, 20_000)],
+                "knee": None,
+            },
+        ],
+    }
+    (tmp_path / "bench-open-loop.json").write_text(json.dumps(data))
+    text = docfigures.RENDERERS["open-loop"](docfigures.Sources(tmp_path))
+    assert f"| {first} | 10,000 | 1,000 | 10 % | 0.9 ms | 45.0 ms |" in text
+    assert f"| {second} | 5,000 | none (p99 over 10 ms from the first step) |" in text
+    assert "results/open-loop.png" in text
 
 
 def test_unbalanced_markers_are_refused(tmp_path):

@@ -54,8 +54,8 @@ def test_every_checked_lesson_has_a_claim_a_check_and_a_chart():
         assert entry.claim and entry.title.startswith(lesson_id)
         assert lesson_id in checks.CHECKS and lesson_id in checks.HYPOTHESES
         assert lesson_id in report.CHARTS and lesson_id in report.COLUMNS
-    # The check-only lesson stays out of the Locust scenario select.
-    assert "cores" not in catalog.LESSONS_BY_ID
+    # The check-only lessons stay out of the Locust scenario select.
+    assert "cores" not in catalog.LESSONS_BY_ID and "closed-loop" not in catalog.LESSONS_BY_ID
 
 
 @pytest.mark.parametrize(("interval", "extra_runs"), [(0.05, 2), (0.005, 0), (None, 0)])
@@ -329,6 +329,52 @@ def test_blocked_loop_fails(kwargs, why):
     assert why in verdict.reason
 
 
+STALL_SETUP = {"connections": 10, "rate": 1000, "stall_ms": 500.0, "echo_bytes": 64}
+
+
+def _stall(open_p99: float = 470, closed_p99: float = 2.5) -> dict:
+    return {
+        name: _quiet(
+            open_p99_ms=open_p99,
+            open_p50_ms=0.3,
+            open_max_ms=510,
+            open_rps=1000,
+            offered_rps=1000,
+            closed_p99_ms=closed_p99,
+            closed_p50_ms=0.4,
+            closed_max_ms=505,
+            closed_rps=9000,
+        )
+        for name in models.NAMES
+    }
+
+
+def test_closed_loop_holds_when_only_the_open_loop_p99_shows_the_stall():
+    verdict = checks.check_closed_loop(_stall(), STALL_SETUP)
+    assert verdict.verdict == checks.HOLDS, verdict.reason
+    assert "p99 470 ms open loop, 2.5 ms closed loop (its max 505 ms)" in verdict.reason
+    assert "1,000 requests/s" in checks.hypothesis("closed-loop", STALL_SETUP)
+
+
+@pytest.mark.parametrize(
+    ("open_p99", "closed_p99", "why"),
+    [(40, 2.5, "open-loop p99 40 ms is below 25%"), (470, 80, "closed-loop p99 80 ms is above")],
+)
+def test_closed_loop_fails(open_p99, closed_p99, why):
+    verdict = checks.check_closed_loop(_stall(open_p99, closed_p99), STALL_SETUP)
+    assert verdict.verdict == checks.FAILS and why in verdict.reason
+
+
+def test_closed_loop_runs_each_model_open_and_closed_with_a_stall():
+    work = runner.Work(10_000, 1_000_000, 100.0)
+    plan = runner.plan("closed-loop", list(models.NAMES), work, cpus=2)
+    assert [(run.model, run.variant) for run in plan.runs] == [
+        (name, mode) for name in models.NAMES for mode in (runner.OPEN_LOOP, runner.CLOSED_LOOP)
+    ]
+    assert all(run.stall_s == runner.STALL_S for run in plan.runs)
+    assert [run.rate for run in plan.runs[:2]] == [runner.STALL_RATE, 0.0]
+
+
 # -- report ----------------------------------------------------------------------------------
 
 
@@ -341,6 +387,7 @@ def _results(tmp_path: Path) -> dict:
         "cores": (_cores(1800), CORES_SETUP),
         "many-clients": (_many(352), MANY_SETUP),
         "blocked-loop": (_blocked(threads_p99=160, cpython_p99=40), BLOCKED_SETUP),
+        "closed-loop": (_stall(), STALL_SETUP),
     }
     for lesson_id, (figures, setup) in cases.items():
         figures = json.loads(json.dumps(figures))  # as lessons.json gives them back

@@ -143,9 +143,9 @@ def test_the_scenario_sets_the_number_of_users_unless_users_per_target_is_given(
 def test_the_knobs_are_ordered_scenario_workload_targets():
     kinds = [
         "scenario"
-        if knob.choices
+        if knob.dest == "scenario"
         else "workload"
-        if knob.from_scenario or knob.dest == "timeout_s"
+        if knob.from_scenario or knob.dest in ("timeout_s", "arrival")
         else "targets"
         for knob in KNOBS
     ]

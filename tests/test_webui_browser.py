@@ -288,3 +288,37 @@ def test_a_user_picks_a_lesson_and_sees_the_mix_change(locust_ui, browser):
     assert answer["success"], answer
     poll("100 users on one target", lambda: run.stats()["user_count"] == 100, timeout=WAIT_S)
     assert run.post("/stop")["success"]
+    poll("the test to stop", lambda: run.stats()["state"] == "stopped", timeout=WAIT_S)
+
+    # Arrival-rate mode from the start form: type a rate, start, and the Scenario tab shows the
+    # offered against the achieved rate; the latency tab counts late starts beside the service
+    # time.
+    browser.get(run.url("/"))
+    click_button(browser, "New")
+    find_text(browser, "Start new load test")
+    open_custom_parameters(browser)
+    rate = browser.find_element(By.NAME, field_name("arrival_rate"))
+    rate.send_keys("40")
+    arrival = browser.find_element(By.NAME, field_name("arrival"))
+    assert [o.get_attribute("value") for o in Select(arrival).options] == ["poisson", "uniform"]
+    Select(arrival).select_by_value("uniform")
+    click_button(browser, "Start")
+    open_tab(browser, "SCENARIO")
+    offered = find_text(browser, "Offered vs achieved")
+    assert "40 requests/s per target on a uniform timetable" in body_text(browser)
+    assert offered.is_displayed()
+
+    def achieved_rates() -> list[float]:
+        return [float(rate) for rate in re.findall(r"vs ([0-9.]+)/s", body_text(browser))]
+
+    # Locust's current rate averages the last seconds: wait until it has caught up.
+    poll(
+        "the achieved rate near the offered one",
+        lambda: len(achieved_rates()) == len(TARGETS) and min(achieved_rates()) >= 30,
+        timeout=WAIT_S,
+        interval=1,
+    )
+    screenshot(browser, "arrival-rate")
+    open_tab(browser, "LATENCY (MICROSECONDS)")
+    find_text(browser, "late starts")
+    assert run.post("/stop")["success"]

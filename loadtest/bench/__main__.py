@@ -1,6 +1,8 @@
 """`python -m loadtest.bench`: measure every model alone, next to its textbook version.
 
-Writes results/bench.json, results/bench.md and PNG charts. See docs/BENCHMARK.md.
+Writes results/bench.json, results/bench.md and PNG charts. With `--open-loop`: latency against
+rising offered load per model instead (loadtest/bench/openloop.py), results/bench-open-loop.json
+and results/open-loop.png. See docs/BENCHMARK.md.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import os
 import sys
 
 from loadtest import cli
-from loadtest.bench import harness, loadgen, report
+from loadtest.bench import harness, loadgen, openloop, report
 from loadtest.bench.scenarios import (
     FAMILIES,
     KINDS,
@@ -63,6 +65,19 @@ def build_parser(scenario_names: list[str]) -> argparse.ArgumentParser:
         f"{harness.NOISY_OTHER_FRACTION:.0%}% of the server CPU",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
+    parser.add_argument(
+        "--open-loop",
+        action="store_true",
+        help="instead: offer each model (ours, metrics on) rising rates on a fixed timetable, "
+        f"{openloop.STEPS[0]} %% to {openloop.STEPS[-1]} %% of its closed-loop rate, and chart "
+        "latency against offered load; measures the first of --scenarios",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="with --open-loop: only the steps "
+        + ", ".join(f"{step} %%" for step in openloop.QUICK_STEPS),
+    )
     return parser
 
 
@@ -90,11 +105,30 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench: {error}", file=sys.stderr)
         return 2
 
+    if args.quick and not args.open_loop:
+        print("--quick goes with --open-loop", file=sys.stderr)
+        return 2
+
     harness.raise_open_file_limit()
     pinning = harness.Pinning.choose(args.pin)
     if pinning.loadgen:
         os.sched_setaffinity(0, pinning.loadgen)  # the harness's own sampling stays off the server
     work_rounds, work_round_ns = calibrate_work_rounds()
+    if args.open_loop:
+        openloop.run(
+            build_targets(args.models, ["ours"], args.workers),
+            build_scenarios(work_rounds)[args.scenarios[0]],
+            binary,
+            pinning,
+            openloop.QUICK_STEPS if args.quick else openloop.STEPS,
+            args.duration,
+            args.warmup,
+            {**openloop.meta_for(args, pinning), "work_rounds": work_rounds},
+            args.out,
+            args.quiet,
+        )
+        cli.refresh_docs_if_committed(args.out, DEFAULT_OUT, print)
+        return 0
     scenarios = {name: build_scenarios(work_rounds)[name] for name in args.scenarios}
     targets = build_targets(args.models, args.kinds, args.workers)
 

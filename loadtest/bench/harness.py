@@ -186,12 +186,20 @@ def measure_once(
     duration: float,
     warmup: float,
     pinning: Pinning,
+    rate: float = 0.0,
 ) -> dict:
-    """One closed-loop measurement of a running server; returns one repetition's record."""
+    """One measurement of a running server, closed loop or (`rate` > 0 requests per second)
+    open loop; returns one repetition's record."""
     sampler = Sampler(server, pinning.server)
     try:
         args = loadgen.command(
-            binary, server.port, scenario.connections, duration, warmup, scenario.requests
+            binary,
+            server.port,
+            scenario.connections,
+            duration,
+            warmup,
+            scenario.requests,
+            rate=rate,
         )
         result = loadgen.run(
             args,
@@ -232,6 +240,7 @@ def measure_once(
         "loadgen_cpu_fraction": result["cpu_fraction"],
         "loadgen_saturated": result["cpu_fraction"] > loadgen.SATURATION_CPU_FRACTION,
         "other_cpu_fraction": round(other, 4),
+        **({"open_loop": result["open_loop"]} if "open_loop" in result else {}),
     }
 
 

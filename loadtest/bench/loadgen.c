@@ -11,11 +11,21 @@
  * fast as one by construction; it reports its own CPU use so the harness can say when it was
  * saturated anyway.
  *
+ * Open loop (--rate R): requests are due on a fixed timetable, R per second across all
+ * connections (one every 1/R s from the fixed start), whatever the server does. A due request
+ * goes to an idle connection (the longest idle first, so every connection takes a share); when
+ * none is idle it waits and is sent as soon as one frees. Its latency counts from when it was
+ * due, not from when it was sent, so a server that falls behind is charged for the whole queue
+ * (the coordinated-omission correction of wrk2). A timerfd wakes the loop at the next due time
+ * (epoll_wait alone counts in milliseconds). The result adds "open_loop": the offered rate, the
+ * requests due and sent in the window and the backlog (due but not yet sent) at its end.
+ *
  * Usage:
  *   loadgen --serve PORT       (a reference C echo server, see serve())
  *   loadgen --selftest         (prints the histogram's worst relative error)
  *   loadgen --port P [--host 127.0.0.1] [--connections N] [--duration S] [--warmup S]
- *           [--timeout S] [--connect-timeout S] --request WEIGHT LINE EXPECTED [--request ...]
+ *           [--timeout S] [--connect-timeout S] [--rate R]
+ *           --request WEIGHT LINE EXPECTED [--request ...]
  * First every connection is opened (up to --connect-timeout; --ramp-timeout is the old name).
  * Then, from one fixed start, every connection sends its first request; the load runs for
  * --warmup seconds unrecorded and --duration seconds recorded (the window).
@@ -43,6 +53,7 @@
 #include <sys/epoll.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
+#include <sys/timerfd.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -101,6 +112,42 @@ static uint64_t completed_total;
 static int recording;
 static int starting = 1;     /* connecting: until every connection is connected */
 static uint64_t longest_answered_ns;   /* longest wait of a request answered in the window */
+
+/* Open loop: request k is due at timetable_start + k * period (k from 0); `sent` of them went
+ * out. Idle connections wait in a ring, the longest idle first. */
+static double rate;                     /* requests per second; 0: closed loop */
+static uint64_t timetable_start, period_ns_scaled;  /* period in ns << 16, for fractional gaps */
+static uint64_t sent_total;
+static connection **idle_ring;
+static int idle_head, idle_count, ring_size;
+static int timer_fd = -1;
+static connection timer_marker;         /* epoll's data.ptr for the timerfd */
+
+static uint64_t due_at(uint64_t k) {
+    return timetable_start + (uint64_t)(((__uint128_t)k * period_ns_scaled) >> 16);
+}
+
+/* How many requests are due by `now` (all k with due_at(k) <= now). */
+static uint64_t due_by(uint64_t now) {
+    if (period_ns_scaled == 0 || now < timetable_start) return 0;   /* closed loop: none */
+    return (uint64_t)((((__uint128_t)(now - timetable_start)) << 16) / period_ns_scaled) + 1;
+}
+
+static void idle_push(connection *c) {
+    if (idle_count >= ring_size) return;   /* cannot happen: twice the connections */
+    idle_ring[(idle_head + idle_count) % ring_size] = c;
+    idle_count++;
+}
+
+static connection *idle_pop(void) {
+    while (idle_count > 0) {
+        connection *c = idle_ring[idle_head];
+        idle_head = (idle_head + 1) % ring_size;
+        idle_count--;
+        if (c->state == CONNECTED) return c;   /* skip one dropped while it was idle */
+    }
+    return NULL;
+}
 
 static uint64_t now_ns(void) {
     struct timespec ts;
@@ -276,6 +323,37 @@ static void next_request(connection *c, uint64_t now) {
     push_request(c, now);
 }
 
+/* Open loop: the connection goes back to the idle ring until a request is due for it. */
+static void become_idle(connection *c) {
+    c->state = CONNECTED;
+    watch(c, EPOLLIN | EPOLLRDHUP, EPOLL_CTL_MOD);
+    idle_push(c);
+}
+
+/* Open loop: send every request due by now on idle connections, each timed from when it was
+ * due; then arm the timer for the next one (or leave it off until a connection frees). */
+static void dispatch_due(uint64_t now) {
+    uint64_t due = due_by(now);
+    while (sent_total < due) {
+        connection *c = idle_pop();
+        if (c == NULL) break;
+        uint64_t intended = due_at(sent_total++);
+        c->kind = pick_kind();
+        c->sent = 0;
+        c->received = 0;
+        c->started_ns = intended;
+        c->waiting_since_ns = intended;
+        push_request(c, now);
+    }
+    struct itimerspec when = {0};
+    if (sent_total >= due && idle_count > 0) {
+        uint64_t next = due_at(sent_total);
+        when.it_value.tv_sec = (time_t)(next / 1000000000ULL);
+        when.it_value.tv_nsec = (long)(next % 1000000000ULL);
+    }
+    timerfd_settime(timer_fd, TFD_TIMER_ABSTIME, &when, NULL);
+}
+
 static void on_readable(connection *c, int accept_new) {
     request_kind *k = &kinds[c->kind];
     for (;;) {
@@ -308,7 +386,9 @@ static void on_readable(connection *c, int accept_new) {
             if (wait > longest_answered_ns) longest_answered_ns = wait;
         }
         c->waiting_since_ns = now;   /* the next request is sent right now */
-        if (accept_new) {
+        if (accept_new && rate > 0) {
+            become_idle(c);
+        } else if (accept_new) {
             next_request(c, now);
         } else {
             c->state = IDLE_DEAD;   /* draining: no new request, keep the socket for close */
@@ -335,6 +415,10 @@ static void on_writable(connection *c, uint64_t now, int accept_new) {
         if (starting) {   /* hold the first request until the fixed start */
             c->state = CONNECTED;
             watch(c, EPOLLIN | EPOLLRDHUP, EPOLL_CTL_MOD);
+            return;
+        }
+        if (rate > 0) {   /* a reconnected slot waits for the timetable like any idle one */
+            become_idle(c);
             return;
         }
         c->state = SENDING;   /* so push_request switches the watch to EPOLLIN */
@@ -404,7 +488,7 @@ static void usage(void) {
     fprintf(stderr,
             "usage: loadgen --serve PORT | --selftest\n"
             "       loadgen --port P [--host H] [--connections N] [--duration S] [--warmup S]\n"
-            "               [--timeout S] [--connect-timeout S]\n"
+            "               [--timeout S] [--connect-timeout S] [--rate R]\n"
             "               --request WEIGHT LINE EXPECTED [--request ...]\n");
     exit(2);
 }
@@ -432,6 +516,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(argv[i], "--duration") && i + 1 < argc) duration = atof(argv[++i]);
         else if (!strcmp(argv[i], "--warmup") && i + 1 < argc) warmup = atof(argv[++i]);
         else if (!strcmp(argv[i], "--timeout") && i + 1 < argc) timeout = atof(argv[++i]);
+        else if (!strcmp(argv[i], "--rate") && i + 1 < argc) rate = atof(argv[++i]);
         else if ((!strcmp(argv[i], "--connect-timeout") || !strcmp(argv[i], "--ramp-timeout"))
                  && i + 1 < argc) connect_timeout = atof(argv[++i]);
         else if (!strcmp(argv[i], "--request") && i + 3 < argc && kind_count < MAX_KINDS) {
@@ -444,6 +529,10 @@ int main(int argc, char **argv) {
         } else usage();
     }
     if (port <= 0 || connections <= 0 || kind_count == 0 || duration <= 0) usage();
+    if (rate < 0 || rate > 1e8) {
+        fprintf(stderr, "loadgen: --rate must be from 0 (closed loop) to 1e8 requests/s\n");
+        return 2;
+    }
 
     /* 1000 connections need more descriptors than the usual soft limit of 1024. */
     struct rlimit limit;
@@ -464,8 +553,17 @@ int main(int argc, char **argv) {
     if (buffer_size < 256) buffer_size = 256;   /* room to see a whole ERR line */
 
     epoll_fd = epoll_create1(EPOLL_CLOEXEC);
+    if (rate > 0) {
+        period_ns_scaled = (uint64_t)(1e9 / rate * 65536.0);
+        if (period_ns_scaled == 0) period_ns_scaled = 1;
+        ring_size = 2 * connections;   /* room for a stale entry of every reconnected slot */
+        idle_ring = calloc((size_t)ring_size, sizeof *idle_ring);
+        timer_fd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
+        struct epoll_event ev = {.events = EPOLLIN, .data.ptr = &timer_marker};
+        epoll_ctl(epoll_fd, EPOLL_CTL_ADD, timer_fd, &ev);
+    }
     connection *conns = calloc((size_t)connections, sizeof *conns);
-    struct epoll_event *events = calloc((size_t)connections, sizeof *events);
+    struct epoll_event *events = calloc((size_t)connections + 1, sizeof *events);
     uint64_t start = now_ns();
     for (int i = 0; i < connections; i++) {
         conns[i].fd = -1;
@@ -485,12 +583,18 @@ int main(int argc, char **argv) {
     double cpu_user0 = 0, cpu_sys0 = 0;
     uint64_t measure_start = warmup_end;
     int connected_at_start = 0;
+    uint64_t due_at_measure_start = 0, sent_at_measure_start = 0;
 
     for (;;) {
-        int ready = epoll_wait(epoll_fd, events, connections, 5);
+        int ready = epoll_wait(epoll_fd, events, connections + 1, 5);
         uint64_t now = now_ns();
         for (int e = 0; e < ready; e++) {
             connection *c = events[e].data.ptr;
+            if (c == &timer_marker) {
+                uint64_t expirations;
+                if (read(timer_fd, &expirations, sizeof expirations) < 0) { /* spurious */ }
+                continue;
+            }
             if (c->fd < 0) continue;
             if (c->state == CONNECTED) {   /* nothing should arrive: the server closed it */
                 drop(c, now, &err_closed);
@@ -508,16 +612,22 @@ int main(int argc, char **argv) {
                 /* The fixed start: every connection waits from now, connected or not yet. */
                 starting = 0;
                 connect_seconds = (double)(now - start) / 1e9;
+                timetable_start = now;
                 for (int i = 0; i < connections; i++) {
                     conns[i].waiting_since_ns = now;
-                    if (conns[i].state == CONNECTED) next_request(&conns[i], now);
+                    if (conns[i].state != CONNECTED) continue;
+                    if (rate > 0) idle_push(&conns[i]);
+                    else next_request(&conns[i], now);
                 }
                 warmup_end = now + (uint64_t)(warmup * 1e9);
                 end = warmup_end + (uint64_t)(duration * 1e9);
             }
         }
+        if (rate > 0 && !starting) dispatch_due(now);
         if (!recording && now >= warmup_end) {
             recording = 1;
+            due_at_measure_start = due_by(now);
+            sent_at_measure_start = sent_total;
             cpu_user0 = cpu_seconds(1);
             cpu_sys0 = cpu_seconds(0);
             measure_start = now;
@@ -541,6 +651,7 @@ int main(int argc, char **argv) {
         if (now >= end) break;
     }
     uint64_t measure_end = now_ns();
+    uint64_t due_at_measure_end = rate > 0 ? due_by(measure_end) : 0;
     double cpu_user = cpu_seconds(1) - cpu_user0;
     double cpu_sys = cpu_seconds(0) - cpu_sys0;
     recording = 0;
@@ -551,7 +662,9 @@ int main(int argc, char **argv) {
     uint64_t *answered = malloc((size_t)connections * sizeof *answered);
     int answered_connections = 0;
     for (int i = 0; i < connections; i++) {
-        uint64_t age = measure_end - conns[i].waiting_since_ns;
+        int busy = conns[i].state == SENDING || conns[i].state == RECEIVING;
+        /* Open loop: an idle connection waits for nothing (the backlog shows what is late). */
+        uint64_t age = (rate > 0 && !busy) ? 0 : measure_end - conns[i].waiting_since_ns;
         if (age > longest_unanswered_ns) longest_unanswered_ns = age;
         answered[i] = conns[i].answered;
         answered_connections += conns[i].answered > 0;
@@ -610,6 +723,14 @@ int main(int argc, char **argv) {
             longest_unanswered_ns > longest_answered_ns ? "true" : "false",
             (double)longest_answered_ns / 1e9, (double)longest_unanswered_ns / 1e9);
     free(answered);
+    if (rate > 0)
+        fprintf(out,
+                "\"open_loop\": {\"rate\": %.3f, \"due\": %llu, \"sent\": %llu, "
+                "\"backlog_end\": %llu}, ",
+                rate, (unsigned long long)(due_at_measure_end - due_at_measure_start),
+                (unsigned long long)(sent_total - sent_at_measure_start),
+                (unsigned long long)(due_at_measure_end > sent_total
+                                         ? due_at_measure_end - sent_total : 0));
     fprintf(out, "\"latency_us\": ");
     print_latency(out, &overall);
     fprintf(out, ", \"kinds\": [");

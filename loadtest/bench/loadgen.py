@@ -87,8 +87,10 @@ def command(
     requests: Sequence[Request],
     timeout: float = 30.0,
     connect_timeout: float = 10.0,
+    rate: float = 0.0,
 ) -> list[str]:
-    """The command line that runs one closed-loop measurement against 127.0.0.1:port."""
+    """The command line that runs one measurement against 127.0.0.1:port: closed loop, or with
+    `rate` > 0 open loop at that many requests per second across the connections."""
     args = [
         str(binary),
         "--host",
@@ -106,6 +108,8 @@ def command(
         "--connect-timeout",
         str(connect_timeout),
     ]
+    if rate > 0:
+        args += ["--rate", f"{rate:.3f}"]
     for request in requests:
         args += ["--request", str(request.weight), request.line, request.expected]
     return args

@@ -44,6 +44,7 @@ STEADY_KNOBS: Mapping[str, str] = {
     "work_rounds": str(WORK_1MS_ROUNDS),
     "think_ms": "100",
     "users_per_target": "100",
+    "arrival_rate": "0",  # closed loop: each user waits for its answer, then thinks
 }
 # Each scenario starts from these and sets what it is about, so switching scenarios in the edit
 # form never keeps a share from the previous one.

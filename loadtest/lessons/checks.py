@@ -44,6 +44,10 @@ CORES_RATIO = 1.6
 CORES_AVAILABLE = 1.6
 # blocked-loop: gevent's echo p99 with the long /work against without it.
 BLOCKED_FACTOR = 10.0
+# closed-loop: the same stall, timed on a timetable (open loop) and by a closed loop. The open
+# loop's p99 reaches at least this share of the stall; the closed loop's stays below this one.
+STALL_OPEN_SHARE = 0.25
+STALL_CLOSED_SHARE = 0.1
 # CPython's own GIL switch interval (sys.getswitchinterval() unless changed): the threaded
 # server may set a longer one; blocked-loop then measures it at both.
 CPYTHON_SWITCH_INTERVAL = 0.005
@@ -56,7 +60,19 @@ CORES = Lesson(
     "requests/s and the cores each server used.",
     "the process pool near two cores' worth of /work; threaded and gevent near one.",
 )
-CHECK_ONLY: tuple[Lesson, ...] = (CORES,)  # checked here, not a Locust scenario
+HIDES_QUEUEING = Lesson(
+    "closed-loop",
+    "closed-loop: one stall, timed by a closed and an open loop",
+    "A closed loop hides queueing: while a server stalls its clients stop sending, so the stall "
+    "is timed once per connection; on a timetable every request that fell due during the stall "
+    "is timed, from when it was due.",
+    "the p99 of the same stall in both modes (Locust: --arrival-rate, the latency from the "
+    "intended start and the late starts).",
+    "the open loop's p99 close to half the stall or more; the closed loop's p99 barely moves, "
+    "only its maximum shows the stall.",
+)
+# Checked here, not Locust scenarios (a stall or a server alone on every core is no knob preset).
+CHECK_ONLY: tuple[Lesson, ...] = (CORES, HIDES_QUEUEING)
 # The lessons with a verdict, in the order they run and print.
 CHECKED_IDS: tuple[str, ...] = (
     "io-wait",
@@ -65,6 +81,7 @@ CHECKED_IDS: tuple[str, ...] = (
     "cores",
     "many-clients",
     "blocked-loop",
+    "closed-loop",
 )
 
 
@@ -438,6 +455,37 @@ def _threads_noise(threads: Mapping) -> Mapping:
     }
 
 
+# -- closed-loop -----------------------------------------------------------------------------
+
+
+def check_closed_loop(figures: Mapping[str, Mapping], setup: Mapping) -> Verdict:
+    """Per model: open-loop p99 >= STALL_OPEN_SHARE x the stall, closed-loop p99 below
+    STALL_CLOSED_SHARE x the stall."""
+    if not figures:
+        return Verdict(INCONCLUSIVE, "not checked: no model measured")
+    stall = setup["stall_ms"]
+    problems = Problems()
+    for name, figure in figures.items():
+        if figure["open_p99_ms"] < STALL_OPEN_SHARE * stall:
+            problems.add(
+                f"{name}'s open-loop p99 {_ms(figure['open_p99_ms'])} is below "
+                f"{STALL_OPEN_SHARE:.0%} of the {_ms(stall)} stall",
+                name,
+            )
+        if figure["closed_p99_ms"] > STALL_CLOSED_SHARE * stall:
+            problems.add(
+                f"{name}'s closed-loop p99 {_ms(figure['closed_p99_ms'])} is above "
+                f"{STALL_CLOSED_SHARE:.0%} of the {_ms(stall)} stall",
+                name,
+            )
+    ok = "; ".join(
+        f"{name}: p99 {_ms(f['open_p99_ms'])} open loop, {_ms(f['closed_p99_ms'])} closed loop "
+        f"(its max {_ms(f['closed_max_ms'])})"
+        for name, f in figures.items()
+    )
+    return _decide(problems, f"{ok}; the stall {_ms(stall)}", figures, list(figures))
+
+
 CHECKS: Mapping[str, Callable[[Mapping[str, Mapping], Mapping], Verdict]] = {
     "io-wait": check_io_wait,
     "cpu-work": check_cpu_work,
@@ -445,6 +493,7 @@ CHECKS: Mapping[str, Callable[[Mapping[str, Mapping], Mapping], Verdict]] = {
     "cores": check_cores,
     "many-clients": check_many_clients,
     "blocked-loop": check_blocked_loop,
+    "closed-loop": check_closed_loop,
 }
 # Each lesson's claim in numbers: a template over its setup, the thresholds above and the
 # figures derived from both (`hypothesis_values`), so every claim reads the constants its check
@@ -483,6 +532,13 @@ HYPOTHESES: Mapping[str, str] = {
         "/work time, measured at the server's own GIL switch interval and at CPython's "
         "{cpython_switch_ms:g} ms (a longer interval, chosen for fairness, preempts later: the "
         "trade-off is shown)."
+    ),
+    "closed-loop": (
+        "With the server stopped (SIGSTOP) for {stall_ms:g} ms in the middle of a run on "
+        "{connections} connections: on a timetable of {rate:,} requests/s (open loop, each "
+        "timed from when it was due) the p99 reaches >= {STALL_OPEN_SHARE:.0%} of the stall; "
+        "the same stall under a closed loop leaves the p99 below {STALL_CLOSED_SHARE:.0%} of it "
+        "(each connection waits once)."
     ),
 }
 

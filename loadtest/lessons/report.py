@@ -105,6 +105,15 @@ COLUMNS: dict[str, list[Column]] = {
         RPS,
         NOISE,
     ],
+    "closed-loop": [
+        ("p99 ms, open loop", lambda f: _ms(f["open_p99_ms"])),
+        ("p99 ms, closed loop", lambda f: _ms(f["closed_p99_ms"])),
+        ("max ms, open loop", lambda f: _ms(f["open_max_ms"])),
+        ("max ms, closed loop", lambda f: _ms(f["closed_max_ms"])),
+        ("req/s open (offered)", lambda f: f"{f['open_rps']:,.0f} ({f['offered_rps']:,.0f})"),
+        ("req/s closed", lambda f: f"{f['closed_rps']:,.0f}"),
+        NOISE,
+    ],
 }
 
 
@@ -267,6 +276,24 @@ def reading(lesson: str, figures: Mapping[str, Mapping], setup: Mapping) -> str:
                 f"busy workers: p99 {_ms(pool['echo_p99_ms'])} ms."
             )
         return text.strip()
+    if lesson == "closed-loop":
+        stall = setup["stall_ms"]
+        return (
+            f"Each server stopped for {stall:.0f} ms. On the timetable "
+            f"({setup['rate']:,} requests/s) about {setup['rate'] * stall / 1000:,.0f} requests "
+            "fell due during the stall and each waited from when it was due: "
+            + _join([f"{name} p99 {_ms(f['open_p99_ms'])} ms" for name, f in figures.items()])
+            + ". The closed loop sent nothing while its "
+            f"{setup['connections']} connections waited, so only {setup['connections']} requests "
+            "saw the stall: "
+            + _join(
+                [
+                    f"{name} p99 {_ms(f['closed_p99_ms'])} ms (max {_ms(f['closed_max_ms'])} ms)"
+                    for name, f in figures.items()
+                ]
+            )
+            + "."
+        )
     return ""
 
 
@@ -659,6 +686,46 @@ def _chart_blocked_loop(axes, entry: Mapping) -> None:
     axis.set_title("arena_event_loop_blocked_seconds_total: its rise during one run", fontsize=9)
 
 
+def _chart_closed_loop(axes, entry: Mapping) -> None:
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    figures, setup = entry["figures"], entry["setup"]
+    names = list(figures)
+    positions = range(len(names))
+    closed = [max(f["closed_p99_ms"], 0.001) * 1e3 for f in figures.values()]
+    opened = [max(f["open_p99_ms"], 0.001) * 1e3 for f in figures.values()]
+    axis = axes[0]
+    axis.barh(
+        [p - 0.2 for p in positions], closed, height=0.4, color="#9ecae1", label="closed loop"
+    )
+    axis.barh([p + 0.2 for p in positions], opened, height=0.4, color=BAR, label="open loop")
+    for position, value in zip(positions, opened, strict=True):
+        axis.text(value, position + 0.2, f" {_ms(value / 1e3)} ms", va="center", fontsize=8)
+    for position, value in zip(positions, closed, strict=True):
+        axis.text(value, position - 0.2, f" {_ms(value / 1e3)} ms", va="center", fontsize=8)
+    axis.set_yticks(list(positions), names)
+    axis.invert_yaxis()
+    axis.set_xscale("log")
+    axis.xaxis.set_major_formatter(FuncFormatter(_duration_label))
+    axis.xaxis.set_minor_formatter(NullFormatter())
+    stall_us = setup["stall_ms"] * 1e3
+    axis.axvline(
+        stall_us,
+        color=LIMIT,
+        linestyle="--",
+        linewidth=1,
+        label=f"the stall, {setup['stall_ms']:g} ms",
+    )
+    axis.set_xlim(min([*closed, *opened]) / 3, max([*opened, stall_us]) * 40)
+    axis.set_xlabel("p99 (log scale)")
+    axis.set_title(
+        f"p99 of one stall, {setup['connections']} connections; open loop at "
+        f"{setup['rate']:,} requests/s",
+        fontsize=9,
+    )
+    axis.legend(fontsize=7, loc="upper right")
+
+
 CHARTS: dict[str, Callable] = {
     "io-wait": _chart_io_wait,
     "cpu-work": _chart_cpu_work,
@@ -666,4 +733,5 @@ CHARTS: dict[str, Callable] = {
     "cores": _chart_cores,
     "many-clients": _chart_many_clients,
     "blocked-loop": _chart_blocked_loop,
+    "closed-loop": _chart_closed_loop,
 }

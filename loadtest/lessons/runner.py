@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import os
 import re
+import signal
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Mapping, Sequence
@@ -47,6 +49,10 @@ MIN_WINDOW_S = 2.0
 # many-clients: the threaded server takes 1-2.4 s just to accept 1000 connections (see
 # services/servers/threaded.py); a window of 5 s asks "is everyone served", not "how fast".
 MANY_WINDOW_S = 5.0
+# closed-loop: the server stopped for STALL_S inside a STALL_WINDOW_S window, STALL_AT of the way
+# in; the open loop offers STALL_RATE requests/s over STALL_CONNECTIONS connections.
+STALL_CONNECTIONS, STALL_RATE, STALL_S, STALL_WINDOW_S, STALL_AT = 10, 1000, 0.5, 3.0, 0.4
+OPEN_LOOP, CLOSED_LOOP = "open loop", "closed loop"
 
 
 @dataclass(frozen=True)
@@ -112,6 +118,8 @@ class Run:
     two_cores: bool = False
     scrape: bool = False  # read /metrics before and after each repetition
     min_window: float = 0.0
+    rate: float = 0.0  # open loop at this many requests/s (0: closed loop)
+    stall_s: float = 0.0  # stop the server (SIGSTOP) this long inside the window
 
     @property
     def label(self) -> str:
@@ -253,6 +261,30 @@ def plan(lesson: str, models: Sequence[str], work: Work, cpus: int) -> Plan:
                     ),
                     Run(m, name, args, mix, scrape=True, min_window=MIN_WINDOW_S),
                 ]
+    elif lesson == "closed-loop":
+        setup = {
+            "connections": STALL_CONNECTIONS,
+            "rate": STALL_RATE,
+            "stall_ms": STALL_S * 1000,
+            "echo_bytes": 64,
+            "cores": 1,
+        }
+        scenario = Scenario(
+            lesson, "echo 64 B, a stall", STALL_CONNECTIONS, (bench_scenarios.echo(64),)
+        )
+        runs = [
+            Run(
+                m,
+                variant,
+                _args(m, IO_POOL_WORKERS),
+                scenario,
+                min_window=STALL_WINDOW_S,
+                rate=rate,
+                stall_s=STALL_S,
+            )
+            for m in models
+            for variant, rate in ((OPEN_LOOP, STALL_RATE), (CLOSED_LOOP, 0.0))
+        ]
     else:
         raise KeyError(f"no plan for lesson {lesson!r}")
     return Plan(lesson, setup, runs)
@@ -296,6 +328,15 @@ def scrape(server: harness.ServerProcess) -> tuple[dict[str, float], dict[str, s
             elif sample.name == INFO_METRIC:
                 info = dict(sample.labels)
     return values, info
+
+
+def stop_for(pid: int, seconds: float) -> None:
+    """Stop a process (SIGSTOP) for `seconds`, then let it go on (SIGCONT)."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        time.sleep(seconds)  # the stall itself
+    finally:
+        os.kill(pid, signal.SIGCONT)
 
 
 def other_cores(record: Mapping, shared: bool) -> float:
@@ -359,9 +400,27 @@ class Rig:
     def _once(self, server: harness.ServerProcess, run: Run, pinning: harness.Pinning) -> dict:
         before = scrape(server)[0] if run.scrape else {}
         started = time.monotonic()
-        record = harness.measure_once(
-            server, run.scenario, self.binary, self.window(run), self.pace.warmup, pinning
-        )
+        stall = None
+        if run.stall_s:
+            # Connecting takes well under 0.3 s here: the stall falls inside the window.
+            delay = self.pace.warmup + 0.3 + STALL_AT * self.window(run)
+            stall = threading.Timer(delay, stop_for, (server.proc.pid, run.stall_s))
+            stall.start()
+        try:
+            record = harness.measure_once(
+                server,
+                run.scenario,
+                self.binary,
+                self.window(run),
+                self.pace.warmup,
+                pinning,
+                rate=run.rate,
+            )
+        finally:
+            if stall is not None:
+                stall.cancel()
+                stall.join()
+                os.kill(server.proc.pid, signal.SIGCONT)  # never leave it stopped
         if run.scrape:
             after, info = scrape(server)
             record["metrics"] = {
@@ -493,6 +552,23 @@ def figures(plan_: Plan, results: Mapping[Run, dict]) -> dict[str, dict]:
                 threads=summary["threads"],
                 peak_rss_mib=round(summary["peak_rss_bytes"] / 2**20, 1),
             )
+        elif plan_.lesson == "closed-loop":
+            latency = summary["latency_us"]
+            mode = "open" if run.variant == OPEN_LOOP else "closed"
+            figure.update(
+                {
+                    f"{mode}_rps": round(summary["rps"], 1),
+                    f"{mode}_p50_ms": round(latency["p50"] / 1e3, 2),
+                    f"{mode}_p99_ms": round(latency["p99"] / 1e3, 2),
+                    f"{mode}_max_ms": round(latency["max"] / 1e3, 2),
+                }
+            )
+            if mode == "open":
+                figure.update(base, offered_rps=run.rate)
+            figure["noisy"] = figure.get("noisy", False) or base["noisy"]
+            figure["other_cpu"] = max(figure.get("other_cpu", 0.0), base["other_cpu"])
+            if mode == "closed":
+                figure["closed_errors"] = base["errors"]
         elif plan_.lesson == "blocked-loop":
             at_cpython = run.variant.startswith(CPYTHON_SWITCH)
             _blocked_figures(
