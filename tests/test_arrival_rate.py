@@ -33,6 +33,7 @@ from tests.loadtest_helpers import (
     locust_env,
     poll,
     server_counts,
+    start_distributed,
     start_locust,
 )
 
@@ -211,27 +212,11 @@ def test_a_stalled_server_shows_in_the_p99_only_on_the_timetable(server, tmp_pat
 @pytest.mark.slow
 def test_the_rate_is_per_target_across_all_workers(server, tmp_path):
     rate, window_s = 50, 10.0
-    master_port = free_port()
-    master = start_locust(
+    master, workers = start_distributed(
         tmp_path,
-        "master",
-        [
-            *("--master", "--master-bind-host", "127.0.0.1"),
-            *("--master-bind-port", str(master_port), "--expect-workers", "2"),
-            *("--autostart", "-t", "300s", *ONLY_ECHO, "--arrival-rate", str(rate)),
-        ],
+        ["--autostart", "-t", "300s", *ONLY_ECHO, "--arrival-rate", str(rate)],
         locust_env({TARGET: server.address}),
-        web_port=free_port(),
     )
-    workers = [
-        start_locust(
-            tmp_path,
-            f"worker{n}",
-            ["--worker", "--master-host", "127.0.0.1", "--master-port", str(master_port)],
-            locust_env({}),
-        )
-        for n in (1, 2)
-    ]
     try:
         poll("the web UI", master.web_ready, timeout=60)
         poll("100 users over 2 workers", lambda: master.metrics().users() == {TARGET: 100}, 90)

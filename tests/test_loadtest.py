@@ -39,6 +39,7 @@ from tests.loadtest_helpers import (
     poll,
     run_to_end,
     server_counts,
+    start_distributed,
     start_locust,
     stats_totals,
 )
@@ -511,38 +512,12 @@ def test_killed_server_shows_failures_and_users_recover_when_it_returns(tmp_path
 @pytest.mark.slow
 def test_distributed_master_aggregates_two_workers_and_passes_knob_changes_on(servers, tmp_path):
     before = {target: server_counts(server) for target, server in servers.items()}
-    master_port = free_port()
     prefix = tmp_path / "dist"
-    master = start_locust(
+    master, workers = start_distributed(
         tmp_path,
-        "master",
-        [
-            "--master",
-            "--master-bind-host",
-            "127.0.0.1",
-            "--master-bind-port",
-            str(master_port),
-            "--expect-workers",
-            "2",
-            "--autostart",
-            "-t",
-            "300s",
-            "--csv",
-            str(prefix),
-        ],
+        ["--autostart", "-t", "300s", "--csv", str(prefix)],
         locust_env(addresses(servers)),
-        web_port=free_port(),
     )
-    # Workers get no target addresses of their own: the master's settings must reach them.
-    workers = [
-        start_locust(
-            tmp_path,
-            f"worker{n}",
-            ["--worker", "--master-host", "127.0.0.1", "--master-port", str(master_port)],
-            locust_env({}),
-        )
-        for n in (1, 2)
-    ]
     try:
         wait_every_user(master, "100 users per target over 2 workers", timeout=90)
         poll(
