@@ -26,7 +26,10 @@ import itertools
 import socket
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from loadtest.arrivals import Start
 
 CONNECT = "connect"
 READ_SIZE = 65536
@@ -153,13 +156,12 @@ class LineClient:
         line: bytes,
         expected: bytes,
         timeout: float,
-        intended: float | None = None,
-        late: bool = False,
+        start: Start | None = None,
     ) -> bool:
         """Send one line, read one reply line, check it; fire one request event. True on success.
 
-        `intended` (a ``time.perf_counter()`` instant) is when the request was due in arrival-rate
-        mode: the latency reported then counts from it, connecting included.
+        `start` is the request's place in the timetable in arrival-rate mode: the latency
+        reported then counts from when it was due, connecting included.
         """
         if self._sock is None and not self._connect():
             return False
@@ -167,10 +169,8 @@ class LineClient:
         assert sock is not None
         start_time = time.time()
         started = time.perf_counter()
-        if intended is not None:
-            start_time -= started - intended
-        else:
-            intended = started
+        intended, late = (start.due, start.late) if start is not None else (started, False)
+        start_time -= started - intended
         try:
             sock.settimeout(timeout)
             sock.sendall(line)

@@ -65,6 +65,10 @@ locust_run = [pytest.mark.locust, pytest.mark.slow]
         ({"targets": "threaded,nginx"}, "--targets", "nginx"),
         ({"targets": "pool,pool"}, "--targets", "twice"),
         ({"targets": ""}, "--targets", "at least one"),
+        ({"arrival_rate": "-1"}, "--arrival-rate", "from 0"),
+        ({"arrival_rate": "fast"}, "--arrival-rate", "'fast'"),
+        ({"arrival_rate": "1e9"}, "--arrival-rate", "100000"),
+        ({"arrival": "burst"}, "--arrival", "poisson, uniform"),
         (
             {"ping_share": "0.5", "sleep_share": "0.4", "work_share": "0.2"},
             "--work-share",
