@@ -46,7 +46,6 @@ from tests.loadtest_helpers import (
 
 USERS_PER_TARGET = 100
 PROTOCOL_COMMANDS = ("echo", "ping", "sleep", "work")
-locust_run = [pytest.mark.locust, pytest.mark.slow]
 
 
 # --- the pieces -----------------------------------------------------------------------------
@@ -381,6 +380,11 @@ def check_servers_saw_the_same_traffic(before, after, totals) -> None:
         assert ok <= answered <= ok + USERS_PER_TARGET, (target, ok, answered)
 
 
+def counts_by_target(servers) -> dict[str, Any]:
+    """Each server's own request counters, by target name."""
+    return {target: server_counts(server) for target, server in servers.items()}
+
+
 def run_headless_to_success(tmp_path, name: str, args: list[str], servers) -> tuple[Any, dict]:
     """Run Locust to its end against the servers; it must exit 0 and report every row."""
     run = run_to_end(tmp_path, name, args, locust_env(addresses(servers)))
@@ -392,11 +396,10 @@ def run_headless_to_success(tmp_path, name: str, args: list[str], servers) -> tu
 @pytest.mark.locust
 @pytest.mark.slow
 def test_headless_run_loads_all_targets_with_100_users_each_and_no_failures(servers, tmp_path):
-    before = {target: server_counts(server) for target, server in servers.items()}
-    prefix = tmp_path / "run"
+    before = counts_by_target(servers)
     # No -u: loadtest/locust.conf must give 100 users per target on its own (cwd is tmp_path).
     run, totals = run_headless_to_success(
-        tmp_path, "headless", ["--headless", "-t", "12s", "--csv", str(prefix)], servers
+        tmp_path, "headless", ["--headless", "-t", "12s", "--csv", str(tmp_path / "run")], servers
     )
     assert all(requests > 0 and failures == 0 for requests, failures in totals.values()), totals
     # Every user connected exactly once: 100 per target, none reconnected.
@@ -413,7 +416,7 @@ def test_headless_run_loads_all_targets_with_100_users_each_and_no_failures(serv
     for row in latency.values():
         percentiles = [int(row[name]) for name in ("p50_us", "p99_us", "p999_us", "max_us")]
         assert percentiles[0] > 0 and percentiles == sorted(percentiles)
-    after = {target: server_counts(server) for target, server in servers.items()}
+    after = counts_by_target(servers)
     check_servers_saw_the_same_traffic(before, after, totals)
 
 
@@ -515,11 +518,10 @@ def test_killed_server_shows_failures_and_users_recover_when_it_returns(tmp_path
 @pytest.mark.locust
 @pytest.mark.slow
 def test_distributed_master_aggregates_two_workers_and_passes_knob_changes_on(servers, tmp_path):
-    before = {target: server_counts(server) for target, server in servers.items()}
-    prefix = tmp_path / "dist"
+    before = counts_by_target(servers)
     master, workers = start_distributed(
         tmp_path,
-        ["--autostart", "-t", "300s", "--csv", str(prefix)],
+        ["--autostart", "-t", "300s", "--csv", str(tmp_path / "dist")],
         locust_env(addresses(servers)),
     )
     try:
@@ -564,7 +566,7 @@ def test_distributed_master_aggregates_two_workers_and_passes_knob_changes_on(se
             for r in csv.DictReader(handle)
         }
     assert latency == totals
-    after = {target: server_counts(server) for target, server in servers.items()}
+    after = counts_by_target(servers)
     check_servers_saw_the_same_traffic(before, after, totals)
 
 
