@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -73,6 +74,14 @@ def add_path(parser: argparse.ArgumentParser, flag: str, default: Path, help: st
 def timestamp() -> str:
     """Now, in UTC, to the minute: when a result was measured."""
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def write_result(tool: str, out: Path, report: dict, committed: Path) -> None:
+    """Write `report` as JSON to `out`, say so, and refresh the docs when `out` is `committed`."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"{tool}: wrote {out}")
+    refresh_docs_if_committed(out, committed, lambda text: print(f"{tool}: {text}"))
 
 
 def refresh_docs_if_committed(out: Path, committed: Path, note: Callable[[str], object]) -> None:

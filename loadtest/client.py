@@ -7,6 +7,10 @@ Rules it keeps (see docs/LOADTEST.md):
 - on any error the socket is closed at once and the next request reconnects, so a dead socket is
   never reused (Locust's ``events.request.measure()`` would swallow the error and keep it);
 - connecting is timed and reported as its own row (name ``connect``);
+- the name is resolved again at every connect and one of its addresses taken in turn, so the
+  users of one target spread over every replica behind its name (Docker's DNS returns each
+  replica's address; a replica that comes or goes is seen at the next connect, and one that
+  refuses is passed over for the next address);
 - it never raises into the task: every outcome becomes exactly one request event.
 
 In arrival-rate mode (``loadtest.arrivals``) a request has an *intended* start on a timetable:
@@ -18,9 +22,14 @@ free when the request was due.
 
 from __future__ import annotations
 
+import itertools
 import socket
 import time
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from loadtest.arrivals import Start
 
 CONNECT = "connect"
 READ_SIZE = 65536
@@ -29,6 +38,45 @@ REPLY_SLACK = 1024
 # Keys of a request event's context (read by loadtest.exporter).
 SERVICE_S = "service_s"  # seconds from sending the request to reading its reply
 LATE = "late_start"  # an arrival-rate start that found no free connection when it was due
+# (host, port) -> every address it stands for now, in any order.
+Resolver = Callable[[str, int], list[tuple[str, int]]]
+# One turn counter per name in this process: the users of one target take its replicas in turn,
+# whatever the other targets do (one shared counter would skew with three targets on three
+# replicas). next() on itertools.count is atomic, so threads and greenlets may share it.
+_turns: dict[tuple[str, int], Iterator[int]] = {}
+
+
+def resolve(host: str, port: int) -> list[tuple[str, int]]:
+    """Every TCP address `host` resolves to now (getaddrinfo, so /etc/hosts and DNS count)."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return [(str(info[4][0]), int(info[4][1])) for info in infos]
+
+
+def addresses_in_turn(
+    address: tuple[str, int], resolver: Resolver = resolve
+) -> list[tuple[str, int]]:
+    """The name's current addresses, starting with the next one in turn (the rest are the
+    fallbacks, in order: `localhost` may name ::1 where only 127.0.0.1 listens)."""
+    # Sorted, so the turn does not depend on the order a DNS server shuffled the records into.
+    addresses = sorted(set(resolver(*address)))
+    if not addresses:
+        raise OSError(f"{address[0]} resolves to no address")
+    start = next(_turns.setdefault(address, itertools.count())) % len(addresses)
+    return addresses[start:] + addresses[:start]
+
+
+def connect_first(
+    addresses: list[tuple[str, int]], timeout: float
+) -> tuple[socket.socket, tuple[str, int]]:
+    """A connection to the first of `addresses` that accepts one, and that address; the last
+    error when none does."""
+    error: OSError = OSError("no address to connect to")
+    for address in addresses:
+        try:
+            return socket.create_connection(address, timeout=timeout), address
+        except OSError as refused:
+            error = refused
+    raise error
 
 
 class ReplyError(Exception):
@@ -68,9 +116,13 @@ class LineClient:
         address: tuple[str, int],
         request_event: Any,
         connect_timeout: float = 10.0,
+        resolver: Resolver = resolve,
     ) -> None:
         self.target = target
         self.address = address
+        self.resolver = resolver
+        # The replica the current connection went to (None before the first connect).
+        self.peer: tuple[str, int] | None = None
         self.connect_timeout = connect_timeout
         self.consecutive_connect_failures = 0
         self._request_event = request_event
@@ -104,13 +156,12 @@ class LineClient:
         line: bytes,
         expected: bytes,
         timeout: float,
-        intended: float | None = None,
-        late: bool = False,
+        start: Start | None = None,
     ) -> bool:
         """Send one line, read one reply line, check it; fire one request event. True on success.
 
-        `intended` (a ``time.perf_counter()`` instant) is when the request was due in arrival-rate
-        mode: the latency reported then counts from it, connecting included.
+        `start` is the request's place in the timetable in arrival-rate mode: the latency
+        reported then counts from when it was due, connecting included.
         """
         if self._sock is None and not self._connect():
             return False
@@ -118,10 +169,8 @@ class LineClient:
         assert sock is not None
         start_time = time.time()
         started = time.perf_counter()
-        if intended is not None:
-            start_time -= started - intended
-        else:
-            intended = started
+        intended, late = (start.due, start.late) if start is not None else (started, False)
+        start_time -= started - intended
         try:
             sock.settimeout(timeout)
             sock.sendall(line)
@@ -150,7 +199,8 @@ class LineClient:
         start_time = time.time()
         started = time.perf_counter()
         try:
-            sock = socket.create_connection(self.address, timeout=self.connect_timeout)
+            candidates = addresses_in_turn(self.address, self.resolver)
+            sock, self.peer = connect_first(candidates, self.connect_timeout)
             # Request/reply traffic: do not let Nagle hold back a small request.
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except Exception as error:  # reported as a failed connect, never raised

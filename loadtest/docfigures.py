@@ -72,6 +72,7 @@ class Sources:
         self.soak = _load(results / "soak.json")
         self.lessons = _load(results / "lessons" / "lessons.json")
         self.scrape_cost = _load(results / "scrape_cost.json")
+        self.replicas = _load(results / "replicas.json")
         self.open_loop = _load(results / "bench-open-loop.json")
 
 
@@ -671,6 +672,41 @@ def scrape_cost_table(data: dict) -> str:
     return "\n".join(lines)
 
 
+# -- replicas (results/replicas.json, python -m loadtest.replicas) ----------------------------
+
+
+# Other processes above this many cores during a replicas run: the figure says so.
+BUSY_OTHER_CORES = 0.25
+
+
+def replicas_figure(data: dict) -> str:
+    """README and SCALING.md: one replica against N on /work, and what Locust used meanwhile."""
+    one, many = data["runs"]
+
+    def cores(run: dict) -> str:
+        return f"{sum(run['server_cores']):.2f}"
+
+    return wrap(
+        f"Measured {data['when']} at commit {data['commit']} on {data['cpus']} CPUs "
+        f"(`python -m loadtest.replicas`): `/work` from {data['users']} Locust users on "
+        f"{data['model']}, {data['cpus_per_replica']:g} CPU per replica: one replica "
+        f"{one['rps']:,.0f} requests/s, {many['replicas']} replicas {many['rps']:,.0f} requests/s, "
+        f"**{data['ratio']:.2f}x**. The servers used {cores(one)} and {cores(many)} cores; "
+        f"Locust used {one['locust_cores']:.2f} and {many['locust_cores']:.2f} cores meanwhile"
+        + (
+            f", other processes {one['other_cores']:.2f} and {many['other_cores']:.2f}."
+            if "other_cores" in one and "other_cores" in many
+            else "."
+        )
+        + (
+            " The machine was busy: the replicas did not get their cores, so this ratio is not "
+            "the models' alone; measure again on a quiet machine."
+            if max(one.get("other_cores", 0), many.get("other_cores", 0)) > BUSY_OTHER_CORES
+            else ""
+        )
+    )
+
+
 # -- open loop (results/bench-open-loop.json, python -m loadtest.bench --open-loop) ----------
 
 
@@ -717,6 +753,7 @@ def open_loop_readme(data: dict) -> str:
 NO_BENCH = "(No benchmark result is committed: run `make bench`.)"
 NO_SOAK = "(No soak result is committed: run `make soak`.)"
 NO_LESSONS = "(No lessons result is committed: run `make lessons`.)"
+NO_REPLICAS = "(No replicas result is committed: run `python -m loadtest.replicas`.)"
 NO_SCRAPE_COST = "(No scrape-cost result is committed: run `python -m loadtest.bench.scrape_cost`.)"
 NO_OPEN_LOOP = (
     "(No open-loop result is committed: run `python -m loadtest.bench --open-loop`, "
@@ -742,6 +779,9 @@ RENDERERS: dict[str, Callable[[Sources], str]] = {
     "lessons": lambda sources: lessons_readme(sources.lessons) if sources.lessons else NO_LESSONS,
     "scrape-cost": lambda sources: (
         scrape_cost_table(sources.scrape_cost) if sources.scrape_cost else NO_SCRAPE_COST
+    ),
+    "replicas": lambda sources: (
+        replicas_figure(sources.replicas) if sources.replicas else NO_REPLICAS
     ),
     "open-loop": lambda sources: (
         open_loop_readme(sources.open_loop) if sources.open_loop else NO_OPEN_LOOP

@@ -208,10 +208,13 @@ def prometheus_config(settings: StackSettings, with_locust: bool) -> str:
     ]
     for model in MODELS:
         port = settings.ports[f"{model}_metrics_port"]
+        # The labels docker/prometheus gives each replica: one replica here.
         lines += [
             f"  - job_name: {model}",
+            "    honor_labels: true",
             "    static_configs:",
             f'      - targets: ["{host}:{port}"]',
+            f'        labels: {{model: {model}, replica: "{host}:{port}"}}',
         ]
     if with_locust:
         lines += [

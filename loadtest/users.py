@@ -128,9 +128,7 @@ class SocketUser(User):
             self.client.missed(command, start.due, error)
             return
         line, expected = workload.build_request(command, self._payload(workload.payload_bytes))
-        self.client.request(
-            command, line, expected, workload.reply_timeout(command), start.due, start.late
-        )
+        self.client.request(command, line, expected, workload.reply_timeout(command), start)
 
     def _payload(self, size: int) -> bytes:
         self._sequence = (self._sequence + 1) % 10

@@ -13,7 +13,9 @@ Adding a model:
    `Server` subclass whose `model` is the name;
 2. one `Model(...)` entry below (the next free host ports, a dashboard colour);
 3. its service in `docker-compose.yml` (copy a server service; the port variable is
-   `ARENA_<NAME>_PORT`), its `LOCUST_<NAME>_TARGET`, and its colour in the Grafana dashboard.
+   `ARENA_<NAME>_PORT`) and in `docker/stack.yml` (replicas `ARENA_<NAME>_REPLICAS`), its
+   `LOCUST_<NAME>_TARGET` in both, its scrape job in `docker/prometheus/prometheus.yml` (copy a
+   server job: DNS finds every replica), and its colour in the Grafana dashboard.
 The tests then run every suite on it and check the compose file and the dashboard name it.
 """
 

@@ -178,8 +178,25 @@ def metric_samples(text: str, name: str) -> dict[frozenset[tuple[str, str]], flo
     return procs.Metrics(text).by_labels(name)
 
 
+class PublishedStack:
+    """What a stack on 127.0.0.1 offers a test: its services' URLs and Prometheus queries.
+    Subclasses hold `ports`: {service: published host port}."""
+
+    ports: dict[str, int]
+
+    def url(self, service: str, path: str) -> str:
+        """http://127.0.0.1:PUBLISHED_PORT/path of a service."""
+        return f"http://127.0.0.1:{self.ports[service]}{path}"
+
+    def promql(self, query: str) -> list[dict[str, Any]]:
+        """Run an instant query against the stack's Prometheus; return the result vector."""
+        reply = http_json(self.url("prometheus", "/api/v1/query"), data={"query": query})
+        assert reply["status"] == "success", reply
+        return reply["data"]["result"]
+
+
 @dataclass
-class ComposeProject:
+class ComposeProject(PublishedStack):
     """One uniquely named project of the repository's compose file, on free host ports."""
 
     name: str = field(default_factory=lambda: f"arena-test-{secrets.token_hex(4)}")
@@ -187,6 +204,9 @@ class ComposeProject:
         default_factory=lambda: {service: procs.free_port() for service in PUBLISHED_PORT_VARIABLES}
     )
     started: list[str] = field(default_factory=list)
+    # Replicas per server model (`up --scale`); a scaled model's host port variable is left empty,
+    # so each replica is published on a free port (replica_ports).
+    scale: dict[str, int] = field(default_factory=dict)
     # The Locust web UI's login (ARENA_LOCUST_LOGIN): on in the test, so the healthchecks and
     # the Prometheus scrape are shown to work with it; the default (off) is checked without
     # Docker in tests/test_locust_weblogin.py.
@@ -197,7 +217,10 @@ class ComposeProject:
     @property
     def env(self) -> dict[str, str]:
         """The environment for compose commands: default knobs, our ports, the classic builder."""
-        published = {PUBLISHED_PORT_VARIABLES[s]: str(p) for s, p in self.ports.items()}
+        published = {
+            PUBLISHED_PORT_VARIABLES[s]: "" if self.scale.get(s, 1) > 1 else str(p)
+            for s, p in self.ports.items()
+        }
         return {
             **clean_environment(),
             "COMPOSE_BAKE": "false",
@@ -234,6 +257,7 @@ class ComposeProject:
             "--wait",
             "--wait-timeout",
             str(int(timeout)),
+            *[f"--scale={service}={count}" for service, count in self.scale.items()],
             *services,
             timeout=timeout + 60,
             env=env,
@@ -306,15 +330,13 @@ class ComposeProject:
         )
         return self.compose("exec", "-T", service, "python", "-c", script, timeout=30).stdout
 
-    def url(self, service: str, path: str) -> str:
-        """http://127.0.0.1:PUBLISHED_PORT/path of a service."""
-        return f"http://127.0.0.1:{self.ports[service]}{path}"
-
-    def promql(self, query: str) -> list[dict[str, Any]]:
-        """Run an instant query against the project's Prometheus; return the result vector."""
-        reply = http_json(self.url("prometheus", "/api/v1/query"), data={"query": query})
-        assert reply["status"] == "success", reply
-        return reply["data"]["result"]
+    def replica_ports(self, service: str, port: int = 9000) -> list[int]:
+        """The host port of each replica of `service` (`docker compose port --index N`)."""
+        found = []
+        for index in range(1, self.scale.get(service, 1) + 1):
+            output = self.compose("port", "--index", str(index), service, str(port)).stdout
+            found.append(int(output.strip().rpartition(":")[2]))
+        return found
 
     def diagnostics(self) -> str:
         """Container states and recent logs, for assertion messages."""

@@ -123,6 +123,31 @@ def start_locust(
     return LocustProcess(proc, workdir, name, web_port)
 
 
+def start_distributed(
+    workdir: Path, args: list[str], env: dict[str, str], workers: int = 2
+) -> tuple[LocustProcess, list[LocustProcess]]:
+    """Start a Locust master (web UI on a free port, `args` added) and `workers` workers.
+
+    The workers get no target addresses of their own: the master's settings must reach them.
+    """
+    master_port = free_port()
+    bind = ["--master-bind-host", "127.0.0.1", "--master-bind-port", str(master_port)]
+    expect = ["--expect-workers", str(workers)]
+    master = start_locust(
+        workdir, "master", ["--master", *bind, *expect, *args], env, web_port=free_port()
+    )
+    started = [
+        start_locust(
+            workdir,
+            f"worker{n}",
+            ["--worker", "--master-host", "127.0.0.1", "--master-port", str(master_port)],
+            locust_env({}),
+        )
+        for n in range(1, workers + 1)
+    ]
+    return master, started
+
+
 def run_to_end(
     workdir: Path,
     name: str,

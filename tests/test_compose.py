@@ -5,9 +5,10 @@ with the Locust web login on (ARENA_LOCUST_LOGIN), so the healthchecks and Prome
 to work with it. The tests read the stack from outside the containers (published ports, the
 docker CLI) in the order a user would look at it, then crash one server under load and watch it
 come back, stop the servers with SIGTERM, and finally take it down; the tests run in file order
-and each later one needs what the earlier ones left. Grafana's image cannot run on an engine
-without a registry: then every PromQL query of the provisioned dashboard is run against the
-real Prometheus instead.
+and each later one needs what the earlier ones left. gevent runs two replicas (`up --scale
+gevent=2`): Locust must load, and Prometheus scrape, each one. Grafana's image cannot run on an
+engine without a registry: then every PromQL query of the provisioned dashboard is run against
+the real Prometheus instead.
 
 Without a Docker engine the module is skipped, unless ARENA_REQUIRE_DOCKER=1 (CI), where it
 fails.
@@ -29,6 +30,7 @@ from services.config import Settings
 from tests.compose_helpers import (
     DASHBOARD_DIR,
     LOCUST_CONF,
+    PUBLISHED_PORT_VARIABLES,
     SERVER_SERVICES,
     ComposeProject,
     clean_environment,
@@ -57,6 +59,9 @@ RESTART_TIMEOUT = 60.0  # restart + first healthcheck (every 5 s) + users' recon
 # Locust workers report to the master every 3 s: two reads this far apart that agree mean the
 # failure counter really stopped.
 QUIET_INTERVAL = 7.0
+# `--scale` rides in this one stack start: two replicas of one model (the cores lesson's model),
+# the others one each. Locust's 100 users of that target spread over both.
+SCALED = {"gevent": 2}
 HARDENED_SERVICES = (*SERVER_SERVICES, "locust", "locust-worker")
 # What a user opens: each server's protocol port, Locust's web UI, Prometheus and Grafana.
 PUBLISHED = {
@@ -78,7 +83,7 @@ def compose_cli() -> ComposeProject:
 def stack() -> Iterator[ComposeProject]:
     """The stack, built and started with `up -d --build --wait`; always taken down after."""
     require(engine_problem(), "Docker engine")
-    project = ComposeProject()
+    project = ComposeProject(scale=SCALED)
     try:
         runnable, missing = project.runnable_services()
         print(
@@ -124,6 +129,20 @@ def test_compose_defaults_match_the_code(compose_cli: ComposeProject) -> None:
             assert knob.parse(environment[knob.env_var]) == knob.parse(knob.default), knob.flag
         assert environment["LOCUST_USERS"] == conf["users"]
         assert environment["LOCUST_SPAWN_RATE"] == conf["spawn-rate"]
+
+
+def test_every_model_can_publish_its_replicas_without_a_clash(compose_cli: ComposeProject) -> None:
+    """One replica: the model's fixed host port. Its port variable empty: no fixed host port (a
+    free one per replica, so `--scale` works); a range: one port of it per replica."""
+    for value, published in (("", None), ("9030-9039", "9030-9039")):
+        env = {
+            **clean_environment(),
+            **{PUBLISHED_PORT_VARIABLES[s]: value for s in SERVER_SERVICES},
+        }
+        services = json.loads(compose_cli.compose("config", "--format", "json", env=env).stdout)
+        for name in SERVER_SERVICES:
+            ports = services["services"][name]["ports"]
+            assert [(p["target"], p.get("published")) for p in ports] == [(9000, published)], ports
 
 
 def test_compose_file_hardens_every_service(compose_cli: ComposeProject) -> None:
@@ -203,9 +222,13 @@ def test_locust_web_ui_needs_the_login_when_one_is_set(stack: ComposeProject) ->
 
 
 def test_servers_answer_on_their_published_ports(stack: ComposeProject) -> None:
-    """From the host, each server answers `/ping` with `PONG` on its 127.0.0.1 port."""
+    """From the host, each server answers `/ping` with `PONG` on its 127.0.0.1 port; each
+    replica of a scaled one on its own free port."""
     for service in SERVER_SERVICES:
-        assert ping(stack.ports[service]) == b"PONG\n", service
+        ports = stack.replica_ports(service) if service in SCALED else [stack.ports[service]]
+        assert len(set(ports)) == SCALED.get(service, 1), (service, ports)
+        for port in ports:
+            assert ping(port) == b"PONG\n", (service, port)
 
 
 def test_locust_loads_every_server_with_zero_failures(stack: ComposeProject) -> None:
@@ -250,17 +273,62 @@ def test_locust_loads_every_server_with_zero_failures(stack: ComposeProject) -> 
 
 
 def test_prometheus_scrapes_every_target(stack: ComposeProject) -> None:
-    """Prometheus reports every server and the Locust master as up."""
-    expected = {*SERVER_SERVICES, "locust"}
+    """Prometheus reports every server replica (found by DNS, labelled with its model and
+    address) and the Locust master as up."""
+    expected = {**{service: 1 for service in SERVER_SERVICES}, **SCALED, "locust": 1}
 
-    def all_up() -> dict[str, str] | None:
+    def all_up() -> dict[str, list[str]] | None:
         targets = http_json(stack.url("prometheus", "/api/v1/targets"))["data"]["activeTargets"]
-        health = {t["labels"]["job"]: f"{t['health']} {t['lastError']}".strip() for t in targets}
-        return health if all(health.get(job) == "up" for job in expected) else None
+        health: dict[str, list[str]] = {}
+        for target in targets:
+            labels = target["labels"]
+            health.setdefault(labels["job"], []).append(
+                f"{labels['instance']} {target['health']} {target['lastError']}".strip()
+            )
+            if labels["job"] != "locust":
+                assert labels["model"] == labels["job"], labels
+                assert labels["replica"] == labels["instance"], labels
+        up = all(
+            len(health.get(job, [])) == count and all(h.endswith(" up") for h in health[job])
+            for job, count in expected.items()
+        )
+        return health if up else None
 
     health = poll(all_up, SCRAPE_TIMEOUT)
     assert isinstance(health, dict), f"targets not all up: {health!r}\n{stack.diagnostics()}"
-    assert set(health) == expected
+    assert set(health) == set(expected)
+
+
+def replica_load(stack: ComposeProject, model: str) -> dict[str, tuple[float, float]]:
+    """{replica: (open connections, requests/s)} of one model, from Prometheus."""
+    selector = f'{{job="{model}"}}'
+    connections = stack.promql(f"sum by (replica) (arena_connections_active{selector})")
+    rates = stack.promql(f"sum by (replica) (rate(arena_requests_total{selector}[30s]))")
+    rate_of = {row["metric"]["replica"]: float(row["value"][1]) for row in rates}
+    return {
+        row["metric"]["replica"]: (float(row["value"][1]), rate_of.get(row["metric"]["replica"], 0))
+        for row in connections
+    }
+
+
+def test_every_replica_gets_connections_and_requests(stack: ComposeProject) -> None:
+    """The scaled model's users spread over its replicas (Locust resolves the name at each
+    connect): by the servers' own metrics in Prometheus, every replica holds connections and
+    serves requests, and together they hold the target's 100 users."""
+    for model, replicas in SCALED.items():
+
+        def spread(model: str = model, replicas: int = replicas) -> dict | None:
+            seen = replica_load(stack, model)
+            ready = (
+                len(seen) == replicas
+                and all(connections > 0 and rate > 0 for connections, rate in seen.values())
+                and sum(connections for connections, _ in seen.values()) == USERS_PER_SERVER
+            )
+            return seen if ready else None
+
+        seen = poll(spread, SCRAPE_TIMEOUT, interval=5.0)
+        assert isinstance(seen, dict), f"{model}: replicas not all loaded: {seen!r}"
+        print(f"{model}: (connections, requests/s) per replica {seen}")
 
 
 def test_dashboard_is_well_formed_and_uses_the_provisioned_datasource() -> None:

@@ -125,6 +125,8 @@ def test_a_new_result_makes_the_docs_stale(tmp_path):
     (tmp_path / "bench.json").write_text(json.dumps(bench))
     shutil.copy(ROOT / "results" / "soak.json", tmp_path / "soak.json")
     shutil.copy(ROOT / "results" / "scrape_cost.json", tmp_path / "scrape_cost.json")
+    if (ROOT / "results" / "replicas.json").exists():
+        shutil.copy(ROOT / "results" / "replicas.json", tmp_path / "replicas.json")
     if (ROOT / "results" / "lessons").is_dir():
         shutil.copytree(ROOT / "results" / "lessons", tmp_path / "lessons")
     stale = docfigures.stale(_docs(), docfigures.Sources(tmp_path))
@@ -167,8 +169,31 @@ def test_a_missing_result_is_said_not_invented(tmp_path):
             docfigures.NO_SOAK,
             docfigures.NO_LESSONS,
             docfigures.NO_SCRAPE_COST,
+            docfigures.NO_REPLICAS,
             docfigures.NO_OPEN_LOOP,
         ), name
+
+
+def test_the_replicas_figure_states_both_rates_the_ratio_and_locusts_share():
+    run = {"rps": 1000.0, "server_cores": [0.98], "locust_cores": 0.4, "replicas": 1}
+    run |= {"other_cores": 0.05}
+    runs = [run, {**run, "rps": 1700.0, "server_cores": [0.9, 0.8], "replicas": 2}]
+    data = {"when": "2027-01-02 03:04 UTC", "commit": "abc1234", "cpus": 4, "model": "gevent"}
+    data |= {"cpus_per_replica": 1.0, "users": 100, "runs": runs, "ratio": 1.7}
+    text = " ".join(docfigures.replicas_figure(data).split())
+    assert "one replica 1,000 requests/s, 2 replicas 1,700 requests/s, **1.70x**" in text
+    assert "servers used 0.98 and 1.70 cores; Locust used 0.40 and 0.40 cores" in text
+    assert "meanwhile, other processes 0.05 and 0.05." in text
+    assert "busy" not in text
+    runs[1]["other_cores"] = 0.8
+    assert "The machine was busy" in docfigures.replicas_figure(data)
+
+
+def test_the_replicas_measurement_refuses_a_bad_argument_without_docker():
+    result = run_module("loadtest.replicas", "--replicas", "1")
+    assert result.returncode == 2 and "--replicas >= 2" in result.stderr
+    result = run_module("loadtest.replicas", "--model", "nginx")
+    assert result.returncode == 2 and "invalid choice" in result.stderr
 
 
 def test_the_open_loop_section_reads_each_models_knee(tmp_path):

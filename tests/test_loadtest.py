@@ -19,7 +19,7 @@ import pytest
 from locust.event import EventHook
 
 from loadtest import locustfile
-from loadtest.client import LineClient
+from loadtest.client import LineClient, resolve
 from loadtest.client_metrics import render_metrics
 from loadtest.client_stats import ClientStats, fine_key, latency_rows
 from loadtest.lessons import catalog
@@ -39,13 +39,13 @@ from tests.loadtest_helpers import (
     poll,
     run_to_end,
     server_counts,
+    start_distributed,
     start_locust,
     stats_totals,
 )
 
 USERS_PER_TARGET = 100
 PROTOCOL_COMMANDS = ("echo", "ping", "sleep", "work")
-locust_run = [pytest.mark.locust, pytest.mark.slow]
 
 
 # --- the pieces -----------------------------------------------------------------------------
@@ -64,6 +64,10 @@ locust_run = [pytest.mark.locust, pytest.mark.slow]
         ({"targets": "threaded,nginx"}, "--targets", "nginx"),
         ({"targets": "pool,pool"}, "--targets", "twice"),
         ({"targets": ""}, "--targets", "at least one"),
+        ({"arrival_rate": "-1"}, "--arrival-rate", "from 0"),
+        ({"arrival_rate": "fast"}, "--arrival-rate", "'fast'"),
+        ({"arrival_rate": "1e9"}, "--arrival-rate", "100000"),
+        ({"arrival": "burst"}, "--arrival", "poisson, uniform"),
         (
             {"ping_share": "0.5", "sleep_share": "0.4", "work_share": "0.2"},
             "--work-share",
@@ -227,6 +231,60 @@ def test_client_counts_a_refused_connect_and_sends_nothing():
     assert client.consecutive_connect_failures == 2
 
 
+def test_clients_of_one_name_take_its_replicas_in_turn_at_each_connect():
+    """A name behind which two real servers answer (two replicas; the resolver stands in for
+    Docker's DNS): the clients' connects alternate between them and every request is answered."""
+    replicas = [launch_server("threaded"), launch_server("threaded")]
+    try:
+        addresses = sorted(server.address for server in replicas)
+        name = ("replicas.invalid", free_port())  # never resolved for real: the resolver answers
+        # DNS servers shuffle the records: the turn must not depend on their order.
+        answers = iter([addresses, addresses[::-1]] * 4)
+        recorded = RecordedEvents()
+        clients = [
+            LineClient("threaded", name, recorded.hook, resolver=lambda *_: next(answers))
+            for _ in range(4)
+        ]
+        for client in clients:
+            assert client.request("echo", b"abc\n", b"ABC", timeout=10)
+        peers = [client.peer for client in clients]
+        assert peers[0] != peers[1] and peers[0::2] == [peers[0]] * 2, peers
+        assert set(peers) == set(addresses)
+        for client in clients:
+            client.close()
+    finally:
+        for server in replicas:
+            stop_server(server)
+
+
+def test_an_address_that_refuses_is_passed_over_for_the_next(threaded_server):
+    """A name whose other address refuses (a replica gone, or `localhost` naming ::1 where only
+    127.0.0.1 listens): every connect still reaches the one that answers, and nothing fails."""
+    dead = ("127.0.0.1", free_port())
+    recorded = RecordedEvents()
+    clients = [
+        LineClient(
+            "threaded",
+            ("mixed.invalid", 9),
+            recorded.hook,
+            resolver=lambda *_: [dead, threaded_server.address],
+        )
+        for _ in range(3)
+    ]
+    for client in clients:
+        assert client.request("echo", b"abc\n", b"ABC", timeout=10)
+        assert client.peer == threaded_server.address
+        client.close()
+    assert all(error is None for _, error in recorded.outcomes())
+
+
+def test_the_default_resolver_returns_the_addresses_of_a_name():
+    assert resolve("127.0.0.1", 9) == [("127.0.0.1", 9)]
+    assert ("127.0.0.1", 9) in resolve("localhost", 9)
+    with pytest.raises(OSError):
+        resolve("no-such-host.invalid", 9)
+
+
 def test_fine_histogram_keeps_three_significant_digits():
     assert [fine_key(us) for us in (0, 7, 999, 1000, 1234, 98765, 1234567)] == [
         0,
@@ -322,6 +380,11 @@ def check_servers_saw_the_same_traffic(before, after, totals) -> None:
         assert ok <= answered <= ok + USERS_PER_TARGET, (target, ok, answered)
 
 
+def counts_by_target(servers) -> dict[str, Any]:
+    """Each server's own request counters, by target name."""
+    return {target: server_counts(server) for target, server in servers.items()}
+
+
 def run_headless_to_success(tmp_path, name: str, args: list[str], servers) -> tuple[Any, dict]:
     """Run Locust to its end against the servers; it must exit 0 and report every row."""
     run = run_to_end(tmp_path, name, args, locust_env(addresses(servers)))
@@ -333,11 +396,10 @@ def run_headless_to_success(tmp_path, name: str, args: list[str], servers) -> tu
 @pytest.mark.locust
 @pytest.mark.slow
 def test_headless_run_loads_all_targets_with_100_users_each_and_no_failures(servers, tmp_path):
-    before = {target: server_counts(server) for target, server in servers.items()}
-    prefix = tmp_path / "run"
+    before = counts_by_target(servers)
     # No -u: loadtest/locust.conf must give 100 users per target on its own (cwd is tmp_path).
     run, totals = run_headless_to_success(
-        tmp_path, "headless", ["--headless", "-t", "12s", "--csv", str(prefix)], servers
+        tmp_path, "headless", ["--headless", "-t", "12s", "--csv", str(tmp_path / "run")], servers
     )
     assert all(requests > 0 and failures == 0 for requests, failures in totals.values()), totals
     # Every user connected exactly once: 100 per target, none reconnected.
@@ -354,7 +416,7 @@ def test_headless_run_loads_all_targets_with_100_users_each_and_no_failures(serv
     for row in latency.values():
         percentiles = [int(row[name]) for name in ("p50_us", "p99_us", "p999_us", "max_us")]
         assert percentiles[0] > 0 and percentiles == sorted(percentiles)
-    after = {target: server_counts(server) for target, server in servers.items()}
+    after = counts_by_target(servers)
     check_servers_saw_the_same_traffic(before, after, totals)
 
 
@@ -456,39 +518,12 @@ def test_killed_server_shows_failures_and_users_recover_when_it_returns(tmp_path
 @pytest.mark.locust
 @pytest.mark.slow
 def test_distributed_master_aggregates_two_workers_and_passes_knob_changes_on(servers, tmp_path):
-    before = {target: server_counts(server) for target, server in servers.items()}
-    master_port = free_port()
-    prefix = tmp_path / "dist"
-    master = start_locust(
+    before = counts_by_target(servers)
+    master, workers = start_distributed(
         tmp_path,
-        "master",
-        [
-            "--master",
-            "--master-bind-host",
-            "127.0.0.1",
-            "--master-bind-port",
-            str(master_port),
-            "--expect-workers",
-            "2",
-            "--autostart",
-            "-t",
-            "300s",
-            "--csv",
-            str(prefix),
-        ],
+        ["--autostart", "-t", "300s", "--csv", str(tmp_path / "dist")],
         locust_env(addresses(servers)),
-        web_port=free_port(),
     )
-    # Workers get no target addresses of their own: the master's settings must reach them.
-    workers = [
-        start_locust(
-            tmp_path,
-            f"worker{n}",
-            ["--worker", "--master-host", "127.0.0.1", "--master-port", str(master_port)],
-            locust_env({}),
-        )
-        for n in (1, 2)
-    ]
     try:
         wait_every_user(master, "100 users per target over 2 workers", timeout=90)
         poll(
@@ -531,7 +566,7 @@ def test_distributed_master_aggregates_two_workers_and_passes_knob_changes_on(se
             for r in csv.DictReader(handle)
         }
     assert latency == totals
-    after = {target: server_counts(server) for target, server in servers.items()}
+    after = counts_by_target(servers)
     check_servers_saw_the_same_traffic(before, after, totals)
 
 

@@ -22,6 +22,8 @@ SOURCE_DIRS = ("services", "loadtest", "tests", "docker")
 
 DASHBOARD = ROOT / "docker" / "grafana" / "dashboards" / "arena.json"
 COMPOSE = ROOT / "docker-compose.yml"
+STACK = ROOT / "docker" / "stack.yml"
+PROMETHEUS = ROOT / "docker" / "prometheus" / "prometheus.yml"
 
 
 def python_files() -> list[Path]:
@@ -117,8 +119,25 @@ def test_compose_has_a_service_port_and_locust_target_per_model(model: models.Mo
     """docker-compose.yml: the service, its published port variable and default, its target."""
     text = COMPOSE.read_text()
     assert re.search(rf"^  {re.escape(model.name)}:\n", text, re.MULTILINE), model.name
-    assert f"${{ARENA_{model.env_name}_PORT:-{model.port}}}:9000" in text
+    assert f"${{ARENA_{model.env_name}_PORT-{model.port}}}:9000" in text
     assert f"LOCUST_{model.env_name}_TARGET: tcp://{model.name}:9000" in text
+
+
+@pytest.mark.parametrize("model", models.MODELS, ids=models.NAMES)
+def test_swarm_stack_and_prometheus_have_each_model_with_its_replicas(model: models.Model) -> None:
+    """docker/stack.yml: the service, its replicas variable, its Locust target and its place in
+    the default targets; prometheus.yml: its job, finding every replica by DNS."""
+    text = STACK.read_text()
+    assert re.search(rf"^  {re.escape(model.name)}:\n", text, re.MULTILINE), model.name
+    assert f"replicas: ${{ARENA_{model.env_name}_REPLICAS:-2}}" in text
+    assert f"LOCUST_{model.env_name}_TARGET: tcp://{model.name}:9000" in text
+    targets = re.search(r"LOCUST_TARGETS: \$\{LOCUST_TARGETS:-([\w,-]+)\}", text)
+    assert targets and targets[1].split(",") == list(models.NAMES)
+    job = re.search(
+        rf"- job_name: {re.escape(model.name)}\n(?:    .*\n)*?.*names: \[{re.escape(model.name)}\]",
+        PROMETHEUS.read_text(),
+    )
+    assert job, f"no dns_sd_configs job for {model.name} in {PROMETHEUS}"
 
 
 @pytest.mark.parametrize("model", models.MODELS, ids=models.NAMES)

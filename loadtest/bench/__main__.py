@@ -115,14 +115,17 @@ def main(argv: list[str] | None = None) -> int:
         os.sched_setaffinity(0, pinning.loadgen)  # the harness's own sampling stays off the server
     work_rounds, work_round_ns = calibrate_work_rounds()
     if args.open_loop:
-        openloop.run(
-            build_targets(args.models, ["ours"], args.workers),
+        sweep = openloop.Sweep(
             build_scenarios(work_rounds)[args.scenarios[0]],
             binary,
             pinning,
             openloop.QUICK_STEPS if args.quick else openloop.STEPS,
             args.duration,
             args.warmup,
+        )
+        openloop.run(
+            build_targets(args.models, ["ours"], args.workers),
+            sweep,
             {**openloop.meta_for(args, pinning), "work_rounds": work_rounds},
             args.out,
             args.quiet,

@@ -15,6 +15,7 @@ solid, p50 dashed, log latency); the README's figures come from the JSON (loadte
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -73,17 +74,22 @@ def knee(points: list[dict]) -> dict | None:
     }
 
 
-def sweep_target(
-    target: Target,
-    scenario: Scenario,
-    binary: Path,
-    pinning: harness.Pinning,
-    steps: tuple[int, ...],
-    duration: float,
-    warmup: float,
-    progress: harness.Progress,
-) -> dict:
+@dataclass(frozen=True)
+class Sweep:
+    """How every model is swept: the load, the generator, the CPUs, the steps and their length."""
+
+    scenario: Scenario
+    binary: Path  # the C load generator
+    pinning: harness.Pinning
+    steps: tuple[int, ...]  # per cent of each model's closed-loop rate
+    duration: float  # measured seconds per step
+    warmup: float  # seconds of load before each step is measured
+
+
+def sweep_target(target: Target, sweep: Sweep, progress: harness.Progress) -> dict:
     """One model: its closed-loop rate, then every step of offered load on the same server."""
+    scenario, binary, pinning = sweep.scenario, sweep.binary, sweep.pinning
+    duration, warmup = sweep.duration, sweep.warmup
     server = harness.ServerProcess(target.name, list(target.command), pinning.server)
     try:
         closed = harness.measure_once(server, scenario, binary, duration, warmup, pinning)
@@ -92,7 +98,7 @@ def sweep_target(
             f"p99 {closed['latency_us']['p99']:>9,.0f} µs"
         )
         points = []
-        for percent in steps:
+        for percent in sweep.steps:
             offered = closed["rps"] * percent / 100
             record = harness.measure_once(
                 server, scenario, binary, duration, warmup, pinning, rate=offered
@@ -114,31 +120,18 @@ def sweep_target(
     }
 
 
-def run(
-    targets: list[Target],
-    scenario: Scenario,
-    binary: Path,
-    pinning: harness.Pinning,
-    steps: tuple[int, ...],
-    duration: float,
-    warmup: float,
-    meta: dict,
-    out: Path,
-    quiet: bool = False,
-) -> dict:
+def run(targets: list[Target], sweep: Sweep, meta: dict, out: Path, quiet: bool = False) -> dict:
     """Sweep every target, write the JSON and the chart into `out`; the results."""
+    scenario, steps = sweep.scenario, sweep.steps
     progress = harness.Progress(len(targets) * (1 + len(steps)), enabled=not quiet)
-    per_run = duration + warmup + 0.6
+    per_run = sweep.duration + sweep.warmup + 0.6
     progress.note(
         f"bench --open-loop: {len(targets)} models x (1 closed-loop run + {len(steps)} offered "
         f"rates) on {scenario.title}, about {harness._clock(progress.total * per_run)} plus "
-        f"start-ups; {pinning.describe()}"
+        f"start-ups; {sweep.pinning.describe()}"
     )
     with harness.measuring("bench --open-loop"):
-        swept = [
-            sweep_target(t, scenario, binary, pinning, steps, duration, warmup, progress)
-            for t in targets
-        ]
+        swept = [sweep_target(target, sweep, progress) for target in targets]
     results = {
         "meta": {
             **meta,

@@ -13,7 +13,6 @@ compare commits with the same tool. Method and figures: docs/METRICS.md.
 
 from __future__ import annotations
 
-import json
 import os
 import resource
 import socket
@@ -155,10 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         "clock_ticks_per_second": procs.TICKS,
         "models": results,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"scrape_cost: wrote {args.out}")
-    cli.refresh_docs_if_committed(args.out, DEFAULT_OUT, lambda text: print(f"scrape_cost: {text}"))
+    cli.write_result("scrape_cost", args.out, report, DEFAULT_OUT)
     return 0
 
 
