@@ -49,17 +49,15 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any, cast
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import GaugeMetricFamily, Metric
 
 from services import protocol
 from services.config import Settings
-from services.metrics import histogram_family
 from services.servers.base import MAX_ACCEPT_BACKOFF, Server
 from services.servers.batching import MAX_UNSENT_OUTPUT
-from services.session import Histogram, Session, reject
+from services.servers.looplag import PROBE_INTERVAL, LoopLag
+from services.session import Session, reject
 
-PROBE_INTERVAL = 0.1  # seconds between loop-lag probes, as gevent's
-BLOCKED_THRESHOLD = 0.01  # lateness counted as "the loop was blocked", as gevent's
 WRITE_CHUNK = 65536  # replies gathered before a write: one write per read, bounded in size
 STOP_TIMEOUT = 5.0  # seconds to wait for the loop to end after the connections closed
 SLEEP_PREFIX = b"/sleep "
@@ -318,9 +316,7 @@ class AsyncioServer(Server):
         self.accepting = False
         self.accept_backoff = 0.0  # seconds of the current accept() back-off (0: none)
         self.live_tasks = 0  # counted by the probe, in the loop's thread
-        self.lag = Histogram()
-        self.blocked_seconds = 0.0
-        self.blocks = 0
+        self.loop_lag = LoopLag()
         self.loop_call_later = self.loop.call_later
 
     def new_loop(self) -> asyncio.AbstractEventLoop:
@@ -483,11 +479,7 @@ class AsyncioServer(Server):
 
     def probe(self, expected: float) -> None:
         """Measure how late a periodic timer fires: the time the loop was blocked."""
-        lateness = max(0.0, time.perf_counter() - expected)
-        self.lag.observe(lateness)
-        if lateness > BLOCKED_THRESHOLD:
-            self.blocked_seconds += lateness
-            self.blocks += 1
+        self.loop_lag.observe(max(0.0, time.perf_counter() - expected))
         self.live_tasks = len(asyncio.all_tasks(self.loop))
         self.schedule_probe()
 
@@ -517,16 +509,4 @@ class AsyncioServer(Server):
         yield GaugeMetricFamily(
             "arena_asyncio_tasks", "asyncio tasks alive on the event loop", value=self.live_tasks
         )
-        yield histogram_family(
-            "arena_event_loop_lag_seconds",
-            "How late a 100 ms timer probe woke up",
-            [([], self.lag)],
-        )
-        yield CounterMetricFamily(
-            "arena_event_loop_blocked_seconds",
-            "Sum of probe lateness above 10 ms: time the event loop was blocked",
-            value=self.blocked_seconds,
-        )
-        yield CounterMetricFamily(
-            "arena_event_loop_blocks", "Probe wake-ups later than 10 ms", value=self.blocks
-        )
+        yield from self.loop_lag.families()

@@ -22,17 +22,13 @@ from typing import Any
 import gevent
 import gevent.event
 import gevent.pool
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import GaugeMetricFamily, Metric
 
 from services.blocking import Receive, SendAll, serve_blocking
 from services.config import Settings
-from services.metrics import histogram_family
 from services.servers.base import BlockingServer
-from services.session import Histogram, Session
-
-PROBE_INTERVAL = 0.1  # seconds between loop-lag probes: cheap, yet catches a blocked loop
-BLOCKED_THRESHOLD = 0.01  # lateness counted as "the loop was blocked"
-
+from services.servers.looplag import PROBE_INTERVAL, LoopLag
+from services.session import Session
 
 # -- adapter: gevent's socket internals ------------------------------------------------------
 FAST_IO_ADAPTER = "gevent-io"
@@ -117,9 +113,7 @@ class GeventServer(BlockingServer):
     def __init__(self, settings: Settings) -> None:
         super().__init__(settings)
         self.connections = gevent.pool.Pool(settings.max_connections)
-        self.lag = Histogram()
-        self.blocked_seconds = 0.0
-        self.blocks = 0
+        self.loop_lag = LoopLag()
         self.fast_io = False  # decided at start-up by the gevent-io adapter
 
     def spawn(self, function: Callable[..., None], *args: object) -> gevent.Greenlet:
@@ -154,11 +148,7 @@ class GeventServer(BlockingServer):
         while not self.stopping.is_set():
             expected = time.perf_counter() + PROBE_INTERVAL
             gevent.sleep(PROBE_INTERVAL)
-            lateness = max(0.0, time.perf_counter() - expected)
-            self.lag.observe(lateness)
-            if lateness > BLOCKED_THRESHOLD:
-                self.blocked_seconds += lateness
-                self.blocks += 1
+            self.loop_lag.observe(max(0.0, time.perf_counter() - expected))
 
     def stop(self, grace: float) -> None:
         """Drain like every model, then kill greenlets still stuck in a request."""
@@ -181,16 +171,4 @@ class GeventServer(BlockingServer):
         yield GaugeMetricFamily(
             "arena_greenlets", "Connection greenlets alive", value=len(self.connections)
         )
-        yield histogram_family(
-            "arena_event_loop_lag_seconds",
-            "How late a 100 ms timer probe woke up",
-            [([], self.lag)],
-        )
-        yield CounterMetricFamily(
-            "arena_event_loop_blocked_seconds",
-            "Sum of probe lateness above 10 ms: time the event loop was blocked",
-            value=self.blocked_seconds,
-        )
-        yield CounterMetricFamily(
-            "arena_event_loop_blocks", "Probe wake-ups later than 10 ms", value=self.blocks
-        )
+        yield from self.loop_lag.families()
