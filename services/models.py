@@ -29,6 +29,9 @@ if TYPE_CHECKING:
     from services.servers.base import Server
 
 
+METRICS_PORT_OFFSET = 100  # a model's /metrics port in the local stack: its port + 100
+
+
 @dataclass(frozen=True)
 class Variant:
     """One way the benchmark and the tests run a model: a name, its flags, its textbook twin."""
@@ -50,7 +53,6 @@ class Model:
     summary: str  # one line for --help and the docs
     colour: str  # Grafana's fixed colour for this model in every panel
     port: int  # default host port of the protocol (compose, local stack, Locust targets)
-    metrics_port: int  # default host port of /metrics in the local stack
     # What runs one connection: "thread", "greenlet", "reactor" (an event loop handing requests
     # to a pool) or "callbacks" (a Protocol's callbacks on an event loop, requests inline).
     flow: str
@@ -65,6 +67,11 @@ class Model:
         return self.flow in ("thread", "greenlet")
 
     @property
+    def metrics_port(self) -> int:
+        """The default host port of its /metrics in the local stack: its port + 100."""
+        return self.port + METRICS_PORT_OFFSET
+
+    @property
     def env_name(self) -> str:
         """The model's name as it appears in variable names (ARENA_<NAME>_PORT)."""
         return self.name.upper().replace("-", "_")
@@ -76,6 +83,12 @@ class Model:
         return cls
 
 
+# The loop-lag probe's families, which both event-loop models expose (services/servers/looplag.py).
+EVENT_LOOP_METRICS = (
+    "arena_event_loop_lag_seconds",
+    "arena_event_loop_blocked_seconds",
+    "arena_event_loop_blocks",
+)
 MODELS: tuple[Model, ...] = (
     Model(
         "threaded",
@@ -83,7 +96,6 @@ MODELS: tuple[Model, ...] = (
         "a thread per connection",
         "blue",
         9001,
-        9101,
         flow="thread",
         variants=(Variant("threaded", textbook="socketserver"),),
         own_metrics=("arena_threads", "arena_turn_handovers"),
@@ -94,7 +106,6 @@ MODELS: tuple[Model, ...] = (
         "a reactor; every request runs in a concurrent.futures pool",
         "orange",
         9002,
-        9102,
         flow="reactor",
         variants=(
             Variant("pool-process", ("--executor", "process"), textbook="processpool"),
@@ -118,15 +129,9 @@ MODELS: tuple[Model, ...] = (
         "a greenlet per connection on gevent's event loop",
         "green",
         9003,
-        9103,
         flow="greenlet",
         variants=(Variant("gevent", textbook="streamserver"),),
-        own_metrics=(
-            "arena_greenlets",
-            "arena_event_loop_lag_seconds",
-            "arena_event_loop_blocked_seconds",
-            "arena_event_loop_blocks",
-        ),
+        own_metrics=("arena_greenlets", *EVENT_LOOP_METRICS),
     ),
     Model(
         "asyncio",
@@ -134,19 +139,12 @@ MODELS: tuple[Model, ...] = (
         "a Protocol per connection on one asyncio event loop (--loop uvloop or asyncio)",
         "purple",
         9004,
-        9104,
         flow="callbacks",
         variants=(
             Variant("asyncio", ("--loop", "uvloop"), "uvloop-protocol", suites=True),
             Variant("asyncio-stock", ("--loop", "asyncio"), "asyncio-streams", suites=True),
         ),
-        own_metrics=(
-            "arena_asyncio_transports",
-            "arena_asyncio_tasks",
-            "arena_event_loop_lag_seconds",
-            "arena_event_loop_blocked_seconds",
-            "arena_event_loop_blocks",
-        ),
+        own_metrics=("arena_asyncio_transports", "arena_asyncio_tasks", *EVENT_LOOP_METRICS),
     ),
 )
 NAMES: tuple[str, ...] = tuple(model.name for model in MODELS)

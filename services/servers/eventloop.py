@@ -155,10 +155,7 @@ class Connection(Session, asyncio.Protocol):
     def eof_received(self) -> bool:
         """Half-closed: answer what was read, then close (True keeps the writing side open)."""
         self.eof = True
-        try:
-            self.serve_pending()
-        except Exception:
-            self.contain()
+        self.serve_contained()
         return True
 
     def pause_writing(self) -> None:
@@ -169,10 +166,7 @@ class Connection(Session, asyncio.Protocol):
     def resume_writing(self) -> None:
         """The client caught up: answer what waited and read again."""
         self.throttled = False
-        try:
-            self.serve_pending()
-        except Exception:
-            self.contain()
+        self.serve_contained()
 
     def connection_lost(self, exc: Exception | None) -> None:
         """Forget the connection and fold its counts into the totals."""
@@ -286,6 +280,13 @@ class Connection(Session, asyncio.Protocol):
             and transport is not None
             and transport.get_write_buffer_size() == 0
         )
+
+    def serve_contained(self) -> None:
+        """Answer the pending lines; an exception closes only this connection."""
+        try:
+            self.serve_pending()
+        except Exception:
+            self.contain()
 
     def contain(self) -> None:
         """An unexpected exception while serving this connection: log, count, close only it."""
