@@ -715,11 +715,14 @@ def open_loop_readme(data: dict) -> str:
     meta = data["meta"]
     bound_ms = meta["knee_p99_us"] / 1000
     steps = meta["steps_percent"]
+    top = max((p["percent"] for m in data["models"] for p in m["points"]), default=steps[-1])
+    further = f" (and on while a model still kept up: {top} % here)" if top > steps[-1] else ""
     lines = [
         wrap(
             f"Latest open-loop run: **{meta['date']}**, {meta['machine']['cores']} cores; "
             f"{meta['pinning']}; {meta['scenario_title']}, offered {steps[0]} % to {steps[-1]} % "
-            f"of each model's closed-loop rate in steps, {meta['duration_s']:g} s each. The "
+            f"of each model's closed-loop rate in steps{further}, {meta['duration_s']:g} s each. "
+            "The "
             f"knee is the highest offered rate a model sustains with p99 {bound_ms:g} ms or "
             f"less (every lower step too, the achieved rate within "
             f"{100 - meta['kept_up_share'] * 100:.0f} % of the offered one)."

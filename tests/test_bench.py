@@ -198,3 +198,17 @@ def test_every_command_explains_itself_with_help(module: str) -> None:
     result = run_module(module, "--help")
     assert result.returncode == 0, result.stderr
     assert "usage:" in result.stdout and "Traceback" not in result.stderr
+
+
+def test_an_open_loop_sweep_goes_on_past_its_plan_while_the_model_keeps_up():
+    kept_up = {"errors": 0, "offered_rps": 100.0, "achieved_rps": 100.0, "latency_us": {"p99": 900}}
+    fell_behind = {**kept_up, "achieved_rps": 50.0}
+    points: list[dict] = []
+    steps = openloop.planned_steps((10, 20), points)
+    assert [next(steps), next(steps)] == [10, 20]
+    points += [kept_up, kept_up]
+    assert next(steps) == 30  # the last step kept up: one more
+    points.append(fell_behind)
+    assert list(steps) == []  # saturation passed: the sweep ends
+    endless = openloop.planned_steps((10, 20), [kept_up])
+    assert list(endless)[-1] == openloop.MAX_PERCENT  # never past the cap

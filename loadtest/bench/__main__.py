@@ -122,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             openloop.QUICK_STEPS if args.quick else openloop.STEPS,
             args.duration,
             args.warmup,
+            args.noisy_retries,
         )
         openloop.run(
             build_targets(args.models, ["ours"], args.workers),

@@ -337,6 +337,7 @@ class Progress:
     def step(self, text: str) -> None:
         """Count one finished measurement and print it."""
         self.done += 1
+        self.total = max(self.total, self.done)  # a sweep may add steps past its plan
         if not self.enabled:
             return
         spent = time.monotonic() - self.started
@@ -356,6 +357,29 @@ class Progress:
 def _clock(seconds: float) -> str:
     minutes, seconds = divmod(int(seconds + 0.5), 60)
     return f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
+
+
+def measure_quietest(
+    server: ServerProcess,
+    scenario: Scenario,
+    binary: Path,
+    duration: float,
+    warmup: float,
+    pinning: Pinning,
+    retries: int,
+    rate: float = 0.0,
+) -> dict:
+    """`measure_once`, again up to `retries` times while other work took more than
+    NOISY_OTHER_FRACTION of the server CPU; the quietest attempt, with its number of attempts."""
+    attempts = []
+    for _ in range(1 + retries):
+        attempts.append(measure_once(server, scenario, binary, duration, warmup, pinning, rate))
+        if attempts[-1]["other_cpu_fraction"] <= NOISY_OTHER_FRACTION:
+            break
+        time.sleep(1.0)  # give a passing neighbour a moment
+    record = min(attempts, key=lambda attempt: attempt["other_cpu_fraction"])
+    record["attempts"] = len(attempts)
+    return record
 
 
 def run_targets(
@@ -386,22 +410,15 @@ def run_targets(
             servers.append(ServerProcess(target.name, list(target.command), pinning.server))
         for rep in range(reps):
             for index, (target, server) in enumerate(zip(targets, servers, strict=True)):
-                attempts = []
-                for _ in range(1 + retries):
-                    attempts.append(
-                        measure_once(server, scenario, binary, duration, warmup, pinning)
-                    )
-                    if attempts[-1]["other_cpu_fraction"] <= NOISY_OTHER_FRACTION:
-                        break
-                    time.sleep(1.0)  # give a passing neighbour a moment
-                record = min(attempts, key=lambda attempt: attempt["other_cpu_fraction"])
-                record["attempts"] = len(attempts)
+                record = measure_quietest(
+                    server, scenario, binary, duration, warmup, pinning, retries
+                )
                 records[index].append(record)
                 progress.step(
                     f"{scenario.name:<13} {target.name:<26} rep {rep + 1}/{reps}: "
                     f"{record['rps']:>9,.0f} req/s  p99 {record['latency_us']['p99']:>9,.0f} µs  "
                     f"errors {record['errors']}  answered {record['answered_connections']}/"
-                    f"{record['connections']}{_flags(record, len(attempts))}"
+                    f"{record['connections']}{_flags(record, record['attempts'])}"
                 )
     finally:
         for server in servers:

@@ -4,7 +4,9 @@ The closed-loop benchmark finds each model's top rate, but a closed loop slows d
 server, so it never shows how latency grows on the way there. Here the C load generator runs
 open loop (`loadgen --rate R`, requests due on a fixed timetable, each timed from when it was
 due): for each model a closed-loop run first measures its top rate, then the same server is
-offered rising fractions of it (10 % steps to 130 % by default: past saturation). Latency stays
+offered rising fractions of it (10 % steps to 130 % by default, and on while a step still keeps
+up, to 250 % at most: past saturation). A step measured while other work took the server's CPU
+is measured again (`--noisy-retries`), as in the closed-loop benchmark. Latency stays
 flat, then turns up sharply near capacity -- the "hockey stick" -- and the **knee** is the
 highest offered rate the model sustains with p99 <= 10 ms (every step up to it also within the
 bound, the achieved rate within 10 % of the offered one, no errors).
@@ -15,6 +17,7 @@ solid, p50 dashed, log latency); the README's figures come from the JSON (loadte
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +31,7 @@ KNEE_P99_US = 10_000.0
 KEPT_UP = 0.9
 STEPS = tuple(range(10, 140, 10))  # per cent of the closed-loop rate
 QUICK_STEPS = (25, 50, 100, 125)
+MAX_PERCENT = 250  # how far past the planned steps a sweep may go to find saturation
 RESULT = "bench-open-loop.json"
 CHART = "open-loop.png"
 COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b")
@@ -74,6 +78,21 @@ def knee(points: list[dict]) -> dict | None:
     }
 
 
+def planned_steps(steps: tuple[int, ...], points: list[dict]) -> Iterator[int]:
+    """The steps, then further ones of the same size while the last step was still sustained.
+
+    The closed-loop run that sets the scale can itself be slowed by a busy moment; the sweep
+    then goes on past the planned top (up to MAX_PERCENT) until a step no longer keeps up, so
+    every curve shows its saturation.
+    """
+    yield from steps
+    size = steps[-1] - steps[-2] if len(steps) >= 2 else 10
+    percent = steps[-1]
+    while points and sustained(points[-1]) and percent + size <= MAX_PERCENT:
+        percent += size
+        yield percent
+
+
 @dataclass(frozen=True)
 class Sweep:
     """How every model is swept: the load, the generator, the CPUs, the steps and their length."""
@@ -84,24 +103,28 @@ class Sweep:
     steps: tuple[int, ...]  # per cent of each model's closed-loop rate
     duration: float  # measured seconds per step
     warmup: float  # seconds of load before each step is measured
+    noisy_retries: int = 0  # a step measured while others used the server CPU is measured again
 
 
 def sweep_target(target: Target, sweep: Sweep, progress: harness.Progress) -> dict:
     """One model: its closed-loop rate, then every step of offered load on the same server."""
     scenario, binary, pinning = sweep.scenario, sweep.binary, sweep.pinning
     duration, warmup = sweep.duration, sweep.warmup
+    retries = sweep.noisy_retries if pinning.server else 0  # unpinned, loadgen is "other"
     server = harness.ServerProcess(target.name, list(target.command), pinning.server)
     try:
-        closed = harness.measure_once(server, scenario, binary, duration, warmup, pinning)
+        closed = harness.measure_quietest(
+            server, scenario, binary, duration, warmup, pinning, retries
+        )
         progress.step(
             f"{target.name:<14} closed loop: {closed['rps']:>9,.0f} req/s  "
             f"p99 {closed['latency_us']['p99']:>9,.0f} µs"
         )
-        points = []
-        for percent in sweep.steps:
+        points: list[dict] = []
+        for percent in planned_steps(sweep.steps, points):
             offered = closed["rps"] * percent / 100
-            record = harness.measure_once(
-                server, scenario, binary, duration, warmup, pinning, rate=offered
+            record = harness.measure_quietest(
+                server, scenario, binary, duration, warmup, pinning, retries, rate=offered
             )
             points.append(point(percent, offered, record))
             progress.step(
