@@ -31,7 +31,12 @@ a 5 s window, server on one CPU and load generator on the other; 2026-12-02):
 Fairness costs a third of the throughput at 1000 connections (the pool and gevent servers,
 which serve every connection from one loop in turn, need no such hand-over). At 100
 connections turns are off and the server ran at 0.97-1.11x the textbook's rate in the same runs
-(echo 64 B, medians of 3, four A/B runs), metrics on.
+(echo 64 B, medians of 3, four A/B runs), metrics on. Measured again as issue 9 asks (median of
+the ratios of interleaved pairs, 7 pairs of 2 s, metrics on; `python -m loadtest.bench
+--scenarios echo64,echo1k --models threaded --kinds ours,textbook --reps 7 --duration 2`,
+2026-12-02 14:48 UTC): 1.14x on echo 64 B, 1.05x on echo 1 KiB. Single pairs ranged from 0.80x
+to 1.43x: the two servers do the same work per request (46.8 against 45.4 us of CPU in the full
+benchmark), and how 100 threads share the GIL decides the rest, run by run.
 
 The GIL switch interval (`--switch-interval`, CPython's 5 ms by default, a label of
 `arena_server_info`) is a trade-off this server leaves at the default: a longer one made the
