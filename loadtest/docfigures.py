@@ -679,6 +679,19 @@ def scrape_cost_table(data: dict) -> str:
 BUSY_OTHER_CORES = 0.25
 
 
+def per_core_reading(one: dict, many: dict) -> str:
+    """What the ratio is made of: requests per server core in each run, and the cores got."""
+    one_cores, many_cores = sum(one["server_cores"]), sum(many["server_cores"])
+    if not one_cores or not many_cores:
+        return ""
+    return (
+        f" Per server core: {one['rps'] / one_cores:,.0f} and {many['rps'] / many_cores:,.0f} "
+        "requests/s, so the rate follows the cores the replicas got "
+        f"({many_cores / one_cores:.2f}x as many): the figure needs as many free cores as "
+        "replicas beside Locust's."
+    )
+
+
 def replicas_figure(data: dict) -> str:
     """README and SCALING.md: one replica against N on /work, and what Locust used meanwhile."""
     one, many = data["runs"]
@@ -698,6 +711,7 @@ def replicas_figure(data: dict) -> str:
             if "other_cores" in one and "other_cores" in many
             else "."
         )
+        + per_core_reading(one, many)
         + (
             " The machine was busy: the replicas did not get their cores, so this ratio is not "
             "the models' alone; measure again on a quiet machine."
