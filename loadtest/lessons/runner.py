@@ -376,26 +376,39 @@ class Rig:
         pinning = self.pinning(run)
         return pinning.server is None or pinning.server == pinning.loadgen
 
-    def measure(self, lesson: str, run: Run) -> dict:
-        """Start the server alone, measure it `reps` times, stop it; the median figures."""
-        pinning, shared = self.pinning(run), self.shared(run)
-        server = harness.ServerProcess(
-            run.label, procs.server_command(run.model, *run.server_args), pinning.server
-        )
-        records = []
+    def measure_in_turn(self, lesson: str, runs: Sequence[Run]) -> dict[Run, dict]:
+        """Start every run's server, measure them in turn `reps` times, stop them; the medians.
+
+        The repetitions alternate between the servers (each waits idle while another is
+        measured), so a drift of the machine's speed -- these virtual cores' speed moves by tens
+        of per cent over minutes -- touches every model alike instead of whichever ran last, as
+        in the benchmark (`loadtest.bench.harness.run_targets`).
+        """
+        servers: dict[Run, harness.ServerProcess] = {}
+        records: dict[Run, list[dict]] = {run: [] for run in runs}
         try:
+            for run in runs:
+                command = procs.server_command(run.model, *run.server_args)
+                servers[run] = harness.ServerProcess(run.label, command, self.pinning(run).server)
             for rep in range(self.pace.reps):
-                attempts = []
-                for _ in range(1 + self.pace.noisy_retries):
-                    attempts.append(self._once(server, run, pinning))
-                    if not is_noisy(attempts[-1], shared):
-                        break
-                record = min(attempts, key=lambda item: other_cores(item, shared))
-                records.append(record)
-                self._report(lesson, run, rep, record)
+                for run in runs:
+                    record = self._quietest(servers[run], run)
+                    records[run].append(record)
+                    self._report(lesson, run, rep, record)
         finally:
-            server.stop()
-        return summarize(records, shared)
+            for server in servers.values():
+                server.stop()
+        return {run: summarize(records[run], self.shared(run)) for run in runs}
+
+    def _quietest(self, server: harness.ServerProcess, run: Run) -> dict:
+        """One repetition, measured again while others used the server's CPU; the quietest."""
+        pinning, shared = self.pinning(run), self.shared(run)
+        attempts = []
+        for _ in range(1 + self.pace.noisy_retries):
+            attempts.append(self._once(server, run, pinning))
+            if not is_noisy(attempts[-1], shared):
+                break
+        return min(attempts, key=lambda item: other_cores(item, shared))
 
     def _once(self, server: harness.ServerProcess, run: Run, pinning: harness.Pinning) -> dict:
         before = scrape(server)[0] if run.scrape else {}
@@ -637,7 +650,7 @@ def run_plans(
     for item in plans:
         if "work_rounds" in item.setup:
             recalibrate(item, rig)
-        results = {run: rig.measure(item.lesson, run) for run in item.runs}
+        results = rig.measure_in_turn(item.lesson, item.runs)
         on_lesson(item, figures(item, results))
 
 
