@@ -17,8 +17,9 @@ import statistics
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import psutil
@@ -359,21 +360,12 @@ def _clock(seconds: float) -> str:
     return f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
 
 
-def measure_quietest(
-    server: ServerProcess,
-    scenario: Scenario,
-    binary: Path,
-    duration: float,
-    warmup: float,
-    pinning: Pinning,
-    retries: int,
-    rate: float = 0.0,
-) -> dict:
-    """`measure_once`, again up to `retries` times while other work took more than
-    NOISY_OTHER_FRACTION of the server CPU; the quietest attempt, with its number of attempts."""
+def quietest(measure: Callable[[], dict], retries: int) -> dict:
+    """`measure()`, again up to `retries` times while other work took more than
+    NOISY_OTHER_FRACTION of the server CPU; the quietest record, with its number of attempts."""
     attempts = []
     for _ in range(1 + retries):
-        attempts.append(measure_once(server, scenario, binary, duration, warmup, pinning, rate))
+        attempts.append(measure())
         if attempts[-1]["other_cpu_fraction"] <= NOISY_OTHER_FRACTION:
             break
         time.sleep(1.0)  # give a passing neighbour a moment
@@ -410,9 +402,8 @@ def run_targets(
             servers.append(ServerProcess(target.name, list(target.command), pinning.server))
         for rep in range(reps):
             for index, (target, server) in enumerate(zip(targets, servers, strict=True)):
-                record = measure_quietest(
-                    server, scenario, binary, duration, warmup, pinning, retries
-                )
+                measure = partial(measure_once, server, scenario, binary, duration, warmup, pinning)
+                record = quietest(measure, retries)
                 records[index].append(record)
                 progress.step(
                     f"{scenario.name:<13} {target.name:<26} rep {rep + 1}/{reps}: "

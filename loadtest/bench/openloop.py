@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -113,9 +114,8 @@ def sweep_target(target: Target, sweep: Sweep, progress: harness.Progress) -> di
     retries = sweep.noisy_retries if pinning.server else 0  # unpinned, loadgen is "other"
     server = harness.ServerProcess(target.name, list(target.command), pinning.server)
     try:
-        closed = harness.measure_quietest(
-            server, scenario, binary, duration, warmup, pinning, retries
-        )
+        measure = partial(harness.measure_once, server, scenario, binary, duration, warmup, pinning)
+        closed = harness.quietest(measure, retries)
         progress.step(
             f"{target.name:<14} closed loop: {closed['rps']:>9,.0f} req/s  "
             f"p99 {closed['latency_us']['p99']:>9,.0f} µs"
@@ -123,9 +123,7 @@ def sweep_target(target: Target, sweep: Sweep, progress: harness.Progress) -> di
         points: list[dict] = []
         for percent in planned_steps(sweep.steps, points):
             offered = closed["rps"] * percent / 100
-            record = harness.measure_quietest(
-                server, scenario, binary, duration, warmup, pinning, retries, rate=offered
-            )
+            record = harness.quietest(partial(measure, rate=offered), retries)
             points.append(point(percent, offered, record))
             progress.step(
                 f"{target.name:<14} offered {offered:>9,.0f} req/s ({percent:>3} %): achieved "
