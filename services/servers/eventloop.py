@@ -502,10 +502,9 @@ class AsyncioServer(Server):
     # -- metrics ------------------------------------------------------------------------------
     def extra_metrics(self) -> Iterable[Metric]:
         """Live transports and tasks, and event-loop blocking (as gevent's)."""
+        # A transport and its Protocol per connection, no task (as gevent's arena_greenlets).
         yield GaugeMetricFamily(
-            "arena_asyncio_transports",
-            "Connections the event loop serves (a Protocol each, no task)",
-            value=len(self.connections),
+            "arena_asyncio_transports", "Connection transports alive", value=len(self.connections)
         )
         yield GaugeMetricFamily(
             "arena_asyncio_tasks", "asyncio tasks alive on the event loop", value=self.live_tasks
