@@ -122,7 +122,7 @@ def readme_servers():
     lines = commands(blocks("The servers", "sh")[0])
     setup = [line for line in lines if not line.startswith(".venv/bin/python -m services ")]
     servers = [line for line in lines if line.startswith(".venv/bin/python -m services ")]
-    assert len(servers) == 3
+    assert len(servers) == len(models.NAMES)  # one command line per model
     ports = [int(p) for line in servers for p in re.findall(r"--(?:metrics-)?port (\d+)", line)]
     taken = [port for port in ports if not procs.port_is_free("127.0.0.1", port)]
     if taken:
