@@ -78,11 +78,12 @@ def _run_command(line: bytes) -> Answer:
     if name == b"/quit":
         return Answer(QUIT, BYE, close=True) if not space else _bad_argument(QUIT, b"/quit")
     if name == b"/sleep":
-        parsed = _parse_number(argument, MAX_SLEEP_MS) if space else None
-        if parsed is None:
+        request = sleep_request(line)
+        if request is None:
             return _bad_argument(SLEEP, b"/sleep MS [TEXT] with 0 <= MS <= 60000")
-        time.sleep(parsed[0] / 1000)
-        return Answer(SLEEP, parsed[1].upper() + b"\n")
+        seconds, result = request
+        time.sleep(seconds)
+        return result
     if name == b"/work":
         parsed = _parse_number(argument, MAX_WORK_ROUNDS) if space else None
         if parsed is None:
