@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     metrics_port = 0
     if settings.metrics:
         registry = build_registry(
-            server.stats, server.info(), server.extra_metrics, server.adapters
+            server.stats, server.info(), server.metric_families, server.adapters
         )
         try:
             metrics_port = serve_metrics(
@@ -92,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     wait_for_signal()
     log.info("stopping: answering received requests for up to %ss", settings.grace)
     server.stop(settings.grace)
+    server.close_database()
     log.info("stopped")
     _exit_now(0)
     return 0

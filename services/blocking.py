@@ -20,6 +20,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable
+from functools import partial
 
 from services import protocol
 from services.session import READ_SIZE, ServerStats, Session
@@ -75,16 +76,19 @@ def serve_blocking(
     session: Session,
     stats: ServerStats,
     timed: bool = True,
+    database: protocol.Database | None = None,
     io: tuple[Receive, SendAll] | None = None,
     turns: Turns | None = None,
 ) -> None:
     """Serve one connection in its own thread or greenlet until it ends; never raises.
 
-    `io` replaces the socket's own `recv` and `sendall` where a model has cheaper ones;
-    `turns` makes requests wait for their turn in arrival order while the server is crowded.
+    `database` runs `/db` (its query waits in this thread or greenlet); `io` replaces the
+    socket's own `recv` and `sendall` where a model has cheaper ones; `turns` makes requests
+    wait for their turn in arrival order while the server is crowded.
     """
     sock, framer, tally = session.sock, session.framer, session.tally
-    answer, record, clock = protocol.answer, tally.record, time.monotonic
+    answer = protocol.answer if database is None else partial(protocol.answer, database=database)
+    record, clock = tally.record, time.monotonic
     receive, send_all = io or (sock.recv, sock.sendall)
     turns = turns or NEVER_CROWDED
     sessions, crowd = stats.sessions, turns.above

@@ -10,8 +10,9 @@ import argparse
 import importlib.util
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, NoReturn
+from urllib.parse import urlsplit
 
 from services import models
 
@@ -50,6 +51,16 @@ class Settings:
     loop: str = DEFAULT_LOOP  # asyncio model only: uvloop or asyncio (the standard library's)
     backlog: int = 1024  # listen backlog: socketserver's 5 refuses 100 clients connecting at once
     log_level: str = "INFO"
+    # PostgreSQL for `/db`: a libpq URL without the password (empty: `/db` answers
+    # ERR backend-unavailable, everything else works), the password kept apart so that the URL
+    # may be printed, the connections one server holds (four servers x 20 and the exporter fit
+    # PostgreSQL's default max_connections of 100), the driver, and the seconds to connect or
+    # to wait for a free connection.
+    db_url: str = ""
+    db_password: str = field(default="", repr=False)
+    db_pool: int = 20
+    db_driver: str = "default"
+    db_timeout: float = 2.0
 
 
 def _port(text: str) -> int:
@@ -114,6 +125,37 @@ def _loop(text: str) -> str:
     return name
 
 
+def _db_url(text: str) -> str:
+    if not text:
+        return text
+    parts = urlsplit(text)
+    if parts.scheme not in ("postgresql", "postgres"):
+        raise ValueError("use a libpq URL, postgresql://USER@HOST:PORT/DATABASE")
+    if parts.password is not None:
+        raise ValueError(
+            "a password in the URL would be printed: give it in ARENA_DB_PASSWORD or "
+            "ARENA_DB_PASSWORD_FILE"
+        )
+    return text
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password replaced by ***, for logs and error messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(":" + parts.password + "@", ":***@", 1)
+    return parts._replace(netloc=netloc).geturl()
+
+
+def _password_file(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as file:
+            return file.read().strip()
+    except OSError as error:
+        raise ValueError(f"cannot read it: {error.strerror}") from None
+
+
 def _log_level(text: str) -> str:
     return _choice(("DEBUG", "INFO", "WARNING", "ERROR"))(text.upper())
 
@@ -144,7 +186,19 @@ OPTIONS: dict[str, tuple[Callable[[str], object], str]] = {
     ),
     "backlog": (parse_positive_int, "listen backlog of the protocol socket"),
     "log_level": (_log_level, "DEBUG, INFO, WARNING or ERROR"),
+    "db_url": (_db_url, "PostgreSQL for /db, postgresql://USER@HOST:PORT/DB (no password)"),
+    "db_password": (str, "the database password (never printed)"),
+    "db_password_file": (_password_file, "a file holding the database password (a secret)"),
+    "db_pool": (parse_positive_int, "database connections this server holds at most"),
+    "db_driver": (
+        _choice(models.DB_DRIVERS),
+        "default (cooperative), blocking or blocking-fixed (gevent and asyncio only)",
+    ),
+    "db_timeout": (_positive_float, "seconds to connect, or to wait for a free connection"),
 }
+# Options that fill another field: the password file fills the password.
+FILLS = {"db_password_file": "db_password"}
+SECRET_OPTIONS = ("db_password", "db_password_file")  # their values are never shown as defaults
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -171,7 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (_, text) in OPTIONS.items():
         flag = "--" + name.replace("_", "-")
         variable = ENV_PREFIX + name.upper()
-        default = getattr(defaults, name)
+        default = getattr(defaults, FILLS.get(name, name))
+        if name in SECRET_OPTIONS or default == "":
+            default = "none"
         help_text = f"{text} (env {variable}, default {default})"
         if name == "metrics":
             parser.add_argument(
@@ -204,13 +260,26 @@ def load_settings(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Set
             values[name] = text
             continue
         try:
-            values[name] = parse(text)
+            values[FILLS.get(name, name)] = parse(text)
         except ValueError as error:
             reason = (
                 str(error)
                 if not str(error).startswith(("invalid literal", "could not"))
                 else "not a number"
             )
-            raise ConfigError(f"{source}: invalid value {text!r}: {reason}") from None
+            shown = (
+                "(hidden)"
+                if name == "db_password"
+                else repr(redact_url(text) if name == "db_url" else text)
+            )
+            raise ConfigError(f"{source}: invalid value {shown}: {reason}") from None
     known = {f.name for f in fields(Settings)}
-    return Settings(**{k: v for k, v in values.items() if k in known})
+    settings = Settings(**{k: v for k, v in values.items() if k in known})
+    model = models.get(settings.model)
+    if settings.db_driver not in model.db_drivers:
+        raise ConfigError(
+            f"the {settings.db_driver} database driver means nothing for the {model.name} model "
+            f"(its requests already run where a blocking call blocks only them); it takes "
+            + ", ".join(model.db_drivers)
+        )
+    return settings

@@ -30,6 +30,10 @@ if TYPE_CHECKING:
 
 
 METRICS_PORT_OFFSET = 100  # a model's /metrics port in the local stack: its port + 100
+# How a server runs `/db` (services/database.py): the cooperative driver a practitioner picks
+# for the model, or, where one thread serves every connection, a blocking driver that stalls it
+# (the seed's warning) and the same driver fixed.
+DB_DRIVERS = ("default", "blocking", "blocking-fixed")
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,9 @@ class Model:
     sized: bool = False  # takes --workers, the size of its pool (the benchmark sets it)
     small_flags: tuple[str, ...] = ()  # flags for a small run on 2 cores (tests, soak)
     own_metrics: tuple[str, ...] = ()  # metric families only this model exposes
+    # The --db-driver values it takes: the blocking ones only where one thread runs every
+    # connection, so that a blocking call stalls them all (gevent, asyncio).
+    db_drivers: tuple[str, ...] = ("default",)
 
     @property
     def blocking(self) -> bool:
@@ -132,6 +139,7 @@ MODELS: tuple[Model, ...] = (
         flow="greenlet",
         variants=(Variant("gevent", textbook="streamserver"),),
         own_metrics=("arena_greenlets", *EVENT_LOOP_METRICS),
+        db_drivers=DB_DRIVERS,
     ),
     Model(
         "asyncio",
@@ -145,6 +153,7 @@ MODELS: tuple[Model, ...] = (
             Variant("asyncio-stock", ("--loop", "asyncio"), "asyncio-streams", suites=True),
         ),
         own_metrics=("arena_asyncio_transports", "arena_asyncio_tasks", *EVENT_LOOP_METRICS),
+        db_drivers=DB_DRIVERS,
     ),
 )
 NAMES: tuple[str, ...] = tuple(model.name for model in MODELS)

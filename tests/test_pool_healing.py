@@ -271,10 +271,10 @@ def test_a_task_that_raises_is_retried_then_answered_server_busy_and_counted(
 ):
     answer_batches = protocol.answer_batches
 
-    def buggy(batches: list[list[bytes]]) -> list:
+    def buggy(batches: list[list[bytes]], database: object = None) -> list:
         if any(b"explode" in line for batch in batches for line in batch):
             raise RuntimeError("injected bug")
-        return answer_batches(batches)
+        return answer_batches(batches, database)
 
     monkeypatch.setattr(protocol, "answer_batches", buggy)
     caplog.set_level(logging.ERROR, logger="arena.pool")

@@ -19,6 +19,7 @@ from services import protocol
 from services.adapters import Adapters
 from services.blocking import serve_blocking
 from services.config import Settings
+from services.database import DatabaseSettings, DatabaseStats, SyncPool, open_pool, psycopg_driver
 from services.ratelog import RateLimitedLog
 from services.session import ServerStats, Session, reject
 
@@ -45,6 +46,30 @@ class Server(ABC):
         self.listener: socket.socket | None = None
         self.log = logging.getLogger(f"arena.{self.model}")
         self.rate_limited = RateLimitedLog(self.log)
+        # `/db`'s pool for a thread or a greenlet to wait on (None: no --db-url); a model whose
+        # requests wait elsewhere (process workers, an event loop) overrides `open_database`.
+        database = DatabaseSettings.from_settings(settings)
+        self.database: SyncPool | None = self.open_database(database)
+
+    def open_database(self, settings: DatabaseSettings) -> SyncPool | None:
+        """The pool `/db` waits on: psycopg 3's synchronous driver, unless the model overrides."""
+        return open_pool(settings, psycopg_driver)
+
+    def database_stats(self) -> DatabaseStats | None:
+        """What the database pool counted (None: no database)."""
+        return self.database.stats if self.database is not None else None
+
+    def close_database(self) -> None:
+        """Close the pool's connections after `stop` (a query still running closes its own)."""
+        if self.database is not None:
+            self.database.close()
+
+    def metric_families(self) -> Iterable[Metric]:
+        """The model's own metrics, then the database pool's."""
+        yield from self.extra_metrics()
+        stats = self.database_stats()
+        if stats is not None:
+            yield from stats.families()
 
     def bind(self) -> socket.socket:
         """Open the listening socket with a real backlog."""
@@ -77,7 +102,12 @@ class Server(ABC):
 
     def info(self) -> dict[str, str]:
         """Labels of the arena_server_info metric."""
-        return {"model": self.model, "executor": "none", "workers": "0"}
+        return {
+            "model": self.model,
+            "executor": "none",
+            "workers": "0",
+            "db_driver": self.settings.db_driver,
+        }
 
     def ready_fields(self) -> dict[str, str]:
         """What the ready line names besides the addresses and limits (asyncio: its loop)."""
@@ -211,7 +241,7 @@ class BlockingServer(Server):
 
     def spawn_session(self, session: Session) -> None:
         """Serve one connection concurrently with the others."""
-        self.spawn(serve_blocking, session, self.stats, self.settings.metrics)
+        self.spawn(serve_blocking, session, self.stats, self.settings.metrics, self.database)
 
     def sweep_loop(self) -> None:
         """Close idle connections; sockets carry no timeout, which keeps every read cheap.

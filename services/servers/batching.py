@@ -17,11 +17,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 MAX_UNSENT_OUTPUT = 256 * 1024  # replies waiting for a slow reader before it is throttled
-SLOW_COMMANDS = (b"/sleep ", b"/work ")  # worth a task of their own
+SLOW_COMMANDS = (b"/sleep ", b"/work ", b"/db ")  # worth a task of their own
 
 
 def is_slow(batch: Sequence[bytes]) -> bool:
-    """Whether a batch holds a request worth a task of its own (/sleep, /work)."""
+    """Whether a batch holds a request worth a task of its own (/sleep, /work, /db)."""
     return any(line.startswith(SLOW_COMMANDS) for line in batch)
 
 

@@ -42,17 +42,19 @@ code 1, `Server.run_or_exit`); an exception while serving one connection closes 
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, cast
 
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from services import protocol
 from services.config import Settings
+from services.database import AsyncPool, DatabaseSettings, DatabaseStats, SyncPool
 from services.servers.base import MAX_ACCEPT_BACKOFF, Server
 from services.servers.batching import MAX_UNSENT_OUTPUT
 from services.servers.looplag import PROBE_INTERVAL, LoopLag
@@ -61,6 +63,10 @@ from services.session import Session, reject
 WRITE_CHUNK = 65536  # replies gathered before a write: one write per read, bounded in size
 STOP_TIMEOUT = 5.0  # seconds to wait for the loop to end after the connections closed
 SLEEP_PREFIX = b"/sleep "
+DB_PREFIX = b"/db "
+WAITS = (SLEEP_PREFIX, DB_PREFIX)  # requests that wait without holding the loop
+# The default executor's threads (asyncio's rule): what bounds the `blocking-fixed` driver.
+DEFAULT_EXECUTOR_THREADS = min(32, (os.cpu_count() or 1) + 4)
 answer, perf_counter = protocol.answer, time.perf_counter  # looked up once: the hot path
 
 
@@ -89,7 +95,8 @@ class Connection(Session, asyncio.Protocol):
         self.active = False
         self.transport: asyncio.Transport | None = None
         self.pending: deque[bytes] = deque()  # complete lines not answered yet
-        self.sleep: asyncio.TimerHandle | None = None  # the /sleep this connection waits for
+        # The /sleep (a timer) or /db (a task) this connection waits for.
+        self.sleep: asyncio.TimerHandle | asyncio.Task[None] | None = None
         self.throttled = False  # the transport's buffer is over its limit: answer nothing
         self.reading = True
         self.eof = False  # the client sends nothing more (or the server drains)
@@ -127,7 +134,7 @@ class Connection(Session, asyncio.Protocol):
                 and not self.pending
                 and self.sleep is None
                 and not self.throttled
-                and not data.startswith(SLEEP_PREFIX)
+                and not data.startswith(WAITS)
             ):
                 # The common case, one whole request in one read: no framing, no queue, and
                 # the transport is open (we close it only after setting close_reason).
@@ -170,9 +177,11 @@ class Connection(Session, asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         """Forget the connection and fold its counts into the totals."""
-        if self.sleep is not None:
+        if isinstance(self.sleep, asyncio.TimerHandle):
             self.sleep.cancel()
-            self.sleep = None
+        # A `/db` task runs on: cancelling it mid-query would strand its database connection;
+        # it ends by itself and finds the connection closed.
+        self.sleep = None
         server = self.server
         assert server is not None
         server.connections.discard(self)
@@ -180,6 +189,7 @@ class Connection(Session, asyncio.Protocol):
         server.stats.close_session(
             self, "reset" if exc is not None else "shutdown" if draining else "client"
         )
+        self.close_reason = self.close_reason or "lost"  # after counting: nothing answers now
 
     # -- serving ----------------------------------------------------------------------------
     def serve_pending(self) -> None:
@@ -199,7 +209,13 @@ class Connection(Session, asyncio.Protocol):
                     seconds, result = request
                     self.sleep = server.loop_call_later(seconds, self.woke, result, started)
                     break
-            result = protocol.answer(line)
+            elif line.startswith(DB_PREFIX) and server.db_wait is not None:
+                query = protocol.db_request(line)
+                if query is not None:
+                    self.sleep = server.loop.create_task(self.await_db(query, started))
+                    break
+            # With the `blocking` driver, `server.database` runs a `/db` here: the loop stalls.
+            result = protocol.answer(line, server.database)
             tally.record(result, time.perf_counter() - started if timed else 0.0)
             replies.append(result.reply)
             size += len(result.reply)
@@ -237,6 +253,19 @@ class Connection(Session, asyncio.Protocol):
             self.serve_pending()
         except Exception:
             self.contain()
+
+    async def await_db(self, query: tuple[int, protocol.Answer], started: float) -> None:
+        """Wait for a `/db` query on the loop (other connections run meanwhile), then reply."""
+        server = self.server
+        assert server is not None and server.db_wait is not None
+        milliseconds, result = query
+        try:
+            error = await server.db_wait(milliseconds)
+        except Exception:
+            self.sleep = None
+            self.contain()
+            return
+        self.woke(result if error is None else protocol.backend_failed(error), started)
 
     def write(self, data: bytes) -> None:
         """Hand replies to the transport (it sends what the socket takes and buffers the rest)."""
@@ -319,6 +348,40 @@ class AsyncioServer(Server):
         self.live_tasks = 0  # counted by the probe, in the loop's thread
         self.loop_lag = LoopLag()
         self.loop_call_later = self.loop.call_later
+        self.async_database: AsyncPool | None = None
+        # How a `/db` waits without holding the loop (None: inline through `self.database`).
+        self.db_wait: Callable[[int], Awaitable[str | None]] | None = None
+        self.wire_database(DatabaseSettings.from_settings(settings))
+
+    # -- the database: which driver a `/db` waits in (services/database.py) ---------------------
+    def open_database(self, settings: DatabaseSettings) -> SyncPool | None:
+        """The synchronous pool of the blocking drivers (None for the default driver)."""
+        if settings.driver == "default":
+            return None
+        return super().open_database(settings)
+
+    def wire_database(self, settings: DatabaseSettings) -> None:
+        """Choose how `/db` waits: awaited on the loop, in a thread, or inline (the warning)."""
+        if not settings.url:
+            return
+        if settings.driver == "default":
+            # psycopg's AsyncConnection: the query is awaited, the loop serves everyone else.
+            self.async_database = AsyncPool(settings)
+            self.db_wait = self.async_database.query
+        elif settings.driver == "blocking-fixed":
+            # The synchronous call handed to the loop's default executor: its threads bound it.
+            pool = self.database
+            assert pool is not None
+            self.db_wait = lambda milliseconds: self.loop.run_in_executor(
+                None, pool.query, milliseconds
+            )
+        # "blocking": db_wait stays None, so protocol.answer runs the query on the loop.
+
+    def database_stats(self) -> DatabaseStats | None:
+        """The pool's counts, whichever driver."""
+        if self.async_database is not None:
+            return self.async_database.stats
+        return super().database_stats()
 
     def new_loop(self) -> asyncio.AbstractEventLoop:
         """A new event loop of the configured kind (config checked that uvloop is installed)."""
@@ -333,8 +396,11 @@ class AsyncioServer(Server):
         return {**super().info(), "loop": self.loop_name}
 
     def ready_fields(self) -> dict[str, str]:
-        """The event loop, for the ready line."""
-        return {"loop": self.loop_name}
+        """The event loop, for the ready line (and the blocking-fixed driver's threads)."""
+        fields = {"loop": self.loop_name}
+        if self.settings.db_driver == "blocking-fixed":
+            fields["db_threads"] = str(DEFAULT_EXECUTOR_THREADS)
+        return fields
 
     # -- lifecycle ----------------------------------------------------------------------------
     def serve_in_background(self) -> None:
@@ -380,6 +446,12 @@ class AsyncioServer(Server):
             )
             self.loop.call_soon_threadsafe(self.abort_all)
             self.stats.wait_all_closed(STOP_TIMEOUT)
+        if self.async_database is not None:
+            closing = asyncio.run_coroutine_threadsafe(self.async_database.close(), self.loop)
+            try:
+                closing.result(STOP_TIMEOUT)
+            except Exception:
+                self.log.warning("could not close the database connections", exc_info=True)
         self.loop.call_soon_threadsafe(self.loop.stop)
         thread.join(STOP_TIMEOUT)
 

@@ -61,24 +61,30 @@ from multiprocessing.context import BaseContext
 from multiprocessing.process import BaseProcess
 
 from services.adapters import Adapters
+from services.database import DatabaseSettings, start_worker_database
 
 PR_SET_PDEATHSIG = 1  # prctl(2): signal a worker when its parent (the forkserver) dies
 # Imported once in the forkserver, so a new worker starts with them loaded.
-FORKSERVER_PRELOAD = ["services.protocol", "services.servers.executors"]
+FORKSERVER_PRELOAD = ["services.protocol", "services.database", "services.servers.executors"]
 WARM_UP_PAUSE = 0.05  # each warm-up task holds its worker this long, so every worker gets one
 WARM_UP_ROUNDS = 3
 WARM_UP_TIMEOUT = 10.0  # a fresh worker answers in milliseconds; this long means it cannot start
 REAP_TIMEOUT = 2.0  # for a SIGKILLed worker to be reaped (it cannot ignore SIGKILL)
 
 
-def prepare_worker() -> None:
-    """Worker processes ignore SIGINT/SIGTERM (the server drains them) and die with their parent."""
+def prepare_worker(database: DatabaseSettings | None = None) -> None:
+    """Worker processes ignore SIGINT/SIGTERM (the server drains them) and die with their parent.
+
+    With `database`, the worker opens its own `/db` pool: a connection never crosses a fork.
+    """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     except (OSError, AttributeError):
         pass  # not Linux: the executor still exits when its call queue breaks
+    if database is not None:
+        start_worker_database(database)
 
 
 def report_pid(pause: float) -> int:
@@ -191,9 +197,15 @@ class WorkerPool:
     """An executor of `size` workers (processes or threads) that is replaced when it breaks."""
 
     def __init__(
-        self, kind: str, size: int, log: logging.Logger, adapters: Adapters | None = None
+        self,
+        kind: str,
+        size: int,
+        log: logging.Logger,
+        adapters: Adapters | None = None,
+        database: DatabaseSettings | None = None,
     ) -> None:
         self.kind = kind
+        self.database = database  # each process worker opens its own `/db` pool from these
         self.size = size
         self.log = log
         self.adapters = adapters or Adapters()
@@ -222,6 +234,7 @@ class WorkerPool:
             self.size,
             mp_context=self.context,
             initializer=prepare_worker,
+            initargs=(self.database,),
         )
         try:
             return executor, self.warm_up(executor)

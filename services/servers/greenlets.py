@@ -17,6 +17,7 @@ import signal
 import socket
 import time
 from collections.abc import Callable, Iterable
+from functools import partial
 from typing import Any
 
 import gevent
@@ -26,6 +27,14 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 
 from services.blocking import Receive, SendAll, serve_blocking
 from services.config import Settings
+from services.database import (
+    DatabaseSettings,
+    Driver,
+    SyncPool,
+    open_pool,
+    psycopg2_driver,
+    psycopg_driver,
+)
 from services.servers.base import BlockingServer
 from services.servers.looplag import PROBE_INTERVAL, LoopLag
 from services.session import Session
@@ -104,6 +113,18 @@ def fast_io_problem() -> str | None:
         right.close()
 
 
+# -- the database: which driver a `/db` waits in (services/database.py) ------------------------
+DRIVERS: dict[str, Callable[[], Driver]] = {
+    # psycopg 3 waits for the socket through gevent's patched select: the greenlet yields.
+    "default": psycopg_driver,
+    # psycopg2 waits inside libpq, C code that monkey-patching cannot reach: the hub stalls,
+    # every connection with it, while the CPU idles (the seed's warning).
+    "blocking": partial(psycopg2_driver, green=False),
+    # The same psycopg2 with psycogreen's wait callback: libpq in non-blocking mode, gevent waits.
+    "blocking-fixed": partial(psycopg2_driver, green=True),
+}
+
+
 # -- the server -------------------------------------------------------------------------------
 class GeventServer(BlockingServer):
     """Connections as greenlets in a gevent Pool, plus an event-loop lag probe."""
@@ -115,6 +136,10 @@ class GeventServer(BlockingServer):
         self.connections = gevent.pool.Pool(settings.max_connections)
         self.loop_lag = LoopLag()
         self.fast_io = False  # decided at start-up by the gevent-io adapter
+
+    def open_database(self, settings: DatabaseSettings) -> SyncPool | None:
+        """The pool of the chosen driver: cooperative by default, or the seed's warning."""
+        return open_pool(settings, DRIVERS[settings.driver])
 
     def spawn(self, function: Callable[..., None], *args: object) -> gevent.Greenlet:
         """Run a helper greenlet (accept loop, sweeper, probe) outside the connection pool."""
@@ -128,7 +153,9 @@ class GeventServer(BlockingServer):
     def spawn_session(self, session: Session) -> None:
         """Serve a connection in a greenlet of the pool (never full: the limit is checked first)."""
         io = wait_first_io(session.sock) if self.fast_io else None
-        self.connections.spawn(serve_blocking, session, self.stats, self.settings.metrics, io)
+        self.connections.spawn(
+            serve_blocking, session, self.stats, self.settings.metrics, self.database, io
+        )
 
     def serve_in_background(self) -> None:
         """Check the fast socket path, then accept, sweep, and probe the event loop."""

@@ -33,13 +33,14 @@ import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import BrokenExecutor, CancelledError, Future
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from services import protocol
 from services.config import Settings
+from services.database import DatabaseSettings, SyncPool, answer_batches_in_worker
 from services.servers.base import MAX_ACCEPT_BACKOFF, Server
 from services.servers.batching import MAX_UNSENT_OUTPUT, plan_tasks, throttled
 from services.servers.executors import WorkerPool
@@ -93,7 +94,18 @@ class PoolServer(Server):
         self.workers = settings.workers
         # Process workers come from a forkserver started now, before any socket or thread:
         # replacements fork from it too (why: services/servers/executors.py).
-        self.pool = WorkerPool(settings.executor, settings.workers, self.log, self.adapters)
+        self.pool = WorkerPool(
+            settings.executor,
+            settings.workers,
+            self.log,
+            self.adapters,
+            self.worker_database if settings.db_url else None,
+        )
+        # The task a worker runs: thread workers share the server's `/db` pool; process workers
+        # use their own (services.database.answer_batches_in_worker).
+        self.answer_task: Callable[[list[list[bytes]]], Answers] = (
+            answer_batches_in_worker if settings.executor == "process" else self.answer_in_thread
+        )
         self.watched: dict[int, int] = {}  # worker sentinel fd -> its executor's generation
         self.retried_requests = 0
         self.selector = selectors.DefaultSelector()
@@ -114,10 +126,23 @@ class PoolServer(Server):
     def info(self) -> dict[str, str]:
         """Labels of arena_server_info: the executor kind and size too."""
         return {
-            "model": self.model,
+            **super().info(),
             "executor": self.settings.executor,
             "workers": str(self.workers),
         }
+
+    @property
+    def worker_database(self) -> DatabaseSettings:
+        """A process worker's own `/db` pool: one connection (it runs one task at a time)."""
+        return DatabaseSettings.from_settings(self.settings, pool_size=1)
+
+    def answer_in_thread(self, batches: list[list[bytes]]) -> Answers:
+        """A thread worker's task: the batches, with the server's shared `/db` pool."""
+        return protocol.answer_batches(batches, self.database)
+
+    def open_database(self, settings: DatabaseSettings) -> SyncPool | None:
+        """Thread workers share one pool; process workers open their own (none here)."""
+        return super().open_database(settings) if self.settings.executor == "thread" else None
 
     # -- lifecycle -------------------------------------------------------------------------
     def serve_in_background(self) -> None:
@@ -352,11 +377,11 @@ class PoolServer(Server):
         pool = self.pool
         generation = pool.generation
         try:
-            future = pool.executor.submit(protocol.answer_batches, batches)
+            future = pool.executor.submit(self.answer_task, batches)
         except BrokenExecutor:  # broke before its failed futures or sentinel reached us
             self.heal(generation)
             generation = pool.generation
-            future = pool.executor.submit(protocol.answer_batches, batches)
+            future = pool.executor.submit(self.answer_task, batches)
         self.submissions[id(future)] = sum(map(len, batches))
         self.submissions_total += 1
 

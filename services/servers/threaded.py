@@ -99,7 +99,8 @@ class ThreadedServer(BlockingServer):
     def spawn_session(self, session: Session) -> None:
         """Start the connection's thread without waiting for it to run (see the docstring)."""
         _thread.start_new_thread(
-            serve_blocking, (session, self.stats, self.settings.metrics, None, self.turns)
+            serve_blocking,
+            (session, self.stats, self.settings.metrics, self.database, None, self.turns),
         )
 
     def stop(self, grace: float) -> None:
