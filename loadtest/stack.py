@@ -1,8 +1,9 @@
 """`python -m loadtest.stack`: the whole arena as local processes, without Docker.
 
-Starts the four servers on their own ports, the Locust web UI loading them (100 users per
-server), and a Prometheus scraping all four when a `prometheus` binary is on the PATH. Every
-child's output is printed with a `[name]` prefix. Ctrl-C or SIGTERM stops everything: each
+Starts a throwaway PostgreSQL for the servers' `/db` (loadtest/postgres.py, when the machine has
+the server binaries), the four servers on their own ports, the Locust web UI loading them (100
+users per server), and a Prometheus scraping all four when a `prometheus` binary is on the PATH.
+Every child's output is printed with a `[name]` prefix. Ctrl-C or SIGTERM stops everything: each
 child gets SIGTERM, then, after the grace period, its whole process group gets SIGKILL, and
 any orphan left below the stack (it registers as a child subreaper) is killed and reaped, so no
 process and no bound port outlives the stack.
@@ -32,6 +33,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from loadtest import procs
+from loadtest.postgres import Postgres, PostgresError, PostgresUnavailable, find_bindir
 from services import models
 from services.config import parse_boolean, parse_positive_int
 
@@ -86,6 +88,7 @@ class StackSettings:
     locust: bool = True
     autostart: bool = True
     prometheus: str = "auto"  # auto: when a prometheus binary is on the PATH; or on / off
+    postgres: bool = True  # a throwaway PostgreSQL for /db, when its binaries are installed
     grace: float = 10.0
     workers: int = 2
 
@@ -94,7 +97,8 @@ def parse_settings(argv: Sequence[str] | None, environ: Mapping[str, str]) -> St
     """Read flags and ARENA_STACK_* variables (flags win)."""
     parser = argparse.ArgumentParser(
         prog="python -m loadtest.stack",
-        description="Run the four servers, the Locust web UI and Prometheus as local processes. "
+        description="Run a throwaway PostgreSQL, the four servers, the Locust web UI and "
+        "Prometheus as local processes. "
         f"Every option can also be set as an {ENV_PREFIX}* environment variable; flags win.",
     )
     parser.add_argument(
@@ -129,6 +133,14 @@ def parse_settings(argv: Sequence[str] | None, environ: Mapping[str, str]) -> St
         f"(env {ENV_PREFIX}PROMETHEUS, default auto)",
     )
     parser.add_argument(
+        "--postgres",
+        dest="postgres",
+        action=argparse.BooleanOptionalAction,
+        help="run a throwaway PostgreSQL for the servers' /db when its binaries are installed "
+        f"(apt-get install postgresql); off, /db answers ERR backend-unavailable "
+        f"(env {ENV_PREFIX}POSTGRES, default on)",
+    )
+    parser.add_argument(
         "--grace",
         metavar="SECONDS",
         help=f"seconds the children get to stop before SIGKILL (env {ENV_PREFIX}GRACE, default 10)",
@@ -161,6 +173,7 @@ def parse_settings(argv: Sequence[str] | None, environ: Mapping[str, str]) -> St
         locust=parsed("locust", parse_boolean, True),
         autostart=parsed("autostart", parse_boolean, True),
         prometheus=parsed("prometheus", _prometheus_mode, "auto"),
+        postgres=parsed("postgres", parse_boolean, True),
         grace=parsed("grace", _grace, defaults.grace),
         workers=parsed("workers", parse_positive_int, defaults.workers),
     )
@@ -191,6 +204,7 @@ class Service:
     ports: list[str]  # settings names, for the port check and its message
     probe: Callable[[], bool]
     urls: list[str]
+    env: dict[str, str] = field(default_factory=dict)  # on top of the stack's environment
     proc: subprocess.Popen[bytes] | None = None
     pump: threading.Thread | None = None
 
@@ -226,8 +240,13 @@ def prometheus_config(settings: StackSettings, with_locust: bool) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plan(settings: StackSettings, workdir: Path, environ: Mapping[str, str]) -> list[Service]:
-    """The services to start, in start order."""
+def plan(
+    settings: StackSettings,
+    workdir: Path,
+    environ: Mapping[str, str],
+    database: Mapping[str, str] | None = None,
+) -> list[Service]:
+    """The services to start, in start order; `database` (ARENA_DB_*) goes to every server."""
     host, reach = settings.host, procs.connect_host(settings.host)
     python = sys.executable
     services = []
@@ -245,6 +264,7 @@ def plan(settings: StackSettings, workdir: Path, environ: Mapping[str, str]) -> 
                 [f"{model}_port", f"{model}_metrics_port"],
                 functools.partial(procs.ping, reach, port, 2.0),
                 [f"tcp://{reach}:{port}", f"http://{reach}:{metrics_port}/metrics"],
+                dict(database or {}),
             )
         )
     locust_file = ROOT / "loadtest" / "locustfile.py"
@@ -383,6 +403,7 @@ class Stack:
         self.console = console
         self.stop_requested = threading.Event()
         self.reason = ""
+        self.database: Postgres | None = None  # started before the servers, stopped after them
 
     def request_stop(self, signum: int, _frame: object = None) -> None:
         """Signal handler: ask the main loop to stop everything."""
@@ -391,6 +412,8 @@ class Stack:
 
     def start(self) -> None:
         """Start every service; raise StackError when one exits or never answers."""
+        if self.stop_requested.is_set():  # Ctrl-C while the database was starting
+            return
         self.console.width = max(len(service.name) for service in self.services)
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         for index, service in enumerate(self.services):
@@ -398,7 +421,7 @@ class Stack:
             service.proc = subprocess.Popen(
                 service.command,
                 cwd=ROOT,
-                env=env,
+                env={**env, **service.env},
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
@@ -460,6 +483,11 @@ class Stack:
             for (service, _), was_running, code in zip(started, running, codes, strict=True):
                 if was_running and code == -signal.SIGKILL:
                     self.console.say(f"{service.name} still running after the grace period: killed")
+        # The database last, once no server uses it, and before the orphan sweep, which would
+        # SIGKILL it (the postmaster is a child of the stack).
+        if self.database is not None:
+            self.database.close()
+            self.console.say("postgres stopped (its data deleted)")
         self._kill_orphans()
         for service in self.services:
             if service.pump is not None:
@@ -482,6 +510,43 @@ class Stack:
             if not left:
                 return
             time.sleep(0.05)
+
+
+def start_database(
+    settings: StackSettings, console: Console, environ: Mapping[str, str]
+) -> Postgres | None:
+    """A throwaway PostgreSQL for /db, or None (turned off, ARENA_DB_URL given, or no
+    binaries: /db then answers ERR backend-unavailable and everything else runs); StackError
+    when it fails to start."""
+    if environ.get("ARENA_DB_URL"):
+        # The user's own database: the servers inherit it with the rest of the environment.
+        console.say("ARENA_DB_URL is set: the servers use that database, no throwaway PostgreSQL")
+        return None
+    if not settings.postgres:
+        console.say(
+            f"PostgreSQL turned off (--no-postgres or {ENV_PREFIX}POSTGRES=0): "
+            "/db will answer ERR backend-unavailable"
+        )
+        return None
+    try:
+        database = Postgres(bindir=find_bindir(environ))
+    except PostgresUnavailable as error:
+        console.say(
+            f"starting without PostgreSQL, /db will answer ERR backend-unavailable: {error}"
+        )
+        return None
+    console.say(f"starting postgres: a throwaway cluster from {database.bindir}")
+    try:
+        database.start()
+    except PostgresError as error:
+        raise StackError(
+            f"PostgreSQL did not start ({error}); --no-postgres starts the stack without it"
+        ) from None
+    console.say(
+        f"postgres is up: {database.url} (max_connections {database.max_connections}; every "
+        "server gets it as ARENA_DB_URL, its password as ARENA_DB_PASSWORD)"
+    )
+    return database
 
 
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
@@ -510,6 +575,11 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
             signal.signal(signum, stack.request_stop)
         code = 0
         try:
+            stack.database = start_database(settings, console, environ)
+            if stack.database is not None:
+                # Planned again with the database's settings: the first plan served to check
+                # every port before anything started.
+                stack.services = plan(settings, Path(workdir), environ, stack.database.env())
             stack.start()
             code = stack.watch()
         except StackError as error:

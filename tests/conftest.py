@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from loadtest import procs
+from loadtest.postgres import Postgres, PostgresUnavailable
 from services import models
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -111,3 +112,20 @@ def wait_until(predicate, timeout: float = 20.0, interval: float = 0.05) -> bool
         return bool(procs.poll_until("a condition", predicate, timeout, interval))
     except procs.PollTimeout:
         return False
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Postgres]:
+    """A throwaway PostgreSQL for the whole session (loadtest/postgres.py), closed at its end.
+
+    Without the server binaries the tests that use it are skipped, with the install command,
+    unless CI or ARENA_REQUIRE_POSTGRES is set: there a missing database is a failure.
+    """
+    try:
+        cluster = Postgres()
+    except PostgresUnavailable as error:
+        if os.environ.get("CI") or os.environ.get("ARENA_REQUIRE_POSTGRES", "0") != "0":
+            pytest.fail(f"PostgreSQL is required here (CI or ARENA_REQUIRE_POSTGRES): {error}")
+        pytest.skip(str(error))
+    with cluster:
+        yield cluster

@@ -11,12 +11,15 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import psutil
+import psycopg
 import pytest
 
 from loadtest import procs
-from loadtest.stack import PORTS
+from loadtest.postgres import Postgres
+from loadtest.stack import PORTS, StackError, parse_settings, plan
 from services import models
 from tests.conftest import ROOT, run_module, wait_until
 
@@ -36,7 +39,9 @@ def free_ports(count: int) -> list[int]:
 class RunningStack:
     """The stack subprocess, its ports, and its output collected by a thread."""
 
-    def __init__(self, ports: dict[str, int], *extra: str) -> None:
+    def __init__(
+        self, ports: dict[str, int], *extra: str, env: dict[str, str] | None = None
+    ) -> None:
         self.ports = ports
         args = [f"--{name.replace('_', '-')}={port}" for name, port in ports.items()]
         self.proc = subprocess.Popen(
@@ -46,7 +51,7 @@ class RunningStack:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env={**(os.environ if env is None else env), "PYTHONUNBUFFERED": "1"},
         )
         self.lines: list[str] = []
         self.reader = threading.Thread(target=self._read, daemon=True)
@@ -173,3 +178,111 @@ def test_the_port_knob_also_works_as_an_environment_variable(stack_ports: dict[s
         result = run_stack(env=env)
     assert result.returncode == 2
     assert str(taken) in result.stderr and "ARENA_STACK_LOCUST_PORT" in result.stderr
+
+
+# ---- PostgreSQL for /db -------------------------------------------------------------------
+
+
+def without_database_settings() -> dict[str, str]:
+    """This environment without ARENA_DB_* (a user's own ARENA_DB_URL turns the stack's off)."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("ARENA_DB_")}
+
+
+def servers_up(stack: RunningStack) -> bool:
+    """The stack said every service is up, or it ended (the caller checks which)."""
+    return "all services are up" in stack.output() or stack.proc.poll() is not None
+
+
+def server_environments(stack: RunningStack) -> dict[str, dict[str, str]]:
+    """Each server process's environment, by model."""
+    found = {}
+    for child in psutil.Process(stack.proc.pid).children(recursive=True):
+        command = child.cmdline()
+        for model in models.NAMES:
+            if command[1:4] == ["-m", "services", model]:
+                found[model] = child.environ()
+    return found
+
+
+def test_the_database_knob_is_a_flag_and_a_variable() -> None:
+    assert parse_settings([], {}).postgres is True
+    assert parse_settings(["--no-postgres"], {}).postgres is False
+    assert parse_settings([], {"ARENA_STACK_POSTGRES": "0"}).postgres is False
+    assert parse_settings(["--postgres"], {"ARENA_STACK_POSTGRES": "0"}).postgres is True
+    with pytest.raises(StackError, match="ARENA_STACK_POSTGRES"):
+        parse_settings([], {"ARENA_STACK_POSTGRES": "maybe"})
+
+
+def test_every_server_of_the_plan_gets_the_database_settings(
+    postgres: Postgres, tmp_path: Path
+) -> None:
+    settings = parse_settings(["--prometheus", "off"], {})
+    services = {service.name: service for service in plan(settings, tmp_path, {}, postgres.env())}
+    for model in models.NAMES:
+        assert services[model].env == postgres.env()
+        assert services[model].env["ARENA_DB_URL"] == postgres.url
+    assert "ARENA_DB_URL" not in services["locust"].env  # the load needs no database
+    without = plan(settings, tmp_path, {})
+    assert all(service.env == {} for service in without)
+
+
+@pytest.mark.slow
+def test_the_stack_starts_postgres_first_hands_it_to_every_server_and_stops_it_last(
+    postgres: Postgres, stack_ports: dict[str, int]
+) -> None:
+    # `postgres` only for its verdict: without the binaries this test skips (or fails in CI).
+    stack = RunningStack(
+        stack_ports, "--no-locust", "--prometheus=off", env=without_database_settings()
+    )
+    try:
+        assert wait_until(lambda: servers_up(stack), timeout=STARTUP_TIMEOUT), stack.output()
+        assert stack.proc.poll() is None, stack.output()
+        output = stack.output()
+        assert output.index("postgres is up") < output.index("starting threaded")
+        environments = server_environments(stack)
+        assert environments.keys() == set(models.NAMES)
+        urls = {env["ARENA_DB_URL"] for env in environments.values()}
+        passwords = {env["ARENA_DB_PASSWORD"] for env in environments.values()}
+        assert len(urls) == len(passwords) == 1, urls
+        (url,), (password,) = urls, passwords
+        assert password not in output  # printed: the URL, never the password
+        with psycopg.connect(url, password=password, connect_timeout=5) as conn:
+            conn.execute("SELECT pg_sleep(0)")
+        postmasters = [
+            child
+            for child in psutil.Process(stack.proc.pid).children()
+            if child.name() == "postgres"
+        ]
+        assert len(postmasters) == 1
+        directory = postmasters[0].cmdline()[postmasters[0].cmdline().index("-D") + 1]
+
+        stack.proc.send_signal(signal.SIGTERM)
+        assert stack.proc.wait(timeout=60) == 0, stack.output()
+        assert "postgres stopped" in stack.output()
+        assert not os.path.exists(directory)
+        with pytest.raises(psycopg.OperationalError):
+            psycopg.connect(url, password=password, connect_timeout=5)
+    finally:
+        stack.kill()
+
+
+@pytest.mark.slow
+def test_without_postgresql_binaries_the_stack_says_so_once_and_starts_the_rest(
+    stack_ports: dict[str, int], tmp_path: Path
+) -> None:
+    env = {**without_database_settings(), "ARENA_PG_BINDIR": str(tmp_path)}  # no binaries there
+    stack = RunningStack(stack_ports, "--no-locust", "--prometheus=off", env=env)
+    try:
+        assert wait_until(lambda: servers_up(stack), timeout=STARTUP_TIMEOUT), stack.output()
+        assert stack.proc.poll() is None, stack.output()
+        said = [line for line in stack.lines if "PostgreSQL" in line]
+        assert len(said) == 1, stack.output()
+        assert "ERR backend-unavailable" in said[0] and "apt-get install postgresql" in said[0]
+        environments = server_environments(stack)
+        assert environments.keys() == set(models.NAMES)
+        assert all("ARENA_DB_URL" not in env for env in environments.values())
+        assert all(procs.ping("127.0.0.1", stack_ports[f"{m}_port"]) for m in models.NAMES)
+        stack.proc.send_signal(signal.SIGTERM)
+        assert stack.proc.wait(timeout=60) == 0, stack.output()
+    finally:
+        stack.kill()
