@@ -274,3 +274,24 @@ def test_event_loop_block_is_measured(server_factory, model):
     assert after.value("arena_event_loop_lag_seconds_count") > before.value(
         "arena_event_loop_lag_seconds_count"
     )
+
+
+def test_process_metrics_agree_with_the_client_librarys_collector():
+    """Our /proc reader (public sources only) names and measures what ProcessCollector does."""
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.process_collector import ProcessCollector
+
+    from services.metrics import ProcessMetrics
+
+    ours, theirs = CollectorRegistry(), CollectorRegistry()
+    ProcessMetrics(registry=ours)
+    ProcessCollector(registry=theirs)
+    ours_by_name = {family.name: family for family in ours.collect()}
+    theirs_by_name = {family.name: family for family in theirs.collect()}
+    assert set(ours_by_name) == set(theirs_by_name)
+    start = ours_by_name["process_start_time_seconds"].samples[0].value
+    assert start == pytest.approx(theirs_by_name["process_start_time_seconds"].samples[0].value)
+    assert ours_by_name["process_max_fds"].samples[0].value == (
+        theirs_by_name["process_max_fds"].samples[0].value
+    )
+    assert ours_by_name["process_resident_memory_bytes"].samples[0].value > 0
