@@ -319,11 +319,9 @@ def _reading_echo(bench: Bench) -> str | None:
     if textbook:
         text += f", {median['rps'] / textbook['rps']:.2f}{TIMES} its textbook version"
     text += ")"
-    if name == "gevent":
-        text += (
-            ": it waits for a socket to be readable before reading, as an event loop does, "
-            "where gevent's own `recv` tries first and fails once per request"
-        )
+    because = models.target(name)[0].fast_because if name in models.VARIANTS else ""
+    if because:
+        text += ": " + because
     text += "."
     ratios = []
     for family in bench.data["families"]:

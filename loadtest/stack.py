@@ -253,7 +253,7 @@ def plan(
     for model in MODELS:
         port = settings.ports[f"{model}_port"]
         metrics_port = settings.ports[f"{model}_metrics_port"]
-        flags = ["--workers", str(settings.workers)] if model == "pool" else []
+        flags = ["--workers", str(settings.workers)] if models.get(model).sized else []
         command = procs.server_command(
             model, *flags, host=host, port=port, metrics_port=metrics_port
         )

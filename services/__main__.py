@@ -34,10 +34,9 @@ def main(argv: list[str] | None = None) -> int:
         settings = load_settings(argv, os.environ)
     except ConfigError as error:
         return _fail(f"{error} (see --help)")
-    if settings.model == "gevent":
-        from gevent import monkey
+    from services import models
 
-        monkey.patch_all()
+    models.get(settings.model).run_prepare()  # gevent monkey-patches here, before any import
 
     import logging  # after monkey-patching: logging creates locks at import
 

@@ -46,7 +46,7 @@ from typing import Any
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from services import protocol
-from services.config import Settings, redact_url
+from services.config import Settings
 from services.session import Histogram
 
 QUERY = "SELECT pg_sleep(%s)"  # a bound parameter: the number never becomes SQL text
@@ -450,19 +450,9 @@ class AsyncPool:
 
 def open_pool(settings: DatabaseSettings, driver: Callable[[], Driver]) -> SyncPool | None:
     """A synchronous pool over `driver()`, or None without a database URL (`/db` then fails)."""
-    if not settings.url:
-        log.info("no database (--db-url): /db answers ERR backend-unavailable")
-        return None
-    chosen = driver()
-    log.info(
-        "database %s: driver %s (--db-driver %s), pool of %d, timeout %ss",
-        redact_url(settings.url),
-        chosen.name,
-        settings.driver,
-        settings.pool_size,
-        settings.timeout,
-    )
-    return SyncPool(settings, chosen)
+    # Said once, in the server's ready line (`Server.ready_fields`), not logged here: a server
+    # that then fails to bind prints one error line only.
+    return SyncPool(settings, driver()) if settings.url else None
 
 
 # -- process workers: each owns its pool ---------------------------------------------------------

@@ -67,6 +67,11 @@ class Model:
     # The --db-driver values it takes: the blocking ones only where one thread runs every
     # connection, so that a blocking call stalls them all (gevent, asyncio).
     db_drivers: tuple[str, ...] = ("default",)
+    # "module:function" that `python -m services` calls before it imports anything else (gevent
+    # must monkey-patch before sockets, threads or locks exist); empty: nothing to prepare.
+    prepare: str = ""
+    # Why its echo is fast, for the benchmark's reading when it is the fastest (loadtest docs).
+    fast_because: str = ""
 
     @property
     def blocking(self) -> bool:
@@ -82,6 +87,12 @@ class Model:
     def env_name(self) -> str:
         """The model's name as it appears in variable names (ARENA_<NAME>_PORT)."""
         return self.name.upper().replace("-", "_")
+
+    def run_prepare(self) -> None:
+        """Call the model's `prepare` hook (before the server's modules are imported)."""
+        if self.prepare:
+            module_name, _, function = self.prepare.partition(":")
+            getattr(importlib.import_module(module_name), function)()
 
     def server_class(self) -> type[Server]:
         """Import the model's module now and return its Server class."""
@@ -128,6 +139,7 @@ MODELS: tuple[Model, ...] = (
             "arena_pool_submissions",
             "arena_pool_worker_cpu_seconds",
             "arena_pool_worker_restarts",
+            "arena_pool_retried_requests",
         ),
     ),
     Model(
@@ -140,6 +152,11 @@ MODELS: tuple[Model, ...] = (
         variants=(Variant("gevent", textbook="streamserver"),),
         own_metrics=("arena_greenlets", *EVENT_LOOP_METRICS),
         db_drivers=DB_DRIVERS,
+        prepare="gevent.monkey:patch_all",
+        fast_because=(
+            "it waits for a socket to be readable before reading, as an event loop does, "
+            "where gevent's own `recv` tries first and fails once per request"
+        ),
     ),
     Model(
         "asyncio",

@@ -65,6 +65,42 @@ def test_no_model_list_is_written_outside_the_registry() -> None:
     assert not offenders, "model lists outside services/models.py:\n" + "\n".join(offenders)
 
 
+def model_comparisons(tree: ast.AST) -> list[tuple[int, str]]:
+    """Comparisons with a model's or a variant's name (`model == "gevent"`, `in ("pool",)`)."""
+    names = set(models.NAMES) | set(models.VARIANTS)
+    found = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Compare):
+            continue
+        for operand in [node.left, *node.comparators]:
+            constants = (
+                operand.elts if isinstance(operand, ast.Tuple | ast.List | ast.Set) else [operand]
+            )
+            for constant in constants:
+                if isinstance(constant, ast.Constant) and constant.value in names:
+                    found.append((node.lineno, str(constant.value)))
+    return found
+
+
+def test_the_scan_finds_a_question_about_a_model_by_name() -> None:
+    """The check below would notice `if settings.model == "gevent"` (so it can fail)."""
+    source = 'if settings.model == "gevent":\n    pass\nok = kind in ("x", "pool-thread")\n'
+    assert model_comparisons(ast.parse(source)) == [(1, "gevent"), (3, "pool-thread")]
+
+
+def test_nothing_outside_a_model_asks_for_a_model_by_name() -> None:
+    """A model's setup, sizing and notes are in its registry entry and its module, so code
+    elsewhere reads the entry (`model.sized`, `model.prepare`) instead of asking for a name."""
+    own = {REGISTRY, *(ROOT / "services" / "servers").glob("*.py")}
+    offenders = [
+        f"{path.relative_to(ROOT)}:{line} asks for {name!r}"
+        for path in python_files()
+        if path not in own and path.parts[len(ROOT.parts)] in ("services", "loadtest")
+        for line, name in model_comparisons(ast.parse(path.read_text(), str(path)))
+    ]
+    assert not offenders, "model names compared outside the registry:\n" + "\n".join(offenders)
+
+
 def test_registry_entries_are_unique_and_complete() -> None:
     """Names, ports and colours are distinct; every entry has a summary."""
     assert len(set(models.NAMES)) == len(models.MODELS)

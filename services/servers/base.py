@@ -18,7 +18,7 @@ from prometheus_client.core import Metric
 from services import protocol
 from services.adapters import Adapters
 from services.blocking import serve_blocking
-from services.config import Settings
+from services.config import Settings, redact_url
 from services.database import DatabaseSettings, DatabaseStats, SyncPool, open_pool, psycopg_driver
 from services.ratelog import RateLimitedLog
 from services.session import ServerStats, Session, reject
@@ -111,7 +111,12 @@ class Server(ABC):
 
     def ready_fields(self) -> dict[str, str]:
         """What the ready line names besides the addresses and limits (asyncio: its loop)."""
-        return {}
+        settings = self.settings
+        return {
+            "db": redact_url(settings.db_url) if settings.db_url else "none",
+            "db_driver": settings.db_driver,
+            "db_pool": str(settings.db_pool),
+        }
 
     def extra_metrics(self) -> Iterable[Metric]:
         """The model's own metrics (threads, pool queue, event loop)."""

@@ -397,7 +397,7 @@ class AsyncioServer(Server):
 
     def ready_fields(self) -> dict[str, str]:
         """The event loop, for the ready line (and the blocking-fixed driver's threads)."""
-        fields = {"loop": self.loop_name}
+        fields = {"loop": self.loop_name, **super().ready_fields()}
         if self.settings.db_driver == "blocking-fixed":
             fields["db_threads"] = str(DEFAULT_EXECUTOR_THREADS)
         return fields
