@@ -5,7 +5,10 @@ Rules it keeps (see docs/LOADTEST.md):
 - a reply is read to its newline and compared with the exact expected text; a wrong reply is a
   failure whose message shows both;
 - on any error the socket is closed at once and the next request reconnects, so a dead socket is
-  never reused (Locust's ``events.request.measure()`` would swallow the error and keep it);
+  never reused (Locust's ``events.request.measure()`` would swallow the error and keep it); the
+  one exception is a database error reply (``ERR backend-unavailable ...``, ``ERR backend-busy
+  ...``): a whole line was read and the server keeps the connection open, so the failure is
+  counted, named by that line, and the connection kept;
 - connecting is timed and reported as its own row (name ``connect``);
 - the name is resolved again at every connect and one of its addresses taken in turn, so the
   users of one target spread over every replica behind its name (Docker's DNS returns each
@@ -28,6 +31,9 @@ import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
+# The protocol's own list (the Locust image ships services/protocol.py).
+from services.protocol import BACKEND_REPLIES
+
 if TYPE_CHECKING:
     from loadtest.arrivals import Start
 
@@ -38,6 +44,11 @@ REPLY_SLACK = 1024
 # Keys of a request event's context (read by loadtest.exporter).
 SERVICE_S = "service_s"  # seconds from sending the request to reading its reply
 LATE = "late_start"  # an arrival-rate start that found no free connection when it was due
+# Error replies to /db after which the server keeps the connection open (docs/PROTOCOL.md): the
+# database failed, not the stream, so reconnecting would only add a connect per failure.
+BACKEND_ERRORS = tuple(code.encode() for code in BACKEND_REPLIES)
+# A failure's name in Locust's tables is its text: bounded, so a broken server cannot flood them.
+BACKEND_ERROR_LIMIT = 200
 # (host, port) -> every address it stands for now, in any order.
 Resolver = Callable[[str, int], list[tuple[str, int]]]
 # One turn counter per name in this process: the users of one target take its replicas in turn,
@@ -90,6 +101,23 @@ class WrongReply(ReplyError):
         super().__init__(
             f"wrong reply to {command}: expected {shorten(expected)} got {shorten(actual)}"
         )
+
+
+class BackendError(ReplyError):
+    """The server's database failed this request (``ERR backend-...``); the connection is fine."""
+
+    def __init__(self, reply: bytes) -> None:
+        super().__init__(reply[:BACKEND_ERROR_LIMIT].decode("ascii", "replace"))
+
+    def __repr__(self) -> str:
+        # Locust names a failure by the exception's repr: show the server's line as it is.
+        return str(self)
+
+
+def is_backend_error(reply: bytes) -> bool:
+    """Whether `reply` (without its newline) is one of the database's error replies."""
+    code = reply.removeprefix(b"ERR ").partition(b" ")[0]
+    return reply.startswith(b"ERR ") and code in BACKEND_ERRORS
 
 
 class ConnectionClosed(ReplyError):
@@ -177,11 +205,14 @@ class LineClient:
             reply = self._read_line(sock, len(expected) + REPLY_SLACK)
             answered = time.perf_counter()
             if reply != expected:
+                if is_backend_error(reply):
+                    raise BackendError(reply)
                 raise WrongReply(command, expected, reply)
         except Exception as error:  # every failure is reported, none escapes the task
             answered = time.perf_counter()
-            # After any error the stream position is unknown: never reuse this socket.
-            self.close()
+            # After any other error the stream position is unknown: never reuse this socket.
+            if not isinstance(error, BackendError):
+                self.close()
             context = {SERVICE_S: answered - started, LATE: late}
             self._fire(command, answered - intended, 0, start_time, error, context)
             return False

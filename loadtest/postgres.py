@@ -398,10 +398,14 @@ class Postgres:
     ) -> subprocess.CompletedProcess[str]:
         """Run a tool as the cluster's owner to its end; PostgresError with its output on
         failure."""
+        # Either input or stdin, never both: gevent's subprocess.run (patched in by any test
+        # module that imports Locust) refuses a stdin=None next to input, unlike the stdlib's.
+        feed: dict[str, Any] = (
+            {"input": stdin} if stdin is not None else {"stdin": subprocess.DEVNULL}
+        )
         result = subprocess.run(
             command,
-            input=stdin,
-            stdin=None if stdin is not None else subprocess.DEVNULL,
+            **feed,
             capture_output=True,
             text=True,
             timeout=timeout,

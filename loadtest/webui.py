@@ -19,11 +19,10 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
-from loadtest import locust_adapter
+from loadtest import locust_adapter, scenarios
 from loadtest.client import CONNECT
 from loadtest.client_metrics import PROMETHEUS_TEXT
 from loadtest.client_stats import latency_rows, latency_table
-from loadtest.lessons import catalog
 from loadtest.users import address_url, scenario_user_count, sync_hosts
 from loadtest.workload import KnobError, Workload, current_workload
 
@@ -47,7 +46,7 @@ def targets_summary(workload: Workload) -> str:
 
 def scenario_rows(workload: Workload) -> list[dict[str, str]]:
     """The Scenario tab: the lesson's paragraph, then every workload knob and where it came from."""
-    lesson = catalog.get(workload.scenario)
+    lesson = scenarios.get(workload.scenario)
     rows = [
         {"item": "Scenario", "value": lesson.title},
         {"item": "Claim", "value": lesson.claim},

@@ -7,7 +7,8 @@ validated in one place, :meth:`Workload.from_options`, which the command line, t
 and edit forms and the users all go through; a bad value is refused with a message that names the
 knob, the allowed range and the value given.
 
-``--scenario`` picks a lesson of ``loadtest.lessons.catalog``; the lesson's preset fills every
+``--scenario`` picks a scenario of ``loadtest.scenarios`` (the lessons of
+``loadtest.lessons.catalog`` and the database ones); the scenario's preset fills every
 workload knob left blank. A knob's default is blank, so a value given anywhere (flag, ``LOCUST_*``
 variable, config file, a field typed into the web form) wins over the scenario, and clearing the
 field hands the knob back to it. Parsed options keep the knobs as text: Locust's web form casts a
@@ -27,8 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from loadtest import locust_adapter
-from loadtest.lessons import catalog
+from loadtest import locust_adapter, scenarios
 
 # The protocol's limits and /work cost, from the one place they are defined (the Locust image
 # ships services/protocol.py, which imports only the standard library).
@@ -38,7 +38,7 @@ from services.protocol import MAX_SLEEP_MS, MAX_WORK_ROUNDS, WORK_ROUND_NS
 logger = logging.getLogger(__name__)
 
 TARGETS = models.NAMES
-COMMANDS = ("echo", "ping", "sleep", "work")
+COMMANDS = ("echo", "ping", "sleep", "work", "db")
 CONNECT = "connect"
 DEFAULT_ADDRESSES = {model.name: f"tcp://127.0.0.1:{model.port}" for model in models.MODELS}
 DEFAULT_USERS_PER_TARGET = 100
@@ -172,14 +172,14 @@ def _workload_knob(flag: str, parse: Callable[[object], Any], text: str) -> Knob
     return Knob(flag, "", _blank_or(parse), f"{text}; blank = scenario's", from_scenario=True)
 
 
-SCENARIOS = tuple(lesson.id for lesson in catalog.LESSONS)
+SCENARIOS = tuple(lesson.id for lesson in scenarios.LESSONS)
 # The order here is the order of `--help`, the docs and the web UI's "Custom parameters": the
 # scenario first, then what each user does, then where the users go. The help texts are the web
 # form's labels too, on one line: keep them short.
 KNOBS: tuple[Knob, ...] = (
     Knob(
         "--scenario",
-        catalog.DEFAULT_LESSON,
+        scenarios.DEFAULT_LESSON,
         _choice(SCENARIOS),
         "the lesson: sets the workload knobs left blank; see the Scenario tab",
         choices=SCENARIOS,
@@ -205,9 +205,14 @@ KNOBS: tuple[Knob, ...] = (
     _workload_knob(
         "--work-rounds", _integer(0, MAX_WORK_ROUNDS), "CPU rounds per /work, ~10,000 a ms"
     ),
+    # /db has /sleep's argument rules and cap; the server waits in the database (pg_sleep).
+    _workload_knob("--db-share", _number(0, 1), "fraction of requests that are /db"),
+    _workload_knob("--db-ms", _integer(0, MAX_SLEEP_MS), "ms each /db waits in the database"),
     _workload_knob("--ping-share", _number(0, 1), "fraction of requests that are /ping"),
     _workload_knob(
-        "--payload-bytes", _integer(0, MAX_PAYLOAD_BYTES), "bytes of text per echo, /sleep, /work"
+        "--payload-bytes",
+        _integer(0, MAX_PAYLOAD_BYTES),
+        "bytes of text per echo, /sleep, /work, /db",
     ),
     _workload_knob("--users-per-target", _integer(1, 100_000), "users per target, at test start"),
     Knob(
@@ -233,6 +238,8 @@ KNOBS: tuple[Knob, ...] = (
     ),
 )
 KNOBS_BY_DEST = {knob.dest: knob for knob in KNOBS}
+# The shares of the request mix, in the order pick_command takes them; echo is the rest.
+SHARES = ("ping_share", "sleep_share", "work_share", "db_share")
 WORKLOAD_KNOBS = tuple(knob for knob in KNOBS if knob.from_scenario)
 
 
@@ -295,9 +302,11 @@ class Workload:
     work_rounds: int
     think_ms: float
     timeout_s: float
+    db_share: float = 0.0
+    db_ms: int = 0
     arrival_rate: float = 0.0
     arrival: str = ARRIVALS[0]
-    scenario: str = catalog.DEFAULT_LESSON
+    scenario: str = scenarios.DEFAULT_LESSON
     # The workload knobs given explicitly (not blank), which the scenario did not set.
     given: frozenset[str] = frozenset()
 
@@ -314,16 +323,17 @@ class Workload:
                 values[knob.dest] = knob.parse(value)
             except KnobError as error:
                 raise KnobError(f"{knob.flag} {error}") from None
-        lesson = catalog.get(values["scenario"])
+        lesson = scenarios.get(values["scenario"])
         given = frozenset(k.dest for k in KNOBS if k.from_scenario and values[k.dest] is not None)
         for knob in KNOBS:
             if knob.from_scenario and values[knob.dest] is None:
                 values[knob.dest] = knob.parse(scenario_value(lesson, knob.dest))
-        shares = values["ping_share"] + values["sleep_share"] + values["work_share"]
+        shares = sum(values[dest] for dest in SHARES)
         if shares > 1 + 1e-9:
             raise KnobError(
-                "--ping-share + --sleep-share + --work-share must not exceed 1 (the rest is echo), "
-                f"got {shares:g} (scenario {lesson.id}: blank shares are its own)"
+                f"{' + '.join(KNOBS_BY_DEST[dest].flag for dest in SHARES)} must not exceed 1 "
+                f"(the rest is echo), got {shares:g} (scenario {lesson.id}: blank shares are "
+                "its own)"
             )
         return cls(
             addresses={t: parse_address(values[f"{t}_target"]) for t in TARGETS},
@@ -337,6 +347,8 @@ class Workload:
             work_rounds=values["work_rounds"],
             think_ms=values["think_ms"],
             timeout_s=values["timeout_s"],
+            db_share=values["db_share"],
+            db_ms=values["db_ms"],
             arrival_rate=values["arrival_rate"],
             arrival=values["arrival"],
             scenario=lesson.id,
@@ -370,6 +382,9 @@ class Workload:
         threshold += self.work_share
         if draw < threshold:
             return "work"
+        threshold += self.db_share
+        if draw < threshold:
+            return "db"
         return "echo"
 
     def build_request(self, command: str, text: bytes) -> tuple[bytes, bytes]:
@@ -383,6 +398,8 @@ class Workload:
             head = b"/sleep %d" % self.sleep_ms
         elif command == "work":
             head = b"/work %d" % self.work_rounds
+        elif command == "db":
+            head = b"/db %d" % self.db_ms
         else:
             raise ValueError(f"unknown command {command!r}")
         line = head + b" " + text + b"\n" if text else head + b"\n"
@@ -392,17 +409,20 @@ class Workload:
         """Seconds to wait for a reply: the base timeout plus what the server is asked to spend."""
         if command == "sleep":
             return self.timeout_s + self.sleep_ms / 1000
+        if command == "db":
+            # The query's own wait; a wait for a pool connection is within the base timeout.
+            return self.timeout_s + self.db_ms / 1000
         if command == "work":
             # Ten times the nominal CPU time: a loaded 2-core box runs the rounds much slower.
             return self.timeout_s + 10 * self.work_rounds / WORK_ROUNDS_PER_SECOND
         return self.timeout_s
 
 
-def scenario_value(lesson: catalog.Lesson, dest: str) -> str:
+def scenario_value(lesson: scenarios.Lesson, dest: str) -> str:
     """A lesson's preset for a workload knob; the default lesson's when the lesson leaves it out."""
     value = lesson.knobs.get(dest)
     if value is None:
-        value = catalog.get(catalog.DEFAULT_LESSON).knobs[dest]
+        value = scenarios.get(scenarios.DEFAULT_LESSON).knobs[dest]
     return value
 
 

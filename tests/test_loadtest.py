@@ -18,11 +18,10 @@ from typing import Any
 import pytest
 from locust.event import EventHook
 
-from loadtest import locustfile
+from loadtest import locustfile, scenarios
 from loadtest.client import LineClient, resolve
 from loadtest.client_metrics import render_metrics
 from loadtest.client_stats import ClientStats, fine_key, latency_rows
-from loadtest.lessons import catalog
 from loadtest.users import scenario_user_count
 from loadtest.workload import KNOBS, KNOBS_BY_DEST, WORKLOAD_KNOBS, KnobError, Workload
 from services import models
@@ -68,11 +67,17 @@ PROTOCOL_COMMANDS = ("echo", "ping", "sleep", "work")
         ({"arrival_rate": "fast"}, "--arrival-rate", "'fast'"),
         ({"arrival_rate": "1e9"}, "--arrival-rate", "100000"),
         ({"arrival": "burst"}, "--arrival", "poisson, uniform"),
+        ({"db_share": "1.5"}, "--db-share", "from 0 to 1"),
+        ({"db_share": "-0.1"}, "--db-share", "from 0 to 1"),
+        ({"db_ms": "60001"}, "--db-ms", "from 0 to 60000"),
+        ({"db_ms": "2.5"}, "--db-ms", "whole number"),
+        ({"db_ms": "soon"}, "--db-ms", "'soon'"),
         (
             {"ping_share": "0.5", "sleep_share": "0.4", "work_share": "0.2"},
             "--work-share",
             "exceed 1",
         ),
+        ({"sleep_share": "0.6", "db_share": "0.5"}, "--db-share", "exceed 1"),
     ],
 )
 def test_bad_knob_values_are_refused_with_the_knob_named(values, flag, hint):
@@ -118,7 +123,7 @@ def test_an_unknown_scenario_is_refused_with_the_choices():
     assert "--scenario" in str(refused.value) and "io-wait" in str(refused.value)
 
 
-@pytest.mark.parametrize("lesson", catalog.LESSONS, ids=lambda lesson: lesson.id)
+@pytest.mark.parametrize("lesson", scenarios.LESSONS, ids=lambda lesson: lesson.id)
 def test_every_lesson_presets_valid_workload_knobs(lesson):
     assert set(lesson.knobs) <= {knob.dest for knob in WORKLOAD_KNOBS}
     workload = Workload.from_options({"scenario": lesson.id})
@@ -129,7 +134,7 @@ def test_every_lesson_presets_valid_workload_knobs(lesson):
 
 def test_docs_lessons_has_every_lessons_claim_watch_and_expect():
     docs = " ".join((Path(__file__).parent.parent / "docs" / "LESSONS.md").read_text().split())
-    for lesson in catalog.LESSONS:
+    for lesson in scenarios.LESSONS:
         assert f"## `{lesson.id}`" in docs
         for text in (lesson.claim, lesson.watch, lesson.expect):
             assert " ".join(text.split()) in docs, (lesson.id, text)
@@ -526,11 +531,13 @@ def test_distributed_master_aggregates_two_workers_and_passes_knob_changes_on(se
     )
     try:
         wait_every_user(master, "100 users per target over 2 workers", timeout=90)
-        poll(
-            "every target and command on the master",
-            lambda: all(v[0] > 0 for v in master.metrics().totals().values()),
-            timeout=60,
-        )
+
+        def every_command_seen() -> bool:
+            # The default mix's commands: /metrics also has zero rows for the others (/db).
+            totals = master.metrics().totals()
+            return all(totals[(t, c)][0] > 0 for t in TARGETS for c in COMMANDS)
+
+        poll("every target and command on the master", every_command_seen, timeout=60)
 
         # Edit the running test: a bigger payload must reach the workers' users without a restart.
         edit = {"user_count": "300", "spawn_rate": "100", "payload_bytes": "1000"}
@@ -630,6 +637,9 @@ def test_headless_run_exits_non_zero_when_requests_fail(tmp_path):
         (["--targets", "threaded,nginx"], {}, "unknown target 'nginx'"),
         ([], {"LOCUST_PAYLOAD_BYTES": "lots"}, "--payload-bytes: must be a whole number"),
         (["--ping-share", "0.5", "--sleep-share", "0.6"], {}, "must not exceed 1"),
+        (["--db-ms", "60001"], {}, "--db-ms: must be a whole number from 0 to 60000, got '60001'"),
+        ([], {"LOCUST_DB_SHARE": "most"}, "--db-share: must be a number from 0 to 1, got 'most'"),
+        (["--db-share", "0.5", "--sleep-share", "0.6"], {}, "+ --db-share must not exceed 1"),
     ],
 )
 def test_bad_knob_on_the_command_line_stops_locust_before_it_starts(tmp_path, args, env, message):
@@ -663,6 +673,8 @@ def test_bad_knob_in_the_web_ui_is_refused_and_nothing_starts(tmp_path):
         assert "--think-ms must be a number" in answer["message"]
         answer = run.post("/swarm", {"user_count": "3", "spawn_rate": "1", "targets": "apache"})
         assert "unknown target 'apache'" in answer["message"]
+        answer = run.post("/swarm", {"user_count": "3", "spawn_rate": "1", "db_ms": "-5"})
+        assert "--db-ms must be a whole number from 0 to 60000" in answer["message"]
         assert run.stats()["state"] == "ready"
         assert run.terminate() == 0
     finally:
