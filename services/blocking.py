@@ -86,13 +86,14 @@ def serve_blocking(
     socket's own `recv` and `sendall` where a model has cheaper ones; `turns` makes requests
     wait for their turn in arrival order while the server is crowded.
     """
-    sock, framer, tally = session.sock, session.framer, session.tally
+    sock, tally = session.sock, session.tally
     answer = protocol.answer if database is None else partial(protocol.answer, database=database)
-    record, clock = tally.record, time.monotonic
+    clock = time.monotonic
+    timer = clock if timed else None
     receive, send_all = io or (sock.recv, sock.sendall)
     turns = turns or NEVER_CROWDED
     sessions, crowd = stats.sessions, turns.above
-    limit = framer.limit
+    take, respond = session.take, session.respond
     reason = "client"
     holding = False  # this thread holds a turn (between a request's arrival and its reply)
     try:
@@ -105,32 +106,13 @@ def serve_blocking(
                 turns.take()
                 holding = True
             session.busy = True
-            tally.received += len(data)
             started = clock() if timed else 0.0
-            end = len(data) - 1
-            if data.find(b"\n") == end and end <= limit and not framer.partial:
-                # The common case, one whole request in one read: no framing needed.
-                line = data[:-2] if data.endswith(b"\r\n") else data[:-1]
-                result = answer(line)
-                payload = result.reply
-                record(result, clock() - started if timed else 0.0)
-                if result.close:
-                    reason = "quit"
-            else:
-                lines, overflow = framer.feed(data)
-                replies = []
-                for line in lines:
-                    result = answer(line)
-                    record(result, clock() - started if timed else 0.0)
-                    replies.append(result.reply)
-                    if result.close:
-                        reason = "quit"
-                        break
-                if overflow and reason != "quit":
-                    replies.append(protocol.line_too_long_reply(limit))
-                    tally.count_error("line-too-long")
-                    reason = "line-too-long"
-                payload = b"".join(replies)
+            payload, closing = respond(take(data), answer, started, timer)
+            if closing:
+                reason = "quit"
+            elif session.overflow:
+                payload += session.refuse_overlong()
+                reason = "line-too-long"
             if payload:
                 if holding:
                     # A reply the socket cannot take at once (a client that does not read)

@@ -25,7 +25,7 @@ import sys
 import threading
 import time
 from bisect import bisect_left
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from itertools import compress
 from operator import add, ne, sub
@@ -64,6 +64,11 @@ class LineFramer:
         """
         if self.partial:
             data = self.partial + data
+        else:
+            end = len(data) - 1
+            if data.find(b"\n") == end and end <= self.limit:
+                # The common case, one whole request in one read: no split, no scan.
+                return [data[:-2] if data.endswith(b"\r\n") else data[:-1]], False
         lines = data.split(b"\n")
         partial = lines.pop()
         limit = self.limit
@@ -211,9 +216,15 @@ class Tally:
 
 
 class Session:
-    """One accepted connection: its socket, framer, tally and idle bookkeeping."""
+    """One accepted connection: its socket, framer, tally and idle bookkeeping.
 
-    __slots__ = ("busy", "close_reason", "framer", "last_active", "sock", "tally")
+    The steps between two waits are written here once for every model: `take` frames what was
+    read, `respond` answers and counts lines, `settle` counts answers made elsewhere (a pool
+    worker), `refuse_overlong` is the limit's last reply. The models differ only in how they
+    wait for bytes, for a request, and for the socket to take the reply.
+    """
+
+    __slots__ = ("busy", "close_reason", "framer", "last_active", "overflow", "sock", "tally")
 
     def __init__(self, sock: socket.socket, line_limit: int) -> None:
         self.sock = sock
@@ -224,6 +235,53 @@ class Session:
         # knows this from its batch in flight and does not keep this flag.)
         self.busy = False
         self.close_reason: str | None = None  # set by whoever decides to end the connection
+        # A line broke the limit: answer the lines before it, then refuse it and close.
+        self.overflow = False
+
+    def take(self, data: bytes) -> list[bytes]:
+        """Count received bytes and frame them into complete lines (sets `overflow`)."""
+        self.tally.received += len(data)
+        lines, overflow = self.framer.feed(data)
+        if overflow:
+            self.overflow = True
+        return lines
+
+    def respond(
+        self,
+        lines: list[bytes],
+        answer: Callable[[bytes], protocol.Answer],
+        started: float,
+        clock: Callable[[], float] | None,
+    ) -> tuple[bytes, bool]:
+        """Answer lines in order, counting each (timed from `started` when `clock` is given).
+
+        Stops after a line that closes the connection; returns the replies and whether it does.
+        """
+        record = self.tally.record
+        if len(lines) == 1:  # one request per read: no list of replies, no join
+            result = answer(lines[0])
+            record(result, clock() - started if clock else 0.0)
+            return result.reply, result.close
+        replies = []
+        for line in lines:
+            result = answer(line)
+            record(result, clock() - started if clock else 0.0)
+            replies.append(result.reply)
+            if result.close:
+                return b"".join(replies), True
+        return b"".join(replies), False
+
+    def settle(self, answers: list[protocol.Answer], seconds: float) -> tuple[bytes, bool]:
+        """Count answers made elsewhere (a pool worker); the replies and whether it closes."""
+        record = self.tally.record
+        for result in answers:
+            record(result, seconds)
+        return b"".join(result.reply for result in answers), answers[-1].close
+
+    def refuse_overlong(self) -> bytes:
+        """Count the line that broke the limit and return its reply (the caller then closes)."""
+        self.tally.count_error("line-too-long")
+        return protocol.line_too_long_reply(self.framer.limit)
 
     def interrupt(self, reason: str, how: int = socket.SHUT_RDWR) -> None:
         """End the connection from outside its loop: its blocked read returns EOF."""

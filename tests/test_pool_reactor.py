@@ -179,10 +179,10 @@ def test_a_task_that_raises_twice_is_answered_server_busy_and_the_connection_sta
     connection, client = connect(server)
     real = protocol.answer_batches
 
-    def buggy(batches: list[list[bytes]]) -> list[list[protocol.Answer]]:
+    def buggy(batches: list[list[bytes]], *rest: object) -> list[list[protocol.Answer]]:
         if any(b"boom" in line for batch in batches for line in batch):
             raise RuntimeError("injected bug")
-        return real(batches)
+        return real(batches, *rest)
 
     monkeypatch.setattr(protocol, "answer_batches", buggy)
     client.sendall(b"boom\nfine\n")

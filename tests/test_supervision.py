@@ -49,10 +49,10 @@ def injected(*_args, **_kwargs):
 
 if fault == "session":
     real_answer = protocol.answer
-    def answer(line):
+    def answer(line, *rest):
         if line == FAULT_LINE:
             raise RuntimeError("injected fault in one session")
-        return real_answer(line)
+        return real_answer(line, *rest)
     protocol.answer = answer  # pool workers fork later and inherit it
 elif fault == "sweep":  # the blocking models' sweep closes idle sessions; every sweep checks
     session.ServerStats.sweep_idle = injected

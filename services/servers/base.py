@@ -44,6 +44,7 @@ class Server(ABC):
         self.stats = ServerStats(settings.max_connections)
         self.adapters = Adapters()  # private-API adapters checked at start-up, and fallbacks
         self.listener: socket.socket | None = None
+        self.accept_backoff = 0.0  # seconds of the current accept() back-off (0: none)
         self.log = logging.getLogger(f"arena.{self.model}")
         self.rate_limited = RateLimitedLog(self.log)
         # `/db`'s pool for a thread or a greenlet to wait on (None: no --db-url); a model whose
@@ -133,6 +134,37 @@ class Server(ABC):
             raise error
         self.rate_limited.warning(f"accept-{name}", "accept() failed: %s", error)
         return 0.1 if error.errno in CAPACITY_ERRNOS else 0.0
+
+    def accept_burst(self, limit: int) -> None:
+        """Accept up to `limit` connections waiting on a non-blocking listener, adopting each.
+
+        For the models that wait for the listener in an event loop (pool, asyncio): a bounded
+        burst lets established connections be served between bursts. Out of descriptors, the
+        model stops listening for a doubling pause (`pause_accepting`) instead of spinning.
+        """
+        listener = self.listener
+        assert listener is not None
+        for _ in range(limit):
+            try:
+                sock, _address = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as error:
+                pause = self.accept_failed(error)  # raises when the listener is broken
+                if pause:
+                    self.accept_backoff = min(MAX_ACCEPT_BACKOFF, self.accept_backoff * 2 or pause)
+                    self.pause_accepting(self.accept_backoff)
+                return
+            self.accept_backoff = 0.0
+            self.adopt(sock)
+
+    def pause_accepting(self, seconds: float) -> None:
+        """Stop listening for `seconds` (an event-loop model's part of `accept_burst`)."""
+        raise NotImplementedError
+
+    def adopt(self, sock: socket.socket) -> object:
+        """Serve an accepted socket from now on (an event-loop model's part of `accept_burst`)."""
+        raise NotImplementedError
 
     def check_listener(self) -> None:
         """Raise OSError when the listening socket was closed or replaced under the server.

@@ -55,7 +55,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from services import protocol
 from services.config import Settings
 from services.database import AsyncPool, DatabaseSettings, DatabaseStats, SyncPool
-from services.servers.base import MAX_ACCEPT_BACKOFF, Server
+from services.servers.base import Server
 from services.servers.batching import MAX_UNSENT_OUTPUT
 from services.servers.looplag import PROBE_INTERVAL, LoopLag
 from services.session import Session, reject
@@ -75,8 +75,8 @@ class Connection(Session, asyncio.Protocol):
 
     __slots__ = (
         "active",
+        "clock",
         "eof",
-        "overflow",
         "pending",
         "reading",
         "server",
@@ -90,6 +90,7 @@ class Connection(Session, asyncio.Protocol):
         super().__init__(sock, line_limit)
         self.server: AsyncioServer | None = None  # set by the server that adopts it
         self.timed = True  # time each request (metrics on); set by the server too
+        self.clock: Callable[[], float] | None = perf_counter  # None when not timed
         # Request bytes arrived since the last sweep, which then sets `last_active`: a flag per
         # read is cheaper than a clock call, and the sweep's time is late, never early.
         self.active = False
@@ -100,7 +101,6 @@ class Connection(Session, asyncio.Protocol):
         self.throttled = False  # the transport's buffer is over its limit: answer nothing
         self.reading = True
         self.eof = False  # the client sends nothing more (or the server drains)
-        self.overflow = False  # a line broke the limit: answer what came before, then close
 
     # -- transport callbacks -------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -123,38 +123,24 @@ class Connection(Session, asyncio.Protocol):
             return
         try:
             self.active = True
-            tally = self.tally
-            tally.received += len(data)
-            framer = self.framer
-            end = len(data) - 1
+            lines = self.take(data)
             if (
-                data.find(b"\n") == end
-                and end <= framer.limit
-                and not framer.partial
+                len(lines) == 1
+                and not self.overflow
                 and not self.pending
                 and self.sleep is None
                 and not self.throttled
                 and not data.startswith(WAITS)
             ):
-                # The common case, one whole request in one read: no framing, no queue, and
+                # The common case, one request that does not wait: answered now, no queue, and
                 # the transport is open (we close it only after setting close_reason).
-                line = data[:-2] if data.endswith(b"\r\n") else data[:-1]
-                if self.timed:
-                    started = perf_counter()
-                    result = answer(line)
-                    tally.record(result, perf_counter() - started)
-                else:
-                    result = answer(line)
-                    tally.record(result, 0.0)
-                reply = result.reply
+                reply, closing = self.respond(lines, answer, perf_counter(), self.clock)
                 self.transport.write(reply)  # type: ignore[union-attr]
-                tally.sent += len(reply)
-                if result.close:
+                self.tally.sent += len(reply)
+                if closing:
                     self.finish("quit")
                 return
-            lines, overflow = framer.feed(data)
             self.pending.extend(lines)
-            self.overflow = overflow
             self.serve_pending()
         except Exception:
             self.contain()
@@ -231,8 +217,7 @@ class Connection(Session, asyncio.Protocol):
             self.write(b"".join(replies))
         if not pending and self.sleep is None and not self.close_reason:
             if self.overflow:
-                self.tally.count_error("line-too-long")
-                self.write(protocol.line_too_long_reply(self.framer.limit))
+                self.write(self.refuse_overlong())
                 self.finish("line-too-long")
                 return
             if self.eof and not self.throttled:
@@ -344,7 +329,6 @@ class AsyncioServer(Server):
         self.connections: set[Connection] = set()  # the loop's thread only (len() elsewhere)
         self.thread: threading.Thread | None = None
         self.accepting = False
-        self.accept_backoff = 0.0  # seconds of the current accept() back-off (0: none)
         self.live_tasks = 0  # counted by the probe, in the loop's thread
         self.loop_lag = LoopLag()
         self.loop_call_later = self.loop.call_later
@@ -429,7 +413,13 @@ class AsyncioServer(Server):
         """Accept connections when the listener is readable."""
         assert self.listener is not None
         self.accepting = True
-        self.loop.add_reader(self.listener.fileno(), self.fatal("accept", self.accept_burst))
+        # Up to a backlog's worth per wakeup, as asyncio's own servers do: adopting a connection
+        # costs a task and a few callbacks, so 64 at a time (the pool's reactor) let the last
+        # of 1000 clients connecting at once wait 0.7 s on the standard loop.
+        self.loop.add_reader(
+            self.listener.fileno(),
+            self.fatal("accept", self.accept_burst, self.settings.backlog),
+        )
 
     def stop(self, grace: float) -> None:
         """Stop accepting, answer what was read for up to `grace` seconds, close the rest."""
@@ -478,29 +468,12 @@ class AsyncioServer(Server):
                 connection.transport.abort()
 
     # -- accepting ----------------------------------------------------------------------------
-    def accept_burst(self) -> None:
-        """Accept the connections waiting in the backlog (a bounded number per wakeup)."""
-        listener = self.listener
-        assert listener is not None
-        # Up to a backlog's worth per wakeup, as asyncio's own servers do: adopting a connection
-        # costs a task and a few callbacks, so 64 at a time (the pool's reactor) let the last
-        # of 1000 clients connecting at once wait 0.7 s on the standard loop.
-        for _ in range(self.settings.backlog):
-            try:
-                sock, _address = listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as error:
-                pause = self.accept_failed(error)  # raises when the listener is broken
-                if pause:
-                    # Out of descriptors: stop listening for a while instead of spinning.
-                    self.accept_backoff = min(MAX_ACCEPT_BACKOFF, self.accept_backoff * 2 or pause)
-                    self.loop.remove_reader(listener.fileno())
-                    self.accepting = False
-                    self.loop.call_later(self.accept_backoff, self.fatal("accept", self.resume))
-                return
-            self.accept_backoff = 0.0
-            self.adopt(sock)
+    def pause_accepting(self, seconds: float) -> None:
+        """Out of descriptors: stop listening for a while instead of spinning."""
+        assert self.listener is not None
+        self.loop.remove_reader(self.listener.fileno())
+        self.accepting = False
+        self.loop.call_later(seconds, self.fatal("accept", self.resume))
 
     def resume(self) -> None:
         """Listen again after an accept() back-off (unless draining meanwhile)."""
@@ -515,6 +488,7 @@ class AsyncioServer(Server):
             return
         connection.server = self
         connection.timed = self.timed
+        connection.clock = perf_counter if self.timed else None
         sock.setblocking(False)
         # As every loop's own server sockets (uvloop does not set it on an adopted socket).
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

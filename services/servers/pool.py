@@ -41,7 +41,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from services import protocol
 from services.config import Settings
 from services.database import DatabaseSettings, SyncPool, answer_batches_in_worker
-from services.servers.base import MAX_ACCEPT_BACKOFF, Server
+from services.servers.base import Server
 from services.servers.batching import MAX_UNSENT_OUTPUT, plan_tasks, throttled
 from services.servers.executors import WorkerPool
 from services.session import READ_SIZE, Session, reject
@@ -68,7 +68,6 @@ class Connection(Session):
         "inflight",
         "interest",
         "output",
-        "overflow",
         "pending",
         "queued",
     )
@@ -78,7 +77,6 @@ class Connection(Session):
         self.pending: list[bytes] = []  # complete lines read, not yet submitted
         self.inflight = 0  # lines of the batch being answered (0: none)
         self.output = bytearray()  # replies the socket did not take yet
-        self.overflow = False  # a line broke the limit: answer what came before, then close
         self.eof = False  # the client will send nothing more
         self.interest = 0  # selector events registered
         self.queued = False  # in the reactor's list of connections to submit
@@ -118,7 +116,6 @@ class PoolServer(Server):
         self.wake_pending = False
         self.stop_requested = threading.Event()
         self.grace_deadline = float("inf")
-        self.accept_backoff = 0.0  # seconds of the current accept() back-off (0: none)
         self.accept_resume_at = 0.0  # when to listen again after a back-off (0: listening)
         self.reactor: threading.Thread | None = None
         self.timed = settings.metrics
@@ -211,7 +208,7 @@ class PoolServer(Server):
         """Wait up to `timeout` for events and handle each: accept, deliver, heal, read, write."""
         for key, events in self.selector.select(timeout):
             if key.data is ACCEPT:
-                self.accept_burst()
+                self.accept_burst(ACCEPTS_PER_WAKEUP)
             elif key.data is WAKE:
                 self.drain_wakeups()
             elif key.data is WORKER_EXIT:
@@ -229,25 +226,11 @@ class PoolServer(Server):
                 except Exception:
                     self.contain(connection)
 
-    def accept_burst(self) -> None:
-        """Accept the connections waiting in the backlog (a bounded number per wakeup)."""
+    def pause_accepting(self, seconds: float) -> None:
+        """Out of descriptors: stop listening; the reactor listens again at `accept_resume_at`."""
         assert self.listener is not None
-        for _ in range(ACCEPTS_PER_WAKEUP):
-            try:
-                sock, _address = self.listener.accept()
-            except BlockingIOError:
-                return
-            except OSError as error:
-                pause = self.accept_failed(error)
-                if pause:
-                    # Out of descriptors: stop listening for a while instead of spinning on
-                    # accept(); the reactor listens again at `accept_resume_at`.
-                    self.accept_backoff = min(MAX_ACCEPT_BACKOFF, self.accept_backoff * 2 or pause)
-                    self.accept_resume_at = time.monotonic() + self.accept_backoff
-                    self.selector.unregister(self.listener)
-                return
-            self.accept_backoff = 0.0
-            self.adopt(sock)
+        self.accept_resume_at = time.monotonic() + seconds
+        self.selector.unregister(self.listener)
 
     def adopt(self, sock: socket.socket) -> Connection | None:
         """Serve a connected socket from now on (None: over the limit, answered busy, closed)."""
@@ -318,11 +301,9 @@ class PoolServer(Server):
         if not data:
             connection.eof = True  # half-closed: still answer what was read
         else:
-            connection.tally.received += len(data)
-            lines, overflow = connection.framer.feed(data)
+            lines = connection.take(data)
             if lines:
                 connection.pending.extend(lines)
-            connection.overflow = overflow
         if not connection.inflight:
             self.schedule(connection)
         self.update_interest(connection)
@@ -336,8 +317,7 @@ class PoolServer(Server):
                 connection.queued = True
                 self.ready.append(connection)
         elif connection.overflow and not connection.close_reason:
-            self.send(connection, protocol.line_too_long_reply(connection.framer.limit))
-            connection.tally.count_error("line-too-long")
+            self.send(connection, connection.refuse_overlong())
             self.finish(connection, "line-too-long")
         elif connection.eof and not connection.output:
             self.close(connection, "shutdown" if self.stats.draining else "client")
@@ -515,11 +495,9 @@ class PoolServer(Server):
         connection.last_active = time.monotonic()
         if connection.sock.fileno() < 0:
             return  # closed meanwhile (reset by the client, or the grace period ended)
-        record = connection.tally.record
-        for answer in answers:
-            record(answer, elapsed)
-        self.send(connection, b"".join(answer.reply for answer in answers))
-        if answers[-1].close:
+        replies, closing = connection.settle(answers, elapsed)
+        self.send(connection, replies)
+        if closing:
             connection.pending.clear()
             self.finish(connection, "quit")
         else:
