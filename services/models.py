@@ -23,11 +23,6 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from services.servers.base import Server
-
 
 METRICS_PORT_OFFSET = 100  # a model's /metrics port in the local stack: its port + 100
 # How a server runs `/db` (services/database.py): the cooperative driver a practitioner picks
@@ -93,12 +88,6 @@ class Model:
         if self.prepare:
             module_name, _, function = self.prepare.partition(":")
             getattr(importlib.import_module(module_name), function)()
-
-    def server_class(self) -> type[Server]:
-        """Import the model's module now and return its Server class."""
-        module_name, _, class_name = self.server.partition(":")
-        cls: type[Server] = getattr(importlib.import_module(module_name), class_name)
-        return cls
 
 
 # The loop-lag probe's families, which both event-loop models expose (services/servers/looplag.py).

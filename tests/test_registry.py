@@ -13,7 +13,7 @@ import pytest
 
 from services import models
 from services.config import ConfigError, load_settings
-from services.servers import create_server
+from services.servers import create_server, server_class
 from tests.conftest import ROOT
 
 REGISTRY = ROOT / "services" / "models.py"
@@ -115,7 +115,7 @@ def test_registry_entries_are_unique_and_complete() -> None:
 @pytest.mark.parametrize("model", models.NAMES)
 def test_every_model_builds_its_server_class(model: str) -> None:
     """The import path names a Server subclass whose `model` is the registry name."""
-    cls = models.get(model).server_class()
+    cls = server_class(models.get(model))
     assert cls.model == model
 
 

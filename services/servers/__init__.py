@@ -27,11 +27,20 @@ the rest). What differs is only the concurrency policy, in the spirit of CPython
 
 from __future__ import annotations
 
+import importlib
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from services.config import Settings
+    from services.models import Model
     from services.servers.base import Server
+
+
+def server_class(model: Model) -> type[Server]:
+    """Import the model's module now and return its Server class (`Model.server`)."""
+    module_name, _, class_name = model.server.partition(":")
+    cls: type[Server] = getattr(importlib.import_module(module_name), class_name)
+    return cls
 
 
 def create_server(settings: Settings) -> Server:
@@ -42,4 +51,4 @@ def create_server(settings: Settings) -> Server:
         model = models.get(settings.model)
     except KeyError as error:
         raise ValueError(str(error)) from None
-    return model.server_class()(settings)
+    return server_class(model)(settings)
