@@ -11,6 +11,7 @@ import json
 import os
 import re
 import secrets
+import socket
 import subprocess
 import urllib.parse
 import urllib.request
@@ -32,6 +33,14 @@ DATASOURCE_DIR = ROOT / "docker" / "grafana" / "provisioning" / "datasources"
 LOCUST_CONF = ROOT / "loadtest" / "locust.conf"
 REQUIREMENTS_FILES = sorted((ROOT / "docker").glob("requirements-*.txt"))
 SERVER_SERVICES = models.NAMES
+# PostgreSQL behind `/db` and its exporter (docker/postgres/).
+DATABASE_SERVICES = ("postgres", "postgres-exporter")
+# The compose file's secrets (passwords, as files) and the variable that names each one's file.
+SECRET_FILE_VARIABLES = {
+    "postgres-password": "ARENA_POSTGRES_PASSWORD_FILE",
+    "db-password": "ARENA_DB_PASSWORD_FILE",
+    "db-monitor-password": "ARENA_DB_MONITOR_PASSWORD_FILE",
+}
 # Compose variables that publish a port on the host: the test picks free ones, so it never
 # collides with a stack the user already runs on the default ports.
 PUBLISHED_PORT_VARIABLES = {
@@ -213,6 +222,22 @@ class ComposeProject(PublishedStack):
     locust_login: tuple[str, str] = field(
         default_factory=lambda: ("arena", secrets.token_urlsafe(12))
     )
+    # {secret name: password file} for the compose file's secrets (SECRET_FILE_VARIABLES); a
+    # secret left out uses the file's default (docker/postgres/dev-secrets/). write_secrets()
+    # makes random ones.
+    secret_files: dict[str, Path] = field(default_factory=dict)
+
+    def write_secrets(self, directory: Path) -> dict[str, str]:
+        """A random password for every secret, each in a file in `directory` that the containers'
+        users can read (a Compose file secret is a bind mount: it keeps the host file's mode);
+        returns {secret name: password}."""
+        passwords = {name: secrets.token_urlsafe(18) for name in SECRET_FILE_VARIABLES}
+        for name, password in passwords.items():
+            path = directory / name
+            path.write_text(password + "\n")
+            path.chmod(0o644)
+            self.secret_files[name] = path
+        return passwords
 
     @property
     def env(self) -> dict[str, str]:
@@ -226,6 +251,7 @@ class ComposeProject(PublishedStack):
             "COMPOSE_BAKE": "false",
             "ARENA_BIND_ADDRESS": "127.0.0.1",
             "ARENA_LOCUST_LOGIN": ":".join(self.locust_login),
+            **{SECRET_FILE_VARIABLES[name]: str(path) for name, path in self.secret_files.items()},
             **published,
         }
 
@@ -330,6 +356,17 @@ class ComposeProject(PublishedStack):
         )
         return self.compose("exec", "-T", service, "python", "-c", script, timeout=30).stdout
 
+    def psql(self, sql: str) -> list[list[str]]:
+        """Run SQL in the `postgres` container as its superuser (the Unix socket, peer
+        authentication: no password); the rows, each a list of column texts."""
+        command = ["psql", "--no-psqlrc", "-U", "postgres", "-d", "arena", "-AtF", "\t", "-c", sql]
+        output = self.compose("exec", "-T", "postgres", *command, timeout=30).stdout
+        return [line.split("\t") for line in output.splitlines() if line]
+
+    def logs(self) -> str:
+        """Every container's whole log so far."""
+        return self.compose("logs", "--no-color", "--no-log-prefix", timeout=60).stdout
+
     def replica_ports(self, service: str, port: int = 9000) -> list[int]:
         """The host port of each replica of `service` (`docker compose port --index N`)."""
         found = []
@@ -376,3 +413,11 @@ def image_present(image: str) -> bool:
 def ping(port: int, timeout: float = 10.0) -> bytes:
     """Send `/ping` to 127.0.0.1:port from the host and return the first reply line."""
     return procs.ping_reply("127.0.0.1", port, timeout)
+
+
+def reply(port: int, line: bytes, timeout: float = 10.0) -> bytes:
+    """Send one request line to 127.0.0.1:port from the host; its reply line (then `/quit`)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(line + b"\n/quit\n")
+        with sock.makefile("rb") as replies:
+            return replies.readline(65536)

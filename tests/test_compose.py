@@ -6,9 +6,12 @@ to work with it. The tests read the stack from outside the containers (published
 docker CLI) in the order a user would look at it, then crash one server under load and watch it
 come back, stop the servers with SIGTERM, and finally take it down; the tests run in file order
 and each later one needs what the earlier ones left. gevent runs two replicas (`up --scale
-gevent=2`): Locust must load, and Prometheus scrape, each one. Grafana's image cannot run on an
-engine without a registry: then every PromQL query of the provisioned dashboard is run against
-the real Prometheus instead.
+gevent=2`): Locust must load, and Prometheus scrape, each one. PostgreSQL and its exporter run
+with random passwords (the secrets' file variables pointed at temporary files): every server
+answers `/db` through it, PostgreSQL lists each server's connections by application_name, and no
+password shows in a log or a container's configuration. Grafana's image cannot run on an engine
+without a registry: then every PromQL query of the provisioned dashboard is run against the real
+Prometheus instead.
 
 Without a Docker engine the module is skipped, unless ARENA_REQUIRE_DOCKER=1 (CI), where it
 fails.
@@ -22,15 +25,20 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
 from loadtest.workload import KNOBS, TARGETS
+from services import models
 from services.config import Settings
 from tests.compose_helpers import (
     DASHBOARD_DIR,
+    DATABASE_SERVICES,
     LOCUST_CONF,
     PUBLISHED_PORT_VARIABLES,
+    SECRET_FILE_VARIABLES,
     SERVER_SERVICES,
     ComposeProject,
     clean_environment,
@@ -45,6 +53,7 @@ from tests.compose_helpers import (
     ping,
     poll,
     provisioned_datasource_uids,
+    reply,
     require,
     seconds,
 )
@@ -62,7 +71,11 @@ QUIET_INTERVAL = 7.0
 # `--scale` rides in this one stack start: two replicas of one model (the cores lesson's model),
 # the others one each. Locust's 100 users of that target spread over both.
 SCALED = {"gevent": 2}
-HARDENED_SERVICES = (*SERVER_SERVICES, "locust", "locust-worker")
+HARDENED_SERVICES = (*SERVER_SERVICES, "locust", "locust-worker", *DATABASE_SERVICES)
+# `/db MS TEXT` waits MS ms inside PostgreSQL, then answers TEXT upper-cased like an echo.
+DB_REQUEST = b"/db 5 hello from the compose test"
+DB_REPLY = b"HELLO FROM THE COMPOSE TEST\n"
+DB_TIMEOUT = 30.0  # a server's pool connects in the background; only backend-unavailable waits
 # What a user opens: each server's protocol port, Locust's web UI, Prometheus and Grafana.
 PUBLISHED = {
     **{service: [9000] for service in SERVER_SERVICES},
@@ -80,10 +93,12 @@ def compose_cli() -> ComposeProject:
 
 
 @pytest.fixture(scope="module")
-def stack() -> Iterator[ComposeProject]:
-    """The stack, built and started with `up -d --build --wait`; always taken down after."""
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ComposeProject]:
+    """The stack, built and started with `up -d --build --wait`, with random database passwords;
+    always taken down after."""
     require(engine_problem(), "Docker engine")
     project = ComposeProject(scale=SCALED)
+    project.write_secrets(tmp_path_factory.mktemp("secrets"))
     try:
         runnable, missing = project.runnable_services()
         print(
@@ -114,6 +129,10 @@ def test_compose_defaults_match_the_code(compose_cli: ComposeProject) -> None:
         assert int(environment["ARENA_MAX_CONNECTIONS"]) == server_defaults.max_connections
         assert float(environment["ARENA_IDLE_TIMEOUT"]) == server_defaults.idle_timeout
         assert environment["ARENA_LOG_LEVEL"] == server_defaults.log_level
+        assert int(environment["ARENA_DB_POOL"]) == server_defaults.db_pool
+        assert float(environment["ARENA_DB_TIMEOUT"]) == server_defaults.db_timeout
+        if "ARENA_DB_DRIVER" in environment:  # gevent and asyncio only
+            assert environment["ARENA_DB_DRIVER"] == server_defaults.db_driver
         if "ARENA_LOOP" in environment:  # asyncio's event loop: the server's own default
             assert environment["ARENA_LOOP"] == server_defaults.loop
         # SIGKILL must come only after the server's own grace period is over.
@@ -182,10 +201,81 @@ def test_compose_file_hardens_every_service(compose_cli: ComposeProject) -> None
         assert with_login[name]["environment"]["ARENA_LOCUST_LOGIN"] == "me:secret", name
 
 
+def test_postgres_is_pinned_private_and_takes_its_passwords_from_secrets(
+    compose_cli: ComposeProject,
+) -> None:
+    """PostgreSQL 15.x, its port not published unless ARENA_POSTGRES_PORT asks (then on 127.0.0.1
+    only); every password a secret file, none in an environment variable or a URL; the servers
+    reach it by name, wait for it without depending on it, and fit in its max_connections."""
+    config = json.loads(
+        compose_cli.compose("config", "--format", "json", env=clean_environment()).stdout
+    )
+    services = config["services"]
+    postgres = services["postgres"]
+    assert re.fullmatch(r"postgres:15\.\d+", postgres["image"]), postgres["image"]
+    assert not postgres.get("ports"), postgres.get("ports")
+    assert "pg_isready" in postgres["healthcheck"]["test"], postgres["healthcheck"]
+
+    # The secrets are files; a file secret is bind-mounted with its mode, so the default ones
+    # must be readable by the containers' users.
+    assert set(config["secrets"]) == set(SECRET_FILE_VARIABLES)
+    default_passwords = []
+    for name, secret in config["secrets"].items():
+        path = Path(secret["file"])
+        assert path.is_file() and path.stat().st_mode & 0o004, (name, path)
+        default_passwords.append(path.read_text().strip())
+        assert default_passwords[-1], f"{path} is empty"
+    for name, service in services.items():
+        mounted = {secret["source"] for secret in service.get("secrets", [])}
+        for key, value in (service.get("environment") or {}).items():
+            if value is None:  # passed through from the shell when set (Grafana's admin password)
+                continue
+            assert not any(password in value for password in default_passwords), (name, key)
+            if "://" in value:
+                assert urlsplit(value).password is None, (name, key)
+            if "PASS" in key:
+                assert key.endswith("_FILE"), f"{name}: {key} holds a password in plain env"
+                assert value.removeprefix("/run/secrets/") in mounted, (name, key, value)
+    exporter = services["postgres-exporter"]["environment"]
+    assert "DATA_SOURCE_NAME" not in exporter and "@" not in exporter["DATA_SOURCE_URI"]
+
+    pools = 0
+    for name in SERVER_SERVICES:
+        service = services[name]
+        environment = service["environment"]
+        url = urlsplit(environment["ARENA_DB_URL"])
+        assert (url.hostname, url.username, url.password) == ("postgres", "arena", None), url
+        assert environment["ARENA_DB_PASSWORD_FILE"] == "/run/secrets/db-password", name
+        assert service["depends_on"]["postgres"] == {
+            "condition": "service_healthy",
+            "required": False,
+        }, name
+        # Only the models where one thread serves every connection take a blocking driver.
+        assert ("ARENA_DB_DRIVER" in environment) == (len(models.get(name).db_drivers) > 1), name
+        pools += int(environment["ARENA_DB_POOL"])
+    max_connections = int(
+        next(arg for arg in postgres["command"] if arg.startswith("max_connections=")).split("=")[1]
+    )
+    # Two replicas of every model (the Swarm default), the exporter and psql, with room.
+    assert max_connections >= 2 * pools + 10, (max_connections, pools)
+
+    # The knob publishes it for psql on the host: on 127.0.0.1, whatever ARENA_BIND_ADDRESS says.
+    env = {**clean_environment(), "ARENA_POSTGRES_PORT": "5432", "ARENA_BIND_ADDRESS": "0.0.0.0"}
+    published = json.loads(compose_cli.compose("config", "--format", "json", env=env).stdout)
+    ports = published["services"]["postgres"]["ports"]
+    assert [(p["host_ip"], p["published"], p["target"]) for p in ports] == [
+        ("127.0.0.1", "5432", 5432)
+    ], ports
+
+
 def test_every_started_service_is_running_and_healthy(stack: ComposeProject) -> None:
     """Every container is running, and healthy by its own healthcheck."""
     containers = {row["Service"]: row for row in stack.containers()}
     assert set(stack.started) <= set(containers), stack.diagnostics()
+    # PostgreSQL and its exporter always run (../shared/container-engine builds their stand-ins).
+    assert set(DATABASE_SERVICES) <= set(stack.started), (
+        f"{DATABASE_SERVICES} not started: no image (run container-engine/setup.sh standins)"
+    )
     for service in stack.started:
         row = containers[service]
         assert row["State"] == "running", f"{service}: {row}\n{stack.diagnostics()}"
@@ -231,6 +321,64 @@ def test_servers_answer_on_their_published_ports(stack: ComposeProject) -> None:
             assert ping(port) == b"PONG\n", (service, port)
 
 
+def test_every_server_answers_db_through_postgres(stack: ComposeProject) -> None:
+    """`/db 5 TEXT` from the host to each server (each replica of a scaled one): a query that
+    waits 5 ms in PostgreSQL, then TEXT upper-cased. Only `ERR backend-unavailable` (a pool still
+    connecting) is asked again, until a deadline."""
+    for service in SERVER_SERVICES:
+        ports = stack.replica_ports(service) if service in SCALED else [stack.ports[service]]
+        for port in ports:
+
+            def answered(port: int = port) -> bytes | None:
+                answer = reply(port, DB_REQUEST)
+                return None if answer.startswith(b"ERR backend-unavailable") else answer
+
+            answer = poll(answered, DB_TIMEOUT, interval=1.0)
+            assert answer == DB_REPLY, (
+                f"{service} on {port} answered {answer!r}\n{stack.diagnostics()}"
+            )
+
+
+def test_postgres_lists_each_server_by_application_name(stack: ComposeProject) -> None:
+    """pg_stat_activity (read in the container as the superuser, over the socket): every model's
+    connections as `arena-MODEL`, logged in as role arena, at most ARENA_DB_POOL per replica; the
+    exporter's as arena_monitor; no one else but this psql."""
+    config = stack.config()["services"]
+    rows = stack.psql(
+        "SELECT application_name, usename, count(*) FROM pg_stat_activity"
+        " WHERE backend_type = 'client backend' GROUP BY 1, 2 ORDER BY 1, 2"
+    )
+    seen = {(application, user): int(count) for application, user, count in rows}
+    print(f"pg_stat_activity: {seen}")
+    for service in SERVER_SERVICES:
+        pool = int(config[service]["environment"]["ARENA_DB_POOL"])
+        count = seen.pop((f"arena-{service}", "arena"), 0)
+        assert 1 <= count <= SCALED.get(service, 1) * pool, (service, count, rows)
+    assert seen.pop(("arena-exporter", "arena_monitor"), 0) >= 1, rows
+    assert set(seen) == {("psql", "postgres")}, rows
+
+
+def test_prometheus_sees_postgres_through_the_exporter(stack: ComposeProject) -> None:
+    """The exporter's job: pg_up is 1, and its per-application_name query counts every server
+    model's connections."""
+
+    def seen() -> dict[str, float] | None:
+        up = stack.promql('pg_up{job="postgres"}')
+        rows = stack.promql(
+            'sum by (application_name) (pg_stat_activity_app_connections{job="postgres"})'
+        )
+        found = {row["metric"]["application_name"]: float(row["value"][1]) for row in rows}
+        found["pg_up"] = float(up[0]["value"][1]) if up else 0.0
+        ready = found["pg_up"] == 1 and all(
+            found.get(f"arena-{service}", 0) >= 1 for service in SERVER_SERVICES
+        )
+        return found if ready else None
+
+    found = poll(seen, SCRAPE_TIMEOUT, interval=2.0)
+    assert isinstance(found, dict), f"exporter's view: {found!r}\n{stack.diagnostics()}"
+    print(f"exporter: {found}")
+
+
 def test_locust_loads_every_server_with_zero_failures(stack: ComposeProject) -> None:
     """Locust autostarts 100 users per server; all of them see requests and none fail."""
     seen: dict[str, dict[str, float]] = {}
@@ -274,8 +422,8 @@ def test_locust_loads_every_server_with_zero_failures(stack: ComposeProject) -> 
 
 def test_prometheus_scrapes_every_target(stack: ComposeProject) -> None:
     """Prometheus reports every server replica (found by DNS, labelled with its model and
-    address) and the Locust master as up."""
-    expected = {**{service: 1 for service in SERVER_SERVICES}, **SCALED, "locust": 1}
+    address), the Locust master and the PostgreSQL exporter as up."""
+    expected = {**{service: 1 for service in SERVER_SERVICES}, **SCALED, "locust": 1, "postgres": 1}
 
     def all_up() -> dict[str, list[str]] | None:
         targets = http_json(stack.url("prometheus", "/api/v1/targets"))["data"]["activeTargets"]
@@ -285,7 +433,7 @@ def test_prometheus_scrapes_every_target(stack: ComposeProject) -> None:
             health.setdefault(labels["job"], []).append(
                 f"{labels['instance']} {target['health']} {target['lastError']}".strip()
             )
-            if labels["job"] != "locust":
+            if labels["job"] in SERVER_SERVICES:
                 assert labels["model"] == labels["job"], labels
                 assert labels["replica"] == labels["instance"], labels
         up = all(
@@ -443,15 +591,36 @@ def test_a_crashed_server_is_restarted_and_its_users_reconnect(stack: ComposePro
             assert after.get(service, 0) == before.get(service, 0), (service, before, after)
 
 
+def test_no_password_shows_in_a_log_or_a_container_configuration(stack: ComposeProject) -> None:
+    """After everything above (first start, /db, the exporter, a crash and restart): none of the
+    three passwords is in any container's log or in what `docker inspect` shows of it
+    (environment, command, labels); they are only in the secret files."""
+    passwords = [path.read_text().strip() for path in stack.secret_files.values()]
+    assert len(passwords) == len(SECRET_FILE_VARIABLES)
+    logs = stack.logs()
+    assert "10-arena-roles.sh: roles arena" in logs  # the init script ran, and logged
+    for password in passwords:
+        assert password not in logs
+    for service in stack.started:
+        shown = json.dumps(stack.inspect(service))
+        for password in passwords:
+            assert password not in shown, service
+
+
 def test_sigterm_stops_each_server_with_exit_code_0(stack: ComposeProject) -> None:
     """`docker compose stop` (SIGTERM, SIGKILL only after stop_grace_period) ends each server
-    by itself, under load, with exit code 0."""
+    by itself, under load, with exit code 0; then PostgreSQL, with exit code 0 too."""
     stack.compose("stop", *SERVER_SERVICES, timeout=180)
     for service in SERVER_SERVICES:
         state = stack.container_state(service)
         assert state["Status"] == "exited", (service, state)
         assert state["OOMKilled"] is False, (service, state)
         assert state["ExitCode"] == 0, f"{service}: {state}\n{stack.diagnostics()}"
+    # PostgreSQL too, once its clients are gone: its stop signal (SIGINT, a fast shutdown)
+    # reaches it through the init process.
+    stack.compose("stop", "postgres", timeout=120)
+    state = stack.container_state("postgres")
+    assert (state["Status"], state["ExitCode"]) == ("exited", 0), state
 
 
 def test_down_leaves_nothing_behind(stack: ComposeProject) -> None:

@@ -3,10 +3,12 @@
 One deployment for the whole module, on a single-node swarm of the local engine (`docker swarm
 init` when it is no swarm yet, `docker swarm leave --force` after; a swarm that was there
 before is left as it was). The images are those `docker compose build` makes. The tests check,
-in file order: every service runs its replicas; Locust, restarted once everything runs so each
-target's users spread over its replicas, loads every target with zero failures and every
-replica gets connections and requests; Prometheus scrapes every replica; `docker stack rm`
-leaves no service, network, config or container behind (and the test removes the volumes).
+in file order: every service runs its replicas; every server replica answers `/db` through
+PostgreSQL (its Swarm secret, the overlay network), which lists each model's connections; Locust,
+restarted once everything runs so each target's users spread over its replicas, loads every
+target with zero failures and every replica gets connections and requests; Prometheus scrapes
+every replica and the PostgreSQL exporter; `docker stack rm` leaves no service, network,
+config, secret or container behind (and the test removes the volumes).
 
 Without a Docker engine the module is skipped, unless ARENA_REQUIRE_DOCKER=1 (CI), where it
 fails.
@@ -25,6 +27,7 @@ import pytest
 
 from services import models
 from tests.compose_helpers import (
+    DATABASE_SERVICES,
     ROOT,
     SERVER_SERVICES,
     ComposeProject,
@@ -52,6 +55,14 @@ SCRAPE_TIMEOUT = 90.0
 REMOVE_TIMEOUT = 90.0
 PUBLISHED = ("locust", "prometheus", "grafana")
 GRAFANA_IMAGE = "grafana/grafana:11.6.1"
+DB_TIMEOUT = 60.0  # PostgreSQL starts with the servers here (no depends_on in Swarm)
+# Run in a server replica's container: one `/db` to the server in it, its reply line printed.
+DB_SCRIPT = (
+    "import socket; s = socket.create_connection(('127.0.0.1', 9000), timeout=10); "
+    "s.sendall(b'/db 5 hello from the swarm test\\n/quit\\n'); "
+    "print(s.makefile('rb').readline().decode(), end='')"
+)
+DB_REPLY = "HELLO FROM THE SWARM TEST\n"
 
 
 def docker(*args: str, timeout: float = 60.0, check: bool = True) -> str:
@@ -88,6 +99,7 @@ class SwarmStack(PublishedStack):
             "locust": 1,
             "locust-worker": 1,
             "prometheus": 1,
+            **{service: 1 for service in DATABASE_SERVICES},
             "grafana": 1 if self.grafana else 0,
         }
 
@@ -111,14 +123,20 @@ class SwarmStack(PublishedStack):
         return docker("stack", "ps", self.name, "--no-trunc", check=False)
 
     def leftovers(self) -> dict[str, list[str]]:
-        """Services, networks, configs, containers and volumes still in the stack's namespace."""
+        """Services, networks, configs, secrets and containers still in the stack's namespace."""
         label = f"label=com.docker.stack.namespace={self.name}"
         return {
             "services": docker("service", "ls", "-q", "--filter", label).split(),
             "networks": docker("network", "ls", "-q", "--filter", label).split(),
             "configs": docker("config", "ls", "-q", "--filter", label).split(),
+            "secrets": docker("secret", "ls", "-q", "--filter", label).split(),
             "containers": docker("ps", "-aq", "--filter", label).split(),
         }
+
+    def task_containers(self, service: str) -> list[str]:
+        """The ids of the running containers of one service's tasks (this node's)."""
+        label = f"label=com.docker.swarm.service.name={self.name}_{service}"
+        return docker("ps", "-q", "--filter", label).split()
 
     def volumes(self) -> list[str]:
         """The stack's named volumes (Swarm leaves them behind on purpose: they hold data)."""
@@ -160,6 +178,37 @@ def test_every_service_runs_all_its_replicas(swarm: SwarmStack) -> None:
     expected = {s: f"{n}/{n}" for s, n in swarm.expected_replicas().items()}
     seen = poll(lambda: swarm.replicas() == expected, RUNNING_TIMEOUT, interval=3.0)
     assert seen is True, f"{swarm.replicas()} != {expected}\n{swarm.tasks()}"
+
+
+def test_every_replica_answers_db_through_postgres(swarm: SwarmStack) -> None:
+    """`/db 5 TEXT` sent inside each server replica's container to its own server: TEXT
+    upper-cased after 5 ms in PostgreSQL (only `ERR backend-unavailable`, the database or the
+    pool still starting, is asked again); pg_stat_activity then lists every model's replicas'
+    connections as `arena-MODEL`, role arena."""
+    for model in SERVER_SERVICES:
+        containers = swarm.task_containers(model)
+        assert len(containers) == REPLICAS, (model, containers, swarm.tasks())
+        for container in containers:
+
+            def answered(container: str = container) -> str | None:
+                answer = docker("exec", container, "python", "-c", DB_SCRIPT, timeout=30)
+                return None if answer.startswith("ERR backend-unavailable") else answer
+
+            answer = poll(answered, DB_TIMEOUT, interval=2.0)
+            assert answer == DB_REPLY, f"{model} replica {container}: {answer!r}"
+    (postgres,) = swarm.task_containers("postgres")
+    query = (
+        "SELECT application_name, count(*) FROM pg_stat_activity WHERE usename = 'arena' GROUP BY 1"
+    )
+    output = docker(
+        "exec", postgres, "psql", "-U", "postgres", "-d", "arena", "-AtF", " ", "-c", query
+    )
+    connections = {
+        name: int(count) for name, count in (line.split() for line in output.splitlines())
+    }
+    print(f"pg_stat_activity (role arena): {connections}")
+    for model in SERVER_SERVICES:
+        assert connections.get(f"arena-{model}", 0) >= REPLICAS, (model, connections)
 
 
 def locust_totals(swarm: SwarmStack) -> tuple[dict[str, float], dict[str, float], float]:
@@ -216,12 +265,13 @@ def test_locust_loads_every_replica_with_zero_failures(swarm: SwarmStack) -> Non
 
 
 def test_prometheus_has_every_replica_up(swarm: SwarmStack) -> None:
-    """Each server job has one target per replica (DNS), labelled with model and address."""
+    """Each server job has one target per replica (DNS), labelled with model and address; the
+    PostgreSQL exporter's job is up and reaches the database (pg_up 1)."""
     targets = http_json(swarm.url("prometheus", "/api/v1/targets"))["data"]["activeTargets"]
     by_job: dict[str, list[dict[str, Any]]] = {}
     for target in targets:
         by_job.setdefault(target["labels"]["job"], []).append(target)
-    assert set(by_job) == {*SERVER_SERVICES, "locust"}
+    assert set(by_job) == {*SERVER_SERVICES, "locust", "postgres"}
     for model in SERVER_SERVICES:
         assert len(by_job[model]) == REPLICAS, by_job[model]
         for target in by_job[model]:
@@ -229,10 +279,20 @@ def test_prometheus_has_every_replica_up(swarm: SwarmStack) -> None:
             assert target["labels"]["model"] == model, target
             assert target["labels"]["replica"] == target["labels"]["instance"], target
     assert [t["health"] for t in by_job["locust"]] == ["up"], by_job["locust"]
+    assert [t["health"] for t in by_job["postgres"]] == ["up"], by_job["postgres"]
+    up = swarm.promql('pg_up{job="postgres"}')
+    assert [row["value"][1] for row in up] == ["1"], up
 
 
 def test_stack_rm_leaves_nothing_behind(swarm: SwarmStack) -> None:
-    """`docker stack rm` removes every service, network, config and container of the stack."""
+    """`docker stack rm` removes every service, network, config, secret and container of the
+    stack."""
     swarm.remove()
-    assert swarm.leftovers() == {"services": [], "networks": [], "configs": [], "containers": []}
+    assert swarm.leftovers() == {
+        "services": [],
+        "networks": [],
+        "configs": [],
+        "secrets": [],
+        "containers": [],
+    }
     assert swarm.volumes() == []
