@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 
 from loadtest import procs
-from loadtest.bench import loadgen, openloop, report
+from loadtest.bench import harness, loadgen, openloop, report
 from loadtest.bench.loadgen import Request
-from loadtest.bench.scenarios import TEXTBOOK_NAMES
+from loadtest.bench.scenarios import TEXTBOOK_NAMES, build_scenarios, build_targets
+from loadtest.postgres import BINDIR_VARIABLE, Postgres
 from services import models
 from tests.conftest import run_module
 
@@ -212,3 +213,95 @@ def test_an_open_loop_sweep_goes_on_past_its_plan_while_the_model_keeps_up():
     assert list(steps) == []  # saturation passed: the sweep ends
     endless = openloop.planned_steps((10, 20), [kept_up])
     assert list(endless)[-1] == openloop.MAX_PERCENT  # never past the cap
+
+
+# ---- the /db scenarios: our models against a real PostgreSQL ----------------------------------
+
+
+@pytest.mark.slow
+def test_a_db_run_measures_the_servers_cpu_and_postgres_cpu_apart(postgres: Postgres) -> None:
+    """One short /db 0 run of the threaded model, ours with and without metrics, against the
+    session's PostgreSQL: every reply checked, and the postmaster's tree did work per request."""
+    scenario = build_scenarios(20_000)["db0"]
+    assert scenario.database and scenario.requests[0].line == "/db 0 dd"
+    targets = build_targets(["threaded"], ["ours", "no-metrics"], 2)
+    assert postgres.pid is not None
+    runs = harness.run_targets(
+        targets,
+        scenario,
+        loadgen.build(),
+        harness.Pinning.choose(False),  # the session's cluster is shared: leave it unpinned
+        1,
+        0.3,
+        0.1,
+        harness.Progress(2, enabled=False),
+        database=harness.Database(postgres.env(), postgres.pid),
+    )
+    assert [run["target"] for run in runs] == ["threaded", "threaded (metrics off)"]
+    for run in runs:
+        median = run["median"]
+        assert median["errors"] == 0, run["reps"][0]["error_kinds"]
+        assert median["requests"] > 0 and median["server_cpu_s"] > 0
+        # A query costs PostgreSQL CPU: its backends are below the postmaster.
+        assert median["postgres_cpu_s"] > 0 and median["postgres_cpu_us_per_request"] > 0
+        assert median["postgres_cpu_fraction"] == pytest.approx(
+            median["postgres_cpu_s"] / run["reps"][0]["elapsed_s"], abs=0.01
+        )
+
+
+@pytest.mark.slow
+def test_the_db_scenarios_run_our_models_only_and_report_postgres_cpu(
+    postgres: Postgres, tmp_path: Path
+) -> None:
+    """The whole command with /db 0 and /db 5: it starts its own PostgreSQL (`postgres` only
+    skips this test where there is none), drops the textbook servers and writes the postgres
+    CPU into the JSON, the tables and database.png."""
+    chosen = [models.NAMES[0], models.NAMES[-1]]  # a thread per connection, an event loop
+    result = run_module(
+        "loadtest.bench",
+        *("--scenarios", "db0,db5", "--models", ",".join(chosen), "--kinds", "ours,textbook"),
+        *("--duration", "0.3", "--warmup", "0.1", "--reps", "1", "--noisy-retries", "0"),
+        *("--no-ceiling", "--out", str(tmp_path)),
+        timeout=240,
+    )
+    assert result.returncode == 0, result.stderr
+    results = json.loads((tmp_path / "bench.json").read_text())
+    assert list(results["scenarios"]) == ["db0", "db5"] and results["skipped_scenarios"] == {}
+    assert all(info["database"] for info in results["scenarios"].values())
+    assert results["meta"]["postgres"]["version"]
+    runs = {(run["scenario"], run["target"]) for run in results["runs"]}
+    assert runs == {(s, t) for s in ("db0", "db5") for t in chosen}
+    for run in results["runs"]:
+        median = run["median"]
+        assert median["errors"] == 0, (run["target"], run["reps"][0]["error_kinds"])
+        assert median["postgres_cpu_s"] > 0, run["target"]
+    # /db 5: no reply comes before PostgreSQL's 5 ms.
+    for run in results["runs"]:
+        if run["scenario"] == "db5" and run["reps"][0]["requests"]:
+            assert run["reps"][0]["latency_us"]["min"] >= 5_000, (run["target"], run["reps"][0])
+    markdown = (tmp_path / "bench.md").read_text()
+    assert "| CPU µs/req | postgres CPU | postgres µs/req |" in markdown
+    assert markdown.count("| threaded |") >= 2 and "| threaded textbook |" not in markdown
+    assert results["charts"][-1] == report.DATABASE_CHART
+    for chart in results["charts"]:
+        assert (tmp_path / chart).read_bytes()[:8] == PNG_MAGIC, chart
+    assert "postgres" in result.stderr  # the progress lines show its CPU per request
+
+
+def test_without_postgresql_the_db_scenarios_are_skipped_with_the_install_hint(
+    tmp_path: Path,
+) -> None:
+    env = {**os.environ, BINDIR_VARIABLE: str(tmp_path / "no-postgresql")}
+    result = run_module(
+        "loadtest.bench",
+        *("--scenarios", "db0", "--models", "threaded", "--reps", "1", "--no-ceiling"),
+        *("--out", str(tmp_path)),
+        timeout=120,
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr and "apt-get install postgresql" in result.stderr
+    results = json.loads((tmp_path / "bench.json").read_text())
+    assert results["runs"] == [] and results["charts"] == []
+    assert "apt-get install postgresql" in results["skipped_scenarios"]["db0"]
+    assert "apt-get install postgresql" in (tmp_path / "bench.md").read_text()

@@ -1,13 +1,16 @@
 """`python -m loadtest.bench`: measure every model alone, next to its textbook version.
 
-Writes results/bench.json, results/bench.md and PNG charts. With `--open-loop`: latency against
-rising offered load per model instead (loadtest/bench/openloop.py), results/bench-open-loop.json
-and results/open-loop.png. See docs/BENCHMARK.md.
+Writes results/bench.json, results/bench.md and PNG charts. The `/db` scenarios run against one
+throwaway PostgreSQL (loadtest/postgres.py), started for them and closed at the end; without
+PostgreSQL's binaries they are skipped, with the install hint in the report. With
+`--open-loop`: latency against rising offered load per model instead (loadtest/bench/openloop.py),
+results/bench-open-loop.json and results/open-loop.png. See docs/BENCHMARK.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 
@@ -17,10 +20,14 @@ from loadtest.bench.scenarios import (
     FAMILIES,
     KINDS,
     MIX_DESCRIPTION,
+    Scenario,
+    Target,
     build_scenarios,
     build_targets,
     calibrate_work_rounds,
 )
+from loadtest.postgres import Postgres, PostgresError, PostgresUnavailable
+from services.config import Settings
 
 DEFAULT_OUT = harness.ROOT / "results"
 
@@ -108,6 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick and not args.open_loop:
         print("--quick goes with --open-loop", file=sys.stderr)
         return 2
+    if args.open_loop and build_scenarios(work_rounds)[args.scenarios[0]].database:
+        print("--open-loop does not measure the /db scenarios", file=sys.stderr)
+        return 2
 
     harness.raise_open_file_limit()
     pinning = harness.Pinning.choose(args.pin)
@@ -135,13 +145,19 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     scenarios = {name: build_scenarios(work_rounds)[name] for name in args.scenarios}
     targets = build_targets(args.models, args.kinds, args.workers)
+    postgres, skipped = _database_for(scenarios)
+    for name in skipped:
+        del scenarios[name]
+        if not args.quiet:
+            print(f"bench: {name}: {skipped[name]}", file=sys.stderr)
 
-    total = len(scenarios) * len(targets) * args.reps
+    total = sum(len(_targets_for(scenario, targets)) for scenario in scenarios.values()) * args.reps
     progress = harness.Progress(total, enabled=not args.quiet)
     per_run = args.duration + args.warmup + 0.6
     progress.note(
-        f"bench: {len(targets)} servers x {len(scenarios)} scenarios x {args.reps} reps = {total}"
-        f" runs, about {harness._clock(total * per_run)} plus server start-ups; "
+        f"bench: {len(targets)} servers x {len(scenarios)} scenarios x {args.reps} reps"
+        + (" (/db: no textbooks)" if any(s.database for s in scenarios.values()) else "")
+        + f" = {total} runs, about {harness._clock(total * per_run)} plus server start-ups; "
         f"{pinning.describe()}; /work {work_rounds} rounds ≈ 1 ms"
     )
     background = harness.background_load()
@@ -166,8 +182,10 @@ def main(argv: list[str] | None = None) -> int:
         "noisy_retries": args.noisy_retries,
         "ceiling": None,
         "background_cpu_fraction_at_start": round(background, 3),
+        "postgres": None,
     }
-    with harness.measuring("bench"):
+    # The database closes before `measuring` turns an error into the exit.
+    with harness.measuring("bench"), contextlib.ExitStack() as stack:
         if args.ceiling:
             echo_scenario = build_scenarios(work_rounds)["echo64"]
             meta["ceiling"] = harness.measure_ceiling(
@@ -179,11 +197,16 @@ def main(argv: list[str] | None = None) -> int:
                 f"{meta['ceiling']['loadgen_cpu_fraction']:.0%} of its core"
             )
         runs = []
-        families = list(dict.fromkeys(target.family for target in targets))
+        database: harness.Database | None = None
         for scenario in scenarios.values():
+            scenario_targets = _targets_for(scenario, targets)
+            if scenario.database and database is None and postgres is not None:
+                database, meta["postgres"] = _start_database(postgres, stack, pinning)
+                progress.note(f"bench: PostgreSQL {meta['postgres']['version']} for /db")
+            families = list(dict.fromkeys(target.family for target in scenario_targets))
             for family in families:
                 runs += harness.run_targets(
-                    [target for target in targets if target.family == family],
+                    [target for target in scenario_targets if target.family == family],
                     scenario,
                     binary,
                     pinning,
@@ -192,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
                     args.warmup,
                     progress,
                     args.noisy_retries,
+                    database if scenario.database else None,
                 )
 
     results = {
@@ -201,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
                 "title": scenario.title,
                 "connections": scenario.connections,
                 "echo_size": scenario.echo_size,
+                "database": scenario.database,
                 "requests": [
                     {
                         "weight": r.weight,
@@ -213,6 +238,8 @@ def main(argv: list[str] | None = None) -> int:
             }
             for name, scenario in scenarios.items()
         },
+        # Scenarios asked for but not measured, with why (no PostgreSQL here).
+        "skipped_scenarios": skipped,
         "families": args.models,
         "targets": [
             {"name": t.name, "family": t.family, "kind": t.kind, "command": t.description}
@@ -234,6 +261,52 @@ def main(argv: list[str] | None = None) -> int:
         args.out, DEFAULT_OUT, lambda text: progress.note(f"bench: {text}")
     )
     return 0
+
+
+def _targets_for(scenario: Scenario, targets: list[Target]) -> list[Target]:
+    """The targets a scenario measures: the textbook servers have no database."""
+    if scenario.database:
+        return [target for target in targets if target.kind != "textbook"]
+    return targets
+
+
+def _database_for(scenarios: dict[str, Scenario]) -> tuple[Postgres | None, dict[str, str]]:
+    """A PostgreSQL for the run when a `/db` scenario is selected (not started yet), and the
+    scenarios skipped with why: all the `/db` ones when this machine has no PostgreSQL."""
+    names = [name for name, scenario in scenarios.items() if scenario.database]
+    if not names:
+        return None, {}
+    try:
+        return Postgres(), {}
+    except PostgresUnavailable as error:
+        return None, {name: f"skipped: {error}" for name in names}
+
+
+def _start_database(
+    postgres: Postgres, stack: contextlib.ExitStack, pinning: harness.Pinning
+) -> tuple[harness.Database, dict]:
+    """Start the run's PostgreSQL (closed when `stack` closes), pinned to the server's CPUs so
+    that its CPU is neither the load generator's nor "other" work; the harness's handle and
+    what the report says about it."""
+    try:
+        stack.enter_context(postgres)
+        [(version,)] = postgres.admin_query("SHOW server_version")
+    except PostgresError as error:
+        raise harness.HarnessError(f"PostgreSQL for the /db scenarios: {error}") from None
+    pid = postgres.pid
+    if pid is None:
+        raise harness.HarnessError(
+            "PostgreSQL for the /db scenarios exited:\n" + postgres.log_text()
+        )
+    harness.pin_tree(pid, pinning.server)
+    pool = os.environ.get("ARENA_DB_POOL") or str(Settings.db_pool)
+    return harness.Database(postgres.env(), pid), {
+        "version": version,
+        "bindir": str(postgres.bindir),
+        "max_connections": postgres.max_connections,
+        "pinning": "with the server" if pinning.server else "not pinned",
+        "db_pool": pool,
+    }
 
 
 if __name__ == "__main__":

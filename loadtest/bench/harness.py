@@ -6,6 +6,8 @@ load generator pinned to another CPU, and stopped (SIGTERM, then SIGKILL of its 
 so no worker survives into the next measurement). While the load
 generator measures, a sampler thread reads the server's processes in /proc
 (loadtest/procs.py): CPU seconds (workers included), peak resident memory and thread count.
+In a `/db` scenario the servers get a throwaway PostgreSQL's settings in their environment, and
+the sampler also reads the CPU seconds of its postmaster and every backend below it.
 """
 
 from __future__ import annotations
@@ -91,13 +93,75 @@ def raise_open_file_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds of a process and all its descendants, those it already reaped included."""
+    samples = procs.tree_samples(pid)
+    if not samples:
+        return 0.0
+    return samples[0].reaped_cpu_seconds + sum(sample.cpu_seconds for sample in samples)
+
+
+SCHEDSTAT = Path("/proc/self/schedstat").exists()  # CONFIG_SCHED_INFO: run time in ns
+
+
+def database_cpu_seconds(pid: int) -> float:
+    """CPU seconds of PostgreSQL: the postmaster and every live backend below it, to the
+    nanosecond (/proc/PID/schedstat: a pooled backend's few milliseconds in a short window
+    vanish in /proc/PID/stat's 10 ms ticks; PostgreSQL's processes are single-threaded, so the
+    process's main thread is all of it), plus the backends the postmaster already reaped."""
+    if not SCHEDSTAT:
+        return tree_cpu_seconds(pid)
+    total = 0.0
+    for member in (pid, *procs.descendants(pid)):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            total += int(Path(f"/proc/{member}/schedstat").read_text().split()[0]) / 1e9
+    with contextlib.suppress(OSError):
+        total += procs.proc_sample(pid).reaped_cpu_seconds
+    return total
+
+
+def pin_tree(pid: int, cpus: frozenset[int] | None) -> None:
+    """Pin a running process and everything below it to `cpus` (None: leave it); children it
+    forks later inherit the setting (PostgreSQL's backends)."""
+    if cpus is None:
+        return
+    try:
+        root = psutil.Process(pid)
+        for process in (root, *root.children(recursive=True)):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.cpu_affinity(sorted(cpus))
+    except (psutil.Error, OSError) as error:
+        raise HarnessError(f"cannot pin process {pid} to CPU {_cpu_list(cpus)}: {error}") from None
+
+
+@dataclass(frozen=True)
+class Database:
+    """The PostgreSQL the servers of a `/db` scenario use: its settings and its postmaster."""
+
+    env: dict[str, str]  # ARENA_DB_URL and ARENA_DB_PASSWORD (loadtest/postgres.py)
+    pid: int
+
+
 class ServerProcess:
     """One server subprocess in its own session (loadtest/procs.py), its stderr kept in a log."""
 
-    def __init__(self, name: str, command: list[str], cpus: frozenset[int] | None) -> None:
+    def __init__(
+        self,
+        name: str,
+        command: list[str],
+        cpus: frozenset[int] | None,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        """`env` adds to this process's environment (the database settings)."""
         self.name = name
         try:
-            self.server = procs.start_server(command, name=name, cpus=cpus, timeout=START_TIMEOUT)
+            self.server = procs.start_server(
+                command,
+                name=name,
+                cpus=cpus,
+                env=None if env is None else {**os.environ, **env},
+                timeout=START_TIMEOUT,
+            )
         except procs.StartError as error:
             raise HarnessError(str(error)) from None
         self.proc = self.server.proc
@@ -137,13 +201,21 @@ def background_load(seconds: float = 1.0) -> float:
 
 
 class Sampler:
-    """Samples a server's usage in a thread between the load generator's markers."""
+    """Samples a server's usage in a thread between the load generator's markers (and the CPU
+    of the database's process tree at both markers, when `database_pid` is given)."""
 
-    def __init__(self, server: ServerProcess, server_cpus: frozenset[int] | None) -> None:
+    def __init__(
+        self,
+        server: ServerProcess,
+        server_cpus: frozenset[int] | None,
+        database_pid: int | None = None,
+    ) -> None:
         self.server = server
         self.server_cpus = server_cpus
+        self.database_pid = database_pid
         self.busy_start = self.busy_end = 0.0
         self.cpu_start = self.cpu_end = 0.0
+        self.database_cpu_start = self.database_cpu_end = 0.0
         self.time_start = self.time_end = 0.0
         self.peak_rss = 0
         self.peak_threads = 0
@@ -155,12 +227,15 @@ class Sampler:
     def marker(self, name: str) -> None:
         """Called by the load generator's stderr reader."""
         cpu, rss, threads = self.server.usage()
+        database = database_cpu_seconds(self.database_pid) if self.database_pid else 0.0
         busy = busy_seconds(self.server_cpus)
         if name == "measure-start":
             self.cpu_start, self.time_start, self.busy_start = cpu, time.monotonic(), busy
+            self.database_cpu_start = database
             self._measuring.set()
         else:
             self.cpu_end, self.time_end, self.busy_end = cpu, time.monotonic(), busy
+            self.database_cpu_end = database
             self._measuring.clear()
         self._note(rss, threads)
 
@@ -188,10 +263,12 @@ def measure_once(
     warmup: float,
     pinning: Pinning,
     rate: float = 0.0,
+    database_pid: int | None = None,
 ) -> dict:
     """One measurement of a running server, closed loop or (`rate` > 0 requests per second)
-    open loop; returns one repetition's record."""
-    sampler = Sampler(server, pinning.server)
+    open loop; returns one repetition's record. With `database_pid` (the postmaster, pinned
+    to the server's CPUs: pin_tree) the record has its CPU too, and it is not "other" work."""
+    sampler = Sampler(server, pinning.server, database_pid)
     try:
         args = loadgen.command(
             binary,
@@ -216,9 +293,23 @@ def measure_once(
     server_cpu = max(0.0, sampler.cpu_end - sampler.cpu_start)
     loadgen_cpu = result["cpu_s"]["user"] + result["cpu_s"]["system"]
     errors = sum(result["errors"].values())
-    # CPU time on the server's CPUs that the server did not use: other processes (when pinned,
-    # a busy neighbour that makes the figure noisy; unpinned, the load generator too).
-    other = max(0.0, (sampler.busy_end - sampler.busy_start) - server_cpu) / elapsed
+    database_cpu = max(0.0, sampler.database_cpu_end - sampler.database_cpu_start)
+    # CPU time on the server's CPUs that the server (and its database) did not use: other
+    # processes (when pinned, a busy neighbour that makes the figure noisy; unpinned, the load
+    # generator too).
+    used = server_cpu + database_cpu
+    other = max(0.0, (sampler.busy_end - sampler.busy_start) - used) / elapsed
+    database_figures = (
+        {
+            "postgres_cpu_s": round(database_cpu, 4),
+            "postgres_cpu_fraction": round(database_cpu / elapsed, 4),
+            "postgres_cpu_us_per_request": round(
+                database_cpu / max(1, result["requests"]) * 1e6, 2
+            ),
+        }
+        if database_pid
+        else {}
+    )
     return {
         "rps": result["rps"],
         "requests": result["requests"],
@@ -235,6 +326,7 @@ def measure_once(
         "server_cpu_fraction": round(server_cpu / elapsed, 4),
         # CPU per request barely moves when a busy neighbour steals time: the robust figure.
         "server_cpu_us_per_request": round(server_cpu / max(1, result["requests"]) * 1e6, 2),
+        **database_figures,
         "peak_rss_bytes": sampler.peak_rss,
         "threads": sampler.peak_threads,
         "loadgen_cpu_s": round(loadgen_cpu, 4),
@@ -291,13 +383,14 @@ MEDIAN_FIELDS = (
     "loadgen_cpu_fraction",
     "other_cpu_fraction",
 )
+# Only in the records of `/db` scenarios.
+DATABASE_FIELDS = ("postgres_cpu_s", "postgres_cpu_fraction", "postgres_cpu_us_per_request")
 
 
 def summarize(reps: list[dict]) -> dict:
     """Median of the repetitions; errors summed; saturation, fairness: the worst rep."""
-    summary: dict = {
-        field: statistics.median(rep[field] for rep in reps) for field in MEDIAN_FIELDS
-    }
+    fields = MEDIAN_FIELDS + tuple(field for field in DATABASE_FIELDS if field in reps[0])
+    summary: dict = {field: statistics.median(rep[field] for rep in reps) for field in fields}
     summary["latency_us"] = {
         key: statistics.median(rep["latency_us"][key] for rep in reps)
         for key in reps[0]["latency_us"]
@@ -384,6 +477,7 @@ def run_targets(
     warmup: float,
     progress: Progress,
     noisy_retries: int = 0,
+    database: Database | None = None,
 ) -> list[dict]:
     """Start the servers of one family, measure them in turn `reps` times, stop them.
 
@@ -392,24 +486,42 @@ def run_targets(
     moves by tens of per cent over minutes -- touches every server alike instead of whichever
     was measured last. A server waits idle while another is measured. A repetition during which
     other work took more than NOISY_OTHER_FRACTION of the (pinned) server CPU is measured again,
-    up to `noisy_retries` times; the quietest attempt is kept.
+    up to `noisy_retries` times; the quietest attempt is kept. With `database` the servers get
+    its settings and its CPU is measured beside theirs.
     """
     servers = []
     records: list[list[dict]] = [[] for _ in targets]
     retries = noisy_retries if pinning.server else 0  # unpinned, the load generator is "other"
     try:
         for target in targets:
-            servers.append(ServerProcess(target.name, list(target.command), pinning.server))
+            servers.append(
+                ServerProcess(
+                    target.name,
+                    list(target.command),
+                    pinning.server,
+                    database.env if database else None,
+                )
+            )
         for rep in range(reps):
             for index, (target, server) in enumerate(zip(targets, servers, strict=True)):
-                measure = partial(measure_once, server, scenario, binary, duration, warmup, pinning)
+                measure = partial(
+                    measure_once,
+                    server,
+                    scenario,
+                    binary,
+                    duration,
+                    warmup,
+                    pinning,
+                    database_pid=database.pid if database else None,
+                )
                 record = quietest(measure, retries)
                 records[index].append(record)
                 progress.step(
                     f"{scenario.name:<13} {target.name:<26} rep {rep + 1}/{reps}: "
                     f"{record['rps']:>9,.0f} req/s  p99 {record['latency_us']['p99']:>9,.0f} µs  "
                     f"errors {record['errors']}  answered {record['answered_connections']}/"
-                    f"{record['connections']}{_flags(record, record['attempts'])}"
+                    f"{record['connections']}{_database_text(record)}"
+                    f"{_flags(record, record['attempts'])}"
                 )
     finally:
         for server in servers:
@@ -426,6 +538,16 @@ def run_targets(
         }
         for target, target_records in zip(targets, records, strict=True)
     ]
+
+
+def _database_text(record: dict) -> str:
+    """The progress line's CPU per request of the server and of PostgreSQL, in `/db` runs."""
+    if "postgres_cpu_us_per_request" not in record:
+        return ""
+    return (
+        f"  CPU/req: server {record['server_cpu_us_per_request']:,.0f} µs, "
+        f"postgres {record['postgres_cpu_us_per_request']:,.0f} µs"
+    )
 
 
 def _flags(record: dict, attempts: int) -> str:

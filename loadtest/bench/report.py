@@ -13,6 +13,8 @@ KIND_COLORS = {"ours": "#1f77b4", "no-metrics": "#9ecae1", "textbook": "#ff7f0e"
 FAMILY_COLORS = ("#1f77b4", "#2ca02c", "#9467bd", "#d62728", "#8c564b")
 KIND_NAMES = {"ours": "ours", "no-metrics": "ours, metrics off", "textbook": "textbook"}
 CHARTS = ("throughput.png", "latency.png", "resources.png", "fairness.png")
+# Only when a `/db` scenario ran: CPU per request of each server and of PostgreSQL.
+DATABASE_CHART = "database.png"
 
 
 def machine_info() -> dict:
@@ -142,6 +144,16 @@ def _fmt_wait(median: dict) -> str:
     return f"still waiting after {wait}" if median["longest_wait_unanswered"] else wait
 
 
+def _fmt_database(median: dict) -> str:
+    """The postgres CPU cells of a `/db` row: seconds (share of one core), µs per request."""
+    if "postgres_cpu_s" not in median:
+        return "- | - | "
+    return (
+        f"{median['postgres_cpu_s']:.2f} s ({median['postgres_cpu_fraction']:.0%}) | "
+        f"{median['postgres_cpu_us_per_request']:,.1f} | "
+    )
+
+
 def starved_lines(results: dict, scenario: str | None = None) -> list[str]:
     """One warning per starved (scenario, target), optionally of one scenario only."""
     titles = {name: info["title"] for name, info in results["scenarios"].items()}
@@ -189,6 +201,17 @@ def write_markdown(results: dict, directory: Path) -> Path:
         "These three are from the worst run, not the median. A run in which any connection got "
         "no reply is **starved** and flagged ⚠.",
     ]
+    if meta.get("postgres"):
+        database = meta["postgres"]
+        lines.append(
+            f"- **/db:** one throwaway PostgreSQL {database['version']} for the run "
+            f"(`loadtest/postgres.py`, {database['pinning']}), each server holding up to "
+            f"{database['db_pool']} connections (a process worker: 1). *postgres CPU* is the CPU "
+            "of the postmaster and all its backends in the same window as the server's; the "
+            "textbook servers have no database, so the /db tables compare our models only."
+        )
+    for name, why in results.get("skipped_scenarios", {}).items():
+        lines.append(f"- **{name} {why}**")
     starved = starved_lines(results)
     lines += (
         [f"- **{line}**" for line in starved]
@@ -199,13 +222,16 @@ def write_markdown(results: dict, directory: Path) -> Path:
     runs = _by_key(results)
     comparison = {(row["scenario"], row["family"]): row for row in comparisons(results)}
     for scenario, info in results["scenarios"].items():
+        database = bool(info.get("database"))
         lines += [f"## {info['title']}", ""]
         lines.append(
             "| server | req/s | p50 µs | p99 µs | p99.9 µs | errors | answered | req/conn | "
-            "longest wait | server CPU | CPU µs/req | peak RSS | threads | loadgen CPU | "
-            "other on server CPU | vs textbook | metrics cost |"
+            "longest wait | server CPU | CPU µs/req | "
+            + ("postgres CPU | postgres µs/req | " if database else "")
+            + "peak RSS | threads | loadgen CPU | other on server CPU | vs textbook | "
+            "metrics cost |"
         )
-        lines.append("|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|")
+        lines.append("|---|" + "--:|" * (18 if database else 16))
         for target in results["targets"]:
             run = runs.get((scenario, target["name"]))
             if run is None:
@@ -222,7 +248,8 @@ def write_markdown(results: dict, directory: Path) -> Path:
                 f"{_fmt_answered(median)} | {_fmt_per_connection(median)} | {_fmt_wait(median)} | "
                 f"{median['server_cpu_s']:.2f} s ({median['server_cpu_fraction']:.0%}) | "
                 f"{median['server_cpu_us_per_request']:,.1f} | "
-                f"{median['peak_rss_bytes'] / 2**20:.0f} MiB | {median['threads']:.0f} | "
+                + (_fmt_database(median) if database else "")
+                + f"{median['peak_rss_bytes'] / 2**20:.0f} MiB | {median['threads']:.0f} | "
                 f"{median['loadgen_cpu_fraction']:.0%} | {_fmt_other(median)} | "
                 f"{_fmt_ratio(row.get('vs_textbook'))} | "
                 f"{_fmt_cost(row.get('metrics_cost'))} |"
@@ -274,7 +301,10 @@ def write_markdown(results: dict, directory: Path) -> Path:
 
 
 def write_charts(results: dict, directory: Path) -> list[str]:
-    """throughput.png, latency.png, resources.png and fairness.png; returns the file names."""
+    """throughput.png, latency.png, resources.png and fairness.png, and database.png after a
+    `/db` scenario; returns the file names (none when nothing was measured)."""
+    if not results["runs"]:
+        return []
     import matplotlib
 
     matplotlib.use("Agg")  # no display: write files only
@@ -388,14 +418,82 @@ def write_charts(results: dict, directory: Path) -> list[str]:
         axis.grid(alpha=0.3)
         axis.set_xscale("log")
         axis.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
-    memory_axis.legend(fontsize=7, ncol=2)
+    if memory_axis.get_lines():  # no echo scenario (e.g. only /db): nothing to label
+        memory_axis.legend(fontsize=7, ncol=2)
     figure.suptitle("Memory and threads vs connections")
     figure.text(0.5, 0.01, footer, ha="center", fontsize=7)
     figure.tight_layout(rect=(0, 0.03, 1, 1))
     figure.savefig(directory / "resources.png", dpi=110)
     pyplot.close(figure)
     write_fairness_chart(results, directory / "fairness.png")
+    if write_database_chart(results, directory / DATABASE_CHART):
+        return [*CHARTS, DATABASE_CHART]
     return list(CHARTS)
+
+
+def write_database_chart(results: dict, path: Path) -> bool:
+    """database.png: per `/db` scenario, CPU µs per request of each server, PostgreSQL's
+    stacked beside it; False (nothing written) when no `/db` scenario ran."""
+    runs = _by_key(results)
+    scenarios = {
+        name: info
+        for name, info in results["scenarios"].items()
+        if info.get("database")
+        and any(
+            "postgres_cpu_us_per_request" in run["median"]
+            for run in results["runs"]
+            if run["scenario"] == name
+        )
+    }
+    if not scenarios:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    columns = len(scenarios)
+    figure, axes = pyplot.subplots(1, columns, figsize=(6.2 * columns, 4.6), squeeze=False)
+    for axis, (scenario, info) in zip(axes.flat, scenarios.items(), strict=True):
+        medians = [
+            (target, runs[(scenario, target["name"])]["median"])
+            for target in results["targets"]
+            if (scenario, target["name"]) in runs
+        ]
+        names = [target["name"] for target, _ in medians]
+        server = [median["server_cpu_us_per_request"] for _, median in medians]
+        database = [median.get("postgres_cpu_us_per_request", 0.0) for _, median in medians]
+        colors = [KIND_COLORS[target["kind"]] for target, _ in medians]
+        axis.barh(names, server, color=colors)
+        axis.barh(names, database, left=server, color=POSTGRES_COLOR)
+        for index, (_, median) in enumerate(medians):
+            axis.text(
+                server[index] + database[index],
+                index,
+                f" {median['rps']:,.0f} req/s",
+                va="center",
+                fontsize=6,
+            )
+        axis.invert_yaxis()
+        axis.set_title(info["title"])
+        axis.set_xlabel("CPU µs per request: server, then PostgreSQL")
+        axis.tick_params(axis="y", labelsize=7)
+        axis.grid(axis="x", alpha=0.3)
+    handles = [
+        _patch(KIND_COLORS["ours"], KIND_NAMES["ours"]),
+        _patch(KIND_COLORS["no-metrics"], KIND_NAMES["no-metrics"]),
+        _patch(POSTGRES_COLOR, "PostgreSQL (postmaster + backends)"),
+    ]
+    figure.legend(handles=handles, loc="upper right", fontsize=8)
+    figure.suptitle("/db: CPU per request, server and PostgreSQL")
+    figure.text(0.5, 0.005, machine_line(results["meta"]), ha="center", fontsize=7)
+    figure.tight_layout(rect=(0, 0.02, 1, 0.93))
+    figure.savefig(path, dpi=110)
+    pyplot.close(figure)
+    return True
+
+
+POSTGRES_COLOR = "#7f7f7f"
 
 
 STARVED_COLOR = "#d62728"

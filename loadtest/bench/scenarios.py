@@ -35,6 +35,12 @@ def sleep(milliseconds: int, weight: int = 1) -> Request:
     return Request(weight, f"/sleep {milliseconds} zz", "ZZ")
 
 
+def db(milliseconds: int, weight: int = 1) -> Request:
+    """A `/db` request (one PostgreSQL round trip, `pg_sleep(MS/1000)`) that echoes a short
+    text."""
+    return Request(weight, f"/db {milliseconds} dd", "DD")
+
+
 def work(rounds: int, weight: int = 1) -> Request:
     """A `/work` request that echoes a short text."""
     return Request(weight, f"/work {rounds} ww", "WW")
@@ -65,6 +71,9 @@ class Scenario:
     connections: int
     requests: tuple[Request, ...]
     echo_size: int | None = None  # pure echo scenarios, charted for memory vs connections
+    # `/db` scenarios: a throwaway PostgreSQL for the run, our models only (textbooks have no
+    # database), its CPU reported beside the server's.
+    database: bool = False
 
 
 def build_scenarios(work_rounds: int) -> dict[str, Scenario]:
@@ -82,6 +91,8 @@ def build_scenarios(work_rounds: int) -> dict[str, Scenario]:
             100,
             (echo(64, 80), echo(1024, 10), sleep(20, 5), work(work_rounds, 5)),
         ),
+        Scenario("db0", "/db 0, 100 conns", 100, (db(0),), database=True),
+        Scenario("db5", "/db 5, 100 conns", 100, (db(5),), database=True),
     ]
     return {scenario.name: scenario for scenario in scenarios}
 
