@@ -22,6 +22,7 @@ The tests then run every suite on it and check the compose file and the dashboar
 from __future__ import annotations
 
 import importlib
+import os
 from dataclasses import dataclass
 
 METRICS_PORT_OFFSET = 100  # a model's /metrics port in the local stack: its port + 100
@@ -162,6 +163,23 @@ MODELS: tuple[Model, ...] = (
         db_drivers=DB_DRIVERS,
     ),
 )
+# Models defined outside this file, registered exactly as the ones above:
+# ARENA_EXTRA_MODELS=module:attribute[,module:attribute] (each a Model, or a tuple of them). For
+# a model kept in a package of its own, and for the suite's proof of the recipe (tests/
+# test_recipe.py registers a model written inside the tests and runs the server suites on it).
+EXTRA_MODELS_VARIABLE = "ARENA_EXTRA_MODELS"
+
+
+def _extra_models(spec: str) -> tuple[Model, ...]:
+    found: list[Model] = []
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        module_name, _, attribute = item.partition(":")
+        value = getattr(importlib.import_module(module_name), attribute)
+        found.extend(value if isinstance(value, tuple) else (value,))
+    return tuple(found)
+
+
+MODELS += _extra_models(os.environ.get(EXTRA_MODELS_VARIABLE, ""))
 NAMES: tuple[str, ...] = tuple(model.name for model in MODELS)
 # Every variant by name, with the model it runs (the benchmark's families, the server tests).
 VARIANTS: dict[str, tuple[Model, Variant]] = {
