@@ -15,7 +15,8 @@ Adding a model:
 3. its service in `docker-compose.yml` (copy a server service; the port variable is
    `ARENA_<NAME>_PORT`) and in `docker/stack.yml` (replicas `ARENA_<NAME>_REPLICAS`), its
    `LOCUST_<NAME>_TARGET` in both, its scrape job in `docker/prometheus/prometheus.yml` (copy a
-   server job: DNS finds every replica), and its colour in the Grafana dashboard.
+   server job: DNS finds every replica). The Grafana dashboard is generated from this registry
+   (its colour, its queries, its own_metrics' panels): `make dashboard` rewrites it.
 The tests then run every suite on it and check the compose file and the dashboard name it.
 """
 

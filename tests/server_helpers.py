@@ -97,6 +97,13 @@ class LineClient:
         self.sock.close()
 
 
+def exchange(server, payload: bytes, reply_lines: int) -> bytes:
+    """Send raw bytes on a fresh connection and return exactly `reply_lines` reply lines."""
+    with LineClient(server.address) as client:
+        client.send(payload)
+        return b"".join(client.read_lines(reply_lines))
+
+
 def expected_echo(text: bytes) -> bytes:
     """The protocol's echo: ASCII a-z upper-cased, every other byte unchanged, newline added."""
     return text.upper() + b"\n"

@@ -14,7 +14,7 @@ import pytest
 
 from services import models
 from tests.conftest import MODELS, RunningServer, launch_server, small_flags, stop_server
-from tests.server_helpers import LineClient, scrape, wait_for_metrics
+from tests.server_helpers import LineClient, exchange, scrape, wait_for_metrics
 
 
 def db_flags(name: str) -> tuple[str, ...]:
@@ -28,13 +28,6 @@ def db_server(request, postgres) -> Iterator[RunningServer]:
     running = launch_server(request.param, *db_flags(request.param), env=postgres.env())
     yield running
     stop_server(running)
-
-
-def exchange(server: RunningServer, payload: bytes, reply_lines: int) -> bytes:
-    """Send raw bytes on a fresh connection and return exactly `reply_lines` reply lines."""
-    with LineClient(server.address) as client:
-        client.send(payload)
-        return b"".join(client.read_lines(reply_lines))
 
 
 DB_CASES = [

@@ -9,7 +9,7 @@ import pytest
 
 from services import models
 from tests.conftest import MODELS, RunningServer, launch_server, small_flags, stop_server
-from tests.server_helpers import LineClient, scrape, wait_for_metrics
+from tests.server_helpers import LineClient, exchange, scrape, wait_for_metrics
 
 
 @pytest.fixture(scope="module", params=MODELS)
@@ -22,13 +22,6 @@ def wire_server(request) -> Iterator[RunningServer]:
     running = launch_server(request.param, *small_flags(request.param))
     yield running
     stop_server(running)
-
-
-def exchange(server: RunningServer, payload: bytes, reply_lines: int) -> bytes:
-    """Send raw bytes on a fresh connection and return exactly `reply_lines` reply lines."""
-    with LineClient(server.address) as client:
-        client.send(payload)
-        return b"".join(client.read_lines(reply_lines))
 
 
 # Framing and echo ---------------------------------------------------------------------------

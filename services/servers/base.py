@@ -226,13 +226,17 @@ class BlockingServer(Server):
         self.stopping = threading.Event()
         self.accept_task: object = None
 
-    @abstractmethod
     def spawn(self, function: Callable[..., None], *args: object) -> object:
-        """Run `function(*args)` concurrently (a thread, a greenlet); return a joinable handle."""
+        """Run `function(*args)` concurrently; a daemon thread unless the model says otherwise
+        (gevent: a greenlet). Returns a handle `join` accepts."""
+        thread = threading.Thread(target=function, args=args, daemon=True)
+        thread.start()
+        return thread
 
-    @abstractmethod
     def join(self, task: object, timeout: float) -> None:
         """Wait for a handle returned by `spawn`."""
+        if isinstance(task, threading.Thread):
+            task.join(timeout)
 
     def serve_in_background(self) -> None:
         """Spawn the accept loop and the idle sweeper."""

@@ -55,7 +55,7 @@ import _thread
 import os
 import sys
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
@@ -84,17 +84,6 @@ class ThreadedServer(BlockingServer):
         self.previous_switch_interval = sys.getswitchinterval()
         sys.setswitchinterval(self.settings.switch_interval)
         super().serve_in_background()
-
-    def spawn(self, function: Callable[..., None], *args: object) -> threading.Thread:
-        """Start a helper daemon thread (accept, sweep): a `Thread`, so `stop` can join it."""
-        thread = threading.Thread(target=function, args=args, daemon=True)
-        thread.start()
-        return thread
-
-    def join(self, task: object, timeout: float) -> None:
-        """Wait for a thread."""
-        if isinstance(task, threading.Thread):
-            task.join(timeout)
 
     def spawn_session(self, session: Session) -> None:
         """Start the connection's thread without waiting for it to run (see the docstring)."""
