@@ -14,7 +14,7 @@ ifeq ($(origin PYTHON),undefined)
 PYTHON := $(firstword $(foreach p,python$(PYTHON_VERSION) $(PYENV_PYTHONS),$(call IS_PYTHON_VERSION,$(p))))
 endif
 
-.PHONY: install test test-fast lint up bench soak lessons docs docs-check clean
+.PHONY: install test test-fast lint up bench soak lessons docs docs-check dashboard clean
 
 DURATION ?= 10m
 
@@ -66,6 +66,9 @@ docs: install  ## write the measured figures from results/ into README.md and do
 
 docs-check: install  ## fail with a diff when a figure in README.md or docs/ differs from results/
 	$(PY) -m loadtest.docfigures --check
+
+dashboard: install  ## write the Grafana dashboard (docker/grafana/dashboards/arena.json) from the model registry
+	$(PY) -m loadtest.tools.dashboard
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

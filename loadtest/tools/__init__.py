@@ -1,0 +1,1 @@
+"""Process tools: commands that write, or check, the project's generated files."""
