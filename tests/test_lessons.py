@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 from pathlib import Path
 
 import pytest
 
-from loadtest import docfigures
+from loadtest import docfigures, postgres
 from loadtest.lessons import __main__ as cli
 from loadtest.lessons import catalog, checks, report, runner
 from services import models
@@ -57,6 +59,10 @@ def test_every_checked_lesson_has_a_claim_a_check_and_a_chart():
         assert lesson_id in report.CHARTS and lesson_id in report.COLUMNS
     # The check-only lessons stay out of the Locust scenario select.
     assert "cores" not in catalog.LESSONS_BY_ID and "closed-loop" not in catalog.LESSONS_BY_ID
+    # The database lessons are checked too; Locust's presets of them are loadtest/scenarios.py's.
+    assert set(checks.DATABASE_IDS) == {"db-wait", "db-pool-bound", "undetected-io"}
+    assert set(checks.DATABASE_IDS) <= set(checks.CHECKED_IDS)
+    assert not set(checks.DATABASE_IDS) & set(catalog.LESSONS_BY_ID)
 
 
 @pytest.mark.parametrize(("interval", "extra_runs"), [(0.05, 2), (0.005, 0), (None, 0)])
@@ -377,12 +383,203 @@ def test_closed_loop_runs_each_model_open_and_closed_with_a_stall():
     assert [run.rate for run in plan.runs[:2]] == [runner.STALL_RATE, 0.0]
 
 
+# -- the database lessons --------------------------------------------------------------------
+
+DB_SETUP = {"connections": 100, "db_ms": 20, "db_pool": 20, "pool_workers": 2}
+
+
+def _db_wait(switching_rps: float = 960, pool_rps: float = 98) -> dict:
+    return {
+        name: _quiet(rps=pool_rps if name == POOL else switching_rps, errors=0)
+        for name in models.NAMES
+    }
+
+
+def test_db_wait_holds_when_switching_reaches_the_database_pool():
+    verdict = checks.check_db_wait(_db_wait(), DB_SETUP)
+    assert verdict.verdict == checks.HOLDS, verdict.reason
+    assert "of database pool / query time 1,000 req/s" in verdict.reason
+    assert "the pool 98 req/s with 2 workers" in verdict.reason
+    assert "(1,000 req/s)" in checks.hypothesis("db-wait", DB_SETUP)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "why"),
+    [
+        ({"switching_rps": 600}, "60% of database pool / query time"),
+        ({"pool_rps": 150}, "the pool's 150 req/s is above workers / query time 100 req/s"),
+    ],
+)
+def test_db_wait_fails(kwargs, why):
+    verdict = checks.check_db_wait(_db_wait(**kwargs), DB_SETUP)
+    assert verdict.verdict == checks.FAILS
+    assert why in verdict.reason
+
+
+def test_db_wait_fails_on_database_errors_and_is_inconclusive_on_noise():
+    figures = _db_wait()
+    figures[SWITCHING[0]]["errors"] = 12
+    verdict = checks.check_db_wait(figures, DB_SETUP)
+    assert verdict.verdict == checks.FAILS and "12 requests with an error" in verdict.reason
+    figures = _db_wait()
+    figures[SWITCHING[0]] = _noisy({**figures[SWITCHING[0]], "rps": 500})
+    assert checks.check_db_wait(figures, DB_SETUP).verdict == checks.INCONCLUSIVE
+
+
+@pytest.mark.parametrize("lesson_id", ["db-wait", "db-pool-bound", "undetected-io"])
+def test_a_database_lesson_without_postgresql_is_not_checked_and_says_how_to_get_one(lesson_id):
+    setup = {**DB_SETUP, "database_unavailable": f"no PostgreSQL here: {postgres.INSTALL_HINT}"}
+    verdict = checks.decide(lesson_id, {}, setup)
+    assert verdict.verdict == checks.INCONCLUSIVE
+    assert "apt-get install postgresql" in verdict.reason
+
+
+DB_POOL_SETUP = {"connections": 50, "db_ms": 20, "db_pool": [5, 10], "db_model": THREADS}
+
+
+def _db_pool_bound(rates: dict[int, float]) -> dict:
+    runs = [_quiet(db_pool=size, rps=rate, errors=0) for size, rate in rates.items()]
+    return {THREADS: {"runs": runs, "noisy": False, "other_cpu": 0.0}}
+
+
+def test_db_pool_bound_holds_at_pool_over_query_time():
+    verdict = checks.check_db_pool_bound(_db_pool_bound({5: 245, 10: 490}), DB_POOL_SETUP)
+    assert verdict.verdict == checks.HOLDS, verdict.reason
+    assert "2x the pool, 2.00x the rate" in verdict.reason
+    assert "pool of 5 and 10 connections" in checks.hypothesis("db-pool-bound", DB_POOL_SETUP)
+
+
+@pytest.mark.parametrize(
+    ("rates", "why"),
+    [
+        ({5: 245, 10: 260}, "2x the database pool gave 1.06x the rate"),
+        ({5: 120, 10: 490}, "pool of 5: 120 req/s, 48% of pool / query time"),
+    ],
+)
+def test_db_pool_bound_fails(rates, why):
+    verdict = checks.check_db_pool_bound(_db_pool_bound(rates), DB_POOL_SETUP)
+    assert verdict.verdict == checks.FAILS
+    assert why in verdict.reason
+
+
+UNDETECTED_SETUP = {
+    "connections": 40,
+    "db_ms": 20,
+    "db_pool": 20,
+    "db_share": 0.5,
+    "helper_threads": {"asyncio": 6},
+    "work_ms": 20.0,
+}
+
+
+def _driver_run(driver: str, rate: float, bound: float, p99: float, cpu: float, by: str) -> dict:
+    key = "work_rps" if driver == checks.WORK_REFERENCE else "db_rps"
+    return _quiet(
+        driver=driver,
+        **{key: rate},
+        bound_rps=bound,
+        bound_by=by,
+        of_bound=rate / bound,
+        echo_p99_ms=p99,
+        server_cores=cpu,
+        errors=0,
+    )
+
+
+def _undetected(
+    blocking_rps: float = 49,
+    blocking_p99: float = 400,
+    blocking_cpu: float = 0.03,
+    fixed_rps: float = 280,
+    default_rps: float = 900,
+    fast_p99: float = 3.0,
+) -> dict:
+    figures = {}
+    for name in checks.EVENT_LOOPS:
+        fixed_bound = 300 if name == "asyncio" else 1000
+        runs = [
+            _driver_run("blocking", blocking_rps, 50, blocking_p99, blocking_cpu, "one at a time"),
+            _driver_run(
+                "blocking-fixed", fixed_rps * fixed_bound / 300, fixed_bound, fast_p99, 0.2, "x"
+            ),
+            _driver_run("default", default_rps, 1000, fast_p99, 0.3, "database pool"),
+            _driver_run(checks.WORK_REFERENCE, 48, 50, 450, 0.97, "one core"),
+        ]
+        figures[name] = {"runs": runs, "noisy": False, "other_cpu": 0.02}
+    return figures
+
+
+def test_undetected_io_holds_when_the_blocking_driver_serialises_without_cpu():
+    verdict = checks.check_undetected_io(_undetected(), UNDETECTED_SETUP)
+    assert verdict.verdict == checks.HOLDS, verdict.reason
+    assert "CPU 0.03 cores vs 0.97 blocked by /work" in verdict.reason
+    claim = checks.hypothesis("undetected-io", UNDETECTED_SETUP)
+    assert "asyncio 6 threads / 20 ms = 300 req/s" in claim
+    assert "gevent 20 connections / 20 ms = 1,000 req/s" in claim
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "why"),
+    [
+        ({"blocking_rps": 200}, "above 1.2x one query at a time (50 req/s)"),
+        ({"blocking_p99": 5}, "with the blocking driver 5.0 ms is below the query time"),
+        ({"blocking_cpu": 0.8}, "0.80 cores is not below 50% of its CPU blocked by /work"),
+        ({"fixed_rps": 100}, "with the blocking-fixed driver answered 100 req/s /db, 33%"),
+        ({"default_rps": 400}, "with the default driver answered 400 req/s /db, 40%"),
+        ({"fast_p99": 15}, "echo p99 with the default driver 15 ms is not below 50%"),
+    ],
+)
+def test_undetected_io_fails(kwargs, why):
+    verdict = checks.check_undetected_io(_undetected(**kwargs), UNDETECTED_SETUP)
+    assert verdict.verdict == checks.FAILS
+    assert why in verdict.reason
+
+
+def test_database_plans_give_their_servers_the_database_and_its_settings():
+    work = runner.Work(10_000, 1_000_000, 100.0)
+    names = list(models.NAMES)
+    wait = runner.plan("db-wait", names, work, 2)
+    assert [run.model for run in wait.runs] == names and wait.needs_database
+    assert all(run.database and "--db-pool" in run.server_args for run in wait.runs)
+    bound = runner.plan("db-pool-bound", names, work, 2)
+    assert [run.variant for run in bound.runs] == ["db pool 5", "db pool 10"]
+    assert {run.model for run in bound.runs} == {bound.setup["db_model"]} == {SWITCHING[0]}
+    undetected = runner.plan("undetected-io", names, work, 2)
+    assert {run.model for run in undetected.runs} == set(checks.EVENT_LOOPS)
+    variants = [run.variant for run in undetected.runs if run.model == LOOP]
+    assert variants == [*runner.DRIVERS, checks.WORK_REFERENCE]
+    # The /work run computes as long as a query waits, and needs no database.
+    [computed] = [run for run in undetected.runs if run.model == LOOP and not run.database]
+    assert undetected.setup["work_rounds"] == work.rounds_1ms * runner.DB_MS
+    assert "--db-driver" not in computed.server_args
+    assert not runner.plan("io-wait", names, work, 2).needs_database
+
+
+def test_without_postgresql_the_database_lessons_are_inconclusive_and_the_run_goes_on(tmp_path):
+    """A real run with no PostgreSQL binaries (ARENA_PG_BINDIR names an empty directory)."""
+    empty = tmp_path / "no-postgres"
+    empty.mkdir()
+    result = run_module(
+        "loadtest.lessons",
+        *("--quick", "--lessons", "db-wait,undetected-io", "--out", str(tmp_path)),
+        env={**os.environ, postgres.BINDIR_VARIABLE: str(empty)},
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    data = json.loads((tmp_path / "lessons.json").read_text())
+    assert [entry["id"] for entry in data["lessons"]] == ["db-wait", "undetected-io"]
+    for entry in data["lessons"]:
+        assert entry["verdict"] == checks.INCONCLUSIVE and entry["figures"] == {}
+        assert "no PostgreSQL here" in entry["reason"] and "apt-get install" in entry["reason"]
+    assert "not checked: no PostgreSQL here" in result.stderr
+
+
 # -- report ----------------------------------------------------------------------------------
 
 
 def _results(tmp_path: Path) -> dict:
     entries = []
-    cases = {
+    cases: dict[str, tuple[dict, dict]] = {
         "io-wait": (_io(4800, 99), IO_SETUP),
         "cpu-work": (_cpu(dict.fromkeys(models.NAMES, 950)), CPU_SETUP),
         "pool-bound": (_pool_bound({2: 39, 4: 78}), POOL_SETUP),
@@ -390,6 +587,9 @@ def _results(tmp_path: Path) -> dict:
         "many-clients": (_many(352), MANY_SETUP),
         "blocked-loop": (_blocked(threads_p99=160, cpython_p99=40), BLOCKED_SETUP),
         "closed-loop": (_stall(), STALL_SETUP),
+        "db-wait": (_db_wait(), DB_SETUP),
+        "db-pool-bound": (_db_pool_bound({5: 245, 10: 490}), DB_POOL_SETUP),
+        "undetected-io": (_undetected(blocking_p99=5), UNDETECTED_SETUP),
     }
     for lesson_id, (figures, setup) in cases.items():
         figures = json.loads(json.dumps(figures))  # as lessons.json gives them back
@@ -406,11 +606,17 @@ def _results(tmp_path: Path) -> dict:
             figure.setdefault("threads", 3)
             figure.setdefault("peak_rss_mib", 40.0)
             figure.setdefault("work_p50_ms", 101.0)
+            figure.setdefault("bound_rps", 1000.0)
+            figure.setdefault("of_bound", figure.get("rps", 0) / 1000)
+            figure.setdefault("errors", 0)
+            figure.setdefault("db_pool", 20)
             for run in figure.get("runs", []):
+                size = run.get("workers") or run.get("db_pool") or 1
+                run.setdefault("rps", 300.0)
                 run.update(
                     p99_ms=500.0,
-                    expected_rps=run["workers"] * 20,
-                    of_expected=run["rps"] / (run["workers"] * 20),
+                    expected_rps=size * (20 if "workers" in run else 50),
+                    of_expected=run["rps"] / (size * (20 if "workers" in run else 50)),
                 )
         verdict = checks.decide(lesson_id, figures, setup)
         entries.append(
@@ -446,7 +652,8 @@ def test_report_prints_and_writes_every_lesson(tmp_path):
             assert model in block
         assert entry["reading"]
     summary = report.summary_table(results)
-    assert "many-clients  FAILS" in summary and "io-wait       holds" in summary
+    assert re.search(r"many-clients +FAILS", summary) and re.search(r"io-wait +holds", summary)
+    assert re.search(r"undetected-io +FAILS", summary) and re.search(r"db-wait +holds", summary)
     for entry in results["lessons"]:
         entry["chart"] = report.write_chart(entry, results, tmp_path)
         assert (tmp_path / f"{entry['id']}.png").stat().st_size > 10_000
@@ -510,3 +717,28 @@ def test_blocked_loop_fails_when_any_event_loop_does_not_show_the_block():
     verdict = checks.check_blocked_loop(figures, BLOCKED_SETUP)
     assert verdict.verdict == checks.FAILS, verdict.reason
     assert f"{last}'s echo p99" in verdict.reason and LOOP not in verdict.reason.split(";")[0]
+
+
+@pytest.mark.slow
+def test_a_quick_real_database_lesson_starts_postgresql_and_measures_the_pool(tmp_path):
+    """Shape only, as above: one model at two database pool sizes against a real PostgreSQL."""
+    try:
+        postgres.find_bindir()
+    except postgres.PostgresUnavailable as error:
+        pytest.skip(str(error))
+    result = run_module(
+        "loadtest.lessons",
+        *("--quick", "--lessons", "db-pool-bound", "--models", THREADS, "--out", str(tmp_path)),
+        timeout=240,
+    )
+    assert result.returncode in (0, 1), result.stderr
+    assert "a throwaway PostgreSQL on port" in result.stderr
+    [entry] = json.loads((tmp_path / "lessons.json").read_text())["lessons"]
+    assert entry["id"] == "db-pool-bound" and entry["reading"]
+    assert entry["verdict"] in (checks.HOLDS, checks.FAILS, checks.INCONCLUSIVE)
+    assert "not checked" not in entry["reason"]  # measured: the database was there
+    runs = entry["figures"][THREADS]["runs"]
+    assert [run["db_pool"] for run in runs] == list(runner.DB_POOL_SIZES)
+    for run in runs:
+        assert run["rps"] > 0 and run["errors"] == 0
+    assert (tmp_path / "db-pool-bound.png").stat().st_size > 10_000

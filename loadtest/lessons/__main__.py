@@ -4,17 +4,20 @@ Prints progress, then per lesson the claim, the hypothesis in numbers, the figur
 a verdict with its reason; writes lessons.json, lessons.md and one chart per lesson (default
 results/lessons/, which also refreshes the Lessons section of the README). Exit code 1 when a
 claim fails, 2 on bad arguments; an inconclusive lesson (a busy machine, a narrowed --models)
-is said, not failed. See docs/LESSONS.md.
+is said, not failed. The database lessons (db-wait, db-pool-bound, undetected-io) query one
+throwaway PostgreSQL (loadtest/postgres.py) started for the run and deleted at its end; without
+PostgreSQL binaries here they are inconclusive, with how to install them. See docs/LESSONS.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from typing import Any
 
-from loadtest import cli
+from loadtest import cli, postgres
 from loadtest.bench import harness, loadgen
 from loadtest.bench.report import machine_info
 from loadtest.lessons import checks, report, runner
@@ -56,6 +59,58 @@ def _background_text(before: float, after: float) -> str:
     return text + " — quiet."
 
 
+def start_database(
+    plans: list[runner.Plan],
+    rig: runner.Rig,
+    stack: contextlib.ExitStack,
+    progress: harness.Progress,
+) -> None:
+    """One throwaway PostgreSQL for every lesson that queries one, closed with `stack`.
+
+    It runs beside the load generator, off the server's core, so its CPU is not taken for
+    noise. Without PostgreSQL here (or when it fails to start), those lessons lose their runs
+    and are inconclusive with the reason; the others run as ever.
+    """
+    needing = [item for item in plans if item.needs_database]
+    if not needing:
+        return
+    problem = ""
+    try:
+        # Its 200 connections hold every server of a lesson at once (measure_in_turn): at most
+        # 6 servers x a pool of 20 (undetected-io).
+        database = stack.enter_context(postgres.Postgres())
+    except postgres.PostgresUnavailable as error:
+        problem = f"no PostgreSQL here: {error}"
+    except postgres.PostgresError as error:
+        problem = f"PostgreSQL did not start: {str(error).splitlines()[0]}"
+    if problem:
+        progress.note(
+            f"lessons: {', '.join(item.lesson for item in needing)} not checked: {problem}"
+        )
+        for item in needing:
+            item.setup["database_unavailable"] = problem
+            item.runs = []
+        return
+    rig.database_env = database.env()
+    if rig.one_core.loadgen:
+        pin_tree(database.pid, rig.one_core.loadgen)
+    names = ", ".join(item.lesson for item in needing)
+    progress.note(f"lessons: a throwaway PostgreSQL on port {database.port} for {names}")
+
+
+def pin_tree(pid: int | None, cpus: frozenset[int]) -> None:
+    """Pin a process and its children (those it forks later inherit it)."""
+    import psutil
+
+    if pid is None:
+        return
+    with contextlib.suppress(psutil.Error, OSError):
+        parent = psutil.Process(pid)
+        for process in (parent, *parent.children(recursive=True)):
+            with contextlib.suppress(psutil.Error, OSError):
+                process.cpu_affinity(sorted(cpus))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the chosen lessons and write the results; returns the exit code (a failed or
     interrupted measurement exits: harness.measuring)."""
@@ -77,8 +132,21 @@ def main(argv: list[str] | None = None) -> int:
     work = runner.calibrate()
     rig.round_ns = work.round_ns
     plans = [runner.plan(lesson, args.models, work, cpus) for lesson in args.lessons]
+    with contextlib.ExitStack() as stack:
+        start_database(plans, rig, stack, rig.progress)
+        return _run(args, pace, rig, work, plans)
+
+
+def _run(
+    args: argparse.Namespace,
+    pace: runner.Pace,
+    rig: runner.Rig,
+    work: runner.Work,
+    plans: list[runner.Plan],
+) -> int:
+    """Measure the plans, print and write the results; the exit code."""
     for item in plans:
-        item.setup["window_s"] = max(rig.window(run) for run in item.runs)
+        item.setup["window_s"] = max((rig.window(run) for run in item.runs), default=0.0)
     progress = rig.progress = harness.Progress(sum(len(item.runs) for item in plans) * pace.reps)
     background = harness.background_load()
     progress.note(
@@ -131,6 +199,12 @@ def main(argv: list[str] | None = None) -> int:
             "closed loop, every reply checked; a figure is flagged noisy (⚠) when other "
             f"processes took more than {harness.NOISY_OTHER_FRACTION:.0%} of the "
             "server's CPU, and a check that fails on noisy figures is inconclusive."
+            + (
+                " The database lessons query a throwaway PostgreSQL pinned beside the load "
+                "generator, off the server's core."
+                if rig.database_env
+                else ""
+            )
         ),
         "background": {
             "before": round(background, 3),

@@ -138,6 +138,45 @@ LESSONS: tuple[Lesson, ...] = (
     ),
 )
 LESSONS_BY_ID: Mapping[str, Lesson] = {lesson.id: lesson for lesson in LESSONS}
+
+# The database lessons as `python -m loadtest.lessons` checks them (each model alone, against a
+# throwaway PostgreSQL). Their Locust presets, under the same ids, are loadtest/scenarios.py's:
+# kept out of LESSONS, which Locust extends with those.
+DB_CHECKED: tuple[Lesson, ...] = (
+    Lesson(
+        "db-wait",
+        "db-wait: every request waits 20 ms in PostgreSQL",
+        "A real database wait is waiting too: a thread, greenlet or coroutine per connection "
+        "overlaps the queries as it overlaps /sleep, up to what the database pool allows; a "
+        "pool of N workers runs only N at a time.",
+        "requests/s, arena_db_pool_wait_seconds and arena_db_connections_in_use per server.",
+        "threaded, gevent and asyncio near database pool / 20 ms (1,000/s with the pool of "
+        "20), the worker pool near workers / 20 ms.",
+    ),
+    Lesson(
+        "db-pool-bound",
+        "db-pool-bound: the database pool's size sets the rate",
+        "A database connection pool bounds concurrency whatever the model: with more "
+        "concurrent queries than connections, queries queue for a connection, and the rate "
+        "follows the pool's size, not the model's switching.",
+        "requests/s, arena_db_pool_wait_seconds and arena_db_connections_in_use.",
+        "the rate near pool / query time for each pool size: twice the connections, twice "
+        "the rate.",
+    ),
+    Lesson(
+        "undetected-io",
+        "undetected-io: a blocking database driver on an event loop",
+        "A database driver the event loop cannot see blocks every connection: a blocking query "
+        "holds gevent's hub or asyncio's loop for its whole wait, so queries run one at a time "
+        "and echo waits behind them, yet no CPU is spent; a driver the loop can wait for (or "
+        "helper threads) brings the overlap back.",
+        "gevent's and asyncio's echo p99, requests/s and CPU per --db-driver, next to the "
+        "same block by /work (blocked-loop).",
+        "with --db-driver blocking about 50 queries/s (one 20 ms query at a time), echo p99 "
+        "at the query time and little CPU; blocking-fixed up to its helper threads, default "
+        "up to the database pool, echo fast.",
+    ),
+)
 DEFAULT_LESSON = "steady"
 
 

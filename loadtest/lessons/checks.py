@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
-from loadtest.lessons.catalog import LESSONS_BY_ID, Lesson
+from loadtest.lessons.catalog import DB_CHECKED, LESSONS_BY_ID, Lesson
 from services import models
 
 HOLDS, FAILS, INCONCLUSIVE = "holds", "fails", "inconclusive"
@@ -52,6 +52,21 @@ BLOCKED_FACTOR = 10.0
 # loop's p99 reaches at least this share of the stall; the closed loop's stays below this one.
 STALL_OPEN_SHARE = 0.25
 STALL_CLOSED_SHARE = 0.1
+# db-wait: each switching model >= DB_IDEAL_SHARE of database pool / query time; the worker pool
+# at most workers / query time (+DB_POOL_SLACK: the window's edges).
+DB_IDEAL_SHARE = 0.70
+DB_POOL_SLACK = 0.10
+# db-pool-bound: the rate within DB_POOL_TOLERANCE of pool / query time for each pool size.
+DB_POOL_TOLERANCE = 0.25
+# undetected-io, with the blocking driver: at most UNDETECTED_SERIAL_FACTOR x one query at a
+# time, echo p99 >= the query time, server CPU below UNDETECTED_CPU_SHARE of the same mix with
+# /work in place of /db. With blocking-fixed and default: >= DB_IDEAL_SHARE of what the helper
+# threads or the database pool allow, echo p99 below UNDETECTED_FAST_SHARE of the query time.
+UNDETECTED_SERIAL_FACTOR = 1.2
+UNDETECTED_CPU_SHARE = 0.5
+UNDETECTED_FAST_SHARE = 0.5
+BLOCKING, BLOCKING_FIXED, DEFAULT_DRIVER = "blocking", "blocking-fixed", "default"
+WORK_REFERENCE = "work"  # undetected-io's run with /work in place of /db: blocked-loop's block
 # CPython's own GIL switch interval (sys.getswitchinterval() unless changed): the threaded
 # server may set a longer one; blocked-loop then measures it at both.
 CPYTHON_SWITCH_INTERVAL = 0.005
@@ -86,12 +101,17 @@ CHECKED_IDS: tuple[str, ...] = (
     "many-clients",
     "blocked-loop",
     "closed-loop",
+    "db-wait",
+    "db-pool-bound",
+    "undetected-io",
 )
+# The lessons that query PostgreSQL: `python -m loadtest.lessons` starts one for them.
+DATABASE_IDS: tuple[str, ...] = tuple(entry.id for entry in DB_CHECKED)
 
 
 def lesson(lesson_id: str) -> Lesson:
     """The catalog entry of a checked lesson (the check-only ones included)."""
-    extra = {entry.id: entry for entry in CHECK_ONLY}
+    extra = {entry.id: entry for entry in (*CHECK_ONLY, *DB_CHECKED)}
     return extra.get(lesson_id) or LESSONS_BY_ID[lesson_id]
 
 
@@ -497,6 +517,186 @@ def check_closed_loop(figures: Mapping[str, Mapping], setup: Mapping) -> Verdict
     return _decide(problems, f"{ok}; the stall {_ms(stall)}", figures, list(figures))
 
 
+# -- the database lessons --------------------------------------------------------------------
+
+
+def _no_database(setup: Mapping) -> Verdict | None:
+    """Inconclusive when the run had no PostgreSQL to query (the reason says how to get one)."""
+    problem = setup.get("database_unavailable")
+    return Verdict(INCONCLUSIVE, f"not checked: {problem}") if problem else None
+
+
+def _errors(problems: Problems, name: str, figure: Mapping, what: str = "") -> None:
+    """A /db answered with ERR (backend-busy, backend-unavailable) is a failed request."""
+    if figure.get("errors"):
+        problems.add(f"{name}{what} answered {figure['errors']:,} requests with an error", name)
+
+
+def db_bound(setup: Mapping) -> float:
+    """What the database pool allows: its connections / the query time, in requests/s."""
+    return setup["db_pool"] / (setup["db_ms"] / 1000)
+
+
+def check_db_wait(figures: Mapping[str, Mapping], setup: Mapping) -> Verdict:
+    """Switching models >= DB_IDEAL_SHARE x pool / query time; the worker pool at most
+    workers / query time."""
+    unavailable = _no_database(setup)
+    if unavailable:
+        return unavailable
+    switching = switching_models(figures)
+    if not figures:
+        return Verdict(INCONCLUSIVE, "not checked: no model measured")
+    bound = db_bound(setup)
+    problems = Problems()
+    for name in switching:
+        rps = figures[name]["rps"]
+        if rps < DB_IDEAL_SHARE * bound:
+            problems.add(
+                f"{name} {_rate(rps)} is {rps / bound:.0%} of database pool / query time "
+                f"{_rate(bound)} (needs {DB_IDEAL_SHARE:.0%})",
+                name,
+            )
+        _errors(problems, name, figures[name])
+    parts = [
+        f"{name} {_rate(figures[name]['rps'])} ({figures[name]['rps'] / bound:.0%})"
+        for name in switching
+    ]
+    ok = (", ".join(parts) + f" of database pool / query time {_rate(bound)}") if parts else ""
+    if POOL in figures:
+        workers = setup["pool_workers"] / (setup["db_ms"] / 1000)
+        rps = figures[POOL]["rps"]
+        if rps > (1 + DB_POOL_SLACK) * workers:
+            problems.add(
+                f"the pool's {_rate(rps)} is above workers / query time {_rate(workers)} "
+                f"(+{DB_POOL_SLACK:.0%})",
+                POOL,
+            )
+        _errors(problems, POOL, figures[POOL])
+        ok += ("; " if ok else "") + (
+            f"the pool {_rate(rps)} with {setup['pool_workers']} workers "
+            f"(workers / query time {_rate(workers)})"
+        )
+    return _decide(problems, ok, figures, list(figures))
+
+
+def check_db_pool_bound(figures: Mapping[str, Mapping], setup: Mapping) -> Verdict:
+    """The rate ~ database pool / query time for each pool size; twice the pool, twice the
+    rate."""
+    unavailable = _no_database(setup)
+    if unavailable:
+        return unavailable
+    name = setup.get("db_model", "")
+    if name not in figures:
+        return Verdict(INCONCLUSIVE, "not checked: needs a switching model (narrowed by --models)")
+    runs = sorted(figures[name]["runs"], key=lambda run: run["db_pool"])
+    problems = Problems()
+    for run in runs:
+        expected = run["db_pool"] / (setup["db_ms"] / 1000)
+        if abs(run["rps"] / expected - 1) > DB_POOL_TOLERANCE:
+            problems.add(
+                f"pool of {run['db_pool']}: {_rate(run['rps'])}, {run['rps'] / expected:.0%} "
+                f"of pool / query time = {_rate(expected)} (needs within "
+                f"{DB_POOL_TOLERANCE:.0%})",
+                name,
+            )
+        _errors(problems, name, run, f" with a pool of {run['db_pool']}")
+    ratio = runs[-1]["rps"] / max(runs[0]["rps"], 1e-9) if len(runs) >= 2 else None
+    factor = runs[-1]["db_pool"] / runs[0]["db_pool"] if len(runs) >= 2 else None
+    if ratio is not None and factor is not None and abs(ratio / factor - 1) > DB_POOL_TOLERANCE:
+        problems.add(
+            f"{factor:g}x the database pool gave {ratio:.2f}x the rate "
+            f"(needs {factor:g}x within {DB_POOL_TOLERANCE:.0%})",
+            name,
+        )
+    ok = f"{name}: " + ", ".join(
+        f"pool of {run['db_pool']} {_rate(run['rps'])} "
+        f"({run['rps'] / (run['db_pool'] / (setup['db_ms'] / 1000)):.0%} of pool / query time)"
+        for run in runs
+    )
+    if ratio is not None:
+        ok += f"; {factor:g}x the pool, {ratio:.2f}x the rate"
+    return _decide(problems, ok, figures, [name])
+
+
+def _driver(figure: Mapping, driver: str) -> Mapping | None:
+    return next((run for run in figure["runs"] if run["driver"] == driver), None)
+
+
+def check_undetected_io(figures: Mapping[str, Mapping], setup: Mapping) -> Verdict:
+    """Per event loop: blocking serves one query at a time, echo waits for it, CPU stays low;
+    blocking-fixed and default overlap the queries again and echo stays fast."""
+    unavailable = _no_database(setup)
+    if unavailable:
+        return unavailable
+    loops = [name for name in EVENT_LOOPS if name in figures]
+    if not loops:
+        return Verdict(
+            INCONCLUSIVE, "not checked: needs " + ", ".join(EVENT_LOOPS) + " (narrowed by --models)"
+        )
+    db_ms = setup["db_ms"]
+    serial = 1000 / db_ms
+    problems = Problems()
+    parts = []
+    for name in loops:
+        figure = figures[name]
+        blocking, work = _driver(figure, BLOCKING), _driver(figure, WORK_REFERENCE)
+        if blocking is not None:
+            if blocking["db_rps"] > UNDETECTED_SERIAL_FACTOR * serial:
+                problems.add(
+                    f"{name} with the blocking driver answered {_rate(blocking['db_rps'])} "
+                    f"/db, above {UNDETECTED_SERIAL_FACTOR:g}x one query at a time "
+                    f"({_rate(serial)})",
+                    name,
+                )
+            if blocking["echo_p99_ms"] < db_ms:
+                problems.add(
+                    f"{name}'s echo p99 with the blocking driver {_ms(blocking['echo_p99_ms'])} "
+                    f"is below the query time {_ms(db_ms)}",
+                    name,
+                )
+            if work is not None and blocking["server_cores"] > (
+                UNDETECTED_CPU_SHARE * work["server_cores"]
+            ):
+                problems.add(
+                    f"{name}'s server CPU with the blocking driver {blocking['server_cores']:.2f} "
+                    f"cores is not below {UNDETECTED_CPU_SHARE:.0%} of its CPU blocked by /work "
+                    f"({work['server_cores']:.2f})",
+                    name,
+                )
+            _errors(problems, name, blocking, " with the blocking driver")
+            cpu = f", CPU {blocking['server_cores']:.2f} cores" + (
+                f" vs {work['server_cores']:.2f} blocked by /work" if work else ""
+            )
+            parts.append(
+                f"{name} blocking {_rate(blocking['db_rps'])} /db, echo p99 "
+                f"{_ms(blocking['echo_p99_ms'])}{cpu}"
+            )
+        for driver in (BLOCKING_FIXED, DEFAULT_DRIVER):
+            run = _driver(figure, driver)
+            if run is None:
+                continue
+            bound = run["bound_rps"]
+            if run["db_rps"] < DB_IDEAL_SHARE * bound:
+                problems.add(
+                    f"{name} with the {driver} driver answered {_rate(run['db_rps'])} /db, "
+                    f"{run['db_rps'] / bound:.0%} of the {_rate(bound)} set by its "
+                    f"{run['bound_by']} (needs {DB_IDEAL_SHARE:.0%})",
+                    name,
+                )
+            if run["echo_p99_ms"] >= UNDETECTED_FAST_SHARE * db_ms:
+                problems.add(
+                    f"{name}'s echo p99 with the {driver} driver {_ms(run['echo_p99_ms'])} is "
+                    f"not below {UNDETECTED_FAST_SHARE:.0%} of the query time {_ms(db_ms)}",
+                    name,
+                )
+            _errors(problems, name, run, f" with the {driver} driver")
+            parts.append(
+                f"{driver} {_rate(run['db_rps'])} ({run['db_rps'] / bound:.0%} of its "
+                f"{run['bound_by']}), echo p99 {_ms(run['echo_p99_ms'])}"
+            )
+    return _decide(problems, "; ".join(parts), figures, loops)
+
+
 CHECKS: Mapping[str, Callable[[Mapping[str, Mapping], Mapping], Verdict]] = {
     "io-wait": check_io_wait,
     "cpu-work": check_cpu_work,
@@ -505,6 +705,9 @@ CHECKS: Mapping[str, Callable[[Mapping[str, Mapping], Mapping], Verdict]] = {
     "many-clients": check_many_clients,
     "blocked-loop": check_blocked_loop,
     "closed-loop": check_closed_loop,
+    "db-wait": check_db_wait,
+    "db-pool-bound": check_db_pool_bound,
+    "undetected-io": check_undetected_io,
 }
 # Each lesson's claim in numbers: a template over its setup, the thresholds above and the
 # figures derived from both (`hypothesis_values`), so every claim reads the constants its check
@@ -551,6 +754,27 @@ HYPOTHESES: Mapping[str, str] = {
         "the same stall under a closed loop leaves the p99 below {STALL_CLOSED_SHARE:.0%} of it "
         "(each connection waits once)."
     ),
+    "db-wait": (
+        "On /db {db_ms} with {connections} connections and a database pool of {db_pool} "
+        "connections per server, every model but the pool answers >= {DB_IDEAL_SHARE:.0%} of "
+        "database pool / query time ({db_bound}); a pool of {pool_workers} workers at most "
+        "workers / query time ({workers_bound}, +{DB_POOL_SLACK:.0%})."
+    ),
+    "db-pool-bound": (
+        "On /db {db_ms} with {connections} connections, {db_model} with a database pool of "
+        "{db_sizes} connections answers pool / query time for each (within "
+        "{DB_POOL_TOLERANCE:.0%}), so doubling the pool doubles the rate."
+    ),
+    "undetected-io": (
+        "On {connections} connections sending /db {db_ms} and echo half and half, each event "
+        "loop ({event_loops}) with --db-driver blocking answers at most "
+        "{UNDETECTED_SERIAL_FACTOR:g}x one query at a time ({serial}), its echo p99 reaches "
+        "the query time and its server CPU stays below {UNDETECTED_CPU_SHARE:.0%} of the same "
+        "mix with /work of {work_ms:.0f} ms in place of /db (blocked-loop's block, computed); "
+        "with blocking-fixed it answers >= {DB_IDEAL_SHARE:.0%} of what its helper threads "
+        "allow ({fixed}), with default >= {DB_IDEAL_SHARE:.0%} of database pool / query time "
+        "({db_bound}), both with echo p99 below {UNDETECTED_FAST_SHARE:.0%} of the query time."
+    ),
 }
 
 
@@ -569,6 +793,24 @@ def hypothesis_values(setup: Mapping) -> dict[str, object]:
         values["ideal"] = _rate(setup["connections"] / (setup["sleep_ms"] / 1000))
     if setup.get("work_ms"):
         values["worth"] = _rate(1000 / setup["work_ms"])
+    if setup.get("db_ms"):
+        values["serial"] = _rate(1000 / setup["db_ms"])
+        if isinstance(setup.get("db_pool"), int):
+            values["db_bound"] = _rate(db_bound(setup))
+        if isinstance(setup.get("pool_workers"), int):
+            values["workers_bound"] = _rate(setup["pool_workers"] / (setup["db_ms"] / 1000))
+        if isinstance(setup.get("db_pool"), list | tuple):
+            values["db_sizes"] = " and ".join(str(size) for size in setup["db_pool"])
+    if setup.get("db_ms") and isinstance(setup.get("db_pool"), int):
+        helpers = setup.get("helper_threads") or {}
+        values["fixed"] = ", ".join(
+            f"{name} {count} {'threads' if name in helpers else 'connections'} / "
+            f"{setup['db_ms']} ms = {_rate(count / (setup['db_ms'] / 1000))}"
+            for name, count in {
+                **dict.fromkeys(EVENT_LOOPS, setup.get("db_pool", 0)),
+                **helpers,
+            }.items()
+        )
     workers = setup.get("pool_workers")
     if isinstance(workers, list | tuple):
         values["sizes"] = " and ".join(str(size) for size in workers)

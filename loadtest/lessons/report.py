@@ -114,7 +114,51 @@ COLUMNS: dict[str, list[Column]] = {
         ("req/s closed", lambda f: f"{f['closed_rps']:,.0f}"),
         NOISE,
     ],
+    "db-wait": [
+        RPS,
+        (
+            "bound",
+            lambda f: (
+                f"{f['bound_rps']:,.0f} ("
+                + (f"{f['workers']} workers" if "workers" in f else f"pool {f['db_pool']}")
+                + ")"
+            ),
+        ),
+        ("of bound", lambda f: _pct(f["of_bound"])),
+        P99,
+        ("errors", lambda f: f"{f['errors']:,}"),
+        NOISE,
+    ],
+    "db-pool-bound": [
+        RPS,
+        ("expected", lambda f: f"{f['expected_rps']:,.0f}"),
+        ("of expected", lambda f: _pct(f["of_expected"])),
+        P99,
+        ("errors", lambda f: f"{f['errors']:,}"),
+        NOISE,
+    ],
+    "undetected-io": [
+        ("/db (or /work) req/s", lambda f: f"{_slow_rps(f):,.0f}"),
+        ("bound", lambda f: f"{f['bound_rps']:,.0f} ({f['bound_by']})"),
+        ("echo p99 ms", lambda f: _ms(f["echo_p99_ms"])),
+        ("server CPU (cores)", lambda f: f"{f['server_cores']:.2f}"),
+        ("loop blocked s", lambda f: f"{f['blocked_s']:.2f}" if "blocked_s" in f else "-"),
+        ("errors", lambda f: f"{f['errors']:,}"),
+        NOISE,
+    ],
 }
+
+
+def _slow_rps(figure: Mapping) -> float:
+    """undetected-io: the rate of /db, or of /work in the run that computes instead."""
+    return figure["db_rps"] if "db_rps" in figure else figure["work_rps"]
+
+
+def _driver_label(model: str, figure: Mapping) -> str:
+    """`gevent, blocking`, or `gevent, /work 20 ms` for the run that computes instead."""
+    if figure["driver"] == checks.WORK_REFERENCE:
+        return f"{model}, /work (blocked-loop)"
+    return f"{model}, {figure['driver']}"
 
 
 def rows(lesson: str, figures: Mapping[str, Mapping]) -> list[tuple[str, Mapping]]:
@@ -123,6 +167,10 @@ def rows(lesson: str, figures: Mapping[str, Mapping]) -> list[tuple[str, Mapping
     for model, figure in figures.items():
         if lesson == "pool-bound" and "runs" in figure:
             out += [(f"{model}, {run['workers']} workers", run) for run in figure["runs"]]
+        elif lesson == "db-pool-bound" and "runs" in figure:
+            out += [(f"{model}, db pool {run['db_pool']}", run) for run in figure["runs"]]
+        elif lesson == "undetected-io" and "runs" in figure:
+            out += [(_driver_label(model, run), run) for run in figure["runs"]]
         elif lesson == "blocked-loop" and figure.get("at_cpython_interval"):
             out += [
                 (f"{model}, switch {_interval_ms(part)}", part)
@@ -297,7 +345,96 @@ def reading(lesson: str, figures: Mapping[str, Mapping], setup: Mapping) -> str:
             )
             + "."
         )
+    if lesson == "db-wait":
+        bound = checks.db_bound(setup)
+        text = (
+            f"Every /db holds one of the server's {setup['db_pool']} database connections for "
+            f"{setup['db_ms']} ms, so {setup['connections']} connections can get at most "
+            f"{bound:,.0f} answers a second. A thread, greenlet or coroutine per connection "
+            "waits for its query without holding the core: "
+            + _join(
+                [
+                    f"{name} {f['rps']:,.0f} req/s ({_pct(f['of_bound'])} of it)"
+                    for name, f in switching.items()
+                ]
+            )
+            + "."
+        )
+        if pool:
+            text += (
+                f" The pool's {setup['pool_workers']} workers each wait for one query at a "
+                f"time: {pool['rps']:,.0f} req/s of at most {pool['bound_rps']:,.0f}, the other "
+                f"connections queueing for a worker (p99 {_ms(pool['p99_ms'])} ms)."
+            )
+        return text
+    if lesson == "db-pool-bound":
+        name = setup.get("db_model", "")
+        figure = figures.get(name)
+        if not figure:
+            return "(no model measured)"
+        return (
+            f"{setup['connections']} connections each send /db {setup['db_ms']} to {name}, whose "
+            "database pool lets only so many queries run at once; the others wait for a "
+            "connection: "
+            + _join(
+                [
+                    f"a pool of {run['db_pool']} {run['rps']:,.0f} req/s (expected "
+                    f"{run['expected_rps']:,.0f}, p99 {_ms(run['p99_ms'])} ms)"
+                    for run in figure["runs"]
+                ]
+            )
+            + ". However cheaply the model switches, the pool's size sets the rate."
+        )
+    if lesson == "undetected-io":
+        return _undetected_reading(figures, setup)
     return ""
+
+
+def _undetected_reading(figures: Mapping[str, Mapping], setup: Mapping) -> str:
+    """undetected-io: per event loop, blocking against /work (CPU side by side), then the
+    drivers that overlap the queries again."""
+    parts = []
+    for name in checks.EVENT_LOOPS:
+        figure = figures.get(name)
+        if not figure:
+            continue
+        runs = {run["driver"]: run for run in figure["runs"]}
+        blocking, work = runs.get(checks.BLOCKING), runs.get(checks.WORK_REFERENCE)
+        text = f"{name}: "
+        if blocking:
+            text += (
+                f"with --db-driver blocking its loop waits inside each query, so it answers "
+                f"{blocking['db_rps']:,.0f} /db a second (one {setup['db_ms']} ms query at a "
+                f"time: {1000 / setup['db_ms']:,.0f}) and an echo waits behind them: p99 "
+                f"{_ms(blocking['echo_p99_ms'])} ms"
+                + (
+                    f", the loop blocked {blocking['blocked_s']:.1f} s of "
+                    f"{blocking.get('blocked_span_s', 0):.1f} s"
+                    if "blocked_s" in blocking
+                    else ""
+                )
+                + f". Its CPU: {blocking['server_cores']:.2f} cores"
+            )
+            if work:
+                text += (
+                    f", against {work['server_cores']:.2f} with /work of "
+                    f"{setup['work_ms']:.0f} ms in place of /db (blocked-loop's block, echo p99 "
+                    f"{_ms(work['echo_p99_ms'])} ms): the same stalled loop, but waiting, not "
+                    "computing, so a CPU graph shows nothing wrong"
+                )
+            text += ". "
+        fixes = [
+            f"{driver} {run['db_rps']:,.0f} /db a second ({_pct(run['of_bound'])} of the "
+            f"{run['bound_rps']:,.0f} set by its {run['bound_by']}), echo p99 "
+            f"{_ms(run['echo_p99_ms'])} ms"
+            for driver, run in runs.items()
+            if driver in (checks.BLOCKING_FIXED, checks.DEFAULT_DRIVER)
+        ]
+        if fixes:
+            text += "A driver it can switch around overlaps the queries again: " + "; ".join(fixes)
+            text += "."
+        parts.append(text.strip())
+    return " ".join(parts) if parts else "(no model measured)"
 
 
 # -- console ---------------------------------------------------------------------------------
@@ -411,9 +548,9 @@ def write_chart(entry: Mapping, results: Mapping, directory: Path) -> str | None
     from matplotlib import pyplot
 
     draw = CHARTS[entry["id"]]
-    wide = entry["id"] in ("many-clients", "blocked-loop")
+    panels = PANELS.get(entry["id"], 1)
     figure, axes = pyplot.subplots(
-        1, 2 if wide else 1, figsize=(11 if wide else 8, 4.4), squeeze=False
+        1, panels, figsize=({1: 8, 2: 11, 3: 15}[panels], 4.4), squeeze=False
     )
     draw(list(axes.flat), entry)
     verdict = VERDICT_MARK[entry["verdict"]]
@@ -729,6 +866,115 @@ def _chart_closed_loop(axes, entry: Mapping) -> None:
     axis.legend(fontsize=7, loc="upper right")
 
 
+def _chart_db_wait(axes, entry: Mapping) -> None:
+    figures, setup = entry["figures"], entry["setup"]
+    labels = [f"{m} ({f['workers']} workers)" if "workers" in f else m for m, f in figures.items()]
+    _bars(
+        axes[0],
+        labels,
+        [f["rps"] for f in figures.values()],
+        [f["noisy"] for f in figures.values()],
+        "requests / s",
+        lambda v: f"{v:,.0f}",
+    )
+    bound = checks.db_bound(setup)
+    _limit(axes[0], bound, f"database pool / query time {bound:,.0f}", "grey")
+    _limit(axes[0], checks.DB_IDEAL_SHARE * bound, f"{checks.DB_IDEAL_SHARE:.0%} of it")
+    axes[0].set_title(
+        f"/db {setup['db_ms']} ms, {setup['connections']} connections, database pool "
+        f"{setup['db_pool']}, server on one core",
+        fontsize=9,
+    )
+
+
+def _chart_db_pool_bound(axes, entry: Mapping) -> None:
+    setup = entry["setup"]
+    pairs = rows("db-pool-bound", entry["figures"])
+    expected = [f["expected_rps"] for _, f in pairs]
+    _bars(
+        axes[0],
+        [label for label, _ in pairs],
+        [f["rps"] for _, f in pairs],
+        [f["noisy"] for _, f in pairs],
+        "requests / s",
+        lambda v: f"{v:,.0f}",
+        reach=expected,
+    )
+    for index, value in enumerate(expected):
+        axes[0].plot([value] * 2, [index - 0.4, index + 0.4], color=LIMIT, linewidth=2)
+    axes[0].text(
+        0.99,
+        0.5,
+        "red: expected, database pool / query time",
+        color=LIMIT,
+        fontsize=7,
+        ha="right",
+        transform=axes[0].transAxes,
+    )
+    axes[0].set_title(
+        f"/db {setup['db_ms']} ms, {setup['connections']} connections, server on one core",
+        fontsize=9,
+    )
+
+
+def _chart_undetected_io(axes, entry: Mapping) -> None:
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    setup = entry["setup"]
+    pairs = rows("undetected-io", entry["figures"])
+    labels = [label for label, _ in pairs]
+    noisy = [f["noisy"] for _, f in pairs]
+    bounds = [f["bound_rps"] for _, f in pairs]
+    _bars(
+        axes[0],
+        labels,
+        [_slow_rps(f) for _, f in pairs],
+        noisy,
+        "/db (or /work) requests / s",
+        lambda v: f"{v:,.0f}",
+        reach=bounds,
+    )
+    for index, value in enumerate(bounds):
+        axes[0].plot([value] * 2, [index - 0.4, index + 0.4], color=LIMIT, linewidth=2)
+    axes[0].set_title(
+        "rate; red: its bound (one at a time, helper threads, pool, one core)", fontsize=9
+    )
+    p99s = [max(f["echo_p99_ms"], 0.001) * 1e3 for _, f in pairs]
+    axis = axes[1]
+    axis.barh(labels, p99s, color=[NOISY_BAR if flag else BAR for flag in noisy])
+    for index, value in enumerate(p99s):
+        axis.text(value, index, f" {_ms(value / 1e3)} ms", va="center", fontsize=8)
+    axis.invert_yaxis()
+    axis.set_yticks(range(len(labels)), [""] * len(labels))
+    axis.set_xscale("log")
+    axis.xaxis.set_major_formatter(FuncFormatter(_duration_label))
+    axis.xaxis.set_minor_formatter(NullFormatter())
+    axis.set_xlim(min(p99s) / 3, max([*p99s, setup["db_ms"] * 1e3]) * 20)
+    axis.axvline(
+        setup["db_ms"] * 1e3,
+        color=LIMIT,
+        linestyle="--",
+        linewidth=1,
+        label=f"the query time, {setup['db_ms']} ms",
+    )
+    axis.legend(fontsize=7, loc="lower right")
+    axis.set_xlabel("echo p99 (log scale)")
+    axis.set_title(f"echo p99, {setup['connections']} connections, /db or /work half", fontsize=9)
+    cores = [f["server_cores"] for _, f in pairs]
+    axis = axes[2]
+    axis.barh(labels, cores, color=[NOISY_BAR if flag else BAR for flag in noisy])
+    for index, value in enumerate(cores):
+        axis.text(value, index, f" {value:.2f}", va="center", fontsize=8)
+    axis.invert_yaxis()
+    axis.set_yticks(range(len(labels)), [""] * len(labels))
+    axis.set_xlim(0, max([*cores, 1.0]) * 1.25)
+    axis.set_xlabel("server CPU (cores)")
+    axis.set_title("server CPU: waiting blocks the loop without computing", fontsize=9)
+    axis.grid(axis="x", alpha=0.3)
+
+
+# Charts of more than one panel (side by side).
+PANELS: dict[str, int] = {"many-clients": 2, "blocked-loop": 2, "undetected-io": 3}
 CHARTS: dict[str, Callable] = {
     "io-wait": _chart_io_wait,
     "cpu-work": _chart_cpu_work,
@@ -737,4 +983,7 @@ CHARTS: dict[str, Callable] = {
     "many-clients": _chart_many_clients,
     "blocked-loop": _chart_blocked_loop,
     "closed-loop": _chart_closed_loop,
+    "db-wait": _chart_db_wait,
+    "db-pool-bound": _chart_db_pool_bound,
+    "undetected-io": _chart_undetected_io,
 }

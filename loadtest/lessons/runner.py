@@ -6,6 +6,9 @@ other core, and stops the server: the comparison measures the models, not how th
 split a machine between them. The `cores` lesson gives the server both cores; the load
 generator then shares them, and its own CPU is measured and reported.
 
+The database lessons' servers get the run's PostgreSQL in their environment (ARENA_DB_URL,
+ARENA_DB_PASSWORD: `Rig.database_env`) and their pool size and driver on the command line.
+
 The pieces are the benchmark's (`loadtest.bench.harness`, `loadgen`, `scenarios`); this module
 only says what each lesson runs and turns the measurements into the figures `checks` decides on.
 """
@@ -53,6 +56,20 @@ MANY_WINDOW_S = 5.0
 # in; the open loop offers STALL_RATE requests/s over STALL_CONNECTIONS connections.
 STALL_CONNECTIONS, STALL_RATE, STALL_S, STALL_WINDOW_S, STALL_AT = 10, 1000, 0.5, 3.0, 0.4
 OPEN_LOOP, CLOSED_LOOP = "open loop", "closed loop"
+# The database lessons: every query waits DB_MS in PostgreSQL (pg_sleep). db-wait: DB_CONNECTIONS
+# connections against a database pool of DB_POOL per server; db-pool-bound: one model at each of
+# DB_POOL_SIZES on POOL_BOUND_CONNECTIONS connections (at a pool of 5 a query queues about
+# 50 / 5 x 20 ms = 200 ms for a connection, well inside the 2 s --db-timeout, past which it would
+# answer ERR backend-busy); undetected-io: UNDETECTED_CONNECTIONS connections sending /db and echo
+# half and half, per --db-driver, and the same mix with /work of DB_MS in place of /db.
+DB_MS, DB_CONNECTIONS, DB_POOL, DB_POOL_SIZES = 20, 100, 20, (5, 10)
+POOL_BOUND_CONNECTIONS = 50
+UNDETECTED_CONNECTIONS, UNDETECTED_DB_WEIGHT, UNDETECTED_ECHO_WEIGHT = 40, 1, 1
+DRIVERS = (checks.BLOCKING, checks.BLOCKING_FIXED, checks.DEFAULT_DRIVER)
+# asyncio's blocking-fixed hands each query to the loop's default executor, whose threads bound
+# it (services/servers/eventloop.py); gevent's (psycogreen) waits through the hub: only the
+# database pool bounds it.
+HELPER_THREADS_MODEL = "asyncio"
 
 
 @dataclass(frozen=True)
@@ -120,6 +137,7 @@ class Run:
     min_window: float = 0.0
     rate: float = 0.0  # open loop at this many requests/s (0: closed loop)
     stall_s: float = 0.0  # stop the server (SIGSTOP) this long inside the window
+    database: bool = False  # the server queries the run's PostgreSQL (Rig.database_env)
 
     @property
     def label(self) -> str:
@@ -135,6 +153,11 @@ class Plan:
     setup: dict
     runs: list[Run] = field(default_factory=list)
 
+    @property
+    def needs_database(self) -> bool:
+        """Does any of its servers query PostgreSQL?"""
+        return self.lesson in checks.DATABASE_IDS
+
 
 def _pool(workers: int) -> tuple[str, ...]:
     return ("--executor", "process", "--workers", str(workers))
@@ -142,6 +165,18 @@ def _pool(workers: int) -> tuple[str, ...]:
 
 def _args(model: str, pool_workers: int) -> tuple[str, ...]:
     return _pool(pool_workers) if model == checks.POOL else ()
+
+
+def _db_args(pool: int, driver: str = checks.DEFAULT_DRIVER) -> tuple[str, ...]:
+    """The database settings of a run, whatever ARENA_DB_POOL / ARENA_DB_DRIVER say."""
+    return ("--db-pool", str(pool), "--db-driver", driver)
+
+
+def helper_threads() -> int:
+    """The threads of asyncio's default executor in a server here (blocking-fixed's bound)."""
+    from services.servers.eventloop import DEFAULT_EXECUTOR_THREADS
+
+    return DEFAULT_EXECUTOR_THREADS
 
 
 def _work_1ms(
@@ -285,6 +320,87 @@ def plan(lesson: str, models: Sequence[str], work: Work, cpus: int) -> Plan:
             for m in models
             for variant, rate in ((OPEN_LOOP, STALL_RATE), (CLOSED_LOOP, 0.0))
         ]
+    elif lesson == "db-wait":
+        setup = {
+            "connections": DB_CONNECTIONS,
+            "db_ms": DB_MS,
+            "db_pool": DB_POOL,
+            "pool_workers": IO_POOL_WORKERS,
+            "cores": 1,
+        }
+        scenario = Scenario(lesson, f"/db {DB_MS}", DB_CONNECTIONS, (bench_scenarios.db(DB_MS),))
+        runs = [
+            Run(m, "", (*_args(m, IO_POOL_WORKERS), *_db_args(DB_POOL)), scenario, database=True)
+            for m in models
+        ]
+    elif lesson == "db-pool-bound":
+        chosen = next(iter(checks.switching_models(models)), "")
+        setup = {
+            "connections": POOL_BOUND_CONNECTIONS,
+            "db_ms": DB_MS,
+            "db_pool": list(DB_POOL_SIZES),
+            "db_model": chosen,
+            "cores": 1,
+        }
+        scenario = Scenario(
+            lesson, f"/db {DB_MS}", POOL_BOUND_CONNECTIONS, (bench_scenarios.db(DB_MS),)
+        )
+        runs = [
+            Run(
+                chosen,
+                f"db pool {size}",
+                _db_args(size),
+                scenario,
+                min_window=MIN_WINDOW_S,
+                database=True,
+            )
+            for size in (DB_POOL_SIZES if chosen else ())
+        ]
+    elif lesson == "undetected-io":
+        loops = [m for m in checks.EVENT_LOOPS if m in models]
+        rounds = work.rounds_1ms * DB_MS
+        setup = {
+            "connections": UNDETECTED_CONNECTIONS,
+            "db_ms": DB_MS,
+            "db_pool": DB_POOL,
+            "db_share": UNDETECTED_DB_WEIGHT / (UNDETECTED_DB_WEIGHT + UNDETECTED_ECHO_WEIGHT),
+            "helper_threads": (
+                {HELPER_THREADS_MODEL: helper_threads()} if HELPER_THREADS_MODEL in loops else {}
+            ),
+            "work_ms": rounds * work.round_ns / 1e6,
+            "work_rounds": rounds,
+            "cores": 1,
+        }
+        echo = bench_scenarios.echo(64, UNDETECTED_ECHO_WEIGHT)
+        mix = Scenario(
+            lesson,
+            f"/db {DB_MS} + echo",
+            UNDETECTED_CONNECTIONS,
+            (bench_scenarios.db(DB_MS, UNDETECTED_DB_WEIGHT), echo),
+        )
+        computed = Scenario(
+            lesson,
+            f"/work ~{DB_MS} ms + echo",
+            UNDETECTED_CONNECTIONS,
+            (bench_scenarios.work(rounds, UNDETECTED_DB_WEIGHT), echo),
+        )
+        runs = []
+        for m in loops:
+            runs += [
+                Run(
+                    m,
+                    driver,
+                    _db_args(DB_POOL, driver),
+                    mix,
+                    scrape=True,
+                    min_window=MIN_WINDOW_S,
+                    database=True,
+                )
+                for driver in DRIVERS
+            ]
+            runs.append(
+                Run(m, checks.WORK_REFERENCE, (), computed, scrape=True, min_window=MIN_WINDOW_S)
+            )
     else:
         raise KeyError(f"no plan for lesson {lesson!r}")
     return Plan(lesson, setup, runs)
@@ -362,6 +478,8 @@ class Rig:
     all_cores: harness.Pinning
     progress: harness.Progress
     round_ns: float = float("inf")  # the quickest /work calibration so far
+    # ARENA_DB_URL and ARENA_DB_PASSWORD of the run's PostgreSQL, for the runs that query it.
+    database_env: Mapping[str, str] | None = None
 
     def window(self, run: Run) -> float:
         """Measured seconds per repetition of this run."""
@@ -388,8 +506,7 @@ class Rig:
         records: dict[Run, list[dict]] = {run: [] for run in runs}
         try:
             for run in runs:
-                command = procs.server_command(run.model, *run.server_args)
-                servers[run] = harness.ServerProcess(run.label, command, self.pinning(run).server)
+                servers[run] = self._start(run)
             for rep in range(self.pace.reps):
                 for run in runs:
                     record = self._quietest(servers[run], run)
@@ -399,6 +516,17 @@ class Rig:
             for server in servers.values():
                 server.stop()
         return {run: summarize(records[run], self.shared(run)) for run in runs}
+
+    def _start(self, run: Run) -> harness.ServerProcess:
+        """The run's server, pinned; a run that queries PostgreSQL gets the database's
+        settings in its environment (raises harness.HarnessError when it does not start)."""
+        command = procs.server_command(run.model, *run.server_args)
+        cpus = self.pinning(run).server
+        if not run.database:
+            return harness.ServerProcess(run.label, command, cpus)
+        if self.database_env is None:
+            raise harness.HarnessError(f"{run.label} needs a database and the run has none")
+        return DatabaseServer(run.label, command, cpus, self.database_env)
 
     def _quietest(self, server: harness.ServerProcess, run: Run) -> dict:
         """One repetition, measured again while others used the server's CPU; the quietest."""
@@ -461,6 +589,27 @@ class Rig:
             f"{self.pace.reps}: {record['rps']:>8,.0f} req/s  p99 "
             f"{record['latency_us']['p99'] / 1000:>8,.1f} ms  errors {record['errors']}{flag}"
         )
+
+
+class DatabaseServer(harness.ServerProcess):
+    """A harness.ServerProcess whose environment adds the database's settings."""
+
+    def __init__(
+        self, name: str, command: list[str], cpus: frozenset[int] | None, env: Mapping[str, str]
+    ) -> None:
+        self.name = name
+        try:
+            self.server = procs.start_server(
+                command,
+                name=name,
+                cpus=cpus,
+                env={**os.environ, **env},
+                timeout=harness.START_TIMEOUT,
+            )
+        except procs.StartError as error:
+            raise harness.HarnessError(str(error)) from None
+        self.proc = self.server.proc
+        self.port = self.server.port
 
 
 def summarize(records: list[dict], shared: bool) -> dict:
@@ -590,6 +739,31 @@ def figures(plan_: Plan, results: Mapping[Run, dict]) -> dict[str, dict]:
                 summary,
                 base,
             )
+        elif plan_.lesson == "db-wait":
+            workers = setup["pool_workers"] if run.model == checks.POOL else 0
+            bound = (workers or setup["db_pool"]) / (setup["db_ms"] / 1000)
+            figure.update(base, bound_rps=bound, of_bound=round(summary["rps"] / bound, 3))
+            if workers:
+                figure["workers"] = workers
+            else:
+                figure["db_pool"] = setup["db_pool"]
+        elif plan_.lesson == "db-pool-bound":
+            size = int(run.variant.split()[-1])
+            expected = size / (setup["db_ms"] / 1000)
+            figure.setdefault("runs", []).append(
+                {
+                    "db_pool": size,
+                    **base,
+                    "expected_rps": expected,
+                    "of_expected": round(summary["rps"] / expected, 3),
+                }
+            )
+        elif plan_.lesson == "undetected-io":
+            figure.setdefault("runs", []).append(_undetected_figures(run, summary, base, setup))
+    if plan_.lesson in ("db-pool-bound", "undetected-io"):  # noisy if any of its runs was
+        for figure in out.values():
+            figure["noisy"] = any(part["noisy"] for part in figure["runs"])
+            figure["other_cpu"] = max(part["other_cpu"] for part in figure["runs"])
     if plan_.lesson == "blocked-loop":  # a figure is noisy if either of its two runs was
         for figure in out.values():
             for part in (figure, figure.get("at_cpython_interval")):
@@ -604,6 +778,41 @@ def figures(plan_: Plan, results: Mapping[Run, dict]) -> dict[str, dict]:
         out[checks.POOL]["noisy"] = any(run["noisy"] for run in runs)
         out[checks.POOL]["other_cpu"] = max(run["other_cpu"] for run in runs)
     return out
+
+
+def _undetected_figures(run: Run, summary: Mapping, base: Mapping, setup: Mapping) -> dict:
+    """undetected-io, one driver (or /work in place of /db): the slow request's rate, echo's
+    latency, the server's CPU, the loop's blocked seconds, and what should bound the rate."""
+    slow, echo = summary["kinds"]
+    answered = slow["requests"] + echo["requests"]
+    rate = summary["rps"] * slow["requests"] / max(answered, 1)
+    db_ms = setup["db_ms"]
+    if run.variant == checks.WORK_REFERENCE:
+        bound, bound_by = 1000 / setup["work_ms"], "one core"
+    elif run.variant == checks.BLOCKING:
+        bound, bound_by = 1000 / db_ms, "one query at a time"
+    elif run.variant == checks.BLOCKING_FIXED and run.model in setup["helper_threads"]:
+        threads = min(setup["helper_threads"][run.model], setup["db_pool"])
+        bound, bound_by = threads / (db_ms / 1000), f"{threads} helper threads"
+    else:
+        bound, bound_by = setup["db_pool"] / (db_ms / 1000), "database pool"
+    part = {
+        "driver": run.variant,
+        **base,
+        ("work_rps" if run.variant == checks.WORK_REFERENCE else "db_rps"): round(rate, 1),
+        "bound_rps": round(bound, 1),
+        "bound_by": bound_by,
+        "of_bound": round(rate / bound, 3),
+        "echo_p99_ms": round(echo["latency_us"]["p99"] / 1e3, 2),
+        "echo_p50_ms": round(echo["latency_us"]["p50"] / 1e3, 3),
+        "server_cores": round(summary["server_cpu_fraction"], 3),
+        "cpu_ms_per_request": round(summary["server_cpu_us_per_request"] / 1e3, 3),
+    }
+    metrics = summary.get("metrics", {})
+    if BLOCKED_METRIC in metrics:
+        part["blocked_s"] = round(metrics[BLOCKED_METRIC], 3)
+        part["blocked_span_s"] = round(summary["metrics_span_s"], 2)
+    return part
 
 
 def _blocked_figures(figure: dict, alone: bool, summary: Mapping, base: Mapping) -> None:
