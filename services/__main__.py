@@ -11,6 +11,9 @@ import sys
 
 from services.config import ConfigError, load_settings
 
+STANDBY_VARIABLE = "ARENA_STANDBY"  # set by the supervisor for its spare worker
+STANDBY_LINE = "standby: built, waiting to serve"
+
 
 def _fail(message: str) -> int:
     print(f"python -m services: error: {message}", file=sys.stderr)
@@ -34,6 +37,11 @@ def main(argv: list[str] | None = None) -> int:
         settings = load_settings(argv, os.environ)
     except ConfigError as error:
         return _fail(f"{error} (see --help)")
+    if settings.processes > 1:
+        from services.supervisor import serve_supervised
+
+        return serve_supervised(settings, sys.argv[1:] if argv is None else argv)
+
     from services import models
 
     models.get(settings.model).run_prepare()  # gevent monkey-patches here, before any import
@@ -50,6 +58,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     log = logging.getLogger(f"arena.{settings.model}")
     server = create_server(settings)  # the pool forks its workers here, before any thread
+    if os.environ.get(STANDBY_VARIABLE):
+        # A supervisor's spare worker (services/supervisor.py): everything is imported and
+        # built; it binds and serves once the supervisor writes a line to its stdin.
+        print(STANDBY_LINE, file=sys.stderr, flush=True)
+        if not sys.stdin.buffer.readline():
+            _exit_now(0)  # the supervisor closed our stdin: not needed after all
     wait_for_signal = server.catch_signals()  # before the ready line: a quick SIGTERM is graceful
     try:
         host, port = server.start()

@@ -61,6 +61,10 @@ class Settings:
     db_pool: int = 20
     db_driver: str = "default"
     db_timeout: float = 2.0
+    # Worker processes of the model on one port (services/supervisor.py); 1 serves in this one.
+    processes: int = 1
+    # Bind the protocol port with SO_REUSEPORT: set by the supervisor for its workers.
+    reuse_port: bool = False
 
 
 def _port(text: str) -> int:
@@ -195,6 +199,11 @@ OPTIONS: dict[str, tuple[Callable[[str], object], str]] = {
         "default (cooperative), blocking or blocking-fixed (gevent and asyncio only)",
     ),
     "db_timeout": (_positive_float, "seconds to connect, or to wait for a free connection"),
+    "processes": (
+        parse_positive_int,
+        "worker processes of the model on one port, supervised (threaded, gevent, asyncio)",
+    ),
+    "reuse_port": (parse_boolean, "bind with SO_REUSEPORT (the supervisor sets it for workers)"),
 }
 # Options that fill another field: the password file fills the password.
 FILLS = {"db_password_file": "db_password"}
@@ -229,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
         if name in SECRET_OPTIONS or default == "":
             default = "none"
         help_text = f"{text} (env {variable}, default {default})"
-        if name == "metrics":
+        if name in ("metrics", "reuse_port"):
             parser.add_argument(
                 flag,
                 dest=name,
@@ -276,6 +285,11 @@ def load_settings(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Set
     known = {f.name for f in fields(Settings)}
     settings = Settings(**{k: v for k, v in values.items() if k in known})
     model = models.get(settings.model)
+    if settings.processes > 1 and not model.processes:
+        raise ConfigError(
+            f"--processes: the {model.name} model already spreads its requests over worker "
+            "processes (--workers); --processes is for the models that serve in one process"
+        )
     if settings.db_driver not in model.db_drivers:
         raise ConfigError(
             f"the {settings.db_driver} database driver means nothing for the {model.name} model "

@@ -64,6 +64,8 @@ class Model:
     # The --db-driver values it takes: the blocking ones only where one thread runs every
     # connection, so that a blocking call stalls them all (gevent, asyncio).
     db_drivers: tuple[str, ...] = ("default",)
+    # Takes --processes N (services/supervisor.py): N copies of it on one port.
+    processes: bool = True
     # "module:function" that `python -m services` calls before it imports anything else (gevent
     # must monkey-patch before sockets, threads or locks exist); empty: nothing to prepare.
     prepare: str = ""
@@ -121,6 +123,7 @@ MODELS: tuple[Model, ...] = (
             Variant("pool-thread", ("--executor", "thread"), textbook="threadpool"),
         ),
         sized=True,
+        processes=False,  # its executor's processes already use every core
         small_flags=("--workers", "2"),  # as on the project's 2-core machines
         own_metrics=(
             "arena_pool_workers",

@@ -79,6 +79,8 @@ class Server(ABC):
         listener = socket.socket(family, socket.SOCK_STREAM)
         try:
             listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if settings.reuse_port:  # one of --processes N workers: the kernel spreads connections
+                listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             listener.bind((settings.host, settings.port))
             listener.listen(settings.backlog)
         except OSError:
