@@ -50,24 +50,24 @@ lint: install  ## the checks `make test` starts with: ruff, ruff format, mypy (s
 	$(PY) -m mypy
 
 up: install  ## the whole stack as local processes (servers, Locust web UI, Prometheus if installed)
-	$(PY) -m loadtest.stack
+	$(PY) -m loadtest.tools.stack
 
 bench: install  ## measure each server in isolation; writes results/
 	$(PY) -m loadtest.bench
 
 soak: install  ## the servers under the default Locust load for DURATION (make soak DURATION=24h); report in results/soak/
-	$(PY) -m loadtest.soak --duration $(DURATION) --report-dir results/soak
+	$(PY) -m loadtest.tools.soak --duration $(DURATION) --report-dir results/soak
 
 lessons: install  ## check each lesson's claim against each model alone; writes results/lessons/ (LESSONS_ARGS=--quick)
 	$(PY) -m loadtest.lessons $(LESSONS_ARGS)
 
 docs: install  ## write the measured figures from results/ into README.md and docs/ (check: make docs-check)
-	$(PY) -m loadtest.docfigures
+	$(PY) -m loadtest.tools.docfigures
 
 docs-check: install  ## fail with a diff when a figure in README.md or docs/ differs from results/
-	$(PY) -m loadtest.docfigures --check
+	$(PY) -m loadtest.tools.docfigures --check
 
-dashboard: install  ## write the Grafana dashboard (docker/grafana/dashboards/arena.json) from the model registry
+dashboard: install  ## write the Grafana dashboard and Prometheus's scrape config from the model registry
 	$(PY) -m loadtest.tools.dashboard
 
 clean:

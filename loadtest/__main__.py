@@ -1,10 +1,10 @@
 """`python -m loadtest [LOCUST OPTIONS]`: Locust with this project's locustfile and knobs.
 
 Locust prints `--help` before it imports any locustfile (locust issue #2917), so
-`locust -f loadtest/locustfile.py --help` cannot list the knobs a locustfile adds. This runs
+`locust -f loadtest/plugin/locustfile.py --help` cannot list the knobs a locustfile adds. This runs
 Locust's own `main` with the knobs registered first: `python -m loadtest --help` lists Locust's
 options and the project's, and every other command line means what it means to `locust`
-(`-f loadtest/locustfile.py` is added when no locustfile is given).
+(`-f loadtest/plugin/locustfile.py` is added when no locustfile is given).
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import sys
 from locust import events
 from locust.main import main as locust_main
 
-from loadtest import workload
+from loadtest.plugin import workload
 
-LOCUSTFILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "locustfile.py")
+LOCUSTFILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "plugin", "locustfile.py")
 
 
 def with_locustfile(args: list[str]) -> list[str]:

@@ -14,10 +14,11 @@ Adding a model:
 2. one `Model(...)` entry below (the next free host ports, a dashboard colour);
 3. its service in `docker-compose.yml` (copy a server service; the port variable is
    `ARENA_<NAME>_PORT`) and in `docker/stack.yml` (replicas `ARENA_<NAME>_REPLICAS`), its
-   `LOCUST_<NAME>_TARGET` in both, its scrape job in `docker/prometheus/prometheus.yml` (copy a
-   server job: DNS finds every replica). The Grafana dashboard is generated from this registry
-   (its colour, its queries, its own_metrics' panels): `make dashboard` rewrites it.
-The tests then run every suite on it and check the compose file and the dashboard name it.
+   `LOCUST_<NAME>_TARGET` in both.
+The Grafana dashboard and Prometheus's scrape jobs are generated from this registry (colour,
+queries, own_metrics' panels, a DNS-discovered job): `make dashboard` rewrites both. The tests
+then run every suite on it and check that the compose file and the generated files name it
+(docs/ARCHITECTURE.md, "Adding a model"; tests/test_recipe.py proves it on a model of its own).
 """
 
 from __future__ import annotations

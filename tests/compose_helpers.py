@@ -22,15 +22,15 @@ from typing import Any
 
 import pytest
 
-from loadtest import procs
-from loadtest.procs import free_port as free_port
+from loadtest.tools import procs
+from loadtest.tools.procs import free_port as free_port
 from services import models
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 DASHBOARD_DIR = ROOT / "docker" / "grafana" / "dashboards"
 DATASOURCE_DIR = ROOT / "docker" / "grafana" / "provisioning" / "datasources"
-LOCUST_CONF = ROOT / "loadtest" / "locust.conf"
+LOCUST_CONF = ROOT / "loadtest" / "plugin" / "locust.conf"
 REQUIREMENTS_FILES = sorted((ROOT / "docker").glob("requirements-*.txt"))
 SERVER_SERVICES = models.NAMES
 # PostgreSQL behind `/db` and its exporter (docker/postgres/).

@@ -1,6 +1,7 @@
 """Shared fixtures: start real servers as subprocesses on free loopback ports.
 
-Starting, stopping and waiting are loadtest/procs.py's, the same the stack, soak and bench use.
+Starting, stopping and waiting are loadtest/tools/procs.py's, the same the stack, soak and
+bench use.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from loadtest import procs
-from loadtest.postgres import Postgres, PostgresUnavailable
+from loadtest.tools import procs
+from loadtest.tools.postgres import Postgres, PostgresUnavailable
 from services import models
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -116,7 +117,7 @@ def wait_until(predicate, timeout: float = 20.0, interval: float = 0.05) -> bool
 
 @pytest.fixture(scope="session")
 def postgres() -> Iterator[Postgres]:
-    """A throwaway PostgreSQL for the whole session (loadtest/postgres.py), closed at its end.
+    """A throwaway PostgreSQL for the whole session (loadtest/tools/postgres.py), closed at its end.
 
     Without the server binaries the tests that use it are skipped, with the install command,
     unless CI or ARENA_REQUIRE_POSTGRES is set: there a missing database is a failure.

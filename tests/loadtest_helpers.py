@@ -14,13 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from loadtest import procs
-from loadtest.procs import free_port as free_port
-from loadtest.procs import poll_until as poll  # noqa: F401  (re-exported for the tests)
+from loadtest.tools import procs
+from loadtest.tools.procs import free_port as free_port
+from loadtest.tools.procs import poll_until as poll  # noqa: F401  (re-exported for the tests)
 from services import models
 
 ROOT = Path(__file__).resolve().parent.parent
-LOCUSTFILE = ROOT / "loadtest" / "locustfile.py"
+LOCUSTFILE = ROOT / "loadtest" / "plugin" / "locustfile.py"
 TARGETS = models.NAMES
 COMMANDS = ("echo", "ping", "sleep", "work", "connect")
 HTTP_TIMEOUT = 10.0
@@ -109,7 +109,7 @@ class LocustProcess:
 def start_locust(
     workdir: Path, name: str, args: list[str], env: dict[str, str], web_port: int | None = None
 ) -> LocustProcess:
-    """Start `locust -f loadtest/locustfile.py ARGS` in `workdir` (outside the repo on purpose)."""
+    """Start `locust -f plugin/locustfile.py ARGS` in `workdir` (outside the repo on purpose)."""
     command = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), *args]
     if web_port is not None:
         command += ["--web-host", "127.0.0.1", "--web-port", str(web_port)]

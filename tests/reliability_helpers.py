@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from loadtest import procs
-from loadtest.procs import poll_until as poll  # noqa: F401  (re-exported for the tests)
+from loadtest.tools import procs
+from loadtest.tools.procs import poll_until as poll  # noqa: F401  (re-exported for the tests)
 from services import protocol
 from tests.server_helpers import poll_metrics as poll_metrics
 from tests.server_helpers import scrape as scrape

@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import pytest
 
-from loadtest import procs
+from loadtest.tools import procs
 
 # Long enough for a loaded 2-core CI machine, short enough that a hung server fails the test
 # instead of eating the whole pytest timeout.

@@ -24,7 +24,7 @@ import gevent.socket
 import pytest
 from flask import Flask, jsonify, request
 
-from loadtest import locust_adapter
+from loadtest.plugin import locust_adapter
 from services.adapters import Adapters
 from services.servers import executors, greenlets
 
@@ -251,7 +251,7 @@ def test_the_swarm_interception_falls_back_loudly_and_the_app_still_serves(
 
 LAUNCH_LOCUST_WITH_RENAMED_SWARM_FIELD = """
 import sys
-from loadtest import locust_adapter
+from loadtest.plugin import locust_adapter
 locust_adapter.SWARM_FIELDS = ("user_count", "host_renamed")  # as if Locust renamed a field
 from loadtest.__main__ import main
 sys.argv = ["loadtest", *sys.argv[1:]]

@@ -21,10 +21,10 @@ from typing import Any
 import gevent
 import pytest
 
-from loadtest.arrivals import Start, Timetable
-from loadtest.client_metrics import render_metrics
-from loadtest.client_stats import ClientStats, latency_rows
-from loadtest.workload import Workload
+from loadtest.plugin.arrivals import Start, Timetable
+from loadtest.plugin.client_metrics import render_metrics
+from loadtest.plugin.client_stats import ClientStats, latency_rows
+from loadtest.plugin.workload import Workload
 from services import models
 from tests.conftest import RunningServer, launch_server, stop_server
 from tests.loadtest_helpers import (

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from loadtest import procs
 from loadtest.bench import harness, loadgen, openloop, report
 from loadtest.bench.loadgen import Request
 from loadtest.bench.scenarios import TEXTBOOK_NAMES, build_scenarios, build_targets
-from loadtest.postgres import BINDIR_VARIABLE, Postgres
+from loadtest.tools import procs
+from loadtest.tools.postgres import BINDIR_VARIABLE, Postgres
 from services import models
 from tests.conftest import run_module
 
@@ -193,7 +193,7 @@ def test_the_knee_is_the_last_step_within_the_bound_before_the_first_miss() -> N
 
 
 @pytest.mark.parametrize(
-    "module", ["loadtest.bench", "loadtest.soak", "loadtest.stack", "services"]
+    "module", ["loadtest.bench", "loadtest.tools.soak", "loadtest.tools.stack", "services"]
 )
 def test_every_command_explains_itself_with_help(module: str) -> None:
     result = run_module(module, "--help")

@@ -30,7 +30,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from loadtest.workload import KNOBS, TARGETS
+from loadtest.plugin.workload import KNOBS, TARGETS
 from services import models
 from services.config import Settings
 from tests.compose_helpers import (
@@ -62,7 +62,7 @@ pytestmark = [pytest.mark.docker, pytest.mark.slow, pytest.mark.timeout(600)]
 
 UP_TIMEOUT = 420.0  # image builds included; cached builds take seconds
 TRAFFIC_TIMEOUT = 120.0  # Locust waits for a worker, then spawns its users
-USERS_PER_SERVER = 100  # what loadtest/locust.conf starts against each server
+USERS_PER_SERVER = 100  # what loadtest/plugin/locust.conf starts against each server
 SCRAPE_TIMEOUT = 90.0  # a few 5 s scrape intervals, so every rate() has two samples
 RESTART_TIMEOUT = 60.0  # restart + first healthcheck (every 5 s) + users' reconnect back-off
 # Locust workers report to the master every 3 s: two reads this far apart that agree mean the

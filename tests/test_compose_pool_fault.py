@@ -35,7 +35,7 @@ pytestmark = [pytest.mark.docker, pytest.mark.slow, pytest.mark.timeout(900)]
 SERVICES = (*SERVER_SERVICES, "locust", "locust-worker")
 UP_TIMEOUT = 420.0  # image builds included; cached builds take seconds
 TRAFFIC_TIMEOUT = 120.0
-USERS = 100  # loadtest/locust.conf's users per target
+USERS = 100  # loadtest/plugin/locust.conf's users per target
 HEAL_TIMEOUT = 30.0
 # Locust workers report every 3 s: two reads this far apart that agree mean the count settled.
 QUIET_INTERVAL = 7.0

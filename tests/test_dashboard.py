@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from loadtest.tools import dashboard
+from loadtest.tools import dashboard, scrapes
 from services import models
 from tests.conftest import run_module
 
@@ -71,7 +71,7 @@ def test_check_fails_with_a_short_diff_on_a_stale_file(tmp_path: Path) -> None:
     """A dashboard that differs from the registry's is reported with a diff naming the line."""
     stale = tmp_path / "arena.json"
     stale.write_text(dashboard.render().replace('"fixedColor": "blue"', '"fixedColor": "red"', 1))
-    lines = dashboard.stale(stale).splitlines()
+    lines = dashboard.stale(files={stale: dashboard.render()}).splitlines()
     changed = [line[0] + line[1:].strip(" ,") for line in lines if line[:1] in "-+"]
     assert [line for line in changed if "fixedColor" in line] == [
         '-"fixedColor": "red"',
@@ -138,3 +138,14 @@ def test_a_panel_no_model_feeds_is_left_out() -> None:
     assert "Database errors per second, by kind" in titles
     ids = [panel["id"] for panel in panels(board)]
     assert ids == list(range(1, len(ids) + 1))
+
+
+def test_prometheus_scrapes_every_registered_model_as_generated() -> None:
+    """docker/prometheus/prometheus.yml is written from the registry: an added model gets its
+    job, found by DNS with the replica labels, without an edit."""
+    config = scrapes.compose_config(WITH_EXTRA)
+    for model in WITH_EXTRA:
+        assert f"  - job_name: {model.name}\n    honor_labels: true\n" in config
+        assert f"{{names: [{model.name}], type: A, port: 9100" in config
+    assert config.count("relabel_configs: *replica-labels") == len(WITH_EXTRA) - 1
+    assert scrapes.PROMETHEUS_YML.read_text() == scrapes.compose_config(models.MODELS)

@@ -1,7 +1,7 @@
 """`/db` against a real PostgreSQL on every model: replies, order, metrics, held connections.
 
 PostgreSQL is a throwaway cluster from the machine's binaries (the `postgres` fixture,
-loadtest/postgres.py); servers are real subprocesses on 127.0.0.1 port 0.
+loadtest/tools/postgres.py); servers are real subprocesses on 127.0.0.1 port 0.
 """
 
 from __future__ import annotations

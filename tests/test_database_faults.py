@@ -16,8 +16,8 @@ from collections import Counter
 
 import pytest
 
-from loadtest import procs
-from loadtest.postgres import Postgres
+from loadtest.tools import procs
+from loadtest.tools.postgres import Postgres
 from services import models
 from tests.conftest import MODELS, launch_server, small_flags, stop_server
 from tests.server_helpers import LineClient, wait_for, wait_for_metrics

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from loadtest import docfigures
-from loadtest.workload import KNOBS
+from loadtest.plugin.workload import KNOBS
+from loadtest.tools import docfigures
 from services import models
 from tests.conftest import run_module
 
@@ -74,7 +74,7 @@ def test_figures_outside_the_sections_are_not_copies_of_measurements():
                 found.append(f"{path.relative_to(ROOT)}: {figure!r}")
     assert not found, (
         "measured figures written by hand; generate them "
-        "(loadtest/docfigures.py) or link to where they are: " + "; ".join(found)
+        "(loadtest/tools/docfigures.py) or link to where they are: " + "; ".join(found)
     )
 
 
@@ -106,7 +106,7 @@ def test_the_check_fails_on_a_hand_edited_figure_and_the_generator_repairs_it(tm
     edited = re.sub(r"\| threaded \| [\d,]+", "| threaded | 99,999", section, count=1)
     assert edited != section
     readme.write_text(text.replace(section, edited))
-    command = ("loadtest.docfigures", "--root", str(tmp_path))
+    command = ("loadtest.tools.docfigures", "--root", str(tmp_path))
 
     check = run_module(*command, "--check")
     assert check.returncode == 1
@@ -190,9 +190,9 @@ def test_the_replicas_figure_states_both_rates_the_ratio_and_locusts_share():
 
 
 def test_the_replicas_measurement_refuses_a_bad_argument_without_docker():
-    result = run_module("loadtest.replicas", "--replicas", "1")
+    result = run_module("loadtest.tools.replicas", "--replicas", "1")
     assert result.returncode == 2 and "--replicas >= 2" in result.stderr
-    result = run_module("loadtest.replicas", "--model", "nginx")
+    result = run_module("loadtest.tools.replicas", "--model", "nginx")
     assert result.returncode == 2 and "invalid choice" in result.stderr
 
 

@@ -18,9 +18,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from loadtest import procs
 from loadtest.bench import harness, loadgen
 from loadtest.bench.scenarios import Scenario, echo
+from loadtest.tools import procs
 from services import models
 from tests.conftest import MODELS
 from tests.reliability_helpers import ensure_descriptors

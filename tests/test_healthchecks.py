@@ -1,4 +1,4 @@
-"""The images' healthchecks give the same verdict as the toolkit's probes (loadtest/procs.py).
+"""The images' healthchecks give the same verdict as the toolkit's probes (loadtest/tools/procs.py).
 
 docker/server/healthcheck.py and docker/locust/healthcheck.py stay standalone files in the
 images (standard library only; the server image has no loadtest/). Each runs here as the
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from loadtest import procs
+from loadtest.tools import procs
 from services import models
 from tests.conftest import ROOT, launch_server, stop_server
 from tests.loadtest_helpers import locust_env, start_locust

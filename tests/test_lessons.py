@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from loadtest import docfigures, postgres
 from loadtest.lessons import __main__ as cli
 from loadtest.lessons import catalog, checks, report, runner
+from loadtest.tools import docfigures, postgres
 from services import models
 from tests.conftest import run_module
 
@@ -59,7 +59,7 @@ def test_every_checked_lesson_has_a_claim_a_check_and_a_chart():
         assert lesson_id in report.CHARTS and lesson_id in report.COLUMNS
     # The check-only lessons stay out of the Locust scenario select.
     assert "cores" not in catalog.LESSONS_BY_ID and "closed-loop" not in catalog.LESSONS_BY_ID
-    # The database lessons are checked too; Locust's presets of them are loadtest/scenarios.py's.
+    # The database lessons are checked too; Locust's presets of them are plugin/scenarios.py's.
     assert set(checks.DATABASE_IDS) == {"db-wait", "db-pool-bound", "undetected-io"}
     assert set(checks.DATABASE_IDS) <= set(checks.CHECKED_IDS)
     assert not set(checks.DATABASE_IDS) & set(catalog.LESSONS_BY_ID)

@@ -1,7 +1,7 @@
 """The Locust load test against the real servers: real Locust subprocesses, real scrapes, real CSVs.
 
 The fast tests at the top check the pieces (knobs, the line client, the metrics text); the
-`locust`-marked ones run `locust -f loadtest/locustfile.py` with 100 users per target.
+`locust`-marked ones run `locust -f loadtest/plugin/locustfile.py` with 100 users per target.
 """
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ from typing import Any
 import pytest
 from locust.event import EventHook
 
-from loadtest import locustfile, scenarios
-from loadtest.client import LineClient, resolve
-from loadtest.client_metrics import render_metrics
-from loadtest.client_stats import ClientStats, fine_key, latency_rows
-from loadtest.users import scenario_user_count
-from loadtest.workload import KNOBS, KNOBS_BY_DEST, WORKLOAD_KNOBS, KnobError, Workload
+from loadtest.plugin import locustfile, scenarios
+from loadtest.plugin.client import LineClient, resolve
+from loadtest.plugin.client_metrics import render_metrics
+from loadtest.plugin.client_stats import ClientStats, fine_key, latency_rows
+from loadtest.plugin.users import scenario_user_count
+from loadtest.plugin.workload import KNOBS, KNOBS_BY_DEST, WORKLOAD_KNOBS, KnobError, Workload
 from services import models
 from tests.conftest import RunningServer, launch_server, stop_server
 from tests.loadtest_helpers import (
@@ -402,7 +402,7 @@ def run_headless_to_success(tmp_path, name: str, args: list[str], servers) -> tu
 @pytest.mark.slow
 def test_headless_run_loads_all_targets_with_100_users_each_and_no_failures(servers, tmp_path):
     before = counts_by_target(servers)
-    # No -u: loadtest/locust.conf must give 100 users per target on its own (cwd is tmp_path).
+    # No -u: plugin/locust.conf must give 100 users per target on its own (cwd is tmp_path).
     run, totals = run_headless_to_success(
         tmp_path, "headless", ["--headless", "-t", "12s", "--csv", str(tmp_path / "run")], servers
     )

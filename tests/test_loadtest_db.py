@@ -15,11 +15,11 @@ from typing import Any
 import pytest
 from locust.event import EventHook
 
-from loadtest import scenarios
-from loadtest.client import LineClient, is_backend_error
 from loadtest.lessons import catalog
-from loadtest.webui import scenario_rows
-from loadtest.workload import COMMANDS, KNOBS_BY_DEST, SCENARIOS, Workload
+from loadtest.plugin import scenarios
+from loadtest.plugin.client import LineClient, is_backend_error
+from loadtest.plugin.webui import scenario_rows
+from loadtest.plugin.workload import COMMANDS, KNOBS_BY_DEST, SCENARIOS, Workload
 from services import models
 from services.config import Settings
 from tests.conftest import RunningServer, launch_server, stop_server

@@ -1,4 +1,4 @@
-"""loadtest/weblogin.py: ARENA_LOCUST_LOGIN=user:password alone puts Locust's web UI behind a
+"""loadtest/plugin/weblogin.py: ARENA_LOCUST_LOGIN=user:password alone puts Locust's web UI behind a
 login; unset, nothing changes; a bad value or --web-login without it refuses to start.
 
 Real Locust subprocesses (the image's two locustfiles, no users started) on free 127.0.0.1
@@ -23,7 +23,8 @@ from tests.compose_helpers import free_port, http_json, http_request, http_text,
 pytestmark = [pytest.mark.locust, pytest.mark.timeout(120)]
 
 ROOT = Path(__file__).resolve().parent.parent
-LOCUSTFILES = f"{ROOT / 'loadtest' / 'locustfile.py'},{ROOT / 'loadtest' / 'weblogin.py'}"
+PLUGIN = ROOT / "loadtest" / "plugin"
+LOCUSTFILES = f"{PLUGIN / 'locustfile.py'},{PLUGIN / 'weblogin.py'}"
 LOGIN = ("operator", "pass:with:colons")
 START_TIMEOUT = 30.0
 

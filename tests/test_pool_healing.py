@@ -23,8 +23,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from loadtest import procs
-from loadtest.procs import poll_until
+from loadtest.tools import procs
+from loadtest.tools.procs import poll_until
 from services import protocol, session
 from services.config import Settings
 from services.servers.executors import is_alive

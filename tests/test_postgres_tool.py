@@ -1,4 +1,4 @@
-"""loadtest/postgres.py: a real throwaway PostgreSQL, its least-privilege role, its life cycle.
+"""loadtest/tools/postgres.py: a real throwaway PostgreSQL, its least-privilege role, its life.
 
 Every test runs the machine's real server binaries. Without them the `postgres` fixture skips
 (with the install command), or fails under CI / ARENA_REQUIRE_POSTGRES; the tests that start
@@ -19,8 +19,8 @@ import psutil
 import psycopg
 import pytest
 
-from loadtest import procs
-from loadtest.postgres import Postgres, PostgresUnavailable
+from loadtest.tools import procs
+from loadtest.tools.postgres import Postgres, PostgresUnavailable
 from tests.conftest import ROOT, run_module, wait_until
 
 CONNECT_TIMEOUT = 5  # seconds, for every psycopg.connect here
@@ -144,7 +144,7 @@ def test_stop_refuses_connections_start_comes_back_on_the_same_port_close_leaves
 @pytest.mark.slow
 def test_a_cluster_left_open_is_closed_when_its_owner_exits(postgres: Postgres) -> None:
     script = (
-        "from loadtest.postgres import Postgres\n"
+        "from loadtest.tools.postgres import Postgres\n"
         "cluster = Postgres().start()\n"
         "print(cluster.pid, cluster.directory)\n"  # and exit without close(): atexit's turn
     )
@@ -168,7 +168,7 @@ def test_a_killed_owner_takes_its_postmaster_down(postgres: Postgres, tmp_path: 
     out = tmp_path / "owner.out"
     script = (
         "import sys\n"
-        "from loadtest.postgres import Postgres\n"
+        "from loadtest.tools.postgres import Postgres\n"
         "cluster = Postgres().start()\n"
         "print(cluster.pid, cluster.directory, flush=True)\n"
         "sys.stdin.read()\n"  # until killed
@@ -201,7 +201,7 @@ def test_the_command_line_prints_the_settings_and_cleans_up_on_sigterm(
     out = tmp_path / "cli.out"
     with open(out, "w") as stdout:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "loadtest.postgres", "--max-connections", "30"],
+            [sys.executable, "-m", "loadtest.tools.postgres", "--max-connections", "30"],
             cwd=ROOT,
             stdin=subprocess.DEVNULL,
             stdout=stdout,
@@ -242,7 +242,7 @@ def test_missing_binaries_give_a_clear_error_naming_the_install_command(
     with pytest.raises(PostgresUnavailable, match="apt-get install postgresql") as raised:
         Postgres()
     assert str(tmp_path) in str(raised.value)
-    result = run_module("loadtest.postgres")  # inherits ARENA_PG_BINDIR
+    result = run_module("loadtest.tools.postgres")  # inherits ARENA_PG_BINDIR
     assert result.returncode == 2
     assert "apt-get install postgresql" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr

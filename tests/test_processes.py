@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from loadtest import procs
+from loadtest.tools import procs
 from services import models
 from tests.conftest import ROOT, RunningServer, launch_server, run_module, stop_server
 from tests.server_helpers import LineClient, scrape, wait_for, wait_for_metrics

@@ -20,7 +20,7 @@ import pytest
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
-from loadtest.procs import Metrics
+from loadtest.tools.procs import Metrics
 from services import protocol
 from services.session import READ_SIZE
 from tests.conftest import MODELS, RunningServer, small_flags

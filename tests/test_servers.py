@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from loadtest import procs
+from loadtest.tools import procs
 from services import config, models
 from tests.conftest import (
     MODELS,

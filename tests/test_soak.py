@@ -1,4 +1,4 @@
-"""`python -m loadtest.soak`: a short real soak (every server, headless Locust) and its report."""
+"""`python -m loadtest.tools.soak`: a short real soak (every server, headless Locust), reported."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from loadtest.soak import parse_duration
+from loadtest.tools.soak import parse_duration
 from services import models
 from tests.conftest import run_module
 
@@ -20,8 +20,10 @@ SOAK_SECONDS = int(os.environ.get("ARENA_SOAK_SECONDS", "45"))
 
 
 def run_soak(report_dir: Path, *args: str, timeout: float) -> subprocess.CompletedProcess[str]:
-    """A real soak (`python -m loadtest.soak ARGS`) that writes its report to `report_dir`."""
-    return run_module("loadtest.soak", *args, "--report-dir", str(report_dir), timeout=timeout)
+    """A real soak (`python -m loadtest.tools.soak ARGS`) that writes its report to `report_dir`."""
+    return run_module(
+        "loadtest.tools.soak", *args, "--report-dir", str(report_dir), timeout=timeout
+    )
 
 
 @pytest.mark.parametrize(
@@ -48,7 +50,7 @@ def test_durations_are_parsed_like_locust_run_times(text, seconds):
     ],
 )
 def test_bad_arguments_exit_2(command_line):
-    result = run_module("loadtest.soak", *command_line)
+    result = run_module("loadtest.tools.soak", *command_line)
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
 

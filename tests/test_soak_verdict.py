@@ -1,8 +1,8 @@
-"""Soak's verdict (`loadtest.soak.judge`) on synthetic samples: no servers, no Locust."""
+"""Soak's verdict (`loadtest.tools.soak.judge`) on synthetic samples: no servers, no Locust."""
 
 from __future__ import annotations
 
-from loadtest.soak import MIB, Samples, ServerSample, growth, judge
+from loadtest.tools.soak import MIB, Samples, ServerSample, growth, judge
 
 WARMUP, DURATION = 10.0, 100.0
 BOUNDS = {"max_rss_growth": 32.0, "max_fd_growth": 16}

@@ -1,4 +1,4 @@
-"""The local stack (`python -m loadtest.stack`): everything answers, a signal stops everything."""
+"""The local stack (`python -m loadtest.tools.stack`): everything answers, a signal stops it."""
 
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ import psutil
 import psycopg
 import pytest
 
-from loadtest import procs
-from loadtest.postgres import Postgres
-from loadtest.stack import PORTS, StackError, parse_settings, plan
+from loadtest.tools import procs
+from loadtest.tools.postgres import Postgres
+from loadtest.tools.stack import PORTS, StackError, parse_settings, plan
 from services import models
 from tests.conftest import ROOT, run_module, wait_until
 
@@ -45,7 +45,7 @@ class RunningStack:
         self.ports = ports
         args = [f"--{name.replace('_', '-')}={port}" for name, port in ports.items()]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "loadtest.stack", "--grace", "5", *args, *extra],
+            [sys.executable, "-m", "loadtest.tools.stack", "--grace", "5", *args, *extra],
             cwd=ROOT,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
@@ -146,7 +146,7 @@ def test_stack_serves_everything_then_a_signal_stops_every_process_and_frees_eve
 
 def run_stack(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """Run the stack to its end (a bad setting ends it at once), its output captured."""
-    return run_module("loadtest.stack", *args, env=env)
+    return run_module("loadtest.tools.stack", *args, env=env)
 
 
 def test_a_port_in_use_is_named_with_the_knob_that_moves_it(stack_ports: dict[str, int]) -> None:

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from loadtest import procs
+from loadtest.tools import procs
 from services import models
 from tests.conftest import EVENT_LOOPS, MODELS, RunningServer, launch, stop_server
 from tests.reliability_helpers import connect, poll, poll_metrics, read_until_closed, request

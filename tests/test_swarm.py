@@ -47,7 +47,7 @@ pytestmark = [pytest.mark.docker, pytest.mark.slow, pytest.mark.timeout(900)]
 
 STACK_FILE = ROOT / "docker" / "stack.yml"
 REPLICAS = 2  # per server model
-USERS_PER_TARGET = 100  # loadtest/locust.conf
+USERS_PER_TARGET = 100  # loadtest/plugin/locust.conf
 BUILD_TIMEOUT = 420.0  # `docker compose build`; cached builds take seconds
 RUNNING_TIMEOUT = 180.0  # every task started and healthy
 TRAFFIC_TIMEOUT = 120.0

@@ -19,7 +19,7 @@ from mypy.options import PER_MODULE_OPTIONS
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from loadtest import stack
+from loadtest.tools import stack
 from services import models
 
 ROOT = Path(__file__).resolve().parent.parent

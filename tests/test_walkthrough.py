@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from loadtest import procs
-from loadtest.workload import KNOBS
+from loadtest.plugin.workload import KNOBS
+from loadtest.tools import procs
 from services import models
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from loadtest.workload import KNOBS
+from loadtest.plugin.workload import KNOBS
 from services import models
 from tests.conftest import ROOT, RunningServer, launch_server, stop_server
 from tests.loadtest_helpers import (

@@ -1,7 +1,7 @@
 """Container healthcheck: the server answers `/ping` with `PONG` on its protocol port.
 
 Needs nothing but the standard library (the image has no curl or nc, nor loadtest/). Exit 0 =
-healthy. It gives the same verdict as loadtest/procs.py's `ping` (tests/test_healthchecks.py).
+healthy. It gives the same verdict as loadtest/tools/procs.py's `ping` (tests/test_healthchecks.py).
 """
 
 import os

@@ -1,7 +1,7 @@
 """`python -m loadtest.bench`: measure every model alone, next to its textbook version.
 
 Writes results/bench.json, results/bench.md and PNG charts. The `/db` scenarios run against one
-throwaway PostgreSQL (loadtest/postgres.py), started for them and closed at the end; without
+throwaway PostgreSQL (loadtest/tools/postgres.py), started for them and closed at the end; without
 PostgreSQL's binaries they are skipped, with the install hint in the report. With
 `--open-loop`: latency against rising offered load per model instead (loadtest/bench/openloop.py),
 results/bench-open-loop.json and results/open-loop.png. See docs/BENCHMARK.md.
@@ -14,7 +14,6 @@ import contextlib
 import os
 import sys
 
-from loadtest import cli
 from loadtest.bench import harness, loadgen, openloop, report
 from loadtest.bench.scenarios import (
     FAMILIES,
@@ -26,7 +25,8 @@ from loadtest.bench.scenarios import (
     build_targets,
     calibrate_work_rounds,
 )
-from loadtest.postgres import Postgres, PostgresError, PostgresUnavailable
+from loadtest.tools import cli
+from loadtest.tools.postgres import Postgres, PostgresError, PostgresUnavailable
 from services.config import Settings
 
 DEFAULT_OUT = harness.ROOT / "results"
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
             args.out,
             args.quiet,
         )
-        cli.refresh_docs_if_committed(args.out, DEFAULT_OUT, print)
+        cli.docs_hint(args.out, DEFAULT_OUT, print)
         return 0
     scenarios = {name: build_scenarios(work_rounds)[name] for name in args.scenarios}
     targets = build_targets(args.models, args.kinds, args.workers)
@@ -257,9 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     for line in report.starved_lines(results):  # repeated last, where nobody can miss it
         progress.note(f"bench: {line}")
-    cli.refresh_docs_if_committed(
-        args.out, DEFAULT_OUT, lambda text: progress.note(f"bench: {text}")
-    )
+    cli.docs_hint(args.out, DEFAULT_OUT, lambda text: progress.note(f"bench: {text}"))
     return 0
 
 

@@ -5,7 +5,7 @@ without metrics, the textbook version -- measured in turn `reps` times, one at a
 load generator pinned to another CPU, and stopped (SIGTERM, then SIGKILL of its process group,
 so no worker survives into the next measurement). While the load
 generator measures, a sampler thread reads the server's processes in /proc
-(loadtest/procs.py): CPU seconds (workers included), peak resident memory and thread count.
+(loadtest/tools/procs.py): CPU seconds (workers included), peak resident memory and thread count.
 In a `/db` scenario the servers get a throwaway PostgreSQL's settings in their environment, and
 the sampler also reads the CPU seconds of its postmaster and every backend below it.
 """
@@ -26,9 +26,9 @@ from pathlib import Path
 
 import psutil
 
-from loadtest import procs
 from loadtest.bench import loadgen
 from loadtest.bench.scenarios import Scenario, Target
+from loadtest.tools import procs
 
 ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT = 30.0
@@ -138,12 +138,12 @@ def pin_tree(pid: int, cpus: frozenset[int] | None) -> None:
 class Database:
     """The PostgreSQL the servers of a `/db` scenario use: its settings and its postmaster."""
 
-    env: dict[str, str]  # ARENA_DB_URL and ARENA_DB_PASSWORD (loadtest/postgres.py)
+    env: dict[str, str]  # ARENA_DB_URL and ARENA_DB_PASSWORD (loadtest/tools/postgres.py)
     pid: int
 
 
 class ServerProcess:
-    """One server subprocess in its own session (loadtest/procs.py), its stderr kept in a log."""
+    """One server subprocess in its own session (tools/procs.py), its stderr kept in a log."""
 
     def __init__(
         self,

@@ -12,7 +12,8 @@ highest offered rate the model sustains with p99 <= 10 ms (every step up to it a
 bound, the achieved rate within 10 % of the offered one, no errors).
 
 Writes results/bench-open-loop.json and results/open-loop.png (every model on one chart: p99
-solid, p50 dashed, log latency); the README's figures come from the JSON (loadtest.docfigures).
+solid, p50 dashed, log latency); the README's figures come from the JSON
+(loadtest.tools.docfigures).
 """
 
 from __future__ import annotations
@@ -23,9 +24,9 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from loadtest import cli
 from loadtest.bench import harness, loadgen
 from loadtest.bench.scenarios import Scenario, Target
+from loadtest.tools import cli
 
 KNEE_P99_US = 10_000.0
 # Achieved below this share of the offered rate: the server did not keep up (a backlog grew).

@@ -205,7 +205,7 @@ def write_markdown(results: dict, directory: Path) -> Path:
         database = meta["postgres"]
         lines.append(
             f"- **/db:** one throwaway PostgreSQL {database['version']} for the run "
-            f"(`loadtest/postgres.py`, {database['pinning']}), each server holding up to "
+            f"(`loadtest/tools/postgres.py`, {database['pinning']}), each server holding up to "
             f"{database['db_pool']} connections (a process worker: 1). *postgres CPU* is the CPU "
             "of the postmaster and all its backends in the same window as the server's; the "
             "textbook servers have no database, so the /db tables compare our models only."

@@ -11,8 +11,8 @@ import sys
 import time
 from dataclasses import dataclass
 
-from loadtest import procs
 from loadtest.bench.loadgen import Request
+from loadtest.tools import procs
 from services import models
 
 # Lower-case text, so the upper-cased echo proves the server really ran the request.

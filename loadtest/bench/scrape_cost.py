@@ -17,12 +17,11 @@ import os
 import resource
 import socket
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from loadtest import cli, procs
+from loadtest.tools import cli, procs
 from services import models
 
 ROOT = cli.ROOT
@@ -113,16 +112,6 @@ def measure(root: Path, model: str, connections: int, scrapes: int, idle: float)
         server.stop(60)
 
 
-def commit_of(root: Path) -> str:
-    """The checked-out commit of `root` (and '+dirty' when it has local changes)."""
-
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True).stdout
-
-    commit = git("rev-parse", "--short", "HEAD").strip() or "unknown"
-    return commit + ("+dirty" if git("status", "--porcelain", "--", "services").strip() else "")
-
-
 def main(argv: list[str] | None = None) -> int:
     """Measure every model and write the JSON file."""
     parser = cli.parser("loadtest.bench.scrape_cost", __doc__.split("\n\n")[0])
@@ -149,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "what": "server CPU per /metrics scrape at idle connections (docs/METRICS.md)",
         "when": cli.timestamp(),
-        "commit": commit_of(args.root),
+        "commit": cli.commit_of(args.root),
         "cpus": os.cpu_count(),
         "clock_ticks_per_second": procs.TICKS,
         "models": results,

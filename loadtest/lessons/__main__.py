@@ -5,7 +5,8 @@ a verdict with its reason; writes lessons.json, lessons.md and one chart per les
 results/lessons/, which also refreshes the Lessons section of the README). Exit code 1 when a
 claim fails, 2 on bad arguments; an inconclusive lesson (a busy machine, a narrowed --models)
 is said, not failed. The database lessons (db-wait, db-pool-bound, undetected-io) query one
-throwaway PostgreSQL (loadtest/postgres.py) started for the run and deleted at its end; without
+throwaway PostgreSQL (loadtest/tools/postgres.py) started for the run and deleted at its end;
+without
 PostgreSQL binaries here they are inconclusive, with how to install them. See docs/LESSONS.md.
 """
 
@@ -17,10 +18,10 @@ import os
 import sys
 from typing import Any
 
-from loadtest import cli, postgres
 from loadtest.bench import harness, loadgen
 from loadtest.bench.report import machine_info
 from loadtest.lessons import checks, report, runner
+from loadtest.tools import cli, postgres
 from services import models
 
 DEFAULT_OUT = harness.ROOT / "results" / "lessons"
@@ -228,9 +229,7 @@ def _run(
         + ", ".join(entry["chart"] for entry in entries if entry["chart"])
     )
     progress.note("lessons: " + results["background"]["text"])
-    cli.refresh_docs_if_committed(
-        args.out, DEFAULT_OUT, lambda text: progress.note(f"lessons: {text}")
-    )
+    cli.docs_hint(args.out, DEFAULT_OUT, lambda text: progress.note(f"lessons: {text}"))
     return 1 if any(entry["verdict"] == checks.FAILS for entry in entries) else 0
 
 

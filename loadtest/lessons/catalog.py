@@ -140,8 +140,8 @@ LESSONS: tuple[Lesson, ...] = (
 LESSONS_BY_ID: Mapping[str, Lesson] = {lesson.id: lesson for lesson in LESSONS}
 
 # The database lessons as `python -m loadtest.lessons` checks them (each model alone, against a
-# throwaway PostgreSQL). Their Locust presets, under the same ids, are loadtest/scenarios.py's:
-# kept out of LESSONS, which Locust extends with those.
+# throwaway PostgreSQL). Their Locust presets, under the same ids, are
+# loadtest/plugin/scenarios.py's: kept out of LESSONS, which Locust extends with those.
 DB_CHECKED: tuple[Lesson, ...] = (
     Lesson(
         "db-wait",

@@ -8,27 +8,12 @@ from pathlib import Path
 
 from loadtest.bench.report import _duration_label, _rate_label
 from loadtest.lessons import checks
+from loadtest.tools.cli import VERDICT_MARK, machine_line
 
-VERDICT_MARK = {checks.HOLDS: "holds", checks.FAILS: "FAILS", checks.INCONCLUSIVE: "inconclusive"}
 VERDICT_COLOR = {checks.HOLDS: "#2ca02c", checks.FAILS: "#d62728", checks.INCONCLUSIVE: "#ff7f0e"}
 BAR = "#1f77b4"
 NOISY_BAR = "#9ecae1"
 LIMIT = "#d62728"
-
-
-def machine_line(results: Mapping) -> str:
-    """`2026-12-03 10:00 UTC · AMD EPYC, 2 cores, Linux 6.18, Python 3.11.7 · full run`."""
-    machine = results["machine"]
-    pace = results["pace"]
-    how = (
-        "quick run (--quick), one run per figure"
-        if pace["quick"]
-        else f"full run, median of {pace['reps']} runs per figure"
-    )
-    return (
-        f"{results['when']} · {machine['cpu_model']}, {machine['cores']} cores, "
-        f"{machine['system']}, Python {machine['python']} · {how}"
-    )
 
 
 def _ms(value: float) -> str:

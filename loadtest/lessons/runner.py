@@ -26,11 +26,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from loadtest import procs
 from loadtest.bench import harness, loadgen
 from loadtest.bench import scenarios as bench_scenarios
 from loadtest.bench.scenarios import Scenario
 from loadtest.lessons import checks
+from loadtest.tools import procs
 
 METRICS_PORT = re.compile(r"metrics_port=(\d+)")
 BLOCKED_METRIC = "arena_event_loop_blocked_seconds_total"

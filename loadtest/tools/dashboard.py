@@ -44,7 +44,7 @@ from grafana_foundation_sdk.cog.encoder import JSONEncoder
 from grafana_foundation_sdk.models import common, dashboard
 from grafana_foundation_sdk.models.text import TextMode
 
-from loadtest import cli
+from loadtest.tools import cli, scrapes
 from services.models import MODELS, Model
 
 DASHBOARD = cli.ROOT / "docker" / "grafana" / "dashboards" / "arena.json"
@@ -751,28 +751,37 @@ def render(models: Sequence[Model] = MODELS) -> str:
     return JSONEncoder(sort_keys=True, indent=2).encode(build(models)) + "\n"
 
 
-def stale(path: Path = DASHBOARD, models: Sequence[Model] = MODELS) -> str:
-    """A diff of the committed file against what would be written; empty when they agree."""
-    committed = path.read_text() if path.exists() else ""
-    lines = difflib.unified_diff(
-        committed.splitlines(keepends=True),
-        render(models).splitlines(keepends=True),
-        f"{path} (committed)",
-        f"{path} (from services/models.py)",
-    )
-    return "".join(itertools.islice(lines, DIFF_LINES))
+def generated(models: Sequence[Model] = MODELS) -> dict[Path, str]:
+    """Every file written from the registry: the dashboard and Prometheus's scrape config."""
+    return {DASHBOARD: render(models), scrapes.PROMETHEUS_YML: scrapes.compose_config(models)}
+
+
+def stale(models: Sequence[Model] = MODELS, files: dict[Path, str] | None = None) -> str:
+    """A diff of each committed file against what would be written; empty when they agree."""
+    diffs = []
+    for path, content in (files or generated(models)).items():
+        committed = path.read_text() if path.exists() else ""
+        lines = difflib.unified_diff(
+            committed.splitlines(keepends=True),
+            content.splitlines(keepends=True),
+            f"{path} (committed)",
+            f"{path} (from services/models.py)",
+        )
+        diffs.append("".join(itertools.islice(lines, DIFF_LINES)))
+    return "".join(diffs)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Write (or with --check, verify) the dashboard; returns the exit code."""
+    """Write (or with --check, verify) the dashboard and the scrape config; the exit code."""
     parser = cli.parser(
         "loadtest.tools.dashboard",
-        "Write docker/grafana/dashboards/arena.json from the model registry.",
+        "Write docker/grafana/dashboards/arena.json and docker/prometheus/prometheus.yml from "
+        "the model registry.",
     )
     parser.add_argument(
         "--check",
         action="store_true",
-        help="write nothing; exit 1 with a diff when the committed dashboard is stale",
+        help="write nothing; exit 1 with a diff when a committed file is stale",
     )
     args = parser.parse_args(argv)
     if args.check:
@@ -780,13 +789,14 @@ def main(argv: list[str] | None = None) -> int:
         if diff:
             sys.stdout.write(diff)
             print(
-                f"dashboard: {DASHBOARD} differs from the registry's; run `make dashboard` "
+                "dashboard: a file differs from the registry's; run `make dashboard` "
                 "(python -m loadtest.tools.dashboard)",
                 file=sys.stderr,
             )
         return 1 if diff else 0
-    DASHBOARD.write_text(render())
-    print(f"dashboard: wrote {DASHBOARD}")
+    for path, content in generated().items():
+        path.write_text(content)
+        print(f"dashboard: wrote {path}")
     return 0
 
 

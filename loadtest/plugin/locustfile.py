@@ -1,7 +1,7 @@
 """Socket Arena load test: one user class per target server, all driven by one Locust.
 
-    locust -f loadtest/locustfile.py                      # web UI on :8089, 100 users per target
-    locust -f loadtest/locustfile.py --headless -t 30s --csv out/run --scenario io-wait
+    locust -f loadtest/plugin/locustfile.py           # web UI on :8089, 100 users per target
+    locust -f loadtest/plugin/locustfile.py --headless -t 30s --csv out/run --scenario io-wait
 
 The user classes are made from the model registry (services/models.py): one per model, named
 after it (`ThreadedUser`, `PoolUser`, `GeventUser`, `AsyncioUser`), so a new model needs no
@@ -17,12 +17,13 @@ import sys
 try:
     import loadtest  # noqa: F401 - only checks that the package is importable
 except ImportError:  # started from outside the repository: make the package importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    here = os.path.dirname(os.path.abspath(__file__))  # loadtest/plugin: its parent's parent
+    sys.path.insert(0, os.path.dirname(os.path.dirname(here)))
 
 from locust import events
 
-from loadtest import exporter, users, workload
-from loadtest.users import SocketUser
+from loadtest.plugin import exporter, users, workload
+from loadtest.plugin.users import SocketUser
 from services import models
 
 

@@ -3,7 +3,8 @@
 Locust rounds response times to whole milliseconds, and loopback replies take tens of
 microseconds, so every request event is also recorded here, per target and command, in two
 histograms (for the latency from the intended start and, beside it, for the service time; see
-``loadtest.client``): Prometheus buckets from 50 µs and a fine one (1 µs steps below 1 ms, three
+``loadtest.plugin.client``): Prometheus buckets from 50 µs and a fine one (1 µs steps below
+1 ms, three
 significant digits above) for p50/p99/p99.9 in microseconds. A worker ships what it recorded
 since its last report as a msgpack-friendly message; the master merges the messages.
 """
@@ -16,8 +17,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from loadtest.client import CONNECT
-from loadtest.workload import COMMANDS, TARGETS
+from loadtest.plugin.client import CONNECT
+from loadtest.plugin.workload import COMMANDS, TARGETS
 from services.buckets import DURATION_BUCKETS
 
 # The servers' bounds (services/buckets.py) from 50 µs: below that Locust's own timing is noise.

@@ -1,6 +1,6 @@
 """Every use of Locust's private parts, each checked at start-up, each falling back loudly.
 
-- `parser-config-files`: loadtest/locust.conf is read first by putting it in front of the
+- `parser-config-files`: loadtest/plugin/locust.conf is read first by putting it in front of the
   parser's private `_default_config_files` (configargparse). Without that list, locust.conf is
   read only when given with `--config`.
 - `parser-known-options`: a knob already on the parser (``python -m loadtest`` adds the knobs

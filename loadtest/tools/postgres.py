@@ -18,7 +18,7 @@ interpreter exit for any left open) stops it and deletes its directory; if the o
 outright, the kernel sends the postmaster SIGINT (fast shutdown) when the thread that started it
 is the main thread.
 
-`python -m loadtest.postgres` starts one, prints its URL and environment lines and runs until
+`python -m loadtest.tools.postgres` starts one, prints its URL and environment lines and runs until
 Ctrl-C or SIGTERM.
 """
 
@@ -47,7 +47,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from loadtest import procs
+from loadtest.tools import procs
 
 BINDIR_VARIABLE = "ARENA_PG_BINDIR"
 NEEDED = ("initdb", "postgres", "pg_ctl", "psql")
@@ -448,9 +448,9 @@ class Postgres:
             raise PostgresError(f"initdb did not finish within {self.start_timeout:g} s") from None
         hba = self.data_dir / "pg_hba.conf"
         hba.write_text(
-            "# Written by loadtest/postgres.py. The superuser: only over the unix socket, whose\n"
-            "# directory only the owner can enter. The arena role: only over TCP, to its own\n"
-            "# database, with its password. Nothing else may log in.\n"
+            "# Written by loadtest/tools/postgres.py. The superuser: only over the unix socket,\n"
+            "# whose directory only the owner can enter. The arena role: only over TCP, to its\n"
+            "# own database, with its password. Nothing else may log in.\n"
             f"local  all    {SUPERUSER}  trust\n"
             f"host   {DATABASE}  {ROLE}  {HOST}/32  scram-sha-256\n"
         )
@@ -549,13 +549,13 @@ def _close_all() -> None:
             cluster.close()
 
 
-# ---- python -m loadtest.postgres -----------------------------------------------------------
+# ---- python -m loadtest.tools.postgres -----------------------------------------------------------
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Start a cluster, print its URL and environment, run until Ctrl-C or SIGTERM."""
     parser = argparse.ArgumentParser(
-        prog="python -m loadtest.postgres",
+        prog="python -m loadtest.tools.postgres",
         description="Run a throwaway PostgreSQL for the servers' /db command until Ctrl-C or "
         "SIGTERM, then delete it. Uses this machine's server binaries "
         f"({BINDIR_VARIABLE} chooses them).",
@@ -574,7 +574,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cluster = Postgres(args.max_connections).start()
     except PostgresError as error:
-        print(f"python -m loadtest.postgres: error: {error}", file=sys.stderr)
+        print(f"python -m loadtest.tools.postgres: error: {error}", file=sys.stderr)
         return 2
     with cluster:
         print(f"PostgreSQL ready: {cluster.url} (pid {cluster.pid}, in {cluster.directory})")

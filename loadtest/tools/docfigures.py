@@ -1,4 +1,4 @@
-"""`python -m loadtest.docfigures [--check]`: write the measured figures into the docs.
+"""`python -m loadtest.tools.docfigures [--check]`: write the measured figures into the docs.
 
 Every figure in README.md and docs/ that a run produced is written here, from the committed
 result files, into a marked section of the Markdown:
@@ -8,7 +8,7 @@ result files, into a marked section of the Markdown:
     <!-- figures:bench-table:end -->
 
 Sources: `results/bench.json` (`python -m loadtest.bench`), `results/soak.json`
-(`python -m loadtest.soak`, the small summary it writes next to its full report) and
+(`python -m loadtest.tools.soak`, the small summary it writes next to its full report) and
 `results/lessons/lessons.json` (`python -m loadtest.lessons`), `results/bench-open-loop.json`
 (`python -m loadtest.bench --open-loop`). The tools call
 :func:`refresh` after writing, so a fresh run refreshes the docs; `make docs` runs this by hand.
@@ -29,7 +29,7 @@ import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from loadtest import cli
+from loadtest.tools import cli
 from services import models
 
 ROOT = cli.ROOT
@@ -617,11 +617,10 @@ LESSONS_DIR = "results/lessons"
 
 def lessons_readme(data: dict) -> str:
     """The README's Lessons section: when and where, one row per lesson, the charts."""
-    from loadtest.lessons.report import VERDICT_MARK, machine_line
 
     lines = [
         wrap(
-            f"Latest run: **{machine_line(data)}**. {data['background']['text']} Every "
+            f"Latest run: **{cli.machine_line(data)}**. {data['background']['text']} Every "
             f"figure, table and reading: [{LESSONS_DIR}/lessons.md]({LESSONS_DIR}/lessons.md)."
         ),
         "",
@@ -632,7 +631,7 @@ def lessons_readme(data: dict) -> str:
         cells = (
             entry["id"],
             entry["claim"],
-            f"**{VERDICT_MARK[entry['verdict']]}**",
+            f"**{cli.VERDICT_MARK[entry['verdict']]}**",
             entry["reason"],
         )
         lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
@@ -670,7 +669,7 @@ def scrape_cost_table(data: dict) -> str:
     return "\n".join(lines)
 
 
-# -- replicas (results/replicas.json, python -m loadtest.replicas) ----------------------------
+# -- replicas (results/replicas.json, python -m loadtest.tools.replicas) -------------------------
 
 
 # Other processes above this many cores during a replicas run: the figure says so.
@@ -699,7 +698,7 @@ def replicas_figure(data: dict) -> str:
 
     return wrap(
         f"Measured {data['when']} at commit {data['commit']} on {data['cpus']} CPUs "
-        f"(`python -m loadtest.replicas`): `/work` from {data['users']} Locust users on "
+        f"(`python -m loadtest.tools.replicas`): `/work` from {data['users']} Locust users on "
         f"{data['model']}, {data['cpus_per_replica']:g} CPU per replica: one replica "
         f"{one['rps']:,.0f} requests/s, {many['replicas']} replicas {many['rps']:,.0f} requests/s, "
         f"**{data['ratio']:.2f}x**. The servers used {cores(one)} and {cores(many)} cores; "
@@ -768,7 +767,7 @@ def open_loop_readme(data: dict) -> str:
 NO_BENCH = "(No benchmark result is committed: run `make bench`.)"
 NO_SOAK = "(No soak result is committed: run `make soak`.)"
 NO_LESSONS = "(No lessons result is committed: run `make lessons`.)"
-NO_REPLICAS = "(No replicas result is committed: run `python -m loadtest.replicas`.)"
+NO_REPLICAS = "(No replicas result is committed: run `python -m loadtest.tools.replicas`.)"
 NO_SCRAPE_COST = "(No scrape-cost result is committed: run `python -m loadtest.bench.scrape_cost`.)"
 NO_OPEN_LOOP = (
     "(No open-loop result is committed: run `python -m loadtest.bench --open-loop`, "
@@ -873,7 +872,7 @@ def publish_soak(report: dict, results: Path = RESULTS, root: Path = ROOT) -> li
 def main(argv: list[str] | None = None) -> int:
     """Write (or with --check, verify) every marked section; returns the exit code."""
     parser = cli.parser(
-        "loadtest.docfigures",
+        "loadtest.tools.docfigures",
         "Write the measured figures from results/ into the marked sections of README.md and "
         "docs/*.md.",
     )
@@ -894,7 +893,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(
                     "docfigures: stale sections in "
                     + ", ".join(map(str, diffs))
-                    + "; run `make docs` (python -m loadtest.docfigures)",
+                    + "; run `make docs` (python -m loadtest.tools.docfigures)",
                     file=sys.stderr,
                 )
             return 1 if diffs else 0

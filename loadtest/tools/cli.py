@@ -1,9 +1,10 @@
-"""What the arena's command-line tools share: their options, their timestamp, the docs refresh.
+"""What the arena's command-line tools share: their options, their timestamp, the docs hint.
 
 The benchmark (`loadtest.bench`), the lessons, the scrape cost, soak and docfigures each parse
 a few options of the same kinds (a comma-separated choice among names, a number with its
 default in the help, a path under the repository) and, when they write the committed results,
-refresh the docs' figures. Standard library only.
+say that `make docs` is the next step (they never rewrite the docs themselves). Standard
+library only.
 """
 
 from __future__ import annotations
@@ -11,10 +12,12 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-from collections.abc import Callable, Sequence
+import subprocess
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def parser(module: str, description: str) -> argparse.ArgumentParser:
@@ -71,25 +74,54 @@ def add_path(parser: argparse.ArgumentParser, flag: str, default: Path, help: st
     parser.add_argument(flag, type=Path, default=default, help=f"{help} (default: {shown})")
 
 
+# How a lesson's verdict reads in reports and in the docs (loadtest/lessons/checks.py's words).
+VERDICT_MARK = {"holds": "holds", "fails": "FAILS", "inconclusive": "inconclusive"}
+
+
+def machine_line(results: Mapping[str, Any]) -> str:
+    """`2026-12-03 10:00 UTC · AMD EPYC, 2 cores, Linux 6.18, Python 3.11.7 · full run`."""
+    machine = results["machine"]
+    pace = results["pace"]
+    how = (
+        "quick run (--quick), one run per figure"
+        if pace["quick"]
+        else f"full run, median of {pace['reps']} runs per figure"
+    )
+    return (
+        f"{results['when']} · {machine['cpu_model']}, {machine['cores']} cores, "
+        f"{machine['system']}, Python {machine['python']} · {how}"
+    )
+
+
+def commit_of(root: Path) -> str:
+    """The checked-out commit of `root` (and '+dirty' when its services/ has local changes)."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True).stdout
+
+    commit = git("rev-parse", "--short", "HEAD").strip() or "unknown"
+    return commit + ("+dirty" if git("status", "--porcelain", "--", "services").strip() else "")
+
+
 def timestamp() -> str:
     """Now, in UTC, to the minute: when a result was measured."""
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
 def write_result(tool: str, out: Path, report: dict, committed: Path) -> None:
-    """Write `report` as JSON to `out`, say so, and refresh the docs when `out` is `committed`."""
+    """Write `report` as JSON to `out` and say so (and, for the committed results, what next)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"{tool}: wrote {out}")
-    refresh_docs_if_committed(out, committed, lambda text: print(f"{tool}: {text}"))
+    docs_hint(out, committed, lambda text: print(f"{tool}: {text}"))
 
 
-def refresh_docs_if_committed(out: Path, committed: Path, note: Callable[[str], object]) -> None:
-    """When `out` is where the committed results live, rewrite the docs' figures from them and
-    `note` each file written."""
-    if out.resolve() != committed.resolve():
-        return
-    from loadtest import docfigures  # only then: it reads every result file
+def docs_hint(out: Path, committed: Path, note: Callable[[str], object]) -> None:
+    """When `out` is where the committed results live, `note` how to refresh the docs.
 
-    for path in docfigures.refresh():
-        note(f"wrote {path.relative_to(ROOT)}")
+    Writing results and writing the docs are two steps: a tool writes results; `make docs`
+    (loadtest.tools.docfigures) writes their figures into README.md and docs/, and the test
+    suite fails while they differ (tests/test_docs.py).
+    """
+    if out.resolve() == committed.resolve():
+        note("the committed results changed: `make docs` writes their figures into the docs")

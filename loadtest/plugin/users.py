@@ -12,7 +12,7 @@ users per target come from the scenario (the knob is blank), the scenario decide
 :func:`scenario_user_count` raises ``-u`` to users per target x targets, so one click on
 ``many-clients`` runs its 1000 users per target.
 
-In arrival-rate mode (``--arrival-rate``, :mod:`loadtest.arrivals`) the users of a target are
+In arrival-rate mode (``--arrival-rate``, :mod:`loadtest.plugin.arrivals`) the users of a target are
 the connections of a pool: a scheduler hands them starts on a timetable, and each request's
 latency counts from the instant it was due. The pool is then always ``--users-per-target``
 connections (``-u`` is raised to it, never a cap), since the rate share of a process is
@@ -33,9 +33,9 @@ from typing import Any
 
 from locust import User, task
 
-from loadtest import arrivals
-from loadtest.client import LineClient
-from loadtest.workload import (
+from loadtest.plugin import arrivals
+from loadtest.plugin.client import LineClient
+from loadtest.plugin.workload import (
     DEFAULT_USERS_PER_TARGET,
     KnobError,
     Workload,

@@ -30,7 +30,7 @@ from typing import Any
 import gevent
 from gevent.event import AsyncResult
 
-from loadtest.workload import KnobError, current_workload
+from loadtest.plugin.workload import KnobError, current_workload
 
 # How long an idle user waits for a start before it rechecks the mode (the knobs may change).
 TAKE_WAIT_S = 0.5

@@ -1,9 +1,9 @@
 """Client-side numbers for Prometheus and people, wired into one Locust process.
 
-Every request event is recorded (``loadtest.client_stats``); a worker ships what it recorded
+Every request event is recorded (``loadtest.plugin.client_stats``); a worker ships what it recorded
 since its last report to the master (``report_to_master``), the master adds it up
 (``worker_report``); only the master (or a stand-alone Locust) serves pages
-(``loadtest.webui``: ``/metrics``, the latency tab) and prints the end-of-run table. Numbers
+(``loadtest.plugin.webui``: ``/metrics``, the latency tab) and prints the end-of-run table. Numbers
 start from zero when Locust resets its own statistics (a new test, the Reset button,
 ``--reset-stats``), so ``/metrics`` always agrees with Locust's tables and CSV files; Prometheus
 treats the drop as a counter reset.
@@ -15,10 +15,10 @@ import logging
 import os
 from typing import Any
 
-from loadtest.client import LATE, SERVICE_S
-from loadtest.client_metrics import render_metrics
-from loadtest.client_stats import ClientStats, latency_rows, latency_table
-from loadtest.workload import KnobError, current_workload
+from loadtest.plugin.client import LATE, SERVICE_S
+from loadtest.plugin.client_metrics import render_metrics
+from loadtest.plugin.client_stats import ClientStats, latency_rows, latency_table
+from loadtest.plugin.workload import KnobError, current_workload
 
 logger = logging.getLogger(__name__)
 
@@ -165,7 +165,7 @@ def install(environment: Any, runner: Any = None, web_ui: Any = None, **_kwargs:
     events.quit.add_listener(exporter.print_summary)
     web_ui = web_ui or environment.web_ui
     if web_ui is not None:
-        from loadtest.webui import add_web_routes
+        from loadtest.plugin.webui import add_web_routes
 
         add_web_routes(web_ui, exporter)
     return exporter

@@ -7,7 +7,7 @@ validated in one place, :meth:`Workload.from_options`, which the command line, t
 and edit forms and the users all go through; a bad value is refused with a message that names the
 knob, the allowed range and the value given.
 
-``--scenario`` picks a scenario of ``loadtest.scenarios`` (the lessons of
+``--scenario`` picks a scenario of ``loadtest.plugin.scenarios`` (the lessons of
 ``loadtest.lessons.catalog`` and the database ones); the scenario's preset fills every
 workload knob left blank. A knob's default is blank, so a value given anywhere (flag, ``LOCUST_*``
 variable, config file, a field typed into the web form) wins over the scenario, and clearing the
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from loadtest import locust_adapter, scenarios
+from loadtest.plugin import locust_adapter, scenarios
 
 # The protocol's limits and /work cost, from the one place they are defined (the Locust image
 # ships services/protocol.py, which imports only the standard library).
@@ -244,7 +244,7 @@ WORKLOAD_KNOBS = tuple(knob for knob in KNOBS if knob.from_scenario)
 
 
 def add_arguments(parser: Any, **_kwargs: Any) -> None:
-    """Register every knob on Locust's parser and read loadtest/locust.conf (lowest priority)."""
+    """Register every knob on Locust's parser and read plugin/locust.conf (lowest priority)."""
     # Locust only looks for ./locust.conf, which depends on the working directory. Reading ours
     # first means ~/.locust.conf, ./locust.conf, --config, env vars and flags all override it.
     locust_adapter.read_config_first(parser, LOCUST_CONF)

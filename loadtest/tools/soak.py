@@ -1,4 +1,4 @@
-"""`python -m loadtest.soak --duration 24h`: run the arena under the default load for a long time.
+"""`python -m loadtest.tools.soak --duration 24h`: the arena under the default load for long.
 
 Starts the four servers (free loopback ports) and a headless Locust with its default load (100
 users per server), samples every few seconds each server's RSS (the pool's workers included),
@@ -27,10 +27,10 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from loadtest import cli, procs
+from loadtest.tools import cli, procs
 from services import models
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 MODELS = models.NAMES
 READY_TIMEOUT = 60.0
 STOP_TIMEOUT = 60.0  # a server's grace (10 s) plus its workers, with room for a loaded box
@@ -67,7 +67,7 @@ def parse_duration(text: str) -> float:
 def build_parser() -> argparse.ArgumentParser:
     """The command line."""
     parser = cli.parser(
-        "loadtest.soak",
+        "loadtest.tools.soak",
         "Soak every server under the default Locust load; write a report; exit 1 if memory or "
         "descriptors grow beyond the bounds or any request fails.",
     )
@@ -155,7 +155,7 @@ def start_locust(
         "-m",
         "locust",
         "-f",
-        str(ROOT / "loadtest" / "locustfile.py"),
+        str(ROOT / "loadtest" / "plugin" / "locustfile.py"),
         "--headless",
         "--only-summary",
         "-t",
@@ -534,7 +534,7 @@ def run(args: argparse.Namespace) -> int:
     if report_dir == DEFAULT_REPORT_DIR:
         # The docs quote this run: results/soak.json (committed; the report dir is not) and the
         # sections of README.md and docs/RELIABILITY.md written from it.
-        from loadtest import docfigures
+        from loadtest.tools import docfigures
 
         for path in docfigures.publish_soak(report):
             print(f"soak: wrote {path.relative_to(ROOT)}")

@@ -7,7 +7,7 @@ healthchecks and ``curl -u user:password`` send HTTP Basic credentials instead, 
 
 Load it as a second locustfile (the image does: ``LOCUST_LOCUSTFILE=...locustfile.py,...``):
 
-    ARENA_LOCUST_LOGIN=me:secret locust -f loadtest/locustfile.py,loadtest/weblogin.py
+    ARENA_LOCUST_LOGIN=me:secret locust -f loadtest/plugin/locustfile.py,loadtest/plugin/weblogin.py
 
 Locust 2.47 has no basic-auth flag any more (``--web-auth`` and ``LOCUST_WEB_AUTH`` now only
 print an error); ``--web-login`` needs a locustfile to say who may log in: this file does.

@@ -3,7 +3,8 @@
 Locust's UI renders extra tabs from template arguments and fills them from an
 ``extended_stats`` entry in its ``/stats/requests`` poll; its ``/swarm`` handler stores any form
 text, so the knobs are validated here first and refused the way the form shows errors. The
-``/swarm`` interception is one of the adapters of ``loadtest.locust_adapter``: checked when the
+``/swarm`` interception is one of the adapters of ``loadtest.plugin.locust_adapter``: checked
+when the
 routes are added, and ``/metrics`` ends with their ``locust_adapter_fallback`` gauge.
 
 What a user sees, checked in Chromium (tests/test_webui_browser.py):
@@ -17,17 +18,26 @@ What a user sees, checked in Chromium (tests/test_webui_browser.py):
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-from loadtest import locust_adapter, scenarios
-from loadtest.client import CONNECT
-from loadtest.client_metrics import PROMETHEUS_TEXT
-from loadtest.client_stats import latency_rows, latency_table
-from loadtest.users import address_url, scenario_user_count, sync_hosts
-from loadtest.workload import KnobError, Workload, current_workload
+from loadtest.plugin import locust_adapter, scenarios
+from loadtest.plugin.client import CONNECT
+from loadtest.plugin.client_metrics import PROMETHEUS_TEXT
+from loadtest.plugin.client_stats import ClientStats, latency_rows, latency_table
+from loadtest.plugin.users import address_url, scenario_user_count, sync_hosts
+from loadtest.plugin.workload import KnobError, Workload, current_workload
 
-if TYPE_CHECKING:
-    from loadtest.exporter import Exporter
+
+class Exporter(Protocol):
+    """What the routes read of the master's exporter (loadtest.plugin.exporter builds it)."""
+
+    environment: Any
+    stats: ClientStats
+
+    def metrics_text(self) -> bytes:
+        """The master's /metrics text."""
+        ...
+
 
 LATENCY_TAB = "socket-arena-latency"
 SCENARIO_TAB = "socket-arena-scenario"

@@ -6,9 +6,9 @@ import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from loadtest.client import CONNECT
-from loadtest.client_stats import BUCKETS_SECONDS, ClientStats, Series, Timing
-from loadtest.workload import COMMANDS
+from loadtest.plugin.client import CONNECT
+from loadtest.plugin.client_stats import BUCKETS_SECONDS, ClientStats, Series, Timing
+from loadtest.plugin.workload import COMMANDS
 
 PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
 

@@ -16,7 +16,8 @@ Rules it keeps (see docs/LOADTEST.md):
   refuses is passed over for the next address);
 - it never raises into the task: every outcome becomes exactly one request event.
 
-In arrival-rate mode (``loadtest.arrivals``) a request has an *intended* start on a timetable:
+In arrival-rate mode (``loadtest.plugin.arrivals``) a request has an *intended* start on a
+timetable:
 the latency reported (Locust's response time) runs from that instant, so time spent waiting for
 a free connection or behind a stalled server counts; the service time (send to answer) travels
 beside it in the event's context (``SERVICE_S``), with ``LATE`` saying that no connection was
@@ -35,13 +36,13 @@ from typing import TYPE_CHECKING, Any
 from services.protocol import BACKEND_REPLIES
 
 if TYPE_CHECKING:
-    from loadtest.arrivals import Start
+    from loadtest.plugin.arrivals import Start
 
 CONNECT = "connect"
 READ_SIZE = 65536
 # A reply may be longer than expected only by an error message; more than this is a broken stream.
 REPLY_SLACK = 1024
-# Keys of a request event's context (read by loadtest.exporter).
+# Keys of a request event's context (read by loadtest.plugin.exporter).
 SERVICE_S = "service_s"  # seconds from sending the request to reading its reply
 LATE = "late_start"  # an arrival-rate start that found no free connection when it was due
 # Error replies to /db after which the server keeps the connection open (docs/PROTOCOL.md): the

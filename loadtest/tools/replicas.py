@@ -10,8 +10,8 @@ so the figure comes with how much of the machine Locust itself used, and everyth
 (other processes, from /proc/stat): on a machine with fewer spare cores than replicas +
 Locust, the ratio stays below N.
 
-    python -m loadtest.replicas                  # gevent, 1 then 2 replicas, 30 s each
-    python -m loadtest.replicas --duration 2 --warmup 1 --out /tmp/r.json   # a smoke run
+    python -m loadtest.tools.replicas                  # gevent, 1 then 2 replicas, 30 s each
+    python -m loadtest.tools.replicas --duration 2 --warmup 1 --out /tmp/r.json   # a smoke run
 
 Needs a Docker engine with Compose v2 (docs/SCALING.md); writes results/replicas.json and
 refreshes the docs' figures from it.
@@ -27,8 +27,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from loadtest import cli, procs
-from loadtest.bench.scrape_cost import commit_of
+from loadtest.tools import cli, procs
 from services import models
 
 ROOT = cli.ROOT
@@ -167,7 +166,7 @@ def measure(stack: Stack, warmup: float, duration: float) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     """Measure 1 and N replicas, print and write the JSON; exit 2 when it cannot."""
-    parser = cli.parser("loadtest.replicas", __doc__.split("\n\n")[0])
+    parser = cli.parser("loadtest.tools.replicas", __doc__.split("\n\n")[0])
     parser.add_argument("--model", default="gevent", choices=models.NAMES, help="(default gevent)")
     cli.add_number(parser, "--replicas", 2, "replicas of the second run")
     cli.add_number(parser, "--cpus", 1.0, "CPU limit of each replica (ARENA_SERVER_CPUS)")
@@ -203,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "what": f"/work ({SCENARIO}) with 1 and {args.replicas} replicas (docs/SCALING.md)",
         "when": cli.timestamp(),
-        "commit": commit_of(ROOT),
+        "commit": cli.commit_of(ROOT),
         "cpus": os.cpu_count(),
         "model": args.model,
         "cpus_per_replica": args.cpus,

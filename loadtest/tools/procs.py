@@ -41,7 +41,7 @@ from typing import Any
 import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 # The line every server prints once it listens (services/__main__.py, loadtest/bench/textbook.py
 # and the C echo server of loadtest/bench/loadgen.c); metrics_port=0 means no /metrics.
 READY = re.compile(
