@@ -7,12 +7,14 @@ nothing else the server does is touched.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -37,6 +39,22 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
+
+
+@contextlib.contextmanager
+def clients_running(
+    client: Callable[[int], None], count: int, stop: threading.Event
+) -> Iterator[None]:
+    """`count` threads running `client(index)` until the block ends (then `stop` is set)."""
+    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(REPLY_TIMEOUT * 2)
 
 
 def held_connections(postgres: Postgres, name: str) -> int:
@@ -111,34 +129,27 @@ def test_a_database_outage_answers_unavailable_and_heals_within_two_seconds(name
                 with lock:
                     problems.append(f"client {index}: {error!r}")
 
-        threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(100)]
         try:
-            for thread in threads:
-                thread.start()
-            wait_for(lambda: replies["ok"] >= 200, what="200 /db answered before the outage")
-            postgres.stop()
-            down_at = time.monotonic()
-            wait_for(
-                lambda: replies["unavailable"] >= 1, what="/db answered unavailable while down"
-            )
-            remaining = 5.0 - (time.monotonic() - down_at)
-            if remaining > 0:
-                stop.wait(remaining)  # the outage lasts 5 s, as the issue sets it
-            ok_before_restart = replies["ok"]
-            postgres.start()
-            wait_for(
-                lambda: replies["ok"] > ok_before_restart + 50,
-                timeout=REPLY_TIMEOUT,
-                what="/db answered again after the restart",
-            )
-            # Probe on a fresh connection: the first success after the database is back.
-            with LineClient(server.address, timeout=REPLY_TIMEOUT) as probe:
-                assert probe.request(b"/db 0 back") == b"BACK\n"
-        finally:
-            stop.set()
-            for thread in threads:
-                thread.join(REPLY_TIMEOUT * 2)
-        try:
+            with clients_running(client, 100, stop):
+                wait_for(lambda: replies["ok"] >= 200, what="200 /db answered before the outage")
+                postgres.stop()
+                down_at = time.monotonic()
+                wait_for(
+                    lambda: replies["unavailable"] >= 1, what="/db answered unavailable while down"
+                )
+                remaining = 5.0 - (time.monotonic() - down_at)
+                if remaining > 0:
+                    stop.wait(remaining)  # the outage lasts 5 s, as the issue sets it
+                ok_before_restart = replies["ok"]
+                postgres.start()
+                wait_for(
+                    lambda: replies["ok"] > ok_before_restart + 50,
+                    timeout=REPLY_TIMEOUT,
+                    what="/db answered again after the restart",
+                )
+                # Probe on a fresh connection: the first success after the database is back.
+                with LineClient(server.address, timeout=REPLY_TIMEOUT) as probe:
+                    assert probe.request(b"/db 0 back") == b"BACK\n"
             assert not problems, problems[:5]
             assert not any(kind.startswith("unexpected") for kind in replies), replies
             assert replies["unavailable"] >= 1
@@ -243,27 +254,20 @@ def test_a_killed_pool_worker_heals_and_leaks_no_database_connection(postgres):
         except OSError as error:
             problems.append(f"client {index}: {error!r}")
 
-    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(20)]
     try:
-        for thread in threads:
-            thread.start()
-        wait_for(lambda: held_connections(postgres, "pool") == 2, what="both workers connected")
-        victim = worker_pid(server)
-        os.kill(victim, signal.SIGKILL)
-        metrics = wait_for_metrics(
-            server, lambda m: m.value("arena_pool_worker_restarts_total") >= 1
-        )
-        assert metrics.value("arena_pool_worker_restarts_total") == 1
-        before = metrics.value("arena_requests_total", command="db", outcome="ok")
-        wait_for_metrics(
-            server,
-            lambda m: m.value("arena_requests_total", command="db", outcome="ok") > before + 20,
-        )
-    finally:
-        stop.set()
-        for thread in threads:
-            thread.join(REPLY_TIMEOUT * 2)
-    try:
+        with clients_running(client, 20, stop):
+            wait_for(lambda: held_connections(postgres, "pool") == 2, what="both workers connected")
+            victim = worker_pid(server)
+            os.kill(victim, signal.SIGKILL)
+            metrics = wait_for_metrics(
+                server, lambda m: m.value("arena_pool_worker_restarts_total") >= 1
+            )
+            assert metrics.value("arena_pool_worker_restarts_total") == 1
+            before = metrics.value("arena_requests_total", command="db", outcome="ok")
+            wait_for_metrics(
+                server,
+                lambda m: m.value("arena_requests_total", command="db", outcome="ok") > before + 20,
+            )
         assert not problems, problems[:5]
         # The dead worker's connection is gone with it; the new ones hold one each.
         wait_for(

@@ -180,10 +180,10 @@ DB_CHECKED: tuple[Lesson, ...] = (
 DEFAULT_LESSON = "steady"
 
 
-def get(lesson_id: str) -> Lesson:
-    """The lesson called `lesson_id`; KeyError names the choices."""
+def get(lesson_id: str, table: Mapping[str, Lesson] = LESSONS_BY_ID) -> Lesson:
+    """The lesson called `lesson_id` in `table`; KeyError names the choices."""
     try:
-        return LESSONS_BY_ID[lesson_id]
+        return table[lesson_id]
     except KeyError:
-        choices = ", ".join(LESSONS_BY_ID)
+        choices = ", ".join(table)
         raise KeyError(f"unknown lesson {lesson_id!r}; choose from {choices}") from None

@@ -103,8 +103,4 @@ LESSONS_BY_ID: Mapping[str, Lesson] = {lesson.id: lesson for lesson in LESSONS}
 
 def get(lesson_id: str) -> Lesson:
     """The scenario called `lesson_id`; KeyError names the choices."""
-    try:
-        return LESSONS_BY_ID[lesson_id]
-    except KeyError:
-        choices = ", ".join(LESSONS_BY_ID)
-        raise KeyError(f"unknown lesson {lesson_id!r}; choose from {choices}") from None
+    return catalog.get(lesson_id, LESSONS_BY_ID)
