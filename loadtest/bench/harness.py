@@ -437,7 +437,7 @@ class Progress:
         spent = time.monotonic() - self.started
         left = spent / self.done * (self.total - self.done)
         print(
-            f"[{self.done:>3}/{self.total}] {text}  (about {_clock(left)} left)",
+            f"[{self.done:>3}/{self.total}] {text}  (about {duration_text(left)} left)",
             file=sys.stderr,
             flush=True,
         )
@@ -448,9 +448,14 @@ class Progress:
             print(text, file=sys.stderr, flush=True)
 
 
-def _clock(seconds: float) -> str:
+def duration_text(seconds: float) -> str:
+    """A time estimate for people, to the second: 45s, 3m07s."""
     minutes, seconds = divmod(int(seconds + 0.5), 60)
     return f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
+
+
+# The old private name, still used by loadtest/bench/openloop.py and loadtest/lessons/__main__.py.
+_clock = duration_text
 
 
 def quietest(measure: Callable[[], dict], retries: int) -> dict:

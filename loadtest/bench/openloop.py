@@ -149,7 +149,7 @@ def run(targets: list[Target], sweep: Sweep, meta: dict, out: Path, quiet: bool 
     per_run = sweep.duration + sweep.warmup + 0.6
     progress.note(
         f"bench --open-loop: {len(targets)} models x (1 closed-loop run + {len(steps)} offered "
-        f"rates) on {scenario.title}, about {harness._clock(progress.total * per_run)} plus "
+        f"rates) on {scenario.title}, about {harness.duration_text(progress.total * per_run)} plus "
         f"start-ups; {sweep.pinning.describe()}"
     )
     with harness.measuring("bench --open-loop"):

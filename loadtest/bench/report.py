@@ -170,8 +170,20 @@ def starved_lines(results: dict, scenario: str | None = None) -> list[str]:
 
 def write_markdown(results: dict, directory: Path) -> Path:
     """bench.md: one table per scenario, the comparison tables, and the charts."""
-    meta = results["meta"]
-    lines = [
+    comparison = {(row["scenario"], row["family"]): row for row in comparisons(results)}
+    lines = _method_lines(results["meta"]) + _status_lines(results)
+    for scenario in results["scenarios"]:
+        lines += _scenario_table(results, scenario, comparison)
+    lines += _comparison_tables(results, comparison)
+    lines += _servers_and_charts(results)
+    path = directory / "bench.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def _method_lines(meta: dict) -> list[str]:
+    """The heading and the bullets saying how the figures were measured."""
+    return [
         "# Socket Arena benchmark",
         "",
         f"- **When / where:** {machine_line(meta)}; warm-up {meta['warmup_s']:g} s per run.",
@@ -201,8 +213,13 @@ def write_markdown(results: dict, directory: Path) -> Path:
         "These three are from the worst run, not the median. A run in which any connection got "
         "no reply is **starved** and flagged ⚠.",
     ]
-    if meta.get("postgres"):
-        database = meta["postgres"]
+
+
+def _status_lines(results: dict) -> list[str]:
+    """The bullets about this run: its PostgreSQL, skipped scenarios and starved runs."""
+    lines = []
+    if results["meta"].get("postgres"):
+        database = results["meta"]["postgres"]
         lines.append(
             f"- **/db:** one throwaway PostgreSQL {database['version']} for the run "
             f"(`loadtest/tools/postgres.py`, {database['pinning']}), each server holding up to "
@@ -219,85 +236,105 @@ def write_markdown(results: dict, directory: Path) -> Path:
         else ["- No run starved a connection: every connection was answered in every window."]
     )
     lines.append("")
+    return lines
+
+
+def _scenario_table(results: dict, scenario: str, comparison: dict) -> list[str]:
+    """One scenario's section: its table of servers and its starved warnings."""
     runs = _by_key(results)
-    comparison = {(row["scenario"], row["family"]): row for row in comparisons(results)}
-    for scenario, info in results["scenarios"].items():
-        database = bool(info.get("database"))
-        lines += [f"## {info['title']}", ""]
-        lines.append(
-            "| server | req/s | p50 µs | p99 µs | p99.9 µs | errors | answered | req/conn | "
-            "longest wait | server CPU | CPU µs/req | "
-            + ("postgres CPU | postgres µs/req | " if database else "")
-            + "peak RSS | threads | loadgen CPU | other on server CPU | vs textbook | "
-            "metrics cost |"
-        )
-        lines.append("|---|" + "--:|" * (18 if database else 16))
-        for target in results["targets"]:
-            run = runs.get((scenario, target["name"]))
-            if run is None:
-                continue
-            median = run["median"]
-            latency = median["latency_us"]
-            rps = f"{median['rps']:,.0f}"
-            if median["loadgen_saturated"]:
-                rps += " ⚠ load generator saturated"
-            row = comparison.get((scenario, target["name"]), {})
-            lines.append(
-                f"| {target['name']} | {rps} | {_fmt_us(latency['p50'])} | "
-                f"{_fmt_us(latency['p99'])} | {_fmt_us(latency['p999'])} | {median['errors']} | "
-                f"{_fmt_answered(median)} | {_fmt_per_connection(median)} | {_fmt_wait(median)} | "
-                f"{median['server_cpu_s']:.2f} s ({median['server_cpu_fraction']:.0%}) | "
-                f"{median['server_cpu_us_per_request']:,.1f} | "
-                + (_fmt_database(median) if database else "")
-                + f"{median['peak_rss_bytes'] / 2**20:.0f} MiB | {median['threads']:.0f} | "
-                f"{median['loadgen_cpu_fraction']:.0%} | {_fmt_other(median)} | "
-                f"{_fmt_ratio(row.get('vs_textbook'))} | "
-                f"{_fmt_cost(row.get('metrics_cost'))} |"
-            )
-        lines.append("")
-        for line in starved_lines(results, scenario):
-            lines += [f"> **{line}**", ""]
-    families = results["families"]
+    info = results["scenarios"][scenario]
+    database = bool(info.get("database"))
+    lines = [f"## {info['title']}", ""]
+    lines.append(
+        "| server | req/s | p50 µs | p99 µs | p99.9 µs | errors | answered | req/conn | "
+        "longest wait | server CPU | CPU µs/req | "
+        + ("postgres CPU | postgres µs/req | " if database else "")
+        + "peak RSS | threads | loadgen CPU | other on server CPU | vs textbook | "
+        "metrics cost |"
+    )
+    lines.append("|---|" + "--:|" * (18 if database else 16))
+    for target in results["targets"]:
+        run = runs.get((scenario, target["name"]))
+        if run is None:
+            continue
+        row = comparison.get((scenario, target["name"]), {})
+        lines.append(_server_row(target["name"], run["median"], row, database))
+    lines.append("")
+    for line in starved_lines(results, scenario):
+        lines += [f"> **{line}**", ""]
+    return lines
+
+
+def _server_row(name: str, median: dict, row: dict, database: bool) -> str:
+    """One server's row of a scenario table."""
+    latency = median["latency_us"]
+    rps = f"{median['rps']:,.0f}"
+    if median["loadgen_saturated"]:
+        rps += " ⚠ load generator saturated"
+    return (
+        f"| {name} | {rps} | {_fmt_us(latency['p50'])} | "
+        f"{_fmt_us(latency['p99'])} | {_fmt_us(latency['p999'])} | {median['errors']} | "
+        f"{_fmt_answered(median)} | {_fmt_per_connection(median)} | {_fmt_wait(median)} | "
+        f"{median['server_cpu_s']:.2f} s ({median['server_cpu_fraction']:.0%}) | "
+        f"{median['server_cpu_us_per_request']:,.1f} | "
+        + (_fmt_database(median) if database else "")
+        + f"{median['peak_rss_bytes'] / 2**20:.0f} MiB | {median['threads']:.0f} | "
+        f"{median['loadgen_cpu_fraction']:.0%} | {_fmt_other(median)} | "
+        f"{_fmt_ratio(row.get('vs_textbook'))} | "
+        f"{_fmt_cost(row.get('metrics_cost'))} |"
+    )
+
+
+# The comparison tables of bench.md: title, key in a comparisons() row, cell format.
+COMPARISON_TABLES = (
+    ("Ours vs textbook (req/s, metrics on; ≥ 1.00x is the target)", "vs_textbook", _fmt_ratio),
+    (
+        "Cost of metrics (req/s lost with metrics on; ≤ 10 % is the target)",
+        "metrics_cost",
+        _fmt_cost,
+    ),
+    (
+        "Ours vs textbook in server CPU per request (textbook CPU/req ÷ ours; ≥ 1.00x: ours "
+        "is cheaper)",
+        "vs_textbook_cpu",
+        _fmt_ratio,
+    ),
+    (
+        "Cost of metrics in server CPU per request (extra CPU/req with metrics on)",
+        "metrics_cost_cpu",
+        _fmt_cost,
+    ),
+)
+
+
+def _comparison_tables(results: dict, comparison: dict) -> list[str]:
+    """One table per COMPARISON_TABLES entry: a row per model, a column per scenario."""
     scenario_names = list(results["scenarios"])
-    for title, key, fmt in (
-        ("Ours vs textbook (req/s, metrics on; ≥ 1.00x is the target)", "vs_textbook", _fmt_ratio),
-        (
-            "Cost of metrics (req/s lost with metrics on; ≤ 10 % is the target)",
-            "metrics_cost",
-            _fmt_cost,
-        ),
-        (
-            "Ours vs textbook in server CPU per request (textbook CPU/req ÷ ours; ≥ 1.00x: ours "
-            "is cheaper)",
-            "vs_textbook_cpu",
-            _fmt_ratio,
-        ),
-        (
-            "Cost of metrics in server CPU per request (extra CPU/req with metrics on)",
-            "metrics_cost_cpu",
-            _fmt_cost,
-        ),
-    ):
+    lines = []
+    for title, key, fmt in COMPARISON_TABLES:
         lines += [
             f"## {title}",
             "",
             "| model | " + " | ".join(scenario_names) + " |",
             "|---|" + "--:|" * len(scenario_names),
         ]
-        for family in families:
+        for family in results["families"]:
             cells = [
                 fmt(comparison.get((scenario, family), {}).get(key)) for scenario in scenario_names
             ]
             lines.append(f"| {family} | " + " | ".join(cells) + " |")
         lines.append("")
-    lines += ["## Servers", ""]
+    return lines
+
+
+def _servers_and_charts(results: dict) -> list[str]:
+    """The list of servers with their commands, then the charts."""
+    lines = ["## Servers", ""]
     lines += [f"- **{target['name']}**: {target['command']}" for target in results["targets"]]
     lines.append("")
     for chart in results.get("charts", []):
         lines += [f"![{chart}]({chart})", ""]
-    path = directory / "bench.md"
-    path.write_text("\n".join(lines))
-    return path
+    return lines
 
 
 def write_charts(results: dict, directory: Path) -> list[str]:
@@ -308,22 +345,36 @@ def write_charts(results: dict, directory: Path) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")  # no display: write files only
-    from matplotlib import pyplot
-    from matplotlib.ticker import FuncFormatter, NullFormatter
+    _write_throughput_chart(results, directory / "throughput.png")
+    _write_latency_chart(results, directory / "latency.png")
+    _write_resources_chart(results, directory / "resources.png")
+    write_fairness_chart(results, directory / "fairness.png")
+    if write_database_chart(results, directory / DATABASE_CHART):
+        return [*CHARTS, DATABASE_CHART]
+    return list(CHARTS)
 
-    footer = machine_line(results["meta"])
+
+def _scenario_grid(results: dict):
+    """A figure with one panel per scenario, up to three a row; the figure and its axes."""
+    from matplotlib import pyplot
+
+    count = len(results["scenarios"])
+    columns = min(3, max(1, count))
+    rows = -(-count // columns)
+    return pyplot.subplots(rows, columns, figsize=(5.2 * columns, 4.2 * rows), squeeze=False)
+
+
+def _write_throughput_chart(results: dict, path: Path) -> None:
+    """throughput.png: per scenario, req/s of each server, saturated or noisy runs noted."""
+    from matplotlib import pyplot
+    from matplotlib.ticker import FuncFormatter
+
     runs = _by_key(results)
     scenarios = results["scenarios"]
-    targets = results["targets"]
-    columns = min(3, max(1, len(scenarios)))
-    rows = -(-len(scenarios) // columns)
-
-    figure, axes = pyplot.subplots(
-        rows, columns, figsize=(5.2 * columns, 4.2 * rows), squeeze=False
-    )
+    figure, axes = _scenario_grid(results)
     for axis, (scenario, info) in zip(axes.flat, scenarios.items(), strict=False):
         names, values, colors = [], [], []
-        for target in targets:
+        for target in results["targets"]:
             run = runs.get((scenario, target["name"]))
             if run:
                 names.append(target["name"])
@@ -342,16 +393,23 @@ def write_charts(results: dict, directory: Path) -> list[str]:
             )
             if notes:
                 axis.text(values[index], index, " " + ", ".join(notes), va="center", fontsize=6)
+    footer = machine_line(results["meta"])
     _finish(figure, axes, len(scenarios), "Throughput per model and scenario", footer)
-    figure.savefig(directory / "throughput.png", dpi=110)
+    figure.savefig(path, dpi=110)
     pyplot.close(figure)
 
-    figure, axes = pyplot.subplots(
-        rows, columns, figsize=(5.2 * columns, 4.2 * rows), squeeze=False
-    )
+
+def _write_latency_chart(results: dict, path: Path) -> None:
+    """latency.png: per scenario, p50, p99 and p99.9 of each server on a log scale."""
+    from matplotlib import pyplot
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    runs = _by_key(results)
+    scenarios = results["scenarios"]
+    figure, axes = _scenario_grid(results)
     markers = (("p50", "o", "p50"), ("p99", "^", "p99"), ("p999", "s", "p99.9"))
     for axis, (scenario, info) in zip(axes.flat, scenarios.items(), strict=False):
-        names = [t["name"] for t in targets if (scenario, t["name"]) in runs]
+        names = [t["name"] for t in results["targets"] if (scenario, t["name"]) in runs]
         for key, marker, label in markers:
             values = [runs[(scenario, name)]["median"]["latency_us"][key] for name in names]
             axis.scatter(values, range(len(names)), marker=marker, label=label, s=22)
@@ -369,13 +427,16 @@ def write_charts(results: dict, directory: Path) -> list[str]:
         axes,
         len(scenarios),
         "Latency percentiles per model and scenario",
-        footer,
+        machine_line(results["meta"]),
         kind_legend=False,
     )
-    figure.savefig(directory / "latency.png", dpi=110)
+    figure.savefig(path, dpi=110)
     pyplot.close(figure)
 
-    figure, (memory_axis, threads_axis) = pyplot.subplots(1, 2, figsize=(12, 4.6))
+
+def _echo_series(scenarios: dict) -> tuple[int | None, list[tuple[str, int]]]:
+    """The echo size the resources chart follows (64 B if measured, else the smallest) and its
+    scenarios as (name, connections), fewest connections first."""
     echo_sizes = sorted({info["echo_size"] for info in scenarios.values() if info["echo_size"]})
     series_size = 64 if 64 in echo_sizes else (echo_sizes[0] if echo_sizes else None)
     series = [
@@ -384,7 +445,17 @@ def write_charts(results: dict, directory: Path) -> list[str]:
         if series_size is not None and info["echo_size"] == series_size
     ]
     series.sort(key=lambda item: item[1])
-    for target in targets:
+    return series_size, series
+
+
+def _write_resources_chart(results: dict, path: Path) -> None:
+    """resources.png: peak RSS and threads of each server against connections (echo)."""
+    from matplotlib import pyplot
+
+    runs = _by_key(results)
+    figure, (memory_axis, threads_axis) = pyplot.subplots(1, 2, figsize=(12, 4.6))
+    series_size, series = _echo_series(results["scenarios"])
+    for target in results["targets"]:
         points = [
             (connections, runs[(name, target["name"])]["median"])
             for name, connections in series
@@ -392,12 +463,7 @@ def write_charts(results: dict, directory: Path) -> list[str]:
         ]
         if not points:
             continue
-        family_index = results["families"].index(target["family"])
-        style = {
-            "color": FAMILY_COLORS[family_index % len(FAMILY_COLORS)],
-            "marker": {"ours": "o", "no-metrics": "x", "textbook": "s"}[target["kind"]],
-            "linestyle": {"ours": "-", "no-metrics": ":", "textbook": "--"}[target["kind"]],
-        }
+        style = _line_style(results, target)
         connections = [point[0] for point in points]
         memory_axis.plot(
             connections,
@@ -406,6 +472,28 @@ def write_charts(results: dict, directory: Path) -> list[str]:
             **style,
         )
         threads_axis.plot(connections, [p[1]["threads"] for p in points], **style)
+    _label_resources_axes(memory_axis, threads_axis, series_size)
+    figure.suptitle("Memory and threads vs connections")
+    figure.text(0.5, 0.01, machine_line(results["meta"]), ha="center", fontsize=7)
+    figure.tight_layout(rect=(0, 0.03, 1, 1))
+    figure.savefig(path, dpi=110)
+    pyplot.close(figure)
+
+
+def _line_style(results: dict, target: dict) -> dict:
+    """A target's line on the resources chart: colour per model, marker and dashes per kind."""
+    family_index = results["families"].index(target["family"])
+    return {
+        "color": FAMILY_COLORS[family_index % len(FAMILY_COLORS)],
+        "marker": {"ours": "o", "no-metrics": "x", "textbook": "s"}[target["kind"]],
+        "linestyle": {"ours": "-", "no-metrics": ":", "textbook": "--"}[target["kind"]],
+    }
+
+
+def _label_resources_axes(memory_axis, threads_axis, series_size: int | None) -> None:
+    """Titles, labels, log scales and the legend of the resources chart's two panels."""
+    from matplotlib.ticker import FuncFormatter
+
     memory_axis.set_title(f"Peak RSS vs connections (echo {series_size} B)")
     memory_axis.set_xlabel("connections")
     memory_axis.set_ylabel("MiB (server + workers)")
@@ -420,15 +508,6 @@ def write_charts(results: dict, directory: Path) -> list[str]:
         axis.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
     if memory_axis.get_lines():  # no echo scenario (e.g. only /db): nothing to label
         memory_axis.legend(fontsize=7, ncol=2)
-    figure.suptitle("Memory and threads vs connections")
-    figure.text(0.5, 0.01, footer, ha="center", fontsize=7)
-    figure.tight_layout(rect=(0, 0.03, 1, 1))
-    figure.savefig(directory / "resources.png", dpi=110)
-    pyplot.close(figure)
-    write_fairness_chart(results, directory / "fairness.png")
-    if write_database_chart(results, directory / DATABASE_CHART):
-        return [*CHARTS, DATABASE_CHART]
-    return list(CHARTS)
 
 
 def write_database_chart(results: dict, path: Path) -> bool:
@@ -505,11 +584,7 @@ def write_fairness_chart(results: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     from matplotlib import pyplot
-    from matplotlib.lines import Line2D
-    from matplotlib.ticker import FuncFormatter, NullFormatter
 
-    meta = results["meta"]
-    runs = _by_key(results)
     scenarios = results["scenarios"]
     pairs = min(2, max(1, len(scenarios)))  # two scenarios side by side, two panels each
     rows = -(-len(scenarios) // pairs)
@@ -520,59 +595,88 @@ def write_fairness_chart(results: dict, path: Path) -> None:
     figure, axes = pyplot.subplots(
         rows, 2 * pairs, figsize=(max(10.5, 7.2 * pairs), total), squeeze=False
     )
-    window = meta["duration_s"]
     for index, (scenario, info) in enumerate(scenarios.items()):
-        answered_axis = axes[index // pairs][2 * (index % pairs)]
-        wait_axis = axes[index // pairs][2 * (index % pairs) + 1]
-        medians = [
-            (target, runs[(scenario, target["name"])]["median"])
-            for target in results["targets"]
-            if (scenario, target["name"]) in runs
-            and _has_fairness(runs[(scenario, target["name"])]["median"])
-        ]
-        names = [target["name"] for target, _ in medians]
-        positions = range(len(medians))
-        shares = [100 * m["answered_connections"] / max(1, m["connections"]) for _, m in medians]
-        colors = [STARVED_COLOR if m["starved"] else KIND_COLORS[t["kind"]] for t, m in medians]
-        answered_axis.barh(list(positions), shares, color=colors)
-        for position, (_, median) in zip(positions, medians, strict=True):
-            label = f"{median['answered_connections']}/{median['connections']}"
-            answered_axis.text(
-                2,
-                position,
-                ("⚠ " if median["starved"] else "") + label,
-                va="center",
-                fontsize=6,
-                color="white" if not median["starved"] else "black",
-            )
-        answered_axis.set_yticks(list(positions), names, fontsize=7)
-        answered_axis.invert_yaxis()
-        answered_axis.set_xlim(0, 100)
-        answered_axis.set_xlabel("connections answered in the window (% of N)", fontsize=8)
-        answered_axis.set_title(info["title"], fontsize=9)
-        for position, (target, median) in zip(positions, medians, strict=True):
-            still = median["longest_wait_unanswered"]
-            wait_axis.scatter(
-                [median["longest_wait_s"] * 1e6],
-                [position],
-                s=30 if still else 22,
-                marker=">" if still else "o",
-                color=STARVED_COLOR if still else KIND_COLORS[target["kind"]],
-            )
-        waits = [m["longest_wait_s"] * 1e6 for _, m in medians] or [window * 1e6]
-        wait_axis.set_xlim(min(waits) / 3, max(max(waits), window * 1e6) * 3)
-        wait_axis.axvline(window * 1e6, color="grey", linestyle="--", linewidth=0.8)
-        wait_axis.text(window * 1e6, -0.6, " window", fontsize=6, color="grey", va="bottom")
-        wait_axis.set_yticks(list(positions), [""] * len(medians))
-        wait_axis.set_ylim(len(medians) - 0.5, -1)
-        wait_axis.set_xscale("log")
-        wait_axis.xaxis.set_major_formatter(FuncFormatter(_duration_label))
-        wait_axis.xaxis.set_minor_formatter(NullFormatter())
-        wait_axis.set_xlabel("longest wait of any request (log scale)", fontsize=8)
-        wait_axis.set_title(f"{info['title']}: longest wait", fontsize=9)
-        wait_axis.grid(axis="x", alpha=0.3)
+        medians = _fairness_medians(results, scenario)
+        row, column = index // pairs, 2 * (index % pairs)
+        _draw_answered(axes[row][column], info, medians)
+        _draw_longest_wait(axes[row][column + 1], info, medians, results["meta"]["duration_s"])
     for axis in list(axes.flat)[2 * len(scenarios) :]:
         axis.set_visible(False)
+    _fairness_legend(figure, total)
+    figure.suptitle("Fairness: connections answered and the longest wait (worst run)")
+    figure.text(0.5, 0.04 / total, machine_line(results["meta"]), ha="center", fontsize=7)
+    figure.tight_layout(rect=(0, legend_inches / total, 1, 1 - title_inches / total))
+    figure.savefig(path, dpi=110)
+    pyplot.close(figure)
+
+
+def _fairness_medians(results: dict, scenario: str) -> list[tuple[dict, dict]]:
+    """(target, median) of each server measured in `scenario` that has fairness figures."""
+    runs = _by_key(results)
+    return [
+        (target, runs[(scenario, target["name"])]["median"])
+        for target in results["targets"]
+        if (scenario, target["name"]) in runs
+        and _has_fairness(runs[(scenario, target["name"])]["median"])
+    ]
+
+
+def _draw_answered(axis, info: dict, medians: list[tuple[dict, dict]]) -> None:
+    """The left panel of a scenario: share of connections answered, starved runs in red."""
+    names = [target["name"] for target, _ in medians]
+    positions = range(len(medians))
+    shares = [100 * m["answered_connections"] / max(1, m["connections"]) for _, m in medians]
+    colors = [STARVED_COLOR if m["starved"] else KIND_COLORS[t["kind"]] for t, m in medians]
+    axis.barh(list(positions), shares, color=colors)
+    for position, (_, median) in zip(positions, medians, strict=True):
+        label = f"{median['answered_connections']}/{median['connections']}"
+        axis.text(
+            2,
+            position,
+            ("⚠ " if median["starved"] else "") + label,
+            va="center",
+            fontsize=6,
+            color="white" if not median["starved"] else "black",
+        )
+    axis.set_yticks(list(positions), names, fontsize=7)
+    axis.invert_yaxis()
+    axis.set_xlim(0, 100)
+    axis.set_xlabel("connections answered in the window (% of N)", fontsize=8)
+    axis.set_title(info["title"], fontsize=9)
+
+
+def _draw_longest_wait(axis, info: dict, medians: list[tuple[dict, dict]], window: float) -> None:
+    """The right panel of a scenario: each server's longest wait (log), the window marked."""
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    positions = range(len(medians))
+    for position, (target, median) in zip(positions, medians, strict=True):
+        still = median["longest_wait_unanswered"]
+        axis.scatter(
+            [median["longest_wait_s"] * 1e6],
+            [position],
+            s=30 if still else 22,
+            marker=">" if still else "o",
+            color=STARVED_COLOR if still else KIND_COLORS[target["kind"]],
+        )
+    waits = [m["longest_wait_s"] * 1e6 for _, m in medians] or [window * 1e6]
+    axis.set_xlim(min(waits) / 3, max(max(waits), window * 1e6) * 3)
+    axis.axvline(window * 1e6, color="grey", linestyle="--", linewidth=0.8)
+    axis.text(window * 1e6, -0.6, " window", fontsize=6, color="grey", va="bottom")
+    axis.set_yticks(list(positions), [""] * len(medians))
+    axis.set_ylim(len(medians) - 0.5, -1)
+    axis.set_xscale("log")
+    axis.xaxis.set_major_formatter(FuncFormatter(_duration_label))
+    axis.xaxis.set_minor_formatter(NullFormatter())
+    axis.set_xlabel("longest wait of any request (log scale)", fontsize=8)
+    axis.set_title(f"{info['title']}: longest wait", fontsize=9)
+    axis.grid(axis="x", alpha=0.3)
+
+
+def _fairness_legend(figure, total: float) -> None:
+    """The fairness chart's legend: the kinds, starved, and still waiting at the end."""
+    from matplotlib.lines import Line2D
+
     handles = [
         _patch(KIND_COLORS[kind], KIND_NAMES[kind]) for kind in ("ours", "no-metrics", "textbook")
     ]
@@ -590,11 +694,6 @@ def write_fairness_chart(results: dict, path: Path) -> None:
     figure.legend(
         handles=handles, loc="lower center", fontsize=7, ncol=3, bbox_to_anchor=(0.5, 0.2 / total)
     )
-    figure.suptitle("Fairness: connections answered and the longest wait (worst run)")
-    figure.text(0.5, 0.04 / total, machine_line(meta), ha="center", fontsize=7)
-    figure.tight_layout(rect=(0, legend_inches / total, 1, 1 - title_inches / total))
-    figure.savefig(path, dpi=110)
-    pyplot.close(figure)
 
 
 def _rate_label(rate: float, _position: object = None) -> str:
