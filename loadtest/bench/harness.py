@@ -454,10 +454,6 @@ def duration_text(seconds: float) -> str:
     return f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
 
 
-# The old private name, still used by loadtest/bench/openloop.py and loadtest/lessons/__main__.py.
-_clock = duration_text
-
-
 def quietest(measure: Callable[[], dict], retries: int) -> dict:
     """`measure()`, again up to `retries` times while other work took more than
     NOISY_OTHER_FRACTION of the server CPU; the quietest record, with its number of attempts."""

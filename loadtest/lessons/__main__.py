@@ -146,13 +146,38 @@ def _run(
     plans: list[runner.Plan],
 ) -> int:
     """Measure the plans, print and write the results; the exit code."""
+    background = _announce(args, pace, rig, work, plans)
+    entries: list[dict] = []
+
+    def on_lesson(item: runner.Plan, figures: dict[str, dict]) -> None:
+        entry = _lesson_entry(item, figures)
+        entries.append(entry)
+        print("\n" + report.console_block(entry) + "\n", flush=True)  # results: stdout
+
+    with harness.measuring("lessons"):
+        runner.run_plans(plans, rig, on_lesson)
+    after = harness.background_load()
+    results = _results(pace, rig, work, entries, background, after)
+    _write(results, args, rig.progress)
+    return 1 if any(entry["verdict"] == checks.FAILS for entry in entries) else 0
+
+
+def _announce(
+    args: argparse.Namespace,
+    pace: runner.Pace,
+    rig: runner.Rig,
+    work: runner.Work,
+    plans: list[runner.Plan],
+) -> float:
+    """Set each plan's window and the rig's progress, say what will run (and whether the
+    machine is busy); the machine's background load before the run."""
     for item in plans:
         item.setup["window_s"] = max((rig.window(run) for run in item.runs), default=0.0)
     progress = rig.progress = harness.Progress(sum(len(item.runs) for item in plans) * pace.reps)
     background = harness.background_load()
     progress.note(
         f"lessons: {len(plans)} lessons x {', '.join(args.models)}: {progress.total} "
-        f"measurements, about {harness._clock(runner.estimate_seconds(plans, pace))}; "
+        f"measurements, about {harness.duration_text(runner.estimate_seconds(plans, pace))}; "
         f"{rig.one_core.describe()} (cores: server on CPU "
         f"{','.join(map(str, sorted(rig.all_cores.server or ())))}, load generator too); "
         f"/work ~1 ms = {work.rounds_1ms:,} rounds"
@@ -162,29 +187,53 @@ def _run(
             f"lessons: warning: other processes keep {background:.0%} of the CPU "
             "busy; figures will be noisy and failing checks inconclusive"
         )
-    entries: list[dict] = []
+    return background
 
-    def on_lesson(item: runner.Plan, figures: dict[str, dict]) -> None:
-        lesson = checks.lesson(item.lesson)
-        verdict = checks.decide(item.lesson, figures, item.setup)
-        entry = {
-            "id": item.lesson,
-            "title": lesson.title,
-            "claim": lesson.claim,
-            "hypothesis": checks.hypothesis(item.lesson, item.setup),
-            "verdict": verdict.verdict,
-            "reason": verdict.reason,
-            "setup": item.setup,
-            "figures": figures,
-            "reading": report.reading(item.lesson, figures, item.setup),
-        }
-        entries.append(entry)
-        print("\n" + report.console_block(entry) + "\n", flush=True)  # results: stdout
 
-    with harness.measuring("lessons"):
-        runner.run_plans(plans, rig, on_lesson)
-    after = harness.background_load()
-    results: dict[str, Any] = {
+def _lesson_entry(item: runner.Plan, figures: dict[str, dict]) -> dict:
+    """One lesson's result: claim, hypothesis, verdict with its reason, figures, reading."""
+    lesson = checks.lesson(item.lesson)
+    verdict = checks.decide(item.lesson, figures, item.setup)
+    return {
+        "id": item.lesson,
+        "title": lesson.title,
+        "claim": lesson.claim,
+        "hypothesis": checks.hypothesis(item.lesson, item.setup),
+        "verdict": verdict.verdict,
+        "reason": verdict.reason,
+        "setup": item.setup,
+        "figures": figures,
+        "reading": report.reading(item.lesson, figures, item.setup),
+    }
+
+
+def _method(rig: runner.Rig) -> str:
+    """How the lessons were measured, in a sentence or two."""
+    return (
+        f"each model alone; {rig.one_core.describe()} (the cores lesson: server "
+        "and load generator on every CPU); the C load generator of the benchmark, "
+        "closed loop, every reply checked; a figure is flagged noisy (⚠) when other "
+        f"processes took more than {harness.NOISY_OTHER_FRACTION:.0%} of the "
+        "server's CPU, and a check that fails on noisy figures is inconclusive."
+        + (
+            " The database lessons query a throwaway PostgreSQL pinned beside the load "
+            "generator, off the server's core."
+            if rig.database_env
+            else ""
+        )
+    )
+
+
+def _results(
+    pace: runner.Pace,
+    rig: runner.Rig,
+    work: runner.Work,
+    entries: list[dict],
+    background: float,
+    after: float,
+) -> dict[str, Any]:
+    """lessons.json's content: when, where, how, the machine's load and every lesson."""
+    return {
         "when": cli.timestamp(),
         "machine": machine_info(),
         "pace": {
@@ -194,19 +243,7 @@ def _run(
             "warmup_s": pace.warmup,
             "noisy_retries": pace.noisy_retries,
         },
-        "method": (
-            f"each model alone; {rig.one_core.describe()} (the cores lesson: server "
-            "and load generator on every CPU); the C load generator of the benchmark, "
-            "closed loop, every reply checked; a figure is flagged noisy (⚠) when other "
-            f"processes took more than {harness.NOISY_OTHER_FRACTION:.0%} of the "
-            "server's CPU, and a check that fails on noisy figures is inconclusive."
-            + (
-                " The database lessons query a throwaway PostgreSQL pinned beside the load "
-                "generator, off the server's core."
-                if rig.database_env
-                else ""
-            )
-        ),
+        "method": _method(rig),
         "background": {
             "before": round(background, 3),
             "after": round(after, 3),
@@ -219,6 +256,12 @@ def _run(
         },
         "lessons": entries,
     }
+
+
+def _write(results: dict[str, Any], args: argparse.Namespace, progress: harness.Progress) -> None:
+    """Write the charts, lessons.json and lessons.md, print the summary and say what was
+    written."""
+    entries = results["lessons"]
     for entry in entries:
         entry["chart"] = report.write_chart(entry, results, args.out)
     report.write_json(results, args.out)
@@ -230,7 +273,6 @@ def _run(
     )
     progress.note("lessons: " + results["background"]["text"])
     cli.docs_hint(args.out, DEFAULT_OUT, lambda text: progress.note(f"lessons: {text}"))
-    return 1 if any(entry["verdict"] == checks.FAILS for entry in entries) else 0
 
 
 if __name__ == "__main__":

@@ -282,6 +282,75 @@ def _cpu_per_request(figure: Mapping) -> str:
 # -- pool-bound ------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Proportional:
+    """A rate that should follow a size: each run's size / its requests' wait (workers / sleep,
+    database pool / query time), so that twice the size gives twice the rate."""
+
+    size: str  # each run's key of its size: "workers"
+    wait_ms: str  # the setup's key of each request's wait: "sleep_ms"
+    label: str  # one run, by its size: "{} workers"
+    rule: str  # the expectation in words: "workers / sleep"
+    grown: str  # the size, in the problem when the rate does not follow it: "the workers"
+    grown_ok: str  # the size, in the reason it holds: "the workers"
+    tolerance: float
+
+    def expected(self, run: Mapping, setup: Mapping) -> float:
+        """The rate this run's size should give, in requests/s."""
+        return run[self.size] / (setup[self.wait_ms] / 1000)
+
+
+BY_WORKERS = Proportional(
+    size="workers",
+    wait_ms="sleep_ms",
+    label="{} workers",
+    rule="workers / sleep",
+    grown="the workers",
+    grown_ok="the workers",
+    tolerance=POOL_TOLERANCE,
+)
+
+
+def _follows_size(
+    problems: Problems,
+    name: str,
+    runs: list[Mapping],
+    rule: Proportional,
+    setup: Mapping,
+    each: Callable[[Mapping], None] | None = None,
+) -> str:
+    """Each run's rate within the tolerance of what its size should give, and twice the size
+    twice the rate (runs sorted by size); the reason it holds. `each` adds a run's other
+    problems, after its rate's."""
+    for run in runs:
+        expected = rule.expected(run, setup)
+        if abs(run["rps"] / expected - 1) > rule.tolerance:
+            problems.add(
+                f"{rule.label.format(run[rule.size])}: {_rate(run['rps'])}, "
+                f"{run['rps'] / expected:.0%} of {rule.rule} = {_rate(expected)} "
+                f"(needs within {rule.tolerance:.0%})",
+                name,
+            )
+        if each is not None:
+            each(run)
+    ok = ", ".join(
+        f"{rule.label.format(run[rule.size])} {_rate(run['rps'])} "
+        f"({run['rps'] / rule.expected(run, setup):.0%} of {rule.rule})"
+        for run in runs
+    )
+    if len(runs) >= 2:
+        factor = runs[-1][rule.size] / runs[0][rule.size]
+        ratio = runs[-1]["rps"] / max(runs[0]["rps"], 1e-9)
+        if abs(ratio / factor - 1) > rule.tolerance:
+            problems.add(
+                f"{factor:g}x {rule.grown} gave {ratio:.2f}x the rate "
+                f"(needs {factor:g}x within {rule.tolerance:.0%})",
+                name,
+            )
+        ok += f"; {factor:g}x {rule.grown_ok}, {ratio:.2f}x the rate"
+    return ok
+
+
 def check_pool_bound(figures: Mapping[str, Mapping], setup: Mapping) -> Verdict:
     """The pool's rate ~ workers / sleep for each size; twice the workers, twice the rate."""
     missing = _missing(figures, [POOL])
@@ -289,31 +358,7 @@ def check_pool_bound(figures: Mapping[str, Mapping], setup: Mapping) -> Verdict:
         return missing
     runs = sorted(figures[POOL]["runs"], key=lambda run: run["workers"])
     problems = Problems()
-    for run in runs:
-        expected = run["workers"] / (setup["sleep_ms"] / 1000)
-        if abs(run["rps"] / expected - 1) > POOL_TOLERANCE:
-            problems.add(
-                f"{run['workers']} workers: {_rate(run['rps'])}, "
-                f"{run['rps'] / expected:.0%} of workers / sleep = {_rate(expected)} "
-                f"(needs within {POOL_TOLERANCE:.0%})",
-                POOL,
-            )
-    ratio = runs[-1]["rps"] / max(runs[0]["rps"], 1e-9) if len(runs) >= 2 else None
-    factor = runs[-1]["workers"] / runs[0]["workers"] if len(runs) >= 2 else None
-    if ratio is not None and factor is not None and abs(ratio / factor - 1) > POOL_TOLERANCE:
-        problems.add(
-            f"{factor:g}x the workers gave {ratio:.2f}x the rate "
-            f"(needs {factor:g}x within {POOL_TOLERANCE:.0%})",
-            POOL,
-        )
-    ok = ", ".join(
-        f"{run['workers']} workers {_rate(run['rps'])} "
-        f"({run['rps'] / (run['workers'] / (setup['sleep_ms'] / 1000)):.0%} of workers "
-        "/ sleep)"
-        for run in runs
-    )
-    if ratio is not None:
-        ok += f"; {factor:g}x the workers, {ratio:.2f}x the rate"
+    ok = _follows_size(problems, POOL, runs, BY_WORKERS, setup)
     noisy_pool = any(run.get("noisy") for run in runs)
     pool_noise = {
         POOL: {"noisy": noisy_pool, "other_cpu": max(run.get("other_cpu", 0) for run in runs)}
@@ -579,6 +624,17 @@ def check_db_wait(figures: Mapping[str, Mapping], setup: Mapping) -> Verdict:
     return _decide(problems, ok, figures, list(figures))
 
 
+BY_DB_POOL = Proportional(
+    size="db_pool",
+    wait_ms="db_ms",
+    label="pool of {}",
+    rule="pool / query time",
+    grown="the database pool",
+    grown_ok="the pool",
+    tolerance=DB_POOL_TOLERANCE,
+)
+
+
 def check_db_pool_bound(figures: Mapping[str, Mapping], setup: Mapping) -> Verdict:
     """The rate ~ database pool / query time for each pool size; twice the pool, twice the
     rate."""
@@ -590,32 +646,15 @@ def check_db_pool_bound(figures: Mapping[str, Mapping], setup: Mapping) -> Verdi
         return Verdict(INCONCLUSIVE, "not checked: needs a switching model (narrowed by --models)")
     runs = sorted(figures[name]["runs"], key=lambda run: run["db_pool"])
     problems = Problems()
-    for run in runs:
-        expected = run["db_pool"] / (setup["db_ms"] / 1000)
-        if abs(run["rps"] / expected - 1) > DB_POOL_TOLERANCE:
-            problems.add(
-                f"pool of {run['db_pool']}: {_rate(run['rps'])}, {run['rps'] / expected:.0%} "
-                f"of pool / query time = {_rate(expected)} (needs within "
-                f"{DB_POOL_TOLERANCE:.0%})",
-                name,
-            )
-        _errors(problems, name, run, f" with a pool of {run['db_pool']}")
-    ratio = runs[-1]["rps"] / max(runs[0]["rps"], 1e-9) if len(runs) >= 2 else None
-    factor = runs[-1]["db_pool"] / runs[0]["db_pool"] if len(runs) >= 2 else None
-    if ratio is not None and factor is not None and abs(ratio / factor - 1) > DB_POOL_TOLERANCE:
-        problems.add(
-            f"{factor:g}x the database pool gave {ratio:.2f}x the rate "
-            f"(needs {factor:g}x within {DB_POOL_TOLERANCE:.0%})",
-            name,
-        )
-    ok = f"{name}: " + ", ".join(
-        f"pool of {run['db_pool']} {_rate(run['rps'])} "
-        f"({run['rps'] / (run['db_pool'] / (setup['db_ms'] / 1000)):.0%} of pool / query time)"
-        for run in runs
+    ok = _follows_size(
+        problems,
+        name,
+        runs,
+        BY_DB_POOL,
+        setup,
+        lambda run: _errors(problems, name, run, f" with a pool of {run['db_pool']}"),
     )
-    if ratio is not None:
-        ok += f"; {factor:g}x the pool, {ratio:.2f}x the rate"
-    return _decide(problems, ok, figures, [name])
+    return _decide(problems, f"{name}: {ok}", figures, [name])
 
 
 def _driver(figure: Mapping, driver: str) -> Mapping | None:

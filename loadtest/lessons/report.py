@@ -188,238 +188,298 @@ def _join(parts: list[str]) -> str:
     return ", ".join(parts) if parts else "(no model measured)"
 
 
-def reading(lesson: str, figures: Mapping[str, Mapping], setup: Mapping) -> str:
-    """What the figures say, in a few sentences."""
+def _switching(figures: Mapping[str, Mapping]) -> dict[str, Mapping]:
+    """The figures of the models that switch between connections (all but the pool)."""
+    return {name: figures[name] for name in checks.switching_models(figures)}
+
+
+def _io_wait_reading(figures: Mapping[str, Mapping], setup: Mapping) -> str:
+    """io-wait: the switching models overlap the waits, the pool waits a few at a time."""
+    text = (
+        f"Every /sleep holds what runs it for {setup['sleep_ms']} ms. A thread or "
+        f"greenlet per connection overlaps the {setup['connections']} waits: "
+        + _join(
+            [
+                f"{name} {f['rps']:,.0f} req/s ({_pct(f['of_ideal'])} of the ideal)"
+                for name, f in _switching(figures).items()
+            ]
+        )
+        + "."
+    )
     pool = figures.get(checks.POOL)
-    switching = {name: figures[name] for name in checks.switching_models(figures)}
-    if lesson == "io-wait":
-        text = (
-            f"Every /sleep holds what runs it for {setup['sleep_ms']} ms. A thread or "
-            f"greenlet per connection overlaps the {setup['connections']} waits: "
+    if pool:
+        text += (
+            f" The pool runs each request on one of its {setup['pool_workers']} "
+            f"workers, so only {setup['pool_workers']} wait at a time: "
+            f"{pool['rps']:,.0f} req/s, and a p99 of {_ms(pool['p99_ms'])} ms spent "
+            "queueing for a worker."
+        )
+    return text
+
+
+def _cpu_work_reading(figures: Mapping[str, Mapping], setup: Mapping) -> str:
+    """cpu-work: no model does more than one core's worth; what is left is cost per request."""
+    return (
+        f"Each /work computes {setup['work_ms']:.2f} ms holding the GIL; on one core, "
+        "threads and greenlets only take turns, so no model does more than one core's "
+        "worth: "
+        + _join(
+            [
+                f"{name} {f['rps']:,.0f} req/s ({f['cores_worth']:.2f} of a core's worth)"
+                for name, f in figures.items()
+            ]
+        )
+        + ". What is left between them is each model's cost per request, not "
+        "concurrency: the server CPU per request shows it (with many threads waiting "
+        "for the GIL, hand-overs cost a share of the core)."
+    )
+
+
+def _pool_bound_reading(figures: Mapping[str, Mapping], setup: Mapping) -> str:
+    """pool-bound: the pool's rate follows its size; the switching models serve everyone."""
+    text = f"{setup['connections']} connections each ask for a {setup['sleep_ms']} ms wait. "
+    pool = figures.get(checks.POOL)
+    if pool:
+        text += (
+            "The pool's rate follows its size: "
             + _join(
                 [
-                    f"{name} {f['rps']:,.0f} req/s ({_pct(f['of_ideal'])} of the ideal)"
+                    f"{run['workers']} workers {run['rps']:,.0f} req/s (expected "
+                    f"{run['expected_rps']:,.0f})"
+                    for run in pool["runs"]
+                ]
+            )
+            + "; the other requests queue. "
+        )
+    switching = _switching(figures)
+    if switching:
+        text += (
+            "A thread or greenlet per connection serves every connection at once: "
+            + _join(
+                [
+                    f"{name} {f['rps']:,.0f} req/s of {f['expected_rps']:,.0f}"
                     for name, f in switching.items()
                 ]
             )
             + "."
         )
-        if pool:
-            text += (
-                f" The pool runs each request on one of its {setup['pool_workers']} "
-                f"workers, so only {setup['pool_workers']} wait at a time: "
-                f"{pool['rps']:,.0f} req/s, and a p99 of {_ms(pool['p99_ms'])} ms spent "
-                "queueing for a worker."
-            )
-        return text
-    if lesson == "cpu-work":
-        return (
-            f"Each /work computes {setup['work_ms']:.2f} ms holding the GIL; on one core, "
-            "threads and greenlets only take turns, so no model does more than one core's "
-            "worth: "
-            + _join(
-                [
-                    f"{name} {f['rps']:,.0f} req/s ({f['cores_worth']:.2f} of a core's worth)"
-                    for name, f in figures.items()
-                ]
-            )
-            + ". What is left between them is each model's cost per request, not "
-            "concurrency: the server CPU per request shows it (with many threads waiting "
-            "for the GIL, hand-overs cost a share of the core)."
-        )
-    if lesson == "pool-bound":
-        text = f"{setup['connections']} connections each ask for a {setup['sleep_ms']} ms wait. "
-        if pool:
-            text += (
-                "The pool's rate follows its size: "
-                + _join(
-                    [
-                        f"{run['workers']} workers {run['rps']:,.0f} req/s (expected "
-                        f"{run['expected_rps']:,.0f})"
-                        for run in pool["runs"]
-                    ]
-                )
-                + "; the other requests queue. "
-            )
-        if switching:
-            text += (
-                "A thread or greenlet per connection serves every connection at once: "
-                + _join(
-                    [
-                        f"{name} {f['rps']:,.0f} req/s of {f['expected_rps']:,.0f}"
-                        for name, f in switching.items()
-                    ]
-                )
-                + "."
-            )
-        return text.strip()
-    if lesson == "cores":
-        return (
-            f"The server got {setup['cores']} cores. "
-            + _join(
-                [
-                    f"{name} used {f['server_cores']:.2f} cores for {f['rps']:,.0f} req/s"
-                    for name, f in figures.items()
-                ]
-            )
-            + ". Worker processes each hold their own GIL and compute in parallel; a thread "
-            "per connection or one event loop computes on one core at a time, whatever the "
-            "cores. The load generator shared the cores and its CPU is reported separately."
-        )
-    if lesson == "many-clients":
-        return (
-            f"{setup['connections']} connections send echo without pause. "
-            + _join(
-                [
-                    f"{name}: {f['answered']}/{f['connections']} answered, longest wait "
-                    f"{_ms(f['longest_wait_s'] * 1000)} ms, {f['threads']:,} threads, "
-                    f"{f['peak_rss_mib']:.0f} MiB"
-                    for name, f in figures.items()
-                ]
-            )
-            + ". A thread per connection costs a thread and its stack each, and the GIL must "
-            "hand over between them; a greenlet or a reactor slot costs almost nothing."
-        )
-    if lesson == "blocked-loop":
-        threads = figures.get(checks.OS_THREADS)
-        text = f"{setup['work_share']:.0%} of requests compute {setup['work_ms']:.0f} ms. "
-        for name in checks.EVENT_LOOPS:
-            loop = figures.get(name)
-            if not loop:
-                continue
-            text += (
-                f"{name} runs one connection's code at a time on its loop: an echo that "
-                f"arrives during /work waits for it, so its echo p99 is "
-                f"{_ms(loop['echo_p99_ms'])} ms (without /work {_ms(loop['echo_p99_alone_ms'])}"
-                f" ms) and its probe saw the loop blocked {loop.get('blocked_s', 0):.1f} s of a "
-                f"{loop.get('blocked_span_s', 0):.1f} s run. "
-            )
-        if threads:
-            parts = [threads, threads.get("at_cpython_interval") or {}]
-            p99s = " and ".join(
-                f"{_ms(part['echo_p99_ms'])} ms at a {_interval_ms(part)} switch interval"
-                for part in parts
-                if part
-            )
-            text += (
-                f"{checks.OS_THREADS}: the OS runs every thread, and the long request's "
-                "thread must hand over the GIL each switch interval, so an echo waits for "
-                f"a slice, not the whole /work: p99 {p99s}. "
-            )
-        if pool:
-            text += (
-                f"The pool's echo requests wait for one of its {setup['pool_workers']} "
-                f"busy workers: p99 {_ms(pool['echo_p99_ms'])} ms."
-            )
-        return text.strip()
-    if lesson == "closed-loop":
-        stall = setup["stall_ms"]
-        return (
-            f"Each server stopped for {stall:.0f} ms. On the timetable "
-            f"({setup['rate']:,} requests/s) about {setup['rate'] * stall / 1000:,.0f} requests "
-            "fell due during the stall and each waited from when it was due: "
-            + _join([f"{name} p99 {_ms(f['open_p99_ms'])} ms" for name, f in figures.items()])
-            + ". The closed loop sent nothing while its "
-            f"{setup['connections']} connections waited, so only {setup['connections']} requests "
-            "saw the stall: "
-            + _join(
-                [
-                    f"{name} p99 {_ms(f['closed_p99_ms'])} ms (max {_ms(f['closed_max_ms'])} ms)"
-                    for name, f in figures.items()
-                ]
-            )
-            + "."
-        )
-    if lesson == "db-wait":
-        bound = checks.db_bound(setup)
-        text = (
-            f"Every /db holds one of the server's {setup['db_pool']} database connections for "
-            f"{setup['db_ms']} ms, so {setup['connections']} connections can get at most "
-            f"{bound:,.0f} answers a second. A thread, greenlet or coroutine per connection "
-            "waits for its query without holding the core: "
-            + _join(
-                [
-                    f"{name} {f['rps']:,.0f} req/s ({_pct(f['of_bound'])} of it)"
-                    for name, f in switching.items()
-                ]
-            )
-            + "."
-        )
-        if pool:
-            text += (
-                f" The pool's {setup['pool_workers']} workers each wait for one query at a "
-                f"time: {pool['rps']:,.0f} req/s of at most {pool['bound_rps']:,.0f}, the other "
-                f"connections queueing for a worker (p99 {_ms(pool['p99_ms'])} ms)."
-            )
-        return text
-    if lesson == "db-pool-bound":
-        name = setup.get("db_model", "")
-        figure = figures.get(name)
-        if not figure:
-            return "(no model measured)"
-        return (
-            f"{setup['connections']} connections each send /db {setup['db_ms']} to {name}, whose "
-            "database pool lets only so many queries run at once; the others wait for a "
-            "connection: "
-            + _join(
-                [
-                    f"a pool of {run['db_pool']} {run['rps']:,.0f} req/s (expected "
-                    f"{run['expected_rps']:,.0f}, p99 {_ms(run['p99_ms'])} ms)"
-                    for run in figure["runs"]
-                ]
-            )
-            + ". However cheaply the model switches, the pool's size sets the rate."
-        )
-    if lesson == "undetected-io":
-        return _undetected_reading(figures, setup)
-    return ""
+    return text.strip()
 
 
-def _undetected_reading(figures: Mapping[str, Mapping], setup: Mapping) -> str:
+def _cores_reading(figures: Mapping[str, Mapping], setup: Mapping) -> str:
+    """cores: the cores each model used for its rate."""
+    return (
+        f"The server got {setup['cores']} cores. "
+        + _join(
+            [
+                f"{name} used {f['server_cores']:.2f} cores for {f['rps']:,.0f} req/s"
+                for name, f in figures.items()
+            ]
+        )
+        + ". Worker processes each hold their own GIL and compute in parallel; a thread "
+        "per connection or one event loop computes on one core at a time, whatever the "
+        "cores. The load generator shared the cores and its CPU is reported separately."
+    )
+
+
+def _many_clients_reading(figures: Mapping[str, Mapping], setup: Mapping) -> str:
+    """many-clients: who was answered, the longest wait, threads and memory per model."""
+    return (
+        f"{setup['connections']} connections send echo without pause. "
+        + _join(
+            [
+                f"{name}: {f['answered']}/{f['connections']} answered, longest wait "
+                f"{_ms(f['longest_wait_s'] * 1000)} ms, {f['threads']:,} threads, "
+                f"{f['peak_rss_mib']:.0f} MiB"
+                for name, f in figures.items()
+            ]
+        )
+        + ". A thread per connection costs a thread and its stack each, and the GIL must "
+        "hand over between them; a greenlet or a reactor slot costs almost nothing."
+    )
+
+
+def _blocked_loop_reading(figures: Mapping[str, Mapping], setup: Mapping) -> str:
+    """blocked-loop: the event loops' echo waits for /work, threads' for a slice, the pool's
+    for a worker."""
+    text = f"{setup['work_share']:.0%} of requests compute {setup['work_ms']:.0f} ms. "
+    for name in checks.EVENT_LOOPS:
+        loop = figures.get(name)
+        if not loop:
+            continue
+        text += (
+            f"{name} runs one connection's code at a time on its loop: an echo that "
+            f"arrives during /work waits for it, so its echo p99 is "
+            f"{_ms(loop['echo_p99_ms'])} ms (without /work {_ms(loop['echo_p99_alone_ms'])}"
+            f" ms) and its probe saw the loop blocked {loop.get('blocked_s', 0):.1f} s of a "
+            f"{loop.get('blocked_span_s', 0):.1f} s run. "
+        )
+    threads = figures.get(checks.OS_THREADS)
+    if threads:
+        parts = [threads, threads.get("at_cpython_interval") or {}]
+        p99s = " and ".join(
+            f"{_ms(part['echo_p99_ms'])} ms at a {_interval_ms(part)} switch interval"
+            for part in parts
+            if part
+        )
+        text += (
+            f"{checks.OS_THREADS}: the OS runs every thread, and the long request's "
+            "thread must hand over the GIL each switch interval, so an echo waits for "
+            f"a slice, not the whole /work: p99 {p99s}. "
+        )
+    pool = figures.get(checks.POOL)
+    if pool:
+        text += (
+            f"The pool's echo requests wait for one of its {setup['pool_workers']} "
+            f"busy workers: p99 {_ms(pool['echo_p99_ms'])} ms."
+        )
+    return text.strip()
+
+
+def _closed_loop_reading(figures: Mapping[str, Mapping], setup: Mapping) -> str:
+    """closed-loop: every request due during the stall timed, against once per connection."""
+    stall = setup["stall_ms"]
+    return (
+        f"Each server stopped for {stall:.0f} ms. On the timetable "
+        f"({setup['rate']:,} requests/s) about {setup['rate'] * stall / 1000:,.0f} requests "
+        "fell due during the stall and each waited from when it was due: "
+        + _join([f"{name} p99 {_ms(f['open_p99_ms'])} ms" for name, f in figures.items()])
+        + ". The closed loop sent nothing while its "
+        f"{setup['connections']} connections waited, so only {setup['connections']} requests "
+        "saw the stall: "
+        + _join(
+            [
+                f"{name} p99 {_ms(f['closed_p99_ms'])} ms (max {_ms(f['closed_max_ms'])} ms)"
+                for name, f in figures.items()
+            ]
+        )
+        + "."
+    )
+
+
+def _db_wait_reading(figures: Mapping[str, Mapping], setup: Mapping) -> str:
+    """db-wait: the switching models wait for their queries without holding the core; the
+    pool's workers wait one query each."""
+    text = (
+        f"Every /db holds one of the server's {setup['db_pool']} database connections for "
+        f"{setup['db_ms']} ms, so {setup['connections']} connections can get at most "
+        f"{checks.db_bound(setup):,.0f} answers a second. A thread, greenlet or coroutine per "
+        "connection waits for its query without holding the core: "
+        + _join(
+            [
+                f"{name} {f['rps']:,.0f} req/s ({_pct(f['of_bound'])} of it)"
+                for name, f in _switching(figures).items()
+            ]
+        )
+        + "."
+    )
+    pool = figures.get(checks.POOL)
+    if pool:
+        text += (
+            f" The pool's {setup['pool_workers']} workers each wait for one query at a "
+            f"time: {pool['rps']:,.0f} req/s of at most {pool['bound_rps']:,.0f}, the other "
+            f"connections queueing for a worker (p99 {_ms(pool['p99_ms'])} ms)."
+        )
+    return text
+
+
+def _db_pool_bound_reading(figures: Mapping[str, Mapping], setup: Mapping) -> str:
+    """db-pool-bound: the rate per database pool size."""
+    name = setup.get("db_model", "")
+    figure = figures.get(name)
+    if not figure:
+        return "(no model measured)"
+    return (
+        f"{setup['connections']} connections each send /db {setup['db_ms']} to {name}, whose "
+        "database pool lets only so many queries run at once; the others wait for a "
+        "connection: "
+        + _join(
+            [
+                f"a pool of {run['db_pool']} {run['rps']:,.0f} req/s (expected "
+                f"{run['expected_rps']:,.0f}, p99 {_ms(run['p99_ms'])} ms)"
+                for run in figure["runs"]
+            ]
+        )
+        + ". However cheaply the model switches, the pool's size sets the rate."
+    )
+
+
+def _undetected_io_reading(figures: Mapping[str, Mapping], setup: Mapping) -> str:
     """undetected-io: per event loop, blocking against /work (CPU side by side), then the
     drivers that overlap the queries again."""
-    parts = []
-    for name in checks.EVENT_LOOPS:
-        figure = figures.get(name)
-        if not figure:
-            continue
-        runs = {run["driver"]: run for run in figure["runs"]}
-        blocking, work = runs.get(checks.BLOCKING), runs.get(checks.WORK_REFERENCE)
-        text = f"{name}: "
-        if blocking:
-            text += (
-                f"with --db-driver blocking its loop waits inside each query, so it answers "
-                f"{blocking['db_rps']:,.0f} /db a second (one {setup['db_ms']} ms query at a "
-                f"time: {1000 / setup['db_ms']:,.0f}) and an echo waits behind them: p99 "
-                f"{_ms(blocking['echo_p99_ms'])} ms"
-                + (
-                    f", the loop blocked {blocking['blocked_s']:.1f} s of "
-                    f"{blocking.get('blocked_span_s', 0):.1f} s"
-                    if "blocked_s" in blocking
-                    else ""
-                )
-                + f". Its CPU: {blocking['server_cores']:.2f} cores"
-            )
-            if work:
-                text += (
-                    f", against {work['server_cores']:.2f} with /work of "
-                    f"{setup['work_ms']:.0f} ms in place of /db (blocked-loop's block, echo p99 "
-                    f"{_ms(work['echo_p99_ms'])} ms): the same stalled loop, but waiting, not "
-                    "computing, so a CPU graph shows nothing wrong"
-                )
-            text += ". "
-        fixes = [
-            f"{driver} {run['db_rps']:,.0f} /db a second ({_pct(run['of_bound'])} of the "
-            f"{run['bound_rps']:,.0f} set by its {run['bound_by']}), echo p99 "
-            f"{_ms(run['echo_p99_ms'])} ms"
-            for driver, run in runs.items()
-            if driver in (checks.BLOCKING_FIXED, checks.DEFAULT_DRIVER)
-        ]
-        if fixes:
-            text += "A driver it can switch around overlaps the queries again: " + "; ".join(fixes)
-            text += "."
-        parts.append(text.strip())
+    parts = [
+        _undetected_loop_reading(name, figures[name], setup)
+        for name in checks.EVENT_LOOPS
+        if figures.get(name)
+    ]
     return " ".join(parts) if parts else "(no model measured)"
+
+
+def _undetected_loop_reading(name: str, figure: Mapping, setup: Mapping) -> str:
+    """undetected-io, one event loop: its blocking driver's reading, then its fixes'."""
+    runs = {run["driver"]: run for run in figure["runs"]}
+    text = f"{name}: "
+    blocking = runs.get(checks.BLOCKING)
+    if blocking:
+        text += _blocking_reading(blocking, runs.get(checks.WORK_REFERENCE), setup)
+    fixes = [
+        f"{driver} {run['db_rps']:,.0f} /db a second ({_pct(run['of_bound'])} of the "
+        f"{run['bound_rps']:,.0f} set by its {run['bound_by']}), echo p99 "
+        f"{_ms(run['echo_p99_ms'])} ms"
+        for driver, run in runs.items()
+        if driver in (checks.BLOCKING_FIXED, checks.DEFAULT_DRIVER)
+    ]
+    if fixes:
+        text += "A driver it can switch around overlaps the queries again: " + "; ".join(fixes)
+        text += "."
+    return text.strip()
+
+
+def _blocking_reading(blocking: Mapping, work: Mapping | None, setup: Mapping) -> str:
+    """undetected-io, --db-driver blocking: one query at a time, echo behind it, little CPU
+    (against /work in place of /db when measured)."""
+    text = (
+        f"with --db-driver blocking its loop waits inside each query, so it answers "
+        f"{blocking['db_rps']:,.0f} /db a second (one {setup['db_ms']} ms query at a "
+        f"time: {1000 / setup['db_ms']:,.0f}) and an echo waits behind them: p99 "
+        f"{_ms(blocking['echo_p99_ms'])} ms"
+        + (
+            f", the loop blocked {blocking['blocked_s']:.1f} s of "
+            f"{blocking.get('blocked_span_s', 0):.1f} s"
+            if "blocked_s" in blocking
+            else ""
+        )
+        + f". Its CPU: {blocking['server_cores']:.2f} cores"
+    )
+    if work:
+        text += (
+            f", against {work['server_cores']:.2f} with /work of "
+            f"{setup['work_ms']:.0f} ms in place of /db (blocked-loop's block, echo p99 "
+            f"{_ms(work['echo_p99_ms'])} ms): the same stalled loop, but waiting, not "
+            "computing, so a CPU graph shows nothing wrong"
+        )
+    return text + ". "
+
+
+# Each lesson's reading: what its figures say, in a few sentences.
+READINGS: dict[str, Callable[[Mapping[str, Mapping], Mapping], str]] = {
+    "io-wait": _io_wait_reading,
+    "cpu-work": _cpu_work_reading,
+    "pool-bound": _pool_bound_reading,
+    "cores": _cores_reading,
+    "many-clients": _many_clients_reading,
+    "blocked-loop": _blocked_loop_reading,
+    "closed-loop": _closed_loop_reading,
+    "db-wait": _db_wait_reading,
+    "db-pool-bound": _db_pool_bound_reading,
+    "undetected-io": _undetected_io_reading,
+}
+
+
+def reading(lesson: str, figures: Mapping[str, Mapping], setup: Mapping) -> str:
+    """What the figures say, in a few sentences."""
+    read = READINGS.get(lesson)
+    return read(figures, setup) if read else ""
 
 
 # -- console ---------------------------------------------------------------------------------
@@ -611,6 +671,56 @@ def _limit(axis, value: float, text: str, color: str = LIMIT) -> None:
     )
 
 
+def _marks(axis, values: list[float]) -> None:
+    """A short red mark across each bar at its value (what the row should reach)."""
+    for index, value in enumerate(values):
+        axis.plot([value] * 2, [index - 0.4, index + 0.4], color=LIMIT, linewidth=2)
+
+
+def _against_expected(axis, pairs: list[tuple[str, Mapping]], note: str, title: str) -> None:
+    """Each row's rate as a bar, marked in red where its expected rate lies; `note` says how
+    the expectation is reckoned."""
+    expected = [f["expected_rps"] for _, f in pairs]
+    _bars(
+        axis,
+        [label for label, _ in pairs],
+        [f["rps"] for _, f in pairs],
+        [f["noisy"] for _, f in pairs],
+        "requests / s",
+        lambda v: f"{v:,.0f}",
+        reach=expected,
+    )
+    _marks(axis, expected)
+    axis.text(0.99, 0.5, note, color=LIMIT, fontsize=7, ha="right", transform=axis.transAxes)
+    axis.set_title(title, fontsize=9)
+
+
+def _legend_line(axis, value: float, label: str) -> None:
+    """A dashed red vertical line at `value`, named in the legend."""
+    axis.axvline(value, color=LIMIT, linestyle="--", linewidth=1, label=label)
+
+
+def _log_durations(axis) -> None:
+    """A log-scale x axis labelled in durations (its values in microseconds)."""
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    axis.set_xscale("log")
+    axis.xaxis.set_major_formatter(FuncFormatter(_duration_label))
+    axis.xaxis.set_minor_formatter(NullFormatter())
+
+
+def _unlabelled_bars(
+    axis, labels: list[str], values: list[float], noisy: list[bool], fmt: Callable[[float], str]
+) -> None:
+    """Horizontal bars beside another panel's (their labels left blank), noisy ones lighter,
+    each with its value."""
+    axis.barh(labels, values, color=[NOISY_BAR if flag else BAR for flag in noisy])
+    for index, value in enumerate(values):
+        axis.text(value, index, fmt(value), va="center", fontsize=8)
+    axis.invert_yaxis()
+    axis.set_yticks(range(len(labels)), [""] * len(labels))
+
+
 def _chart_io_wait(axes, entry: Mapping) -> None:
     figures, setup = entry["figures"], entry["setup"]
     labels = [f"{m} ({f['workers']} workers)" if "workers" in f else m for m, f in figures.items()]
@@ -653,32 +763,11 @@ def _chart_cpu_work(axes, entry: Mapping) -> None:
 
 def _chart_pool_bound(axes, entry: Mapping) -> None:
     setup = entry["setup"]
-    pairs = rows("pool-bound", entry["figures"])
-    labels = [label for label, _ in pairs]
-    expected = [f["expected_rps"] for _, f in pairs]
-    _bars(
+    _against_expected(
         axes[0],
-        labels,
-        [f["rps"] for _, f in pairs],
-        [f["noisy"] for _, f in pairs],
-        "requests / s",
-        lambda v: f"{v:,.0f}",
-        reach=expected,
-    )
-    for index, value in enumerate(expected):
-        axes[0].plot([value] * 2, [index - 0.4, index + 0.4], color=LIMIT, linewidth=2)
-    axes[0].text(
-        0.99,
-        0.5,
+        rows("pool-bound", entry["figures"]),
         "red: expected, workers (or connections) / sleep",
-        color=LIMIT,
-        fontsize=7,
-        ha="right",
-        transform=axes[0].transAxes,
-    )
-    axes[0].set_title(
         f"/sleep {setup['sleep_ms']} ms, {setup['connections']} connections, server on one core",
-        fontsize=9,
     )
 
 
@@ -704,8 +793,6 @@ def _chart_cores(axes, entry: Mapping) -> None:
 
 
 def _chart_many_clients(axes, entry: Mapping) -> None:
-    from matplotlib.ticker import FuncFormatter, NullFormatter
-
     figures, setup = entry["figures"], entry["setup"]
     names = list(figures)
     shares = [100 * f["answered"] / max(1, f["connections"]) for f in figures.values()]
@@ -737,18 +824,14 @@ def _chart_many_clients(axes, entry: Mapping) -> None:
         )
     axes[1].set_yticks(range(len(names)), names)
     axes[1].set_ylim(len(names) - 0.5, -0.5)
-    axes[1].set_xscale("log")
+    _log_durations(axes[1])
     axes[1].set_xlim(min(waits) / 3, max(waits) * 10)
-    axes[1].xaxis.set_major_formatter(FuncFormatter(_duration_label))
-    axes[1].xaxis.set_minor_formatter(NullFormatter())
     axes[1].set_xlabel("longest wait of any request (log scale)")
     axes[1].set_title("longest wait per model", fontsize=9)
     axes[1].grid(axis="x", alpha=0.3)
 
 
 def _chart_blocked_loop(axes, entry: Mapping) -> None:
-    from matplotlib.ticker import FuncFormatter, NullFormatter
-
     figures, setup = entry["figures"], entry["setup"]
     pairs = rows("blocked-loop", figures)
     names = [label for label, _ in pairs]
@@ -768,16 +851,8 @@ def _chart_blocked_loop(axes, entry: Mapping) -> None:
         axis.text(value, position + 0.2, f" {_ms(value / 1e3)} ms", va="center", fontsize=8)
     axis.set_yticks(list(positions), names)
     axis.invert_yaxis()
-    axis.set_xscale("log")
-    axis.xaxis.set_major_formatter(FuncFormatter(_duration_label))
-    axis.xaxis.set_minor_formatter(NullFormatter())
-    axis.axvline(
-        setup["work_ms"] * 1e3,
-        color=LIMIT,
-        linestyle="--",
-        linewidth=1,
-        label=f"the /work time, {setup['work_ms']:.0f} ms",
-    )
+    _log_durations(axis)
+    _legend_line(axis, setup["work_ms"] * 1e3, f"the /work time, {setup['work_ms']:.0f} ms")
     axis.set_xlim(min([*alone, *with_work]) / 3, max([*with_work, setup["work_ms"] * 1e3]) * 40)
     axis.set_xlabel("echo p99 (log scale)")
     axis.set_title(f"echo p99, {setup['connections']} connections, server on one core", fontsize=9)
@@ -812,8 +887,6 @@ def _chart_blocked_loop(axes, entry: Mapping) -> None:
 
 
 def _chart_closed_loop(axes, entry: Mapping) -> None:
-    from matplotlib.ticker import FuncFormatter, NullFormatter
-
     figures, setup = entry["figures"], entry["setup"]
     names = list(figures)
     positions = range(len(names))
@@ -830,17 +903,9 @@ def _chart_closed_loop(axes, entry: Mapping) -> None:
         axis.text(value, position - 0.2, f" {_ms(value / 1e3)} ms", va="center", fontsize=8)
     axis.set_yticks(list(positions), names)
     axis.invert_yaxis()
-    axis.set_xscale("log")
-    axis.xaxis.set_major_formatter(FuncFormatter(_duration_label))
-    axis.xaxis.set_minor_formatter(NullFormatter())
+    _log_durations(axis)
     stall_us = setup["stall_ms"] * 1e3
-    axis.axvline(
-        stall_us,
-        color=LIMIT,
-        linestyle="--",
-        linewidth=1,
-        label=f"the stall, {setup['stall_ms']:g} ms",
-    )
+    _legend_line(axis, stall_us, f"the stall, {setup['stall_ms']:g} ms")
     axis.set_xlim(min([*closed, *opened]) / 3, max([*opened, stall_us]) * 40)
     axis.set_xlabel("p99 (log scale)")
     axis.set_title(
@@ -874,37 +939,15 @@ def _chart_db_wait(axes, entry: Mapping) -> None:
 
 def _chart_db_pool_bound(axes, entry: Mapping) -> None:
     setup = entry["setup"]
-    pairs = rows("db-pool-bound", entry["figures"])
-    expected = [f["expected_rps"] for _, f in pairs]
-    _bars(
+    _against_expected(
         axes[0],
-        [label for label, _ in pairs],
-        [f["rps"] for _, f in pairs],
-        [f["noisy"] for _, f in pairs],
-        "requests / s",
-        lambda v: f"{v:,.0f}",
-        reach=expected,
-    )
-    for index, value in enumerate(expected):
-        axes[0].plot([value] * 2, [index - 0.4, index + 0.4], color=LIMIT, linewidth=2)
-    axes[0].text(
-        0.99,
-        0.5,
+        rows("db-pool-bound", entry["figures"]),
         "red: expected, database pool / query time",
-        color=LIMIT,
-        fontsize=7,
-        ha="right",
-        transform=axes[0].transAxes,
-    )
-    axes[0].set_title(
         f"/db {setup['db_ms']} ms, {setup['connections']} connections, server on one core",
-        fontsize=9,
     )
 
 
 def _chart_undetected_io(axes, entry: Mapping) -> None:
-    from matplotlib.ticker import FuncFormatter, NullFormatter
-
     setup = entry["setup"]
     pairs = rows("undetected-io", entry["figures"])
     labels = [label for label, _ in pairs]
@@ -919,39 +962,22 @@ def _chart_undetected_io(axes, entry: Mapping) -> None:
         lambda v: f"{v:,.0f}",
         reach=bounds,
     )
-    for index, value in enumerate(bounds):
-        axes[0].plot([value] * 2, [index - 0.4, index + 0.4], color=LIMIT, linewidth=2)
+    _marks(axes[0], bounds)
     axes[0].set_title(
         "rate; red: its bound (one at a time, helper threads, pool, one core)", fontsize=9
     )
     p99s = [max(f["echo_p99_ms"], 0.001) * 1e3 for _, f in pairs]
     axis = axes[1]
-    axis.barh(labels, p99s, color=[NOISY_BAR if flag else BAR for flag in noisy])
-    for index, value in enumerate(p99s):
-        axis.text(value, index, f" {_ms(value / 1e3)} ms", va="center", fontsize=8)
-    axis.invert_yaxis()
-    axis.set_yticks(range(len(labels)), [""] * len(labels))
-    axis.set_xscale("log")
-    axis.xaxis.set_major_formatter(FuncFormatter(_duration_label))
-    axis.xaxis.set_minor_formatter(NullFormatter())
+    _unlabelled_bars(axis, labels, p99s, noisy, lambda v: f" {_ms(v / 1e3)} ms")
+    _log_durations(axis)
     axis.set_xlim(min(p99s) / 3, max([*p99s, setup["db_ms"] * 1e3]) * 20)
-    axis.axvline(
-        setup["db_ms"] * 1e3,
-        color=LIMIT,
-        linestyle="--",
-        linewidth=1,
-        label=f"the query time, {setup['db_ms']} ms",
-    )
+    _legend_line(axis, setup["db_ms"] * 1e3, f"the query time, {setup['db_ms']} ms")
     axis.legend(fontsize=7, loc="lower right")
     axis.set_xlabel("echo p99 (log scale)")
     axis.set_title(f"echo p99, {setup['connections']} connections, /db or /work half", fontsize=9)
     cores = [f["server_cores"] for _, f in pairs]
     axis = axes[2]
-    axis.barh(labels, cores, color=[NOISY_BAR if flag else BAR for flag in noisy])
-    for index, value in enumerate(cores):
-        axis.text(value, index, f" {value:.2f}", va="center", fontsize=8)
-    axis.invert_yaxis()
-    axis.set_yticks(range(len(labels)), [""] * len(labels))
+    _unlabelled_bars(axis, labels, cores, noisy, lambda v: f" {v:.2f}")
     axis.set_xlim(0, max([*cores, 1.0]) * 1.25)
     axis.set_xlabel("server CPU (cores)")
     axis.set_title("server CPU: waiting blocks the loop without computing", fontsize=9)

@@ -194,215 +194,279 @@ def _work_1ms(
     return setup, Scenario(lesson, title, CPU_CONNECTIONS, (bench_scenarios.work(work.rounds_1ms),))
 
 
-def plan(lesson: str, models: Sequence[str], work: Work, cpus: int) -> Plan:
-    """The runs of one lesson over the chosen models."""
-    setup: dict[str, Any]
-    runs: list[Run]
-    if lesson == "io-wait":
-        setup = {
-            "connections": IO_CONNECTIONS,
-            "sleep_ms": IO_SLEEP_MS,
-            "pool_workers": IO_POOL_WORKERS,
-            "cores": 1,
-        }
-        scenario = Scenario(
-            lesson, f"/sleep {IO_SLEEP_MS}", IO_CONNECTIONS, (bench_scenarios.sleep(IO_SLEEP_MS),)
+Planned = tuple[dict[str, Any], list[Run]]  # a lesson's setup and its runs
+
+
+def _plan_io_wait(lesson: str, models: Sequence[str], work: Work, cpus: int) -> Planned:
+    """io-wait: /sleep on IO_CONNECTIONS connections, the pool with IO_POOL_WORKERS workers."""
+    setup = {
+        "connections": IO_CONNECTIONS,
+        "sleep_ms": IO_SLEEP_MS,
+        "pool_workers": IO_POOL_WORKERS,
+        "cores": 1,
+    }
+    scenario = Scenario(
+        lesson, f"/sleep {IO_SLEEP_MS}", IO_CONNECTIONS, (bench_scenarios.sleep(IO_SLEEP_MS),)
+    )
+    return setup, [Run(m, "", _args(m, IO_POOL_WORKERS), scenario) for m in models]
+
+
+def _plan_cpu_work(lesson: str, models: Sequence[str], work: Work, cpus: int) -> Planned:
+    """cpu-work: /work of about 1 ms on one core."""
+    setup, scenario = _work_1ms(lesson, "/work ~1 ms", work, IO_POOL_WORKERS, cores=1)
+    return setup, [Run(m, "", _args(m, IO_POOL_WORKERS), scenario) for m in models]
+
+
+def _plan_pool_bound(lesson: str, models: Sequence[str], work: Work, cpus: int) -> Planned:
+    """pool-bound: long /sleep on few connections, the pool once per size of POOL_SIZES."""
+    setup = {
+        "connections": POOL_CONNECTIONS,
+        "sleep_ms": POOL_SLEEP_MS,
+        "pool_workers": list(POOL_SIZES),
+        "cores": 1,
+    }
+    scenario = Scenario(
+        lesson,
+        f"/sleep {POOL_SLEEP_MS}",
+        POOL_CONNECTIONS,
+        (bench_scenarios.sleep(POOL_SLEEP_MS),),
+    )
+    runs = [
+        Run(
+            m,
+            f"workers {size}" if size else "",
+            _args(m, size),
+            scenario,
+            min_window=MIN_WINDOW_S,
         )
-        runs = [Run(m, "", _args(m, IO_POOL_WORKERS), scenario) for m in models]
-    elif lesson == "cpu-work":
-        setup, scenario = _work_1ms(lesson, "/work ~1 ms", work, IO_POOL_WORKERS, cores=1)
-        runs = [Run(m, "", _args(m, IO_POOL_WORKERS), scenario) for m in models]
-    elif lesson == "pool-bound":
-        setup = {
-            "connections": POOL_CONNECTIONS,
-            "sleep_ms": POOL_SLEEP_MS,
-            "pool_workers": list(POOL_SIZES),
-            "cores": 1,
-        }
-        scenario = Scenario(
-            lesson,
-            f"/sleep {POOL_SLEEP_MS}",
-            POOL_CONNECTIONS,
-            (bench_scenarios.sleep(POOL_SLEEP_MS),),
+        for m in models
+        for size in (POOL_SIZES if m == checks.POOL else (0,))
+    ]
+    return setup, runs
+
+
+def _plan_cores(lesson: str, models: Sequence[str], work: Work, cpus: int) -> Planned:
+    """cores: /work of about 1 ms, server and load generator on every CPU."""
+    setup, scenario = _work_1ms(
+        lesson, "/work ~1 ms, all cores", work, CORES_POOL_WORKERS, cores=cpus
+    )
+    setup["cpus"] = cpus
+    runs = [Run(m, "", _args(m, CORES_POOL_WORKERS), scenario, two_cores=True) for m in models]
+    return setup, runs
+
+
+def _plan_many_clients(lesson: str, models: Sequence[str], work: Work, cpus: int) -> Planned:
+    """many-clients: echo on MANY_CONNECTIONS connections over a long window."""
+    setup: dict[str, Any] = {"connections": MANY_CONNECTIONS, "echo_bytes": 64, "cores": 1}
+    scenario = Scenario(
+        lesson,
+        f"echo 64 B, {MANY_CONNECTIONS} conns",
+        MANY_CONNECTIONS,
+        (bench_scenarios.echo(64),),
+    )
+    return setup, [Run(m, "", _args(m, cpus), scenario, min_window=MANY_WINDOW_S) for m in models]
+
+
+def _switch_variants(model: str) -> list[tuple[str, tuple[str, ...]]]:
+    """blocked-loop: (variant, extra arguments) per GIL switch interval a model is measured at.
+
+    The threaded server may set a longer switch interval than CPython's (for fairness between
+    many threads): measured at both, so the trade-off shows.
+    """
+    variants: list[tuple[str, tuple[str, ...]]] = [("", ())]
+    own = server_switch_interval() if model == checks.OS_THREADS else None
+    if own is not None and abs(own - checks.CPYTHON_SWITCH_INTERVAL) > 1e-9:
+        variants.append(
+            (CPYTHON_SWITCH, ("--switch-interval", f"{checks.CPYTHON_SWITCH_INTERVAL:g}"))
         )
-        runs = []
-        for m in models:
-            sizes = POOL_SIZES if m == checks.POOL else (0,)
+    return variants
+
+
+def _plan_blocked_loop(lesson: str, models: Sequence[str], work: Work, cpus: int) -> Planned:
+    """blocked-loop: echo with a little long /work mixed in, and echo alone, /metrics scraped."""
+    share = BLOCKED_WORK_WEIGHT / (BLOCKED_WORK_WEIGHT + BLOCKED_ECHO_WEIGHT)
+    setup = {
+        "connections": BLOCKED_CONNECTIONS,
+        "work_ms": work.ms_100,
+        "work_rounds": work.rounds_100ms,
+        "work_share": share,
+        "pool_workers": IO_POOL_WORKERS,
+        "cores": 1,
+    }
+    mix = Scenario(
+        lesson,
+        "echo + 2 % /work ~100 ms",
+        BLOCKED_CONNECTIONS,
+        (
+            bench_scenarios.echo(64, BLOCKED_ECHO_WEIGHT),
+            bench_scenarios.work(work.rounds_100ms, BLOCKED_WORK_WEIGHT),
+        ),
+    )
+    alone = Scenario(lesson, "echo only", BLOCKED_CONNECTIONS, (bench_scenarios.echo(64),))
+    runs = []
+    for m in models:
+        for name, extra in _switch_variants(m):
+            args = (*_args(m, IO_POOL_WORKERS), *extra)
             runs += [
                 Run(
                     m,
-                    f"workers {size}" if size else "",
-                    _args(m, size),
-                    scenario,
+                    f"{name}, alone" if name else "alone",
+                    args,
+                    alone,
+                    scrape=True,
                     min_window=MIN_WINDOW_S,
-                )
-                for size in sizes
+                ),
+                Run(m, name, args, mix, scrape=True, min_window=MIN_WINDOW_S),
             ]
-    elif lesson == "cores":
-        setup, scenario = _work_1ms(
-            lesson, "/work ~1 ms, all cores", work, CORES_POOL_WORKERS, cores=cpus
+    return setup, runs
+
+
+def _plan_closed_loop(lesson: str, models: Sequence[str], work: Work, cpus: int) -> Planned:
+    """closed-loop: the same stall inside an open loop's window and a closed loop's."""
+    setup = {
+        "connections": STALL_CONNECTIONS,
+        "rate": STALL_RATE,
+        "stall_ms": STALL_S * 1000,
+        "echo_bytes": 64,
+        "cores": 1,
+    }
+    scenario = Scenario(
+        lesson, "echo 64 B, a stall", STALL_CONNECTIONS, (bench_scenarios.echo(64),)
+    )
+    runs = [
+        Run(
+            m,
+            variant,
+            _args(m, IO_POOL_WORKERS),
+            scenario,
+            min_window=STALL_WINDOW_S,
+            rate=rate,
+            stall_s=STALL_S,
         )
-        setup["cpus"] = cpus
-        runs = [Run(m, "", _args(m, CORES_POOL_WORKERS), scenario, two_cores=True) for m in models]
-    elif lesson == "many-clients":
-        setup = {"connections": MANY_CONNECTIONS, "echo_bytes": 64, "cores": 1}
-        scenario = Scenario(
-            lesson,
-            f"echo 64 B, {MANY_CONNECTIONS} conns",
-            MANY_CONNECTIONS,
-            (bench_scenarios.echo(64),),
+        for m in models
+        for variant, rate in ((OPEN_LOOP, STALL_RATE), (CLOSED_LOOP, 0.0))
+    ]
+    return setup, runs
+
+
+def _plan_db_wait(lesson: str, models: Sequence[str], work: Work, cpus: int) -> Planned:
+    """db-wait: /db on DB_CONNECTIONS connections, a database pool of DB_POOL per server."""
+    setup = {
+        "connections": DB_CONNECTIONS,
+        "db_ms": DB_MS,
+        "db_pool": DB_POOL,
+        "pool_workers": IO_POOL_WORKERS,
+        "cores": 1,
+    }
+    scenario = Scenario(lesson, f"/db {DB_MS}", DB_CONNECTIONS, (bench_scenarios.db(DB_MS),))
+    runs = [
+        Run(m, "", (*_args(m, IO_POOL_WORKERS), *_db_args(DB_POOL)), scenario, database=True)
+        for m in models
+    ]
+    return setup, runs
+
+
+def _plan_db_pool_bound(lesson: str, models: Sequence[str], work: Work, cpus: int) -> Planned:
+    """db-pool-bound: /db through one switching model, once per database pool size."""
+    chosen = next(iter(checks.switching_models(models)), "")
+    setup = {
+        "connections": POOL_BOUND_CONNECTIONS,
+        "db_ms": DB_MS,
+        "db_pool": list(DB_POOL_SIZES),
+        "db_model": chosen,
+        "cores": 1,
+    }
+    scenario = Scenario(
+        lesson, f"/db {DB_MS}", POOL_BOUND_CONNECTIONS, (bench_scenarios.db(DB_MS),)
+    )
+    runs = [
+        Run(
+            chosen,
+            f"db pool {size}",
+            _db_args(size),
+            scenario,
+            min_window=MIN_WINDOW_S,
+            database=True,
         )
-        runs = [Run(m, "", _args(m, cpus), scenario, min_window=MANY_WINDOW_S) for m in models]
-    elif lesson == "blocked-loop":
-        share = BLOCKED_WORK_WEIGHT / (BLOCKED_WORK_WEIGHT + BLOCKED_ECHO_WEIGHT)
-        setup = {
-            "connections": BLOCKED_CONNECTIONS,
-            "work_ms": work.ms_100,
-            "work_rounds": work.rounds_100ms,
-            "work_share": share,
-            "pool_workers": IO_POOL_WORKERS,
-            "cores": 1,
-        }
-        mix = Scenario(
-            lesson,
-            "echo + 2 % /work ~100 ms",
-            BLOCKED_CONNECTIONS,
-            (
-                bench_scenarios.echo(64, BLOCKED_ECHO_WEIGHT),
-                bench_scenarios.work(work.rounds_100ms, BLOCKED_WORK_WEIGHT),
-            ),
-        )
-        alone = Scenario(lesson, "echo only", BLOCKED_CONNECTIONS, (bench_scenarios.echo(64),))
-        runs = []
-        for m in models:
-            # The threaded server may set a longer switch interval than CPython's (for
-            # fairness between many threads): measured at both, so the trade-off shows.
-            variants: list[tuple[str, tuple[str, ...]]] = [("", ())]
-            own = server_switch_interval() if m == checks.OS_THREADS else None
-            if own is not None and abs(own - checks.CPYTHON_SWITCH_INTERVAL) > 1e-9:
-                variants.append(
-                    (CPYTHON_SWITCH, ("--switch-interval", f"{checks.CPYTHON_SWITCH_INTERVAL:g}"))
-                )
-            for name, extra in variants:
-                args = (*_args(m, IO_POOL_WORKERS), *extra)
-                runs += [
-                    Run(
-                        m,
-                        f"{name}, alone" if name else "alone",
-                        args,
-                        alone,
-                        scrape=True,
-                        min_window=MIN_WINDOW_S,
-                    ),
-                    Run(m, name, args, mix, scrape=True, min_window=MIN_WINDOW_S),
-                ]
-    elif lesson == "closed-loop":
-        setup = {
-            "connections": STALL_CONNECTIONS,
-            "rate": STALL_RATE,
-            "stall_ms": STALL_S * 1000,
-            "echo_bytes": 64,
-            "cores": 1,
-        }
-        scenario = Scenario(
-            lesson, "echo 64 B, a stall", STALL_CONNECTIONS, (bench_scenarios.echo(64),)
-        )
-        runs = [
+        for size in (DB_POOL_SIZES if chosen else ())
+    ]
+    return setup, runs
+
+
+def _undetected_setup(loops: Sequence[str], work: Work) -> dict[str, Any]:
+    """undetected-io's setup: the mix, the database pool, the helper threads, the /work size."""
+    rounds = work.rounds_1ms * DB_MS
+    return {
+        "connections": UNDETECTED_CONNECTIONS,
+        "db_ms": DB_MS,
+        "db_pool": DB_POOL,
+        "db_share": UNDETECTED_DB_WEIGHT / (UNDETECTED_DB_WEIGHT + UNDETECTED_ECHO_WEIGHT),
+        "helper_threads": (
+            {HELPER_THREADS_MODEL: helper_threads()} if HELPER_THREADS_MODEL in loops else {}
+        ),
+        "work_ms": rounds * work.round_ns / 1e6,
+        "work_rounds": rounds,
+        "cores": 1,
+    }
+
+
+def _plan_undetected_io(lesson: str, models: Sequence[str], work: Work, cpus: int) -> Planned:
+    """undetected-io: each event loop on /db and echo per --db-driver, then /work for /db."""
+    loops = [m for m in checks.EVENT_LOOPS if m in models]
+    setup = _undetected_setup(loops, work)
+    echo = bench_scenarios.echo(64, UNDETECTED_ECHO_WEIGHT)
+    mix = Scenario(
+        lesson,
+        f"/db {DB_MS} + echo",
+        UNDETECTED_CONNECTIONS,
+        (bench_scenarios.db(DB_MS, UNDETECTED_DB_WEIGHT), echo),
+    )
+    computed = Scenario(
+        lesson,
+        f"/work ~{DB_MS} ms + echo",
+        UNDETECTED_CONNECTIONS,
+        (bench_scenarios.work(setup["work_rounds"], UNDETECTED_DB_WEIGHT), echo),
+    )
+    runs = []
+    for m in loops:
+        runs += [
             Run(
                 m,
-                variant,
-                _args(m, IO_POOL_WORKERS),
-                scenario,
-                min_window=STALL_WINDOW_S,
-                rate=rate,
-                stall_s=STALL_S,
-            )
-            for m in models
-            for variant, rate in ((OPEN_LOOP, STALL_RATE), (CLOSED_LOOP, 0.0))
-        ]
-    elif lesson == "db-wait":
-        setup = {
-            "connections": DB_CONNECTIONS,
-            "db_ms": DB_MS,
-            "db_pool": DB_POOL,
-            "pool_workers": IO_POOL_WORKERS,
-            "cores": 1,
-        }
-        scenario = Scenario(lesson, f"/db {DB_MS}", DB_CONNECTIONS, (bench_scenarios.db(DB_MS),))
-        runs = [
-            Run(m, "", (*_args(m, IO_POOL_WORKERS), *_db_args(DB_POOL)), scenario, database=True)
-            for m in models
-        ]
-    elif lesson == "db-pool-bound":
-        chosen = next(iter(checks.switching_models(models)), "")
-        setup = {
-            "connections": POOL_BOUND_CONNECTIONS,
-            "db_ms": DB_MS,
-            "db_pool": list(DB_POOL_SIZES),
-            "db_model": chosen,
-            "cores": 1,
-        }
-        scenario = Scenario(
-            lesson, f"/db {DB_MS}", POOL_BOUND_CONNECTIONS, (bench_scenarios.db(DB_MS),)
-        )
-        runs = [
-            Run(
-                chosen,
-                f"db pool {size}",
-                _db_args(size),
-                scenario,
+                driver,
+                _db_args(DB_POOL, driver),
+                mix,
+                scrape=True,
                 min_window=MIN_WINDOW_S,
                 database=True,
             )
-            for size in (DB_POOL_SIZES if chosen else ())
+            for driver in DRIVERS
         ]
-    elif lesson == "undetected-io":
-        loops = [m for m in checks.EVENT_LOOPS if m in models]
-        rounds = work.rounds_1ms * DB_MS
-        setup = {
-            "connections": UNDETECTED_CONNECTIONS,
-            "db_ms": DB_MS,
-            "db_pool": DB_POOL,
-            "db_share": UNDETECTED_DB_WEIGHT / (UNDETECTED_DB_WEIGHT + UNDETECTED_ECHO_WEIGHT),
-            "helper_threads": (
-                {HELPER_THREADS_MODEL: helper_threads()} if HELPER_THREADS_MODEL in loops else {}
-            ),
-            "work_ms": rounds * work.round_ns / 1e6,
-            "work_rounds": rounds,
-            "cores": 1,
-        }
-        echo = bench_scenarios.echo(64, UNDETECTED_ECHO_WEIGHT)
-        mix = Scenario(
-            lesson,
-            f"/db {DB_MS} + echo",
-            UNDETECTED_CONNECTIONS,
-            (bench_scenarios.db(DB_MS, UNDETECTED_DB_WEIGHT), echo),
+        runs.append(
+            Run(m, checks.WORK_REFERENCE, (), computed, scrape=True, min_window=MIN_WINDOW_S)
         )
-        computed = Scenario(
-            lesson,
-            f"/work ~{DB_MS} ms + echo",
-            UNDETECTED_CONNECTIONS,
-            (bench_scenarios.work(rounds, UNDETECTED_DB_WEIGHT), echo),
-        )
-        runs = []
-        for m in loops:
-            runs += [
-                Run(
-                    m,
-                    driver,
-                    _db_args(DB_POOL, driver),
-                    mix,
-                    scrape=True,
-                    min_window=MIN_WINDOW_S,
-                    database=True,
-                )
-                for driver in DRIVERS
-            ]
-            runs.append(
-                Run(m, checks.WORK_REFERENCE, (), computed, scrape=True, min_window=MIN_WINDOW_S)
-            )
-    else:
+    return setup, runs
+
+
+# Each lesson's planning step: (lesson, models, work, cpus) -> its setup and runs.
+PLANNERS: dict[str, Callable[[str, Sequence[str], Work, int], Planned]] = {
+    "io-wait": _plan_io_wait,
+    "cpu-work": _plan_cpu_work,
+    "pool-bound": _plan_pool_bound,
+    "cores": _plan_cores,
+    "many-clients": _plan_many_clients,
+    "blocked-loop": _plan_blocked_loop,
+    "closed-loop": _plan_closed_loop,
+    "db-wait": _plan_db_wait,
+    "db-pool-bound": _plan_db_pool_bound,
+    "undetected-io": _plan_undetected_io,
+}
+
+
+def plan(lesson: str, models: Sequence[str], work: Work, cpus: int) -> Plan:
+    """The runs of one lesson over the chosen models."""
+    if lesson not in PLANNERS:
         raise KeyError(f"no plan for lesson {lesson!r}")
+    setup, runs = PLANNERS[lesson](lesson, models, work, cpus)
     return Plan(lesson, setup, runs)
 
 
@@ -526,7 +590,7 @@ class Rig:
             return harness.ServerProcess(run.label, command, cpus)
         if self.database_env is None:
             raise harness.HarnessError(f"{run.label} needs a database and the run has none")
-        return DatabaseServer(run.label, command, cpus, self.database_env)
+        return harness.ServerProcess(run.label, command, cpus, dict(self.database_env))
 
     def _quietest(self, server: harness.ServerProcess, run: Run) -> dict:
         """One repetition, measured again while others used the server's CPU; the quietest."""
@@ -591,27 +655,6 @@ class Rig:
         )
 
 
-class DatabaseServer(harness.ServerProcess):
-    """A harness.ServerProcess whose environment adds the database's settings."""
-
-    def __init__(
-        self, name: str, command: list[str], cpus: frozenset[int] | None, env: Mapping[str, str]
-    ) -> None:
-        self.name = name
-        try:
-            self.server = procs.start_server(
-                command,
-                name=name,
-                cpus=cpus,
-                env={**os.environ, **env},
-                timeout=harness.START_TIMEOUT,
-            )
-        except procs.StartError as error:
-            raise harness.HarnessError(str(error)) from None
-        self.proc = self.server.proc
-        self.port = self.server.port
-
-
 def summarize(records: list[dict], shared: bool) -> dict:
     """The harness's medians, plus per request kind, /metrics deltas and the noise."""
     import statistics
@@ -653,130 +696,195 @@ def _base(summary: Mapping) -> dict:
     }
 
 
+def _against(expected: float, summary: Mapping) -> dict:
+    """The rate a run should reach and the share of it that it reached."""
+    return {"expected_rps": expected, "of_expected": round(summary["rps"] / expected, 3)}
+
+
+def _cpu(summary: Mapping) -> dict:
+    """The server's CPU: cores used, and milliseconds per request."""
+    return {
+        "server_cores": round(summary["server_cpu_fraction"], 3),
+        "cpu_ms_per_request": round(summary["server_cpu_us_per_request"] / 1e3, 3),
+    }
+
+
+def _io_wait_figures(figure: dict, run: Run, summary: Mapping, base: dict, setup: Mapping) -> None:
+    """io-wait: the rate and its share of connections / sleep; the pool's workers."""
+    ideal = setup["connections"] / (setup["sleep_ms"] / 1000)
+    figure.update(base, of_ideal=round(summary["rps"] / ideal, 3))
+    if run.model == checks.POOL:
+        figure["workers"] = setup["pool_workers"]
+
+
+def _cpu_work_figures(figure: dict, run: Run, summary: Mapping, base: dict, setup: Mapping) -> None:
+    """cpu-work: the rate in cores' worth of /work, and the server's CPU."""
+    figure.update(
+        base, cores_worth=round(summary["rps"] * setup["work_ms"] / 1000, 3), **_cpu(summary)
+    )
+
+
+def _pool_bound_figures(
+    figure: dict, run: Run, summary: Mapping, base: dict, setup: Mapping
+) -> None:
+    """pool-bound: per pool size (or the one run of a switching model), the rate against
+    workers (or connections) / sleep."""
+    if run.model == checks.POOL:
+        workers = int(run.variant.split()[-1])
+        expected = workers / (setup["sleep_ms"] / 1000)
+        figure.setdefault("runs", []).append(
+            {"workers": workers, **base, **_against(expected, summary)}
+        )
+    else:
+        expected = setup["connections"] / (setup["sleep_ms"] / 1000)
+        figure.update(base, **_against(expected, summary))
+
+
+def _cores_figures(figure: dict, run: Run, summary: Mapping, base: dict, setup: Mapping) -> None:
+    """cores: the server's CPU, the load generator's and the others' on the shared cores."""
+    figure.update(
+        base,
+        **_cpu(summary),
+        loadgen_cores=round(summary["loadgen_cpu_fraction"], 3),
+        other_cores=round(summary["other_cores"], 3),
+    )
+
+
+def _many_clients_figures(
+    figure: dict, run: Run, summary: Mapping, base: dict, setup: Mapping
+) -> None:
+    """many-clients: who was answered, the longest wait, replies per connection, the cost."""
+    figure.update(
+        base,
+        connections=summary["connections"],
+        answered=summary["answered_connections"],
+        starved=summary["starved"],
+        longest_wait_s=round(summary["longest_wait_s"], 4),
+        longest_wait_unanswered=summary["longest_wait_unanswered"],
+        requests_per_connection={
+            "min": summary["requests_per_connection_min"],
+            "median": summary["requests_per_connection_median"],
+            "max": summary["requests_per_connection_max"],
+        },
+        threads=summary["threads"],
+        peak_rss_mib=round(summary["peak_rss_bytes"] / 2**20, 1),
+    )
+
+
+def _closed_loop_figures(
+    figure: dict, run: Run, summary: Mapping, base: dict, setup: Mapping
+) -> None:
+    """closed-loop: the open loop's or the closed loop's latency, both runs in one figure."""
+    latency = summary["latency_us"]
+    mode = "open" if run.variant == OPEN_LOOP else "closed"
+    figure.update(
+        {
+            f"{mode}_rps": round(summary["rps"], 1),
+            f"{mode}_p50_ms": round(latency["p50"] / 1e3, 2),
+            f"{mode}_p99_ms": round(latency["p99"] / 1e3, 2),
+            f"{mode}_max_ms": round(latency["max"] / 1e3, 2),
+        }
+    )
+    if mode == "open":
+        figure.update(base, offered_rps=run.rate)
+    figure["noisy"] = figure.get("noisy", False) or base["noisy"]
+    figure["other_cpu"] = max(figure.get("other_cpu", 0.0), base["other_cpu"])
+    if mode == "closed":
+        figure["closed_errors"] = base["errors"]
+
+
+def _blocked_loop_figures(
+    figure: dict, run: Run, summary: Mapping, base: dict, setup: Mapping
+) -> None:
+    """blocked-loop: the run's figures, at CPython's switch interval in a figure of their own."""
+    at_cpython = run.variant.startswith(CPYTHON_SWITCH)
+    _blocked_figures(
+        figure.setdefault("at_cpython_interval", {}) if at_cpython else figure,
+        run.variant.endswith("alone"),
+        summary,
+        base,
+    )
+
+
+def _db_wait_figures(figure: dict, run: Run, summary: Mapping, base: dict, setup: Mapping) -> None:
+    """db-wait: the rate against what bounds it, the pool's workers or the database pool."""
+    workers = setup["pool_workers"] if run.model == checks.POOL else 0
+    bound = (workers or setup["db_pool"]) / (setup["db_ms"] / 1000)
+    figure.update(base, bound_rps=bound, of_bound=round(summary["rps"] / bound, 3))
+    if workers:
+        figure["workers"] = workers
+    else:
+        figure["db_pool"] = setup["db_pool"]
+
+
+def _db_pool_bound_figures(
+    figure: dict, run: Run, summary: Mapping, base: dict, setup: Mapping
+) -> None:
+    """db-pool-bound: per database pool size, the rate against pool / query time."""
+    size = int(run.variant.split()[-1])
+    expected = size / (setup["db_ms"] / 1000)
+    figure.setdefault("runs", []).append({"db_pool": size, **base, **_against(expected, summary)})
+
+
+def _undetected_io_figures(
+    figure: dict, run: Run, summary: Mapping, base: dict, setup: Mapping
+) -> None:
+    """undetected-io: one part per driver (and /work)."""
+    figure.setdefault("runs", []).append(_undetected_figures(run, summary, base, setup))
+
+
+# Each lesson's figures of one run, added to its model's figure.
+FIGURES: dict[str, Callable[[dict, Run, Mapping, dict, Mapping], None]] = {
+    "io-wait": _io_wait_figures,
+    "cpu-work": _cpu_work_figures,
+    "pool-bound": _pool_bound_figures,
+    "cores": _cores_figures,
+    "many-clients": _many_clients_figures,
+    "blocked-loop": _blocked_loop_figures,
+    "closed-loop": _closed_loop_figures,
+    "db-wait": _db_wait_figures,
+    "db-pool-bound": _db_pool_bound_figures,
+    "undetected-io": _undetected_io_figures,
+}
+
+
+def _noise_of_parts(figure: dict) -> None:
+    """A figure made of runs (pool sizes, drivers) is noisy if any of its runs was."""
+    if "runs" in figure:
+        figure["noisy"] = any(part["noisy"] for part in figure["runs"])
+        figure["other_cpu"] = max(part["other_cpu"] for part in figure["runs"])
+
+
+def _noise_with_alone(figure: dict) -> None:
+    """blocked-loop: a figure is noisy if either of its two runs (with /work, alone) was."""
+    for part in (figure, figure.get("at_cpython_interval")):
+        if part:
+            noisy_alone = part.pop("noisy_alone", False)
+            part["noisy"] = part.get("noisy", False) or noisy_alone
+            part["other_cpu"] = max(part.get("other_cpu", 0), part.pop("other_cpu_alone", 0))
+
+
+# The lessons whose figures join several runs, and how their noise is told.
+JOINED_NOISE: dict[str, Callable[[dict], None]] = {
+    "pool-bound": _noise_of_parts,
+    "db-pool-bound": _noise_of_parts,
+    "undetected-io": _noise_of_parts,
+    "blocked-loop": _noise_with_alone,
+}
+
+
 def figures(plan_: Plan, results: Mapping[Run, dict]) -> dict[str, dict]:
     """Per model, the figures the lesson's check reads (see checks.py)."""
-    setup = plan_.setup
     out: dict[str, dict] = {}
     for run in plan_.runs:
         summary = results[run]
-        figure = out.setdefault(run.model, {})
-        base = _base(summary)
-        if plan_.lesson == "io-wait":
-            ideal = setup["connections"] / (setup["sleep_ms"] / 1000)
-            figure.update(base, of_ideal=round(summary["rps"] / ideal, 3))
-            if run.model == checks.POOL:
-                figure["workers"] = setup["pool_workers"]
-        elif plan_.lesson == "cpu-work":
-            figure.update(
-                base,
-                cores_worth=round(summary["rps"] * setup["work_ms"] / 1000, 3),
-                server_cores=round(summary["server_cpu_fraction"], 3),
-                cpu_ms_per_request=round(summary["server_cpu_us_per_request"] / 1e3, 3),
-            )
-        elif plan_.lesson == "pool-bound":
-            if run.model == checks.POOL:
-                workers = int(run.variant.split()[-1])
-                expected = workers / (setup["sleep_ms"] / 1000)
-                figure.setdefault("runs", []).append(
-                    {
-                        "workers": workers,
-                        **base,
-                        "expected_rps": expected,
-                        "of_expected": round(summary["rps"] / expected, 3),
-                    }
-                )
-            else:
-                expected = setup["connections"] / (setup["sleep_ms"] / 1000)
-                figure.update(
-                    base, expected_rps=expected, of_expected=round(summary["rps"] / expected, 3)
-                )
-        elif plan_.lesson == "cores":
-            figure.update(
-                base,
-                server_cores=round(summary["server_cpu_fraction"], 3),
-                cpu_ms_per_request=round(summary["server_cpu_us_per_request"] / 1e3, 3),
-                loadgen_cores=round(summary["loadgen_cpu_fraction"], 3),
-                other_cores=round(summary["other_cores"], 3),
-            )
-        elif plan_.lesson == "many-clients":
-            figure.update(
-                base,
-                connections=summary["connections"],
-                answered=summary["answered_connections"],
-                starved=summary["starved"],
-                longest_wait_s=round(summary["longest_wait_s"], 4),
-                longest_wait_unanswered=summary["longest_wait_unanswered"],
-                requests_per_connection={
-                    "min": summary["requests_per_connection_min"],
-                    "median": summary["requests_per_connection_median"],
-                    "max": summary["requests_per_connection_max"],
-                },
-                threads=summary["threads"],
-                peak_rss_mib=round(summary["peak_rss_bytes"] / 2**20, 1),
-            )
-        elif plan_.lesson == "closed-loop":
-            latency = summary["latency_us"]
-            mode = "open" if run.variant == OPEN_LOOP else "closed"
-            figure.update(
-                {
-                    f"{mode}_rps": round(summary["rps"], 1),
-                    f"{mode}_p50_ms": round(latency["p50"] / 1e3, 2),
-                    f"{mode}_p99_ms": round(latency["p99"] / 1e3, 2),
-                    f"{mode}_max_ms": round(latency["max"] / 1e3, 2),
-                }
-            )
-            if mode == "open":
-                figure.update(base, offered_rps=run.rate)
-            figure["noisy"] = figure.get("noisy", False) or base["noisy"]
-            figure["other_cpu"] = max(figure.get("other_cpu", 0.0), base["other_cpu"])
-            if mode == "closed":
-                figure["closed_errors"] = base["errors"]
-        elif plan_.lesson == "blocked-loop":
-            at_cpython = run.variant.startswith(CPYTHON_SWITCH)
-            _blocked_figures(
-                figure.setdefault("at_cpython_interval", {}) if at_cpython else figure,
-                run.variant.endswith("alone"),
-                summary,
-                base,
-            )
-        elif plan_.lesson == "db-wait":
-            workers = setup["pool_workers"] if run.model == checks.POOL else 0
-            bound = (workers or setup["db_pool"]) / (setup["db_ms"] / 1000)
-            figure.update(base, bound_rps=bound, of_bound=round(summary["rps"] / bound, 3))
-            if workers:
-                figure["workers"] = workers
-            else:
-                figure["db_pool"] = setup["db_pool"]
-        elif plan_.lesson == "db-pool-bound":
-            size = int(run.variant.split()[-1])
-            expected = size / (setup["db_ms"] / 1000)
-            figure.setdefault("runs", []).append(
-                {
-                    "db_pool": size,
-                    **base,
-                    "expected_rps": expected,
-                    "of_expected": round(summary["rps"] / expected, 3),
-                }
-            )
-        elif plan_.lesson == "undetected-io":
-            figure.setdefault("runs", []).append(_undetected_figures(run, summary, base, setup))
-    if plan_.lesson in ("db-pool-bound", "undetected-io"):  # noisy if any of its runs was
+        FIGURES[plan_.lesson](
+            out.setdefault(run.model, {}), run, summary, _base(summary), plan_.setup
+        )
+    settle = JOINED_NOISE.get(plan_.lesson)
+    if settle is not None:
         for figure in out.values():
-            figure["noisy"] = any(part["noisy"] for part in figure["runs"])
-            figure["other_cpu"] = max(part["other_cpu"] for part in figure["runs"])
-    if plan_.lesson == "blocked-loop":  # a figure is noisy if either of its two runs was
-        for figure in out.values():
-            for part in (figure, figure.get("at_cpython_interval")):
-                if part:
-                    noisy_alone = part.pop("noisy_alone", False)
-                    part["noisy"] = part.get("noisy", False) or noisy_alone
-                    part["other_cpu"] = max(
-                        part.get("other_cpu", 0), part.pop("other_cpu_alone", 0)
-                    )
-    if plan_.lesson == "pool-bound" and checks.POOL in out:
-        runs = out[checks.POOL]["runs"]
-        out[checks.POOL]["noisy"] = any(run["noisy"] for run in runs)
-        out[checks.POOL]["other_cpu"] = max(run["other_cpu"] for run in runs)
+            settle(figure)
     return out
 
 
@@ -808,10 +916,7 @@ def _undetected_figures(run: Run, summary: Mapping, base: Mapping, setup: Mappin
         "server_cores": round(summary["server_cpu_fraction"], 3),
         "cpu_ms_per_request": round(summary["server_cpu_us_per_request"] / 1e3, 3),
     }
-    metrics = summary.get("metrics", {})
-    if BLOCKED_METRIC in metrics:
-        part["blocked_s"] = round(metrics[BLOCKED_METRIC], 3)
-        part["blocked_span_s"] = round(summary["metrics_span_s"], 2)
+    _blocked_seconds(part, summary)
     return part
 
 
@@ -836,6 +941,11 @@ def _blocked_figures(figure: dict, alone: bool, summary: Mapping, base: Mapping)
         work_p50_ms=round(work["latency_us"]["p50"] / 1e3, 1),
         work_min_ms=round(work["latency_us"]["min"] / 1e3, 1),
     )
+    _blocked_seconds(figure, summary)
+
+
+def _blocked_seconds(figure: dict, summary: Mapping) -> None:
+    """The seconds the loop's probe saw it blocked during the run, when it exports them."""
     metrics = summary.get("metrics", {})
     if BLOCKED_METRIC in metrics:
         figure["blocked_s"] = round(metrics[BLOCKED_METRIC], 3)
