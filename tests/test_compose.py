@@ -38,6 +38,7 @@ from tests.compose_helpers import (
     DATABASE_SERVICES,
     LOCUST_CONF,
     PUBLISHED_PORT_VARIABLES,
+    ROOT,
     SECRET_FILE_VARIABLES,
     SERVER_SERVICES,
     ComposeProject,
@@ -162,6 +163,32 @@ def test_every_model_can_publish_its_replicas_without_a_clash(compose_cli: Compo
         for name in SERVER_SERVICES:
             ports = services["services"][name]["ports"]
             assert [(p["target"], p.get("published")) for p in ports] == [(9000, published)], ports
+
+
+def test_the_processes_knob_reaches_exactly_the_models_that_take_it(
+    compose_cli: ComposeProject,
+) -> None:
+    """ARENA_<MODEL>_PROCESSES becomes the server's ARENA_PROCESSES (default: the server's own)
+    where the registry says the model takes --processes, in Compose and in the Swarm stack; the
+    others (the pool) never get it."""
+    variables = {f"ARENA_{model.env_name}_PROCESSES": "3" for model in models.MODELS}
+    swarm = (ROOT / "docker" / "stack.yml").read_text()
+    for env, wanted in ((clean_environment(), str(Settings().processes)), (variables, "3")):
+        rendered = compose_cli.compose(
+            "config", "--format", "json", env={**clean_environment(), **env}
+        )
+        services = json.loads(rendered.stdout)["services"]
+        for model in models.MODELS:
+            environment = services[model.name]["environment"]
+            if model.processes:
+                assert environment["ARENA_PROCESSES"] == wanted, model.name
+            else:
+                assert "ARENA_PROCESSES" not in environment, model.name
+    for model in models.MODELS:
+        block = re.search(rf"^  {model.name}:\n(.*?)(?=^  \S)", swarm, re.M | re.S)
+        assert block, model.name
+        line = f"ARENA_PROCESSES: ${{ARENA_{model.env_name}_PROCESSES:-1}}"
+        assert (line in block[1]) == model.processes, model.name
 
 
 def test_compose_file_hardens_every_service(compose_cli: ComposeProject) -> None:

@@ -226,6 +226,22 @@ def test_every_server_of_the_plan_gets_the_database_settings(
     assert all(service.env == {} for service in without)
 
 
+def test_the_processes_knob_reaches_every_server_whose_model_takes_it(tmp_path: Path) -> None:
+    assert parse_settings([], {}).processes == 1
+    assert parse_settings([], {"ARENA_STACK_PROCESSES": "3"}).processes == 3
+    assert parse_settings(["--processes", "2"], {"ARENA_STACK_PROCESSES": "3"}).processes == 2
+    with pytest.raises(StackError, match="ARENA_STACK_PROCESSES"):
+        parse_settings([], {"ARENA_STACK_PROCESSES": "0"})
+    settings = parse_settings(["--processes", "2", "--prometheus", "off"], {})
+    commands = {service.name: service.command for service in plan(settings, tmp_path, {})}
+    for model in models.MODELS:
+        command = commands[model.name]
+        if model.processes:
+            assert command[command.index("--processes") + 1] == "2", command
+        else:  # the pool model refuses it: its workers are --workers
+            assert "--processes" not in command, command
+
+
 @pytest.mark.slow
 def test_the_stack_starts_postgres_first_hands_it_to_every_server_and_stops_it_last(
     postgres: Postgres, stack_ports: dict[str, int]

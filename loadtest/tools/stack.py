@@ -9,6 +9,8 @@ child gets SIGTERM, then, after the grace period, its whole process group gets S
 any orphan left below the stack (it registers as a child subreaper) is killed and reaped, so no
 process and no bound port outlives the stack.
 
+`--processes N` (`ARENA_STACK_PROCESSES`) runs every server whose model takes it as N worker
+processes on its one port (services/supervisor.py); the registry's `processes` field decides which.
 Every port has a flag and an `ARENA_STACK_*` variable (flags win); a port already in use is
 reported once, naming the port and the knob that moves it. Probing, stopping and finding the
 processes below it are loadtest/tools/procs.py's.
@@ -44,6 +46,8 @@ ENV_PREFIX = "ARENA_STACK_"
 READY_TIMEOUT = 60.0  # seconds for every service to answer after start
 KILL_WAIT = 5.0  # seconds to wait for a SIGKILLed process group to vanish
 PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h
+# The models --processes reaches, for its help (the registry's `processes` field decides).
+PROCESS_MODELS = ", ".join(model.name for model in models.MODELS if model.processes)
 _T = TypeVar("_T")
 
 # (setting, default, help). The flag is --setting-with-dashes, the variable ARENA_STACK_SETTING.
@@ -91,11 +95,13 @@ class StackSettings:
     prometheus: str = "auto"  # auto: when a prometheus binary is on the PATH; or on / off
     postgres: bool = True  # a throwaway PostgreSQL for /db, when its binaries are installed
     grace: float = 10.0
-    workers: int = 2
+    workers: int = 2  # the pool server's workers (models that are `sized`)
+    # Worker processes of every server whose model takes --processes (services/supervisor.py).
+    processes: int = 1
 
 
-def parse_settings(argv: Sequence[str] | None, environ: Mapping[str, str]) -> StackSettings:
-    """Read flags and ARENA_STACK_* variables (flags win)."""
+def _parser() -> argparse.ArgumentParser:
+    """The command line: every setting as a flag (its variable is named in its help)."""
     parser = argparse.ArgumentParser(
         prog="python -m loadtest.tools.stack",
         description="Run a throwaway PostgreSQL, the four servers, the Locust web UI and "
@@ -114,32 +120,31 @@ def parse_settings(argv: Sequence[str] | None, environ: Mapping[str, str]) -> St
             metavar="PORT",
             help=f"{text} (env {ENV_PREFIX}{setting.upper()}, default {default})",
         )
-    parser.add_argument(
-        "--locust",
-        dest="locust",
-        action=argparse.BooleanOptionalAction,
-        help=f"start the Locust web UI (env {ENV_PREFIX}LOCUST, default on)",
-    )
-    parser.add_argument(
-        "--autostart",
-        dest="autostart",
-        action=argparse.BooleanOptionalAction,
-        help="start the load at once instead of waiting for the web UI's Start "
-        f"button (env {ENV_PREFIX}AUTOSTART, default on)",
-    )
+    for name, text in (
+        ("locust", "start the Locust web UI (env {}LOCUST, default on)"),
+        (
+            "autostart",
+            "start the load at once instead of waiting for the web UI's Start "
+            "button (env {}AUTOSTART, default on)",
+        ),
+        (
+            "postgres",
+            "run a throwaway PostgreSQL for the servers' /db when its binaries are installed "
+            "(apt-get install postgresql); off, /db answers ERR backend-unavailable "
+            "(env {}POSTGRES, default on)",
+        ),
+    ):
+        parser.add_argument(
+            f"--{name}",
+            dest=name,
+            action=argparse.BooleanOptionalAction,
+            help=text.format(ENV_PREFIX),
+        )
     parser.add_argument(
         "--prometheus",
         choices=("auto", "on", "off"),
         help="run Prometheus: auto = when `prometheus` is on the PATH "
         f"(env {ENV_PREFIX}PROMETHEUS, default auto)",
-    )
-    parser.add_argument(
-        "--postgres",
-        dest="postgres",
-        action=argparse.BooleanOptionalAction,
-        help="run a throwaway PostgreSQL for the servers' /db when its binaries are installed "
-        f"(apt-get install postgresql); off, /db answers ERR backend-unavailable "
-        f"(env {ENV_PREFIX}POSTGRES, default on)",
     )
     parser.add_argument(
         "--grace",
@@ -149,17 +154,24 @@ def parse_settings(argv: Sequence[str] | None, environ: Mapping[str, str]) -> St
     parser.add_argument(
         "--workers", metavar="N", help=f"pool server workers (env {ENV_PREFIX}WORKERS, default 2)"
     )
-    args = vars(parser.parse_args(argv))
+    parser.add_argument(
+        "--processes",
+        metavar="N",
+        help=f"worker processes of each server that takes --processes ({PROCESS_MODELS}), "
+        f"on its one port (env {ENV_PREFIX}PROCESSES, default 1)",
+    )
+    return parser
 
-    def raw(name: str) -> str | bool | None:
-        """The flag's value, else the environment variable's, else None."""
+
+def _reader(
+    args: Mapping[str, object], environ: Mapping[str, str]
+) -> Callable[[str, Callable[[str], _T], _T], _T]:
+    """A setting's value: the flag's, else its ARENA_STACK_* variable's, else the default."""
+
+    def parsed(name: str, parse: Callable[[str], _T], default: _T) -> _T:
         value = args.get(name)
         if value is None:
             value = environ.get(ENV_PREFIX + name.upper())
-        return value
-
-    def parsed(name: str, parse: Callable[[str], _T], default: _T) -> _T:
-        value = raw(name)
         if value is None:
             return default
         try:
@@ -167,6 +179,12 @@ def parse_settings(argv: Sequence[str] | None, environ: Mapping[str, str]) -> St
         except ValueError as error:
             raise StackError(f"bad value for {knob(name)}: {error}") from None
 
+    return parsed
+
+
+def parse_settings(argv: Sequence[str] | None, environ: Mapping[str, str]) -> StackSettings:
+    """Read flags and ARENA_STACK_* variables (flags win)."""
+    parsed = _reader(vars(_parser().parse_args(argv)), environ)
     defaults = StackSettings()
     return StackSettings(
         host=parsed("host", str, defaults.host),
@@ -177,6 +195,7 @@ def parse_settings(argv: Sequence[str] | None, environ: Mapping[str, str]) -> St
         postgres=parsed("postgres", parse_boolean, True),
         grace=parsed("grace", _grace, defaults.grace),
         workers=parsed("workers", parse_positive_int, defaults.workers),
+        processes=parsed("processes", parse_positive_int, defaults.processes),
     )
 
 
@@ -241,6 +260,107 @@ def prometheus_config(settings: StackSettings, with_locust: bool) -> str:
     return "\n".join(lines) + "\n"
 
 
+def server_flags(model: models.Model, settings: StackSettings) -> list[str]:
+    """The flags a model's server gets besides host and ports: its pool's size if it has one,
+    its worker processes if it takes them (the registry's `sized` and `processes`)."""
+    flags = ["--workers", str(settings.workers)] if model.sized else []
+    if model.processes:
+        flags += ["--processes", str(settings.processes)]
+    return flags
+
+
+def _servers(settings: StackSettings, database: Mapping[str, str] | None) -> list[Service]:
+    """One service per model, on its ports; `database` (ARENA_DB_*) in every one's environment."""
+    host, reach = settings.host, procs.connect_host(settings.host)
+    services = []
+    for model in models.MODELS:
+        port = settings.ports[f"{model.name}_port"]
+        metrics_port = settings.ports[f"{model.name}_metrics_port"]
+        command = procs.server_command(
+            model.name,
+            *server_flags(model, settings),
+            host=host,
+            port=port,
+            metrics_port=metrics_port,
+        )
+        services.append(
+            Service(
+                model.name,
+                command,
+                [f"{model.name}_port", f"{model.name}_metrics_port"],
+                functools.partial(procs.ping, reach, port, 2.0),
+                [f"tcp://{reach}:{port}", f"http://{reach}:{metrics_port}/metrics"],
+                dict(database or {}),
+            )
+        )
+    return services
+
+
+def _locust(settings: StackSettings) -> Service | None:
+    """The Locust web UI loading every server, or None (turned off, or no locustfile)."""
+    locust_file = ROOT / "loadtest" / "plugin" / "locustfile.py"
+    if not (settings.locust and locust_file.exists()):
+        return None
+    host, reach = settings.host, procs.connect_host(settings.host)
+    web_port = settings.ports["locust_port"]
+    # The same interpreter as the servers: right also in a venv that is not activated.
+    command = [
+        sys.executable,
+        "-m",
+        "locust",
+        "-f",
+        str(locust_file),
+        "--web-host",
+        host,
+        "--web-port",
+        str(web_port),
+    ]
+    command += [
+        f"--{model}-target=tcp://{reach}:{settings.ports[f'{model}_port']}" for model in MODELS
+    ]
+    if settings.autostart:
+        command.append("--autostart")
+    return Service(
+        "locust",
+        command,
+        ["locust_port"],
+        functools.partial(procs.http_ok, f"http://{reach}:{web_port}/", any_status=True),
+        [f"http://{reach}:{web_port}/"],
+    )
+
+
+def _prometheus(
+    settings: StackSettings, workdir: Path, environ: Mapping[str, str], with_locust: bool
+) -> Service | None:
+    """Prometheus scraping the stack, or None (off, or auto without a binary on the PATH)."""
+    prometheus = shutil.which("prometheus", path=environ.get("PATH"))
+    if settings.prometheus == "on" and not prometheus:
+        raise StackError(
+            "--prometheus on, but no `prometheus` binary is on the PATH "
+            "(Debian: apt-get install prometheus)"
+        )
+    if settings.prometheus == "off" or not prometheus:
+        return None
+    host, reach = settings.host, procs.connect_host(settings.host)
+    config = workdir / "prometheus.yml"
+    config.write_text(prometheus_config(settings, with_locust))
+    port = settings.ports["prometheus_port"]
+    command = [
+        prometheus,
+        f"--config.file={config}",
+        f"--storage.tsdb.path={workdir / 'prometheus-data'}",
+        f"--web.listen-address={host}:{port}",
+        "--log.level=warn",
+    ]
+    return Service(
+        "prometheus",
+        command,
+        ["prometheus_port"],
+        functools.partial(procs.http_ok, f"http://{reach}:{port}/-/ready"),
+        [f"http://{reach}:{port}/"],
+    )
+
+
 def plan(
     settings: StackSettings,
     workdir: Path,
@@ -248,83 +368,10 @@ def plan(
     database: Mapping[str, str] | None = None,
 ) -> list[Service]:
     """The services to start, in start order; `database` (ARENA_DB_*) goes to every server."""
-    host, reach = settings.host, procs.connect_host(settings.host)
-    python = sys.executable
-    services = []
-    for model in MODELS:
-        port = settings.ports[f"{model}_port"]
-        metrics_port = settings.ports[f"{model}_metrics_port"]
-        flags = ["--workers", str(settings.workers)] if models.get(model).sized else []
-        command = procs.server_command(
-            model, *flags, host=host, port=port, metrics_port=metrics_port
-        )
-        services.append(
-            Service(
-                model,
-                command,
-                [f"{model}_port", f"{model}_metrics_port"],
-                functools.partial(procs.ping, reach, port, 2.0),
-                [f"tcp://{reach}:{port}", f"http://{reach}:{metrics_port}/metrics"],
-                dict(database or {}),
-            )
-        )
-    locust_file = ROOT / "loadtest" / "plugin" / "locustfile.py"
-    with_locust = settings.locust and locust_file.exists()
-    if with_locust:
-        web_port = settings.ports["locust_port"]
-        # The same interpreter as the servers: right also in a venv that is not activated.
-        command = [
-            python,
-            "-m",
-            "locust",
-            "-f",
-            str(locust_file),
-            "--web-host",
-            host,
-            "--web-port",
-            str(web_port),
-        ]
-        command += [
-            f"--{model}-target=tcp://{reach}:{settings.ports[f'{model}_port']}" for model in MODELS
-        ]
-        if settings.autostart:
-            command.append("--autostart")
-        services.append(
-            Service(
-                "locust",
-                command,
-                ["locust_port"],
-                functools.partial(procs.http_ok, f"http://{reach}:{web_port}/", any_status=True),
-                [f"http://{reach}:{web_port}/"],
-            )
-        )
-    prometheus = shutil.which("prometheus", path=environ.get("PATH"))
-    if settings.prometheus == "on" and not prometheus:
-        raise StackError(
-            "--prometheus on, but no `prometheus` binary is on the PATH "
-            "(Debian: apt-get install prometheus)"
-        )
-    if settings.prometheus != "off" and prometheus:
-        config = workdir / "prometheus.yml"
-        config.write_text(prometheus_config(settings, with_locust))
-        port = settings.ports["prometheus_port"]
-        command = [
-            prometheus,
-            f"--config.file={config}",
-            f"--storage.tsdb.path={workdir / 'prometheus-data'}",
-            f"--web.listen-address={host}:{port}",
-            "--log.level=warn",
-        ]
-        services.append(
-            Service(
-                "prometheus",
-                command,
-                ["prometheus_port"],
-                functools.partial(procs.http_ok, f"http://{reach}:{port}/-/ready"),
-                [f"http://{reach}:{port}/"],
-            )
-        )
-    return services
+    services = _servers(settings, database)
+    locust = _locust(settings)
+    prometheus = _prometheus(settings, workdir, environ, with_locust=locust is not None)
+    return services + [service for service in (locust, prometheus) if service is not None]
 
 
 def check_ports(settings: StackSettings, services: list[Service]) -> None:
