@@ -18,7 +18,8 @@ What a user sees, checked in Chromium (tests/test_webui_browser.py):
 from __future__ import annotations
 
 import json
-from typing import Any, Protocol
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, Protocol
 
 from loadtest.plugin import locust_adapter, scenarios
 from loadtest.plugin.client import CONNECT
@@ -26,6 +27,10 @@ from loadtest.plugin.client_metrics import PROMETHEUS_TEXT
 from loadtest.plugin.client_stats import ClientStats, latency_rows, latency_table
 from loadtest.plugin.users import address_url, scenario_user_count, sync_hosts
 from loadtest.plugin.workload import KnobError, Workload, current_workload
+
+if TYPE_CHECKING:
+    from flask import Response
+    from werkzeug.datastructures import ImmutableMultiDict
 
 
 class Exporter(Protocol):
@@ -101,24 +106,43 @@ def load_rows(workload: Workload, stats_entries: list[dict[str, Any]]) -> list[d
 
 def add_web_routes(web_ui: Any, exporter: Exporter) -> None:
     """Serve /metrics and /latency, add the tabs, tidy the start form, check knobs before /swarm."""
-    from flask import Response, jsonify, request
-    from werkzeug.datastructures import ImmutableMultiDict
-
     app = web_ui.app
-    environment = exporter.environment
+    app.route("/metrics")(metrics_route(exporter))
+    app.route("/latency")(latency_route(exporter))
+    add_tabs(web_ui)
+    list_targets_as_host(web_ui, exporter.environment)
+    app.after_request(stats_with_tabs(exporter))
+    locust_adapter.intercept_swarm(app, knob_check(exporter.environment))
 
-    @app.route("/metrics")
+
+def metrics_route(exporter: Exporter) -> Callable[[], Response]:
+    """The /metrics view: the exporter's text, then the adapters' fallback gauge."""
+    from flask import Response
+
     def metrics() -> Response:
+        """Answer /metrics."""
         text = exporter.metrics_text() + locust_adapter.metrics_text()
         return Response(text, mimetype=PROMETHEUS_TEXT)
 
-    @app.route("/latency")
+    return metrics
+
+
+def latency_route(exporter: Exporter) -> Callable[[], Response]:
+    """The /latency view: the latency table as text, or its rows with ?format=json."""
+    from flask import Response, jsonify, request
+
     def latency() -> Response:
+        """Answer /latency."""
         rows = latency_rows(exporter.stats)
         if request.args.get("format") == "json":
             return jsonify(rows)
         return Response(latency_table(rows) + "\n", mimetype="text/plain; charset=utf-8")
 
+    return latency
+
+
+def add_tabs(web_ui: Any) -> None:
+    """Declare the Scenario and Latency tabs and the latency download; keep the knobs' order."""
     # Locust's UI renders extra tabs from these template arguments and fills them from an
     # "extended_stats" entry in its /stats/requests poll. It upper-cases tab titles, so no µ.
     web_ui.template_args["extended_tabs"] = [
@@ -153,11 +177,15 @@ def add_web_routes(web_ui: Any, exporter: Exporter) -> None:
     # The page embeds its arguments with Jinja's tojson, whose default policy sorts keys: the
     # custom parameters would show alphabetically, the scenario among the targets. Keep the
     # order they were added in (workload.KNOBS).
-    app.jinja_env.policies["json.dumps_kwargs"] = {"sort_keys": False}
+    web_ui.app.jinja_env.policies["json.dumps_kwargs"] = {"sort_keys": False}
 
+
+def list_targets_as_host(web_ui: Any, environment: Any) -> None:
+    """Make the header's "Host" list the targets, and drop Locust's host warnings."""
     update_template_args = web_ui.update_template_args
 
     def update_template_args_without_host_warnings() -> None:
+        """Locust's template arguments, then the targets as Host and no host warning."""
         update_template_args()
         try:
             summary = targets_summary(current_workload(environment.parsed_options))
@@ -171,8 +199,15 @@ def add_web_routes(web_ui: Any, exporter: Exporter) -> None:
 
     web_ui.update_template_args = update_template_args_without_host_warnings
 
-    @app.after_request
+
+def stats_with_tabs(exporter: Exporter) -> Callable[[Response], Response]:
+    """An after-request hook that adds both tabs' rows to Locust's /stats/requests poll."""
+    from flask import request
+
+    environment = exporter.environment
+
     def add_tables_to_stats(response: Response) -> Response:
+        """Add "extended_stats" to a /stats/requests answer; pass any other response."""
         if not request.path.endswith("/stats/requests") or response.mimetype != "application/json":
             return response
         body = response.get_json(silent=True)
@@ -189,10 +224,19 @@ def add_web_routes(web_ui: Any, exporter: Exporter) -> None:
             response.set_data(json.dumps(body))
         return response
 
+    return add_tables_to_stats
+
+
+def knob_check(environment: Any) -> Callable[[], Any]:
+    """The check before Locust's /swarm: refuse bad knobs, else hand Locust a form it can use."""
+    from flask import jsonify, request
+
     def refuse(message: str) -> Response:
+        """The answer the start form shows as an error."""
         return jsonify({"success": False, "message": message, "host": environment.host})
 
     def check_knobs_before_swarm() -> Any:
+        """A refusal, or None to let Locust's /swarm handler go on with the rewritten form."""
         # Locust's own /swarm handler would store any text (or fail with a 500 on a number field);
         # check the knobs first and answer the way the form shows errors.
         options = vars(environment.parsed_options)
@@ -201,35 +245,51 @@ def add_web_routes(web_ui: Any, exporter: Exporter) -> None:
             new = Workload.from_options(submitted)
         except KnobError as error:
             return refuse(str(error))
-        old = current_workload(environment.parsed_options)
-        host = request.form.get("host", "").strip()
-        if host and host != targets_summary(old):
-            return refuse(
-                "Locust's Host is not used: each target has its own address under "
-                "Custom parameters (threaded_target, ...)"
-            )
-        running = environment.runner is not None and environment.runner.state in (
-            "spawning",
-            "running",
-        )
-        if running and (new.targets, new.users_per_target) != (old.targets, old.users_per_target):
-            return refuse(
-                f"targets {','.join(new.targets)} with {new.users_per_target} users each "
-                f"(scenario {new.scenario}): targets and users per target apply when a test "
-                "starts; stop the test and start a new one with these settings"
-            )
-        # Rewrite the form Locust's handler reads: without the Host (which would overwrite every
-        # user class's host), and with the number of users the scenario asks for.
-        form = [(key, value) for key, value in request.form.items(multi=True) if key != "host"]
-        try:
-            user_count: int | None = int(request.form["user_count"])
-        except (KeyError, ValueError):
-            user_count = None  # Locust's handler reports it
-        if user_count is not None:
-            raised = str(scenario_user_count(new, user_count))
-            form = [(key, raised if key == "user_count" else value) for key, value in form]
-        request.form = ImmutableMultiDict(form)
+        refusal = swarm_refusal(environment, request.form, new)
+        if refusal is not None:
+            return refuse(refusal)
+        request.form = form_for_locust(request.form, new)
         sync_hosts(environment, new)
         return None
 
-    locust_adapter.intercept_swarm(app, check_knobs_before_swarm)
+    return check_knobs_before_swarm
+
+
+def swarm_refusal(environment: Any, form: Mapping[str, str], new: Workload) -> str | None:
+    """Why a start or edit with valid knobs is refused (a Host, new targets mid-test), or None."""
+    old = current_workload(environment.parsed_options)
+    host = form.get("host", "").strip()
+    if host and host != targets_summary(old):
+        return (
+            "Locust's Host is not used: each target has its own address under "
+            "Custom parameters (threaded_target, ...)"
+        )
+    running = environment.runner is not None and environment.runner.state in (
+        "spawning",
+        "running",
+    )
+    if running and (new.targets, new.users_per_target) != (old.targets, old.users_per_target):
+        return (
+            f"targets {','.join(new.targets)} with {new.users_per_target} users each "
+            f"(scenario {new.scenario}): targets and users per target apply when a test "
+            "starts; stop the test and start a new one with these settings"
+        )
+    return None
+
+
+def form_for_locust(
+    form: ImmutableMultiDict[str, str], new: Workload
+) -> ImmutableMultiDict[str, str]:
+    """The form Locust's /swarm reads: no Host, and the number of users the scenario asks for."""
+    from werkzeug.datastructures import ImmutableMultiDict
+
+    # Without the Host, which would overwrite every user class's host.
+    fields = [(key, value) for key, value in form.items(multi=True) if key != "host"]
+    try:
+        user_count: int | None = int(form["user_count"])
+    except (KeyError, ValueError):
+        user_count = None  # Locust's handler reports it
+    if user_count is not None:
+        raised = str(scenario_user_count(new, user_count))
+        fields = [(key, raised if key == "user_count" else value) for key, value in fields]
+    return ImmutableMultiDict(fields)

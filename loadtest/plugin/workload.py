@@ -335,24 +335,15 @@ class Workload:
                 f"(the rest is echo), got {shares:g} (scenario {lesson.id}: blank shares are "
                 "its own)"
             )
+        # Every workload knob, --timeout-s and --arrival keep their parsed value and their name.
+        passed = (*(knob.dest for knob in WORKLOAD_KNOBS), "timeout_s", "arrival")
+        as_parsed = {dest: values[dest] for dest in passed}
         return cls(
             addresses={t: parse_address(values[f"{t}_target"]) for t in TARGETS},
             targets=parse_targets(values["targets"]),
-            users_per_target=values["users_per_target"],
-            payload_bytes=values["payload_bytes"],
-            ping_share=values["ping_share"],
-            sleep_share=values["sleep_share"],
-            sleep_ms=values["sleep_ms"],
-            work_share=values["work_share"],
-            work_rounds=values["work_rounds"],
-            think_ms=values["think_ms"],
-            timeout_s=values["timeout_s"],
-            db_share=values["db_share"],
-            db_ms=values["db_ms"],
-            arrival_rate=values["arrival_rate"],
-            arrival=values["arrival"],
             scenario=lesson.id,
             given=given,
+            **as_parsed,
         )
 
     def knob_values(self) -> list[tuple[Knob, str, str]]:

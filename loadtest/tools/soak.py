@@ -417,55 +417,46 @@ def write_markdown(report: dict, charts: list[str], path: Path) -> None:
 # -- the run ---------------------------------------------------------------------------------
 
 
+HISTORY_CSV = "locust_stats_history.csv"
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the soak; returns the exit code (0 passed, 1 failed)."""
     report_dir: Path = args.report_dir.resolve()  # Locust runs in it, so no relative paths
     report_dir.mkdir(parents=True, exist_ok=True)
     warmup = args.warmup if args.warmup is not None else min(600.0, max(10.0, args.duration / 6))
     started = datetime.now(UTC)
+    samples = Samples()
+    problems, locust_exit = run_load(args, report_dir, samples)
+    locust_requests, locust_failures = locust_totals(report_dir)
+    figures, judged = judge(
+        samples, warmup, args.duration, args.max_rss_growth_mib, args.max_fd_growth
+    )
+    problems += judged
+    problems += locust_problems(report_dir, locust_requests, locust_failures, locust_exit)
+    locust = {"requests": locust_requests, "failures": locust_failures, "exit_code": locust_exit}
+    report = build_report(args, started, warmup, problems, figures, locust, samples)
+    write_report(report, samples, report_dir, warmup)
+    print(f"soak: {'PASSED' if not problems else 'FAILED'}; report in {report_dir}/report.md")
+    for problem in problems:
+        print(f"soak: problem: {problem}")
+    return 0 if not problems else 1
+
+
+def run_load(
+    args: argparse.Namespace, report_dir: Path, samples: Samples
+) -> tuple[list[str], int | None]:
+    """Start the servers and Locust, sample, stop them all: (problems, Locust's exit code)."""
     servers: dict[str, procs.Server] = {}
     problems: list[str] = []
-    samples = Samples()
     locust = None
     locust_exit: int | None = None
     try:
-        for model in MODELS:
-            servers[model] = start_server(model, report_dir / f"server-{model}.log")
-            samples.servers[model] = []
-        for model, server in servers.items():
-            print(
-                f"soak: {model} on 127.0.0.1:{server.port} (metrics :{server.metrics_port})",
-                flush=True,
-            )
+        start_servers(servers, samples, report_dir)
         locust = start_locust(
             servers, args.duration, report_dir, args.users_per_target, args.locust_arg
         )
-        load_started = time.monotonic()
-        history = report_dir / "locust_stats_history.csv"
-        # Locust ends by itself after --duration; the deadline only catches a hung Locust.
-        deadline = load_started + args.duration + 120.0
-        next_sample = load_started
-        while locust.poll() is None and time.monotonic() < deadline:
-            time.sleep(max(0.0, next_sample - time.monotonic()))
-            next_sample += args.interval
-            elapsed = time.monotonic() - load_started
-            line = [f"soak: t={elapsed:6.0f}s"]
-            for model, server in servers.items():
-                if server.proc.poll() is not None:
-                    problems.append(
-                        f"{model}: the server exited with {server.proc.returncode} "
-                        f"at t={elapsed:.0f}s"
-                    )
-                    raise SoakError(problems[-1])
-                sample = sample_server(server, elapsed)
-                samples.servers[model].append(sample)
-                line.append(
-                    f"{model} rss={sample.rss / MIB:.1f}M fds={sample.fds} thr={sample.threads}"
-                )
-            client = sample_locust(locust, history, elapsed)
-            samples.locust.append(client)
-            line.append(f"locust users={client.users} req={client.requests} fail={client.failures}")
-            print("  ".join(line), flush=True)
+        sample_until_locust_ends(locust, servers, samples, problems, report_dir, args)
         if locust.poll() is None:
             problems.append("Locust did not stop after its run time")
         locust_exit = stop_process(locust)
@@ -475,31 +466,110 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if locust is not None and locust_exit is None:
             locust_exit = stop_process(locust)
-        for model, server in servers.items():
-            code = stop_process(server.proc)
-            if code != 0:
-                problems.append(f"{model}: stopped with exit code {code} (expected 0)")
+        problems += stop_servers(servers)
+    return problems, locust_exit
 
-    final = read_locust_history(report_dir / "locust_stats_history.csv")
-    locust_requests, locust_failures = (final[1], final[2]) if final else (0, 0)
-    locust_requests, locust_failures = final_locust_totals(
-        report_dir / "locust_stats.csv", locust_requests, locust_failures
-    )
-    figures, judged = judge(
-        samples, warmup, args.duration, args.max_rss_growth_mib, args.max_fd_growth
-    )
-    problems += judged
-    if locust_failures:
+
+def start_servers(servers: dict[str, procs.Server], samples: Samples, report_dir: Path) -> None:
+    """Start every server into `servers` (the ones started stay there if one fails); say where."""
+    for model in MODELS:
+        servers[model] = start_server(model, report_dir / f"server-{model}.log")
+        samples.servers[model] = []
+    for model, server in servers.items():
+        print(
+            f"soak: {model} on 127.0.0.1:{server.port} (metrics :{server.metrics_port})",
+            flush=True,
+        )
+
+
+def sample_until_locust_ends(
+    locust: subprocess.Popen[bytes],
+    servers: dict[str, procs.Server],
+    samples: Samples,
+    problems: list[str],
+    report_dir: Path,
+    args: argparse.Namespace,
+) -> None:
+    """Sample every server and Locust each --interval, printing a line, until Locust exits."""
+    load_started = time.monotonic()
+    history = report_dir / HISTORY_CSV
+    # Locust ends by itself after --duration; the deadline only catches a hung Locust.
+    deadline = load_started + args.duration + 120.0
+    next_sample = load_started
+    while locust.poll() is None and time.monotonic() < deadline:
+        time.sleep(max(0.0, next_sample - time.monotonic()))
+        next_sample += args.interval
+        elapsed = time.monotonic() - load_started
+        line = [f"soak: t={elapsed:6.0f}s"]
+        line += sample_servers(servers, samples, problems, elapsed)
+        client = sample_locust(locust, history, elapsed)
+        samples.locust.append(client)
+        line.append(f"locust users={client.users} req={client.requests} fail={client.failures}")
+        print("  ".join(line), flush=True)
+
+
+def sample_servers(
+    servers: dict[str, procs.Server], samples: Samples, problems: list[str], elapsed: float
+) -> list[str]:
+    """Sample each server into `samples`; returns a summary per server; SoakError if one died."""
+    line = []
+    for model, server in servers.items():
+        if server.proc.poll() is not None:
+            problems.append(
+                f"{model}: the server exited with {server.proc.returncode} at t={elapsed:.0f}s"
+            )
+            raise SoakError(problems[-1])
+        sample = sample_server(server, elapsed)
+        samples.servers[model].append(sample)
+        line.append(f"{model} rss={sample.rss / MIB:.1f}M fds={sample.fds} thr={sample.threads}")
+    return line
+
+
+def stop_servers(servers: dict[str, procs.Server]) -> list[str]:
+    """Stop every server; returns a problem for each that did not exit with 0."""
+    problems = []
+    for model, server in servers.items():
+        code = stop_process(server.proc)
+        if code != 0:
+            problems.append(f"{model}: stopped with exit code {code} (expected 0)")
+    return problems
+
+
+def locust_totals(report_dir: Path) -> tuple[int, int]:
+    """Locust's (requests, failures) at the end: its stats CSV, else its history's last row."""
+    final = read_locust_history(report_dir / HISTORY_CSV)
+    requests, failures = (final[1], final[2]) if final else (0, 0)
+    return final_locust_totals(report_dir / "locust_stats.csv", requests, failures)
+
+
+def locust_problems(
+    report_dir: Path, requests: int, failures: int, exit_code: int | None
+) -> list[str]:
+    """What went wrong on Locust's side: failed requests, a bad exit, or no request at all."""
+    problems = []
+    if failures:
         problems.append(
-            f"Locust: {locust_failures} of {locust_requests} requests failed "
+            f"Locust: {failures} of {requests} requests failed "
             f"(see {report_dir / 'locust_failures.csv'})"
         )
-    if locust_exit not in (0, None) and not locust_failures:
-        problems.append(f"Locust exited with {locust_exit} (see {report_dir / 'locust.log'})")
-    if not locust_requests:
+    if exit_code not in (0, None) and not failures:
+        problems.append(f"Locust exited with {exit_code} (see {report_dir / 'locust.log'})")
+    if not requests:
         problems.append("Locust sent no request")
+    return problems
 
-    report = {
+
+def build_report(
+    args: argparse.Namespace,
+    started: datetime,
+    warmup: float,
+    problems: list[str],
+    figures: dict[str, dict[str, float]],
+    locust: dict[str, int | None],
+    samples: Samples,
+) -> dict:
+    """report.json: when, the settings and bounds, the verdict, the figures and every sample."""
+    return {
         "started": started.isoformat(timespec="seconds"),
         "finished": datetime.now(UTC).isoformat(timespec="seconds"),
         "settings": {
@@ -516,11 +586,7 @@ def run(args: argparse.Namespace) -> int:
         "passed": not problems,
         "problems": problems,
         "figures": figures,
-        "locust": {
-            "requests": locust_requests,
-            "failures": locust_failures,
-            "exit_code": locust_exit,
-        },
+        "locust": locust,
         "samples": {
             "servers": {
                 model: [asdict(s) for s in series] for model, series in samples.servers.items()
@@ -528,6 +594,10 @@ def run(args: argparse.Namespace) -> int:
             "locust": [asdict(s) for s in samples.locust],
         },
     }
+
+
+def write_report(report: dict, samples: Samples, report_dir: Path, warmup: float) -> None:
+    """Write report.json, the charts and report.md; for the default report dir, the docs too."""
     (report_dir / "report.json").write_text(json.dumps(report, indent=1) + "\n")
     charts = draw_charts(samples, report_dir, warmup) if any(samples.servers.values()) else []
     write_markdown(report, charts, report_dir / "report.md")
@@ -538,10 +608,6 @@ def run(args: argparse.Namespace) -> int:
 
         for path in docfigures.publish_soak(report):
             print(f"soak: wrote {path.relative_to(ROOT)}")
-    print(f"soak: {'PASSED' if not problems else 'FAILED'}; report in {report_dir}/report.md")
-    for problem in problems:
-        print(f"soak: problem: {problem}")
-    return 0 if not problems else 1
 
 
 def final_locust_totals(stats_csv: Path, requests: int, failures: int) -> tuple[int, int]:
