@@ -18,6 +18,11 @@ callback. For asyncio `blocking` is psycopg's synchronous API called on the loop
 `blocking-fixed` hands that call to the loop's default executor (a few threads: their number
 bounds the rate, the pool lesson again).
 
+Why psycopg's `AsyncConnection` for asyncio rather than asyncpg: measured on this machine (ten
+concurrent `pg_sleep(0.2)`, shared/DESIGN.md), both waited 0.21 s, so for waiting they are equal;
+with one driver family every model's `/db 0` compares the models, not two drivers' protocol
+code, and the blocking variants are the same driver's synchronous API.
+
 Why a pool of our own (`SyncPool`, `AsyncPool`) and not psycopg_pool's: psycopg_pool refills a
 lost connection in the background with exponential back-off (psycopg_pool 3.3: 1 s, doubling),
 so after PostgreSQL restarts `/db` may stay down for seconds beyond its return, and its waits are
