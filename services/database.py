@@ -19,7 +19,7 @@ callback. For asyncio `blocking` is psycopg's synchronous API called on the loop
 bounds the rate, the pool lesson again).
 
 Why psycopg's `AsyncConnection` for asyncio rather than asyncpg: measured on this machine (ten
-concurrent `pg_sleep(0.2)`, shared/DESIGN.md), both waited 0.21 s, so for waiting they are equal;
+concurrent `pg_sleep(0.2)`, one connection each), both waited 0.21 s, so for waiting they are equal;
 with one driver family every model's `/db 0` compares the models, not two drivers' protocol
 code, and the blocking variants are the same driver's synchronous API.
 
