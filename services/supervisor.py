@@ -396,6 +396,12 @@ class Supervisor(Collector):
         yield GaugeMetricFamily(
             "arena_supervisor_workers", "Worker processes serving now", value=live
         )
+        spare = self.spare
+        yield GaugeMetricFamily(
+            "arena_supervisor_spare_ready",
+            "1 while a spare worker is built and waiting to take a dead worker's slot",
+            value=1.0 if spare is not None and spare.built.is_set() else 0.0,
+        )
         restarts = Metric(
             "arena_supervisor_worker_restarts", "Workers replaced after they died", "counter"
         )

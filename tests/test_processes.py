@@ -105,7 +105,15 @@ def test_a_killed_worker_is_replaced_within_a_second_and_the_others_keep_serving
     try:
         for thread in threads:
             thread.start()
-        wait_for_metrics(server, lambda m: m.value("arena_connections_active") == 100)
+        # The bound holds once the spare is built (a kill right after start waits for a fresh
+        # worker instead).
+        wait_for_metrics(
+            server,
+            lambda m: (
+                m.value("arena_connections_active") == 100
+                and m.value("arena_supervisor_spare_ready") == 1
+            ),
+        )
         victim, survivor = worker_pids(server)
         os.kill(victim, signal.SIGKILL)
         killed_at = time.monotonic()
