@@ -130,3 +130,10 @@ def postgres() -> Iterator[Postgres]:
         pytest.skip(str(error))
     with cluster:
         yield cluster
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Run the Docker tests last: a compose or Swarm stack going down keeps the engine busy for
+    a while after its test ends, and the fairness and fault tests that follow measure waits (a
+    1.2 s wait was seen right after the compose tests once)."""
+    items.sort(key=lambda item: item.get_closest_marker("docker") is not None)
