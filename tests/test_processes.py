@@ -139,6 +139,8 @@ def test_a_killed_worker_is_replaced_within_a_second_and_the_others_keep_serving
         stop.set()
         for thread in threads:
             thread.join(30)
+        if server.proc.poll() is None and sys.exc_info()[0] is not None:
+            stop_server(server)  # a failed check above: stop the supervisor and its workers
     assert not problems, problems[:5]
     assert resets[0] >= 1  # the dead worker's clients saw their connections end
     assert server.stop() == 0, server.log_text()[-3000:]
