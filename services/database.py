@@ -40,7 +40,6 @@ connection died), `backend-busy` (no connection free within `--db-timeout`), `ba
 from __future__ import annotations
 
 import asyncio
-import logging
 import math
 import threading
 import time
@@ -56,7 +55,6 @@ from services.session import Histogram
 
 QUERY = "SELECT pg_sleep(%s)"  # a bound parameter: the number never becomes SQL text
 ERROR_KINDS = ("unavailable", "busy", "error")
-log = logging.getLogger("arena.database")
 
 
 @dataclass(frozen=True)
