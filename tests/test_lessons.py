@@ -5,19 +5,41 @@ from __future__ import annotations
 import json
 import os
 import re
+import types
 from pathlib import Path
 
 import pytest
 
 from loadtest.lessons import __main__ as cli
-from loadtest.lessons import catalog, checks, report, runner
+from loadtest.lessons import catalog, claims, report, rig
+from loadtest.lessons.claims import (
+    blocked_loop,
+    closed_loop,
+    cores,
+    cpu_work,
+    db_pool_bound,
+    db_wait,
+    io_wait,
+    many_clients,
+    pool_bound,
+    undetected_io,
+)
+from loadtest.lessons.verdict import (
+    EVENT_LOOPS,
+    FAILS,
+    HOLDS,
+    INCONCLUSIVE,
+    OS_THREADS,
+    POOL,
+    switching_models,
+)
 from loadtest.tools import docfigures, postgres
 from services import models
 from tests.conftest import run_module
 
-POOL, THREADS = checks.POOL, checks.OS_THREADS
-LOOP = checks.EVENT_LOOPS[0]
-SWITCHING = checks.switching_models()
+THREADS = OS_THREADS
+LOOP = EVENT_LOOPS[0]
+SWITCHING = switching_models()
 
 
 # -- arguments -------------------------------------------------------------------------------
@@ -52,26 +74,36 @@ def test_narrowed_lessons_and_models_keep_the_canonical_order():
 
 
 def test_every_checked_lesson_has_a_claim_a_check_and_a_chart():
-    for lesson_id in checks.CHECKED_IDS:
-        entry = checks.lesson(lesson_id)
+    for lesson_id in claims.CHECKED_IDS:
+        entry = claims.lesson(lesson_id)
         assert entry.claim and entry.title.startswith(lesson_id)
-        assert lesson_id in checks.CHECKS and lesson_id in checks.HYPOTHESES
-        assert lesson_id in report.CHARTS and lesson_id in report.COLUMNS
+        lesson = claims.get(lesson_id)
+        assert lesson_id == lesson.ID and all(hasattr(lesson, part) for part in claims.REQUIRED)
     # The check-only lessons stay out of the Locust scenario select.
     assert "cores" not in catalog.LESSONS_BY_ID and "closed-loop" not in catalog.LESSONS_BY_ID
     # The database lessons are checked too; Locust's presets of them are plugin/scenarios.py's.
-    assert set(checks.DATABASE_IDS) == {"db-wait", "db-pool-bound", "undetected-io"}
-    assert set(checks.DATABASE_IDS) <= set(checks.CHECKED_IDS)
-    assert not set(checks.DATABASE_IDS) & set(catalog.LESSONS_BY_ID)
+    assert set(claims.DATABASE_IDS) == {"db-wait", "db-pool-bound", "undetected-io"}
+    assert set(claims.DATABASE_IDS) <= set(claims.CHECKED_IDS)
+    assert not set(claims.DATABASE_IDS) & set(catalog.LESSONS_BY_ID)
+
+
+def test_a_lesson_module_without_a_part_of_the_interface_is_refused():
+    incomplete = types.SimpleNamespace(
+        **{part: getattr(io_wait, part) for part in claims.REQUIRED if part != "chart"}
+    )
+    with pytest.raises(TypeError, match="lacks chart"):
+        claims._checked(incomplete)
+    with pytest.raises(TypeError, match="share an id"):
+        claims._checked(io_wait, io_wait)
 
 
 @pytest.mark.parametrize(("interval", "extra_runs"), [(0.05, 2), (0.005, 0), (None, 0)])
 def test_blocked_loop_measures_threads_at_cpythons_interval_only_if_the_server_sets_another(
     monkeypatch, interval, extra_runs
 ):
-    monkeypatch.setattr(runner, "server_switch_interval", lambda: interval)
-    work = runner.Work(10_000, 1_000_000, 100.0)
-    plan = runner.plan("blocked-loop", list(models.NAMES), work, 2)
+    monkeypatch.setattr(rig, "server_switch_interval", lambda: interval)
+    work = rig.Work(10_000, 1_000_000, 100.0)
+    plan = claims.plan("blocked-loop", list(models.NAMES), work, 2)
     assert len(plan.runs) == 2 * len(models.NAMES) + extra_runs
     flagged = [run for run in plan.runs if "--switch-interval" in run.server_args]
     assert len(flagged) == extra_runs
@@ -97,8 +129,8 @@ def _io(switching_rps: float, pool_rps: float) -> dict:
 
 
 def test_io_wait_holds_when_switching_overlaps_the_waits():
-    verdict = checks.check_io_wait(_io(4800, 99), IO_SETUP)
-    assert verdict.verdict == checks.HOLDS, verdict.reason
+    verdict = io_wait.check(_io(4800, 99), IO_SETUP)
+    assert verdict.verdict == HOLDS, verdict.reason
     assert "96% of the ideal" in verdict.reason
 
 
@@ -110,16 +142,16 @@ def test_io_wait_holds_when_switching_overlaps_the_waits():
     ],
 )
 def test_io_wait_fails(switching_rps, pool_rps, why):
-    verdict = checks.check_io_wait(_io(switching_rps, pool_rps), IO_SETUP)
-    assert verdict.verdict == checks.FAILS
+    verdict = io_wait.check(_io(switching_rps, pool_rps), IO_SETUP)
+    assert verdict.verdict == FAILS
     assert why in verdict.reason
 
 
 def test_a_failure_on_noisy_figures_is_inconclusive_and_says_why():
     figures = _io(4800, 99)
     figures[SWITCHING[0]] = _noisy({**figures[SWITCHING[0]], "rps": 3000})
-    verdict = checks.check_io_wait(figures, IO_SETUP)
-    assert verdict.verdict == checks.INCONCLUSIVE
+    verdict = io_wait.check(figures, IO_SETUP)
+    assert verdict.verdict == INCONCLUSIVE
     assert "machine was busy" in verdict.reason and "60%" in verdict.reason
 
 
@@ -127,21 +159,21 @@ def test_a_failure_on_quiet_figures_fails_whatever_the_other_models_noise():
     figures = _io(4800, 99)
     figures[SWITCHING[0]]["rps"] = 3000
     figures[POOL] = _noisy(figures[POOL])  # noisy, but the 60 % is the quiet model's own
-    assert checks.check_io_wait(figures, IO_SETUP).verdict == checks.FAILS
+    assert io_wait.check(figures, IO_SETUP).verdict == FAILS
 
 
 def test_a_pass_on_noisy_figures_holds_and_says_the_machine_was_busy():
     figures = _io(4800, 99)
     figures[POOL] = _noisy(figures[POOL])
-    verdict = checks.check_io_wait(figures, IO_SETUP)
-    assert verdict.verdict == checks.HOLDS
+    verdict = io_wait.check(figures, IO_SETUP)
+    assert verdict.verdict == HOLDS
     assert "busy" in verdict.reason
 
 
 def test_a_lesson_without_the_model_it_needs_is_not_checked():
     figures = {name: f for name, f in _io(4800, 99).items() if name != POOL}
-    verdict = checks.check_io_wait(figures, IO_SETUP)
-    assert verdict.verdict == checks.INCONCLUSIVE
+    verdict = io_wait.check(figures, IO_SETUP)
+    assert verdict.verdict == INCONCLUSIVE
     assert "needs pool" in verdict.reason
 
 
@@ -154,18 +186,18 @@ def _cpu(rates: dict[str, float]) -> dict:
 
 def test_cpu_work_holds_at_one_cores_worth_each():
     rates = {name: 950 - 30 * index for index, name in enumerate(models.NAMES)}
-    assert checks.check_cpu_work(_cpu(rates), CPU_SETUP).verdict == checks.HOLDS
+    assert cpu_work.check(_cpu(rates), CPU_SETUP).verdict == HOLDS
 
 
 def test_cpu_work_fails_when_switching_models_differ_or_pass_one_core():
     spread = {name: 950 for name in models.NAMES}
     spread[SWITCHING[0]] = 500
-    verdict = checks.check_cpu_work(_cpu(spread), CPU_SETUP)
-    assert verdict.verdict == checks.FAILS and "differ by 90%" in verdict.reason
+    verdict = cpu_work.check(_cpu(spread), CPU_SETUP)
+    assert verdict.verdict == FAILS and "differ by 90%" in verdict.reason
     above = {name: 950 for name in models.NAMES}
     above[POOL] = 1900
-    verdict = checks.check_cpu_work(_cpu(above), CPU_SETUP)
-    assert verdict.verdict == checks.FAILS and "1.90 cores' worth" in verdict.reason
+    verdict = cpu_work.check(_cpu(above), CPU_SETUP)
+    assert verdict.verdict == FAILS and "1.90 cores' worth" in verdict.reason
 
 
 POOL_SETUP = {"connections": 20, "sleep_ms": 50, "pool_workers": [2, 4]}
@@ -180,8 +212,8 @@ def _pool_bound(rates: dict[int, float]) -> dict:
 
 
 def test_pool_bound_holds_at_workers_over_sleep():
-    verdict = checks.check_pool_bound(_pool_bound({2: 39, 4: 78}), POOL_SETUP)
-    assert verdict.verdict == checks.HOLDS, verdict.reason
+    verdict = pool_bound.check(_pool_bound({2: 39, 4: 78}), POOL_SETUP)
+    assert verdict.verdict == HOLDS, verdict.reason
     assert "2x the workers, 2.00x the rate" in verdict.reason
 
 
@@ -193,8 +225,8 @@ def test_pool_bound_holds_at_workers_over_sleep():
     ],
 )
 def test_pool_bound_fails(rates, why):
-    verdict = checks.check_pool_bound(_pool_bound(rates), POOL_SETUP)
-    assert verdict.verdict == checks.FAILS
+    verdict = pool_bound.check(_pool_bound(rates), POOL_SETUP)
+    assert verdict.verdict == FAILS
     assert why in verdict.reason
 
 
@@ -214,24 +246,24 @@ def _cores(pool_rps: float, pool_other: float = 0.05, threaded_other: float = 0.
 
 
 def test_cores_holds_when_the_process_pool_uses_both_cores():
-    verdict = checks.check_cores(_cores(1800), CORES_SETUP)
-    assert verdict.verdict == checks.HOLDS
+    verdict = cores.check(_cores(1800), CORES_SETUP)
+    assert verdict.verdict == HOLDS
     assert "1.89x" in verdict.reason and "load generator" in verdict.reason
 
 
 def test_cores_fails_when_two_quiet_cores_were_not_used():
-    verdict = checks.check_cores(_cores(1100), CORES_SETUP)
-    assert verdict.verdict == checks.FAILS and "needs 1.6x" in verdict.reason
+    verdict = cores.check(_cores(1100), CORES_SETUP)
+    assert verdict.verdict == FAILS and "needs 1.6x" in verdict.reason
 
 
 def test_cores_says_when_the_machine_cannot_give_two_quiet_cores():
-    verdict = checks.check_cores(_cores(1100, pool_other=0.8), CORES_SETUP)
-    assert verdict.verdict == checks.INCONCLUSIVE
+    verdict = cores.check(_cores(1100, pool_other=0.8), CORES_SETUP)
+    assert verdict.verdict == INCONCLUSIVE
     assert "could not give 2 quiet cores" in verdict.reason
-    busy_threaded = checks.check_cores(_cores(1800, threaded_other=1.3), CORES_SETUP)
-    assert busy_threaded.verdict == checks.INCONCLUSIVE
-    one_cpu = checks.check_cores(_cores(1800), {**CORES_SETUP, "cpus": 1})
-    assert one_cpu.verdict == checks.INCONCLUSIVE and "needs 2" in one_cpu.reason
+    busy_threaded = cores.check(_cores(1800, threaded_other=1.3), CORES_SETUP)
+    assert busy_threaded.verdict == INCONCLUSIVE
+    one_cpu = cores.check(_cores(1800), {**CORES_SETUP, "cpus": 1})
+    assert one_cpu.verdict == INCONCLUSIVE and "needs 2" in one_cpu.reason
 
 
 MANY_SETUP = {"connections": 1000, "window_s": 3.0}
@@ -259,14 +291,14 @@ def _many(answered: int) -> dict:
 
 
 def test_many_clients_holds_when_every_connection_is_answered():
-    verdict = checks.check_many_clients(_many(1000), MANY_SETUP)
-    assert verdict.verdict == checks.HOLDS
+    verdict = many_clients.check(_many(1000), MANY_SETUP)
+    assert verdict.verdict == HOLDS
     assert f"{THREADS} 3,400 ms" in verdict.reason
 
 
 def test_many_clients_fails_on_a_starved_connection():
-    verdict = checks.check_many_clients(_many(352), MANY_SETUP)
-    assert verdict.verdict == checks.FAILS
+    verdict = many_clients.check(_many(352), MANY_SETUP)
+    assert verdict.verdict == FAILS
     assert "answered 352/1000" in verdict.reason and "still waiting after 3.4 s" in verdict.reason
 
 
@@ -287,7 +319,7 @@ def _blocked(
     cpython_p99: float | None = None,
 ) -> dict:
     figures = {name: _quiet(echo_p99_ms=400, echo_p99_alone_ms=1) for name in models.NAMES}
-    for loop in checks.EVENT_LOOPS:  # gevent, asyncio: each must show the blocked loop
+    for loop in EVENT_LOOPS:  # gevent, asyncio: each must show the blocked loop
         figures[loop] = _quiet(echo_p99_ms=loop_p99, echo_p99_alone_ms=alone)
         if blocked is not None:
             figures[loop].update(blocked_s=blocked, blocked_span_s=3.8)
@@ -302,14 +334,14 @@ def _blocked(
 
 
 def test_blocked_loop_holds_when_the_loop_waits_and_threads_are_preempted():
-    verdict = checks.check_blocked_loop(_blocked(), BLOCKED_SETUP)
-    assert verdict.verdict == checks.HOLDS, verdict.reason
+    verdict = blocked_loop.check(_blocked(), BLOCKED_SETUP)
+    assert verdict.verdict == HOLDS, verdict.reason
     assert "stays below it (switch interval 50 ms)" in verdict.reason
 
 
 def test_blocked_loop_shows_the_trade_off_of_a_longer_switch_interval():
-    verdict = checks.check_blocked_loop(_blocked(threads_p99=160, cpython_p99=40), BLOCKED_SETUP)
-    assert verdict.verdict == checks.HOLDS, verdict.reason
+    verdict = blocked_loop.check(_blocked(threads_p99=160, cpython_p99=40), BLOCKED_SETUP)
+    assert verdict.verdict == HOLDS, verdict.reason
     assert (
         "at CPython's 5 ms switch interval (40 ms), not at the server's 50 ms (160 ms)"
         in verdict.reason
@@ -332,8 +364,8 @@ def test_blocked_loop_shows_the_trade_off_of_a_longer_switch_interval():
     ],
 )
 def test_blocked_loop_fails(kwargs, why):
-    verdict = checks.check_blocked_loop(_blocked(**kwargs), BLOCKED_SETUP)
-    assert verdict.verdict == checks.FAILS
+    verdict = blocked_loop.check(_blocked(**kwargs), BLOCKED_SETUP)
+    assert verdict.verdict == FAILS
     assert why in verdict.reason
 
 
@@ -358,10 +390,10 @@ def _stall(open_p99: float = 470, closed_p99: float = 2.5) -> dict:
 
 
 def test_closed_loop_holds_when_only_the_open_loop_p99_shows_the_stall():
-    verdict = checks.check_closed_loop(_stall(), STALL_SETUP)
-    assert verdict.verdict == checks.HOLDS, verdict.reason
+    verdict = closed_loop.check(_stall(), STALL_SETUP)
+    assert verdict.verdict == HOLDS, verdict.reason
     assert "p99 470 ms open loop, 2.5 ms closed loop (its max 505 ms)" in verdict.reason
-    assert "1,000 requests/s" in checks.hypothesis("closed-loop", STALL_SETUP)
+    assert "1,000 requests/s" in claims.hypothesis("closed-loop", STALL_SETUP)
 
 
 @pytest.mark.parametrize(
@@ -369,18 +401,20 @@ def test_closed_loop_holds_when_only_the_open_loop_p99_shows_the_stall():
     [(40, 2.5, "open-loop p99 40 ms is below 25%"), (470, 80, "closed-loop p99 80 ms is above")],
 )
 def test_closed_loop_fails(open_p99, closed_p99, why):
-    verdict = checks.check_closed_loop(_stall(open_p99, closed_p99), STALL_SETUP)
-    assert verdict.verdict == checks.FAILS and why in verdict.reason
+    verdict = closed_loop.check(_stall(open_p99, closed_p99), STALL_SETUP)
+    assert verdict.verdict == FAILS and why in verdict.reason
 
 
 def test_closed_loop_runs_each_model_open_and_closed_with_a_stall():
-    work = runner.Work(10_000, 1_000_000, 100.0)
-    plan = runner.plan("closed-loop", list(models.NAMES), work, cpus=2)
+    work = rig.Work(10_000, 1_000_000, 100.0)
+    plan = claims.plan("closed-loop", list(models.NAMES), work, cpus=2)
     assert [(run.model, run.variant) for run in plan.runs] == [
-        (name, mode) for name in models.NAMES for mode in (runner.OPEN_LOOP, runner.CLOSED_LOOP)
+        (name, mode)
+        for name in models.NAMES
+        for mode in (closed_loop.OPEN_LOOP, closed_loop.CLOSED_LOOP)
     ]
-    assert all(run.stall_s == runner.STALL_S for run in plan.runs)
-    assert [run.rate for run in plan.runs[:2]] == [runner.STALL_RATE, 0.0]
+    assert all(run.stall_s == closed_loop.STALL_S for run in plan.runs)
+    assert [run.rate for run in plan.runs[:2]] == [closed_loop.STALL_RATE, 0.0]
 
 
 # -- the database lessons --------------------------------------------------------------------
@@ -396,11 +430,11 @@ def _db_wait(switching_rps: float = 960, pool_rps: float = 98) -> dict:
 
 
 def test_db_wait_holds_when_switching_reaches_the_database_pool():
-    verdict = checks.check_db_wait(_db_wait(), DB_SETUP)
-    assert verdict.verdict == checks.HOLDS, verdict.reason
+    verdict = db_wait.check(_db_wait(), DB_SETUP)
+    assert verdict.verdict == HOLDS, verdict.reason
     assert "of database pool / query time 1,000 req/s" in verdict.reason
     assert "the pool 98 req/s with 2 workers" in verdict.reason
-    assert "(1,000 req/s)" in checks.hypothesis("db-wait", DB_SETUP)
+    assert "(1,000 req/s)" in claims.hypothesis("db-wait", DB_SETUP)
 
 
 @pytest.mark.parametrize(
@@ -411,26 +445,26 @@ def test_db_wait_holds_when_switching_reaches_the_database_pool():
     ],
 )
 def test_db_wait_fails(kwargs, why):
-    verdict = checks.check_db_wait(_db_wait(**kwargs), DB_SETUP)
-    assert verdict.verdict == checks.FAILS
+    verdict = db_wait.check(_db_wait(**kwargs), DB_SETUP)
+    assert verdict.verdict == FAILS
     assert why in verdict.reason
 
 
 def test_db_wait_fails_on_database_errors_and_is_inconclusive_on_noise():
     figures = _db_wait()
     figures[SWITCHING[0]]["errors"] = 12
-    verdict = checks.check_db_wait(figures, DB_SETUP)
-    assert verdict.verdict == checks.FAILS and "12 requests with an error" in verdict.reason
+    verdict = db_wait.check(figures, DB_SETUP)
+    assert verdict.verdict == FAILS and "12 requests with an error" in verdict.reason
     figures = _db_wait()
     figures[SWITCHING[0]] = _noisy({**figures[SWITCHING[0]], "rps": 500})
-    assert checks.check_db_wait(figures, DB_SETUP).verdict == checks.INCONCLUSIVE
+    assert db_wait.check(figures, DB_SETUP).verdict == INCONCLUSIVE
 
 
 @pytest.mark.parametrize("lesson_id", ["db-wait", "db-pool-bound", "undetected-io"])
 def test_a_database_lesson_without_postgresql_is_not_checked_and_says_how_to_get_one(lesson_id):
     setup = {**DB_SETUP, "database_unavailable": f"no PostgreSQL here: {postgres.INSTALL_HINT}"}
-    verdict = checks.decide(lesson_id, {}, setup)
-    assert verdict.verdict == checks.INCONCLUSIVE
+    verdict = claims.decide(lesson_id, {}, setup)
+    assert verdict.verdict == INCONCLUSIVE
     assert "apt-get install postgresql" in verdict.reason
 
 
@@ -443,10 +477,10 @@ def _db_pool_bound(rates: dict[int, float]) -> dict:
 
 
 def test_db_pool_bound_holds_at_pool_over_query_time():
-    verdict = checks.check_db_pool_bound(_db_pool_bound({5: 245, 10: 490}), DB_POOL_SETUP)
-    assert verdict.verdict == checks.HOLDS, verdict.reason
+    verdict = db_pool_bound.check(_db_pool_bound({5: 245, 10: 490}), DB_POOL_SETUP)
+    assert verdict.verdict == HOLDS, verdict.reason
     assert "2x the pool, 2.00x the rate" in verdict.reason
-    assert "pool of 5 and 10 connections" in checks.hypothesis("db-pool-bound", DB_POOL_SETUP)
+    assert "pool of 5 and 10 connections" in claims.hypothesis("db-pool-bound", DB_POOL_SETUP)
 
 
 @pytest.mark.parametrize(
@@ -457,8 +491,8 @@ def test_db_pool_bound_holds_at_pool_over_query_time():
     ],
 )
 def test_db_pool_bound_fails(rates, why):
-    verdict = checks.check_db_pool_bound(_db_pool_bound(rates), DB_POOL_SETUP)
-    assert verdict.verdict == checks.FAILS
+    verdict = db_pool_bound.check(_db_pool_bound(rates), DB_POOL_SETUP)
+    assert verdict.verdict == FAILS
     assert why in verdict.reason
 
 
@@ -473,7 +507,7 @@ UNDETECTED_SETUP = {
 
 
 def _driver_run(driver: str, rate: float, bound: float, p99: float, cpu: float, by: str) -> dict:
-    key = "work_rps" if driver == checks.WORK_REFERENCE else "db_rps"
+    key = "work_rps" if driver == undetected_io.WORK_REFERENCE else "db_rps"
     return _quiet(
         driver=driver,
         **{key: rate},
@@ -495,7 +529,7 @@ def _undetected(
     fast_p99: float = 3.0,
 ) -> dict:
     figures = {}
-    for name in checks.EVENT_LOOPS:
+    for name in EVENT_LOOPS:
         fixed_bound = 300 if name == "asyncio" else 1000
         runs = [
             _driver_run("blocking", blocking_rps, 50, blocking_p99, blocking_cpu, "one at a time"),
@@ -503,17 +537,17 @@ def _undetected(
                 "blocking-fixed", fixed_rps * fixed_bound / 300, fixed_bound, fast_p99, 0.2, "x"
             ),
             _driver_run("default", default_rps, 1000, fast_p99, 0.3, "database pool"),
-            _driver_run(checks.WORK_REFERENCE, 48, 50, 450, 0.97, "one core"),
+            _driver_run(undetected_io.WORK_REFERENCE, 48, 50, 450, 0.97, "one core"),
         ]
         figures[name] = {"runs": runs, "noisy": False, "other_cpu": 0.02}
     return figures
 
 
 def test_undetected_io_holds_when_the_blocking_driver_serialises_without_cpu():
-    verdict = checks.check_undetected_io(_undetected(), UNDETECTED_SETUP)
-    assert verdict.verdict == checks.HOLDS, verdict.reason
+    verdict = undetected_io.check(_undetected(), UNDETECTED_SETUP)
+    assert verdict.verdict == HOLDS, verdict.reason
     assert "CPU 0.03 cores vs 0.97 blocked by /work" in verdict.reason
-    claim = checks.hypothesis("undetected-io", UNDETECTED_SETUP)
+    claim = claims.hypothesis("undetected-io", UNDETECTED_SETUP)
     assert "asyncio 6 threads / 20 ms = 300 req/s" in claim
     assert "gevent 20 connections / 20 ms = 1,000 req/s" in claim
 
@@ -530,29 +564,29 @@ def test_undetected_io_holds_when_the_blocking_driver_serialises_without_cpu():
     ],
 )
 def test_undetected_io_fails(kwargs, why):
-    verdict = checks.check_undetected_io(_undetected(**kwargs), UNDETECTED_SETUP)
-    assert verdict.verdict == checks.FAILS
+    verdict = undetected_io.check(_undetected(**kwargs), UNDETECTED_SETUP)
+    assert verdict.verdict == FAILS
     assert why in verdict.reason
 
 
 def test_database_plans_give_their_servers_the_database_and_its_settings():
-    work = runner.Work(10_000, 1_000_000, 100.0)
+    work = rig.Work(10_000, 1_000_000, 100.0)
     names = list(models.NAMES)
-    wait = runner.plan("db-wait", names, work, 2)
+    wait = claims.plan("db-wait", names, work, 2)
     assert [run.model for run in wait.runs] == names and wait.needs_database
     assert all(run.database and "--db-pool" in run.server_args for run in wait.runs)
-    bound = runner.plan("db-pool-bound", names, work, 2)
+    bound = claims.plan("db-pool-bound", names, work, 2)
     assert [run.variant for run in bound.runs] == ["db pool 5", "db pool 10"]
     assert {run.model for run in bound.runs} == {bound.setup["db_model"]} == {SWITCHING[0]}
-    undetected = runner.plan("undetected-io", names, work, 2)
-    assert {run.model for run in undetected.runs} == set(checks.EVENT_LOOPS)
+    undetected = claims.plan("undetected-io", names, work, 2)
+    assert {run.model for run in undetected.runs} == set(EVENT_LOOPS)
     variants = [run.variant for run in undetected.runs if run.model == LOOP]
-    assert variants == [*runner.DRIVERS, checks.WORK_REFERENCE]
+    assert variants == [*undetected_io.DRIVERS, undetected_io.WORK_REFERENCE]
     # The /work run computes as long as a query waits, and needs no database.
     [computed] = [run for run in undetected.runs if run.model == LOOP and not run.database]
-    assert undetected.setup["work_rounds"] == work.rounds_1ms * runner.DB_MS
+    assert undetected.setup["work_rounds"] == work.rounds_1ms * rig.DB_MS
     assert "--db-driver" not in computed.server_args
-    assert not runner.plan("io-wait", names, work, 2).needs_database
+    assert not claims.plan("io-wait", names, work, 2).needs_database
 
 
 def test_without_postgresql_the_database_lessons_are_inconclusive_and_the_run_goes_on(tmp_path):
@@ -569,7 +603,7 @@ def test_without_postgresql_the_database_lessons_are_inconclusive_and_the_run_go
     data = json.loads((tmp_path / "lessons.json").read_text())
     assert [entry["id"] for entry in data["lessons"]] == ["db-wait", "undetected-io"]
     for entry in data["lessons"]:
-        assert entry["verdict"] == checks.INCONCLUSIVE and entry["figures"] == {}
+        assert entry["verdict"] == INCONCLUSIVE and entry["figures"] == {}
         assert "no PostgreSQL here" in entry["reason"] and "apt-get install" in entry["reason"]
     assert "not checked: no PostgreSQL here" in result.stderr
 
@@ -618,18 +652,18 @@ def _results(tmp_path: Path) -> dict:
                     expected_rps=size * (20 if "workers" in run else 50),
                     of_expected=run["rps"] / (size * (20 if "workers" in run else 50)),
                 )
-        verdict = checks.decide(lesson_id, figures, setup)
+        verdict = claims.decide(lesson_id, figures, setup)
         entries.append(
             {
                 "id": lesson_id,
-                "title": checks.lesson(lesson_id).title,
-                "claim": checks.lesson(lesson_id).claim,
-                "hypothesis": checks.hypothesis(lesson_id, setup),
+                "title": claims.lesson(lesson_id).title,
+                "claim": claims.lesson(lesson_id).claim,
+                "hypothesis": claims.hypothesis(lesson_id, setup),
                 "verdict": verdict.verdict,
                 "reason": verdict.reason,
                 "setup": setup,
                 "figures": figures,
-                "reading": report.reading(lesson_id, figures, setup),
+                "reading": claims.reading(lesson_id, figures, setup),
             }
         )
     return {
@@ -697,7 +731,7 @@ def test_a_quick_real_run_writes_figures_verdicts_and_a_chart(tmp_path):
     [entry] = data["lessons"]
     assert entry["id"] == "io-wait"
     assert entry["claim"] == catalog.get("io-wait").claim
-    assert entry["verdict"] in (checks.HOLDS, checks.FAILS, checks.INCONCLUSIVE)
+    assert entry["verdict"] in (HOLDS, FAILS, INCONCLUSIVE)
     assert entry["reading"] and entry["reason"]
     assert set(entry["figures"]) == set(narrowed)
     for figure in entry["figures"].values():
@@ -707,15 +741,15 @@ def test_a_quick_real_run_writes_figures_verdicts_and_a_chart(tmp_path):
     assert "[  2/2]" in result.stderr  # progress
     assert "claim:" in result.stdout and "verdict:" in result.stdout  # the lesson's block
     assert "lesson" in result.stdout.splitlines()[-2]  # the final summary table
-    assert runner.QUICK.quick
+    assert rig.QUICK.quick
 
 
 def test_blocked_loop_fails_when_any_event_loop_does_not_show_the_block():
     figures = _blocked()
-    last = checks.EVENT_LOOPS[-1]
+    last = EVENT_LOOPS[-1]
     figures[last] = _quiet(echo_p99_ms=2, echo_p99_alone_ms=1, blocked_s=0.0, blocked_span_s=3.8)
-    verdict = checks.check_blocked_loop(figures, BLOCKED_SETUP)
-    assert verdict.verdict == checks.FAILS, verdict.reason
+    verdict = blocked_loop.check(figures, BLOCKED_SETUP)
+    assert verdict.verdict == FAILS, verdict.reason
     assert f"{last}'s echo p99" in verdict.reason and LOOP not in verdict.reason.split(";")[0]
 
 
@@ -735,10 +769,10 @@ def test_a_quick_real_database_lesson_starts_postgresql_and_measures_the_pool(tm
     assert "a throwaway PostgreSQL on port" in result.stderr
     [entry] = json.loads((tmp_path / "lessons.json").read_text())["lessons"]
     assert entry["id"] == "db-pool-bound" and entry["reading"]
-    assert entry["verdict"] in (checks.HOLDS, checks.FAILS, checks.INCONCLUSIVE)
+    assert entry["verdict"] in (HOLDS, FAILS, INCONCLUSIVE)
     assert "not checked" not in entry["reason"]  # measured: the database was there
     runs = entry["figures"][THREADS]["runs"]
-    assert [run["db_pool"] for run in runs] == list(runner.DB_POOL_SIZES)
+    assert [run["db_pool"] for run in runs] == list(db_pool_bound.DB_POOL_SIZES)
     for run in runs:
         assert run["rps"] > 0 and run["errors"] == 0
     assert (tmp_path / "db-pool-bound.png").stat().st_size > 10_000

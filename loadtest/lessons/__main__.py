@@ -20,7 +20,21 @@ from typing import Any
 
 from loadtest.bench import harness, loadgen
 from loadtest.bench.report import machine_info
-from loadtest.lessons import checks, report, runner
+from loadtest.lessons import claims, report
+from loadtest.lessons.rig import (
+    FULL,
+    QUICK,
+    Pace,
+    Plan,
+    Rig,
+    Run,
+    Work,
+    calibrate,
+    estimate_seconds,
+    make_rig,
+    run_plans,
+)
+from loadtest.lessons.verdict import FAILS
 from loadtest.tools import cli, postgres
 from services import models
 
@@ -36,14 +50,14 @@ def build_parser() -> argparse.ArgumentParser:
         "Check each lesson's claim against each server model alone, with the same CPU "
         "allotment, and write verdicts, figures and charts.",
     )
-    cli.add_names(parser, "--lessons", checks.CHECKED_IDS, "lesson", canonical=True)
+    cli.add_names(parser, "--lessons", claims.CHECKED_IDS, "lesson", canonical=True)
     cli.add_names(parser, "--models", models.NAMES, "model", canonical=True)
     parser.add_argument(
         "--quick",
         action="store_true",
-        help=f"one short run per figure ({runner.QUICK.duration:g} s; CI), "
-        f"instead of the median of {runner.FULL.reps} x "
-        f"{runner.FULL.duration:g} s",
+        help=f"one short run per figure ({QUICK.duration:g} s; CI), "
+        f"instead of the median of {FULL.reps} x "
+        f"{FULL.duration:g} s",
     )
     cli.add_path(parser, "--out", DEFAULT_OUT, "output directory")
     return parser
@@ -61,8 +75,8 @@ def _background_text(before: float, after: float) -> str:
 
 
 def start_database(
-    plans: list[runner.Plan],
-    rig: runner.Rig,
+    plans: list[Plan],
+    rig: Rig,
     stack: contextlib.ExitStack,
     progress: harness.Progress,
 ) -> None:
@@ -116,23 +130,23 @@ def main(argv: list[str] | None = None) -> int:
     """Run the chosen lessons and write the results; returns the exit code (a failed or
     interrupted measurement exits: harness.measuring)."""
     args = build_parser().parse_args(argv)
-    pace = runner.QUICK if args.quick else runner.FULL
+    pace = QUICK if args.quick else FULL
     try:
         args.out.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         print(f"lessons: cannot write to {args.out}: {error.strerror}", file=sys.stderr)
         return 2
     try:
-        rig = runner.make_rig(pace, harness.Progress(0))
+        rig = make_rig(pace, harness.Progress(0))
     except loadgen.LoadgenError as error:
         print(f"lessons: {error}", file=sys.stderr)
         return 2
     if rig.one_core.loadgen:
         os.sched_setaffinity(0, rig.one_core.loadgen)  # our own sampling stays off the server
     cpus = len(os.sched_getaffinity(0) | (rig.all_cores.server or frozenset()))
-    work = runner.calibrate()
+    work = calibrate()
     rig.round_ns = work.round_ns
-    plans = [runner.plan(lesson, args.models, work, cpus) for lesson in args.lessons]
+    plans = [claims.plan(lesson, args.models, work, cpus) for lesson in args.lessons]
     with contextlib.ExitStack() as stack:
         start_database(plans, rig, stack, rig.progress)
         return _run(args, pace, rig, work, plans)
@@ -140,34 +154,34 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(
     args: argparse.Namespace,
-    pace: runner.Pace,
-    rig: runner.Rig,
-    work: runner.Work,
-    plans: list[runner.Plan],
+    pace: Pace,
+    rig: Rig,
+    work: Work,
+    plans: list[Plan],
 ) -> int:
     """Measure the plans, print and write the results; the exit code."""
     background = _announce(args, pace, rig, work, plans)
     entries: list[dict] = []
 
-    def on_lesson(item: runner.Plan, figures: dict[str, dict]) -> None:
-        entry = _lesson_entry(item, figures)
+    def on_lesson(item: Plan, results: dict[Run, dict]) -> None:
+        entry = _lesson_entry(item, claims.figures(item, results))
         entries.append(entry)
         print("\n" + report.console_block(entry) + "\n", flush=True)  # results: stdout
 
     with harness.measuring("lessons"):
-        runner.run_plans(plans, rig, on_lesson)
+        run_plans(plans, rig, on_lesson)
     after = harness.background_load()
     results = _results(pace, rig, work, entries, background, after)
     _write(results, args, rig.progress)
-    return 1 if any(entry["verdict"] == checks.FAILS for entry in entries) else 0
+    return 1 if any(entry["verdict"] == FAILS for entry in entries) else 0
 
 
 def _announce(
     args: argparse.Namespace,
-    pace: runner.Pace,
-    rig: runner.Rig,
-    work: runner.Work,
-    plans: list[runner.Plan],
+    pace: Pace,
+    rig: Rig,
+    work: Work,
+    plans: list[Plan],
 ) -> float:
     """Set each plan's window and the rig's progress, say what will run (and whether the
     machine is busy); the machine's background load before the run."""
@@ -177,7 +191,7 @@ def _announce(
     background = harness.background_load()
     progress.note(
         f"lessons: {len(plans)} lessons x {', '.join(args.models)}: {progress.total} "
-        f"measurements, about {harness.duration_text(runner.estimate_seconds(plans, pace))}; "
+        f"measurements, about {harness.duration_text(estimate_seconds(plans, pace))}; "
         f"{rig.one_core.describe()} (cores: server on CPU "
         f"{','.join(map(str, sorted(rig.all_cores.server or ())))}, load generator too); "
         f"/work ~1 ms = {work.rounds_1ms:,} rounds"
@@ -190,24 +204,24 @@ def _announce(
     return background
 
 
-def _lesson_entry(item: runner.Plan, figures: dict[str, dict]) -> dict:
+def _lesson_entry(item: Plan, figures: dict[str, dict]) -> dict:
     """One lesson's result: claim, hypothesis, verdict with its reason, figures, reading."""
-    lesson = checks.lesson(item.lesson)
-    verdict = checks.decide(item.lesson, figures, item.setup)
+    lesson = claims.lesson(item.lesson)
+    verdict = claims.decide(item.lesson, figures, item.setup)
     return {
         "id": item.lesson,
         "title": lesson.title,
         "claim": lesson.claim,
-        "hypothesis": checks.hypothesis(item.lesson, item.setup),
+        "hypothesis": claims.hypothesis(item.lesson, item.setup),
         "verdict": verdict.verdict,
         "reason": verdict.reason,
         "setup": item.setup,
         "figures": figures,
-        "reading": report.reading(item.lesson, figures, item.setup),
+        "reading": claims.reading(item.lesson, figures, item.setup),
     }
 
 
-def _method(rig: runner.Rig) -> str:
+def _method(rig: Rig) -> str:
     """How the lessons were measured, in a sentence or two."""
     return (
         f"each model alone; {rig.one_core.describe()} (the cores lesson: server "
@@ -225,9 +239,9 @@ def _method(rig: runner.Rig) -> str:
 
 
 def _results(
-    pace: runner.Pace,
-    rig: runner.Rig,
-    work: runner.Work,
+    pace: Pace,
+    rig: Rig,
+    work: Work,
     entries: list[dict],
     background: float,
     after: float,

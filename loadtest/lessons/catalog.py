@@ -3,7 +3,7 @@
 One catalog for two audiences. In the Locust web UI a lesson is a *scenario*: a preset of the
 workload knobs (`--scenario io-wait`), with a paragraph saying what to watch on the dashboard.
 `python -m loadtest.lessons` runs the same claim against each model alone, with the same CPU
-allotment, and prints a verdict (its measurement lives in `loadtest.lessons.runner`).
+allotment, and prints a verdict (each lesson checked by its module in `loadtest.lessons.claims`).
 
 Standard library only: the Locust image imports this file.
 """

@@ -74,7 +74,7 @@ def add_path(parser: argparse.ArgumentParser, flag: str, default: Path, help: st
     parser.add_argument(flag, type=Path, default=default, help=f"{help} (default: {shown})")
 
 
-# How a lesson's verdict reads in reports and in the docs (loadtest/lessons/checks.py's words).
+# How a lesson's verdict reads in reports and in the docs (loadtest/lessons/verdict.py's words).
 VERDICT_MARK = {"holds": "holds", "fails": "FAILS", "inconclusive": "inconclusive"}
 
 
