@@ -19,8 +19,9 @@ import sys
 from typing import Any
 
 from loadtest.bench import harness, loadgen
+from loadtest.bench import scenarios as bench_scenarios
 from loadtest.bench.report import machine_info
-from loadtest.lessons import claims, report
+from loadtest.lessons import claims, machine, report
 from loadtest.lessons.rig import (
     FULL,
     QUICK,
@@ -34,7 +35,7 @@ from loadtest.lessons.rig import (
     make_rig,
     run_plans,
 )
-from loadtest.lessons.verdict import FAILS
+from loadtest.lessons.verdict import FAILS, INCONCLUSIVE
 from loadtest.tools import cli, postgres
 from services import models
 
@@ -144,12 +145,34 @@ def main(argv: list[str] | None = None) -> int:
     if rig.one_core.loadgen:
         os.sched_setaffinity(0, rig.one_core.loadgen)  # our own sampling stays off the server
     cpus = len(os.sched_getaffinity(0) | (rig.all_cores.server or frozenset()))
+    found = measure_machine(rig)
     work = calibrate()
     rig.round_ns = work.round_ns
     plans = [claims.plan(lesson, args.models, work, cpus) for lesson in args.lessons]
+    for item in plans:
+        # What each lesson's expectation is derived from (loadtest.lessons.machine).
+        item.setup.update(
+            free_cores=found.free_cores, loadgen_ceiling_rps=found.loadgen_ceiling_rps
+        )
+    rig.machine = found
     with contextlib.ExitStack() as stack:
         start_database(plans, rig, stack, rig.progress)
         return _run(args, pace, rig, work, plans)
+
+
+def measure_machine(rig: Rig) -> machine.Machine:
+    """What this machine can give the lessons, measured now: the free cores of the run's CPUs
+    and the load generator's ceiling (echo against its own C server, one core each)."""
+    rig.progress.note("lessons: measuring the machine (free cores, the load generator's ceiling)")
+    scenario = bench_scenarios.Scenario("ceiling", "echo 64 B", 100, (bench_scenarios.echo(64),))
+    ceiling = harness.measure_ceiling(rig.binary, scenario, rig.one_core, 1.0, 0.3)["rps"]
+    found = machine.measure(rig.all_cores.server, loadgen_ceiling_rps=round(ceiling))
+    rig.progress.note(
+        f"lessons: {found.cpus} CPUs, {found.free_cores:.2f} free cores ("
+        + ", ".join(f"CPU {cpu} {share:.0%}" for cpu, share in found.free_by_cpu.items())
+        + f"); the load generator's ceiling {ceiling:,.0f} req/s"
+    )
+    return found
 
 
 def _run(
@@ -173,6 +196,12 @@ def _run(
     after = harness.background_load()
     results = _results(pace, rig, work, entries, background, after)
     _write(results, args, rig.progress)
+    undecided = [entry["id"] for entry in entries if entry["verdict"] == INCONCLUSIVE]
+    if undecided:
+        rig.progress.note(
+            f"lessons: warning: {', '.join(undecided)} inconclusive: this machine could not "
+            "show the claim (each reason says why); not a failure"
+        )
     return 1 if any(entry["verdict"] == FAILS for entry in entries) else 0
 
 
@@ -224,11 +253,14 @@ def _lesson_entry(item: Plan, figures: dict[str, dict]) -> dict:
 def _method(rig: Rig) -> str:
     """How the lessons were measured, in a sentence or two."""
     return (
-        f"each model alone; {rig.one_core.describe()} (the cores lesson: server "
-        "and load generator on every CPU); the C load generator of the benchmark, "
+        f"each model alone; {rig.one_core.describe()} (cpu-work, cores and "
+        "processes-x-coroutines: server and load generator on every CPU); the C load "
+        "generator of the benchmark, "
         "closed loop, every reply checked; a figure is flagged noisy (⚠) when other "
         f"processes took more than {harness.NOISY_OTHER_FRACTION:.0%} of the "
-        "server's CPU, and a check that fails on noisy figures is inconclusive."
+        "server's CPU, and a check that fails on noisy figures is inconclusive when the "
+        "noise could account for the miss (others taking a share s of the core explain at "
+        "most 1 / (1 - s)); a larger miss fails."
         + (
             " The database lessons query a throwaway PostgreSQL pinned beside the load "
             "generator, off the server's core."
@@ -258,6 +290,7 @@ def _results(
             "noisy_retries": pace.noisy_retries,
         },
         "method": _method(rig),
+        "resources": rig.machine.as_json() if rig.machine else None,
         "background": {
             "before": round(background, 3),
             "after": round(after, 3),

@@ -90,6 +90,31 @@ LESSONS: tuple[Lesson, ...] = (
         },
     ),
     Lesson(
+        "gil-tax",
+        "gil-tax: 100 threads take turns on the GIL",
+        "Threads contending for the GIL cost CPU: with 100 threads computing, the running one "
+        "is interrupted every switch interval and each waiting one wakes to ask for the GIL, "
+        "so the CPU per request of a thread per connection rises against one thread, and "
+        "against an event loop doing the same work; the shorter the interval, the larger "
+        "the tax.",
+        "requests/s and CPU per server: CPU / requests/s is each server's CPU per request.",
+        "at CPython's 5 ms switch interval (the threaded server's default) threaded close to "
+        "gevent and asyncio; at 0.5 ms its CPU per request several times theirs and its rate "
+        "below: the waiting threads, woken every interval on the second CPU, burn it asking "
+        "for the GIL (on one CPU the kernel's scheduler decides how often they run, and the "
+        "tax is smaller). The knob is the threaded server's --switch-interval: "
+        "`ARENA_SWITCH_INTERVAL=0.0005 ARENA_SERVER_CPUS=2 docker compose up -d threaded` "
+        "(every server container then may use 2 CPUs); "
+        "outside Docker, `python -m services threaded --switch-interval 0.0005`.",
+        {
+            **STEADY_KNOBS,
+            **_ONLY_ECHO,
+            "work_share": "1",
+            "work_rounds": str(WORK_1MS_ROUNDS),
+            "think_ms": "0",
+        },
+    ),
+    Lesson(
         "pool-bound",
         "pool-bound: more waits than pool workers",
         "A pool's size bounds its concurrency: with more concurrent waits than workers, "

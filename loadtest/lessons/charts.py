@@ -159,19 +159,31 @@ def marks(axis, values: list[float]) -> None:
         axis.plot([value] * 2, [index - 0.4, index + 0.4], color=LIMIT, linewidth=2)
 
 
+def row_bars(
+    axis,
+    pairs: Rows,
+    key: str = "rps",
+    unit: str = "requests / s",
+    fmt: Callable[[float], str] = lambda v: f"{v:,.0f}",
+    reach: list[float] | None = None,
+) -> None:
+    """One bar per table row (label, figure): the figure's `key`, noisy rows lighter."""
+    bars(
+        axis,
+        [label for label, _ in pairs],
+        [figure[key] for _, figure in pairs],
+        [figure["noisy"] for _, figure in pairs],
+        unit,
+        fmt,
+        reach,
+    )
+
+
 def against_expected(axis, pairs: list[tuple[str, Mapping]], note: str, title: str) -> None:
     """Each row's rate as a bar, marked in red where its expected rate lies; `note` says how
     the expectation is reckoned."""
     expected = [f["expected_rps"] for _, f in pairs]
-    bars(
-        axis,
-        [label for label, _ in pairs],
-        [f["rps"] for _, f in pairs],
-        [f["noisy"] for _, f in pairs],
-        "requests / s",
-        lambda v: f"{v:,.0f}",
-        reach=expected,
-    )
+    row_bars(axis, pairs, reach=expected)
     marks(axis, expected)
     axis.text(0.99, 0.5, note, color=LIMIT, fontsize=7, ha="right", transform=axis.transAxes)
     axis.set_title(title, fontsize=9)

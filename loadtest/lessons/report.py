@@ -86,6 +86,20 @@ def markdown_table(cells: list[list[str]]) -> list[str]:
     ]
 
 
+def resources_line(results: Mapping) -> list[str]:
+    """What the machine could give, measured before the lessons (the hypotheses' inputs)."""
+    found = results.get("resources")
+    if not found:
+        return []
+    shares = ", ".join(f"CPU {cpu} {share:.0%}" for cpu, share in found["free_by_cpu"].items())
+    return [
+        f"- **What the machine gave:** {found['cpus']} CPUs, {found['free_cores']:.2f} free "
+        f"cores (a busy process on each for 0.5 s got {shares}); the load generator's ceiling "
+        f"{found['loadgen_ceiling_rps']:,.0f} req/s (echo against its own C server). The "
+        "hypotheses below are derived from these figures and the /work calibration."
+    ]
+
+
 def write_markdown(results: Mapping, directory: Path) -> Path:
     """lessons.md: per lesson the claim, hypothesis, figures, verdict, reading and chart."""
     lines = [
@@ -94,6 +108,7 @@ def write_markdown(results: Mapping, directory: Path) -> Path:
         f"- **When / where:** {machine_line(results)}.",
         f"- **How:** {results['method']}",
         f"- **Machine load:** {results['background']['text']}",
+        *resources_line(results),
         "",
         "| lesson | verdict |",
         "|---|---|",

@@ -2,9 +2,10 @@
 
 Every measurement starts one server alone, pinned to the same core(s) whatever the model (its
 pool workers inherit the pinning), runs the C load generator of the benchmark pinned to the
-other core, and stops the server: the comparison measures the models, not how the scheduler
-split a machine between them. The `cores` lesson gives the server both cores; the load
-generator then shares them, and its own CPU is measured and reported.
+other core (blocked-loop runs its own probe there instead: `loadtest.lessons.probe`), and stops
+the server: the comparison measures the models, not how the scheduler split a machine between
+them. The `cores` lesson gives the server both cores; the load generator then shares them,
+and its own CPU is measured and reported.
 
 The database lessons' servers get the run's PostgreSQL in their environment (ARENA_DB_URL,
 ARENA_DB_PASSWORD: `Rig.database_env`) and their pool size and driver on the command line.
@@ -30,6 +31,9 @@ from typing import Any
 from loadtest.bench import harness, loadgen
 from loadtest.bench import scenarios as bench_scenarios
 from loadtest.bench.scenarios import Scenario
+from loadtest.lessons import probe
+from loadtest.lessons.machine import drift
+from loadtest.lessons.probe import Probe
 from loadtest.lessons.verdict import OS_THREADS, POOL
 from loadtest.tools import procs
 
@@ -43,7 +47,7 @@ NOISY_OTHER_CORES = 0.3
 # The pool's workers where a lesson does not count them (io-wait, cpu-work, blocked-loop, ...).
 IO_POOL_WORKERS = 2
 CPU_CONNECTIONS = 100  # the computing lessons (cpu-work, cores)
-# Lessons whose rates are low (pool-bound: 40 req/s) or whose p99 needs samples (blocked-loop)
+# Lessons whose rates are low (pool-bound: 40 req/s) or whose p99 needs samples (undetected-io)
 # measure at least this long, even with --quick.
 MIN_WINDOW_S = 2.0
 # A run with a stall (closed-loop) stops its server this far into its window.
@@ -120,6 +124,9 @@ class Run:
     rate: float = 0.0  # open loop at this many requests/s (0: closed loop)
     stall_s: float = 0.0  # stop the server (SIGSTOP) this long inside the window
     database: bool = False  # the server queries the run's PostgreSQL (Rig.database_env)
+    # Measured by the blocked-loop probe (loadtest.lessons.probe) instead of the load generator:
+    # its `scenario` then only names the load.
+    probe: Probe | None = None
 
     @property
     def label(self) -> str:
@@ -248,6 +255,8 @@ class Rig:
     all_cores: harness.Pinning
     progress: harness.Progress
     round_ns: float = float("inf")  # the quickest /work calibration so far
+    # What the machine could give, measured before the lessons (loadtest.lessons.machine).
+    machine: Any = None
     # ARENA_DB_URL and ARENA_DB_PASSWORD of the run's PostgreSQL, for the runs that query it.
     database_env: Mapping[str, str] | None = None
 
@@ -318,15 +327,18 @@ class Rig:
             stall = threading.Timer(delay, stop_for, (server.proc.pid, run.stall_s))
             stall.start()
         try:
-            record = harness.measure_once(
-                server,
-                run.scenario,
-                self.binary,
-                self.window(run),
-                self.pace.warmup,
-                pinning,
-                rate=run.rate,
-            )
+            if run.probe is not None:
+                record = measure_probe(server, run.probe, self.window(run), pinning)
+            else:
+                record = harness.measure_once(
+                    server,
+                    run.scenario,
+                    self.binary,
+                    self.window(run),
+                    self.pace.warmup,
+                    pinning,
+                    rate=run.rate,
+                )
         finally:
             if stall is not None:
                 stall.cancel()
@@ -354,6 +366,12 @@ class Rig:
         )
         if record["starved"]:
             flag += f"  STARVED: {harness.starved_text(record)}"
+        if "probe" in record:
+            seen = record["probe"]
+            flag = (
+                f"  echoes during /work {seen['echoes_during_work']:,}, covered "
+                f"{seen['covered_share']:.0%}{flag}"
+            )
         self.progress.step(
             f"{lesson:<12} {run.label:<29} {run.scenario.title:<24} rep {rep + 1}/"
             f"{self.pace.reps}: {record['rps']:>8,.0f} req/s  p99 "
@@ -361,8 +379,91 @@ class Rig:
         )
 
 
+def measure_probe(
+    server: harness.ServerProcess, spec: Probe, seconds: float, pinning: harness.Pinning
+) -> dict:
+    """One repetition of the blocked-loop probe against a running server: a record with
+    measure_once's keys (rate, latency per kind, CPU, noise) and the probe's figures under
+    "probe". The probe runs in this process, on the load generator's CPUs while it runs (it
+    times every reply: off the server's core, as the load generator is)."""
+    saved = os.sched_getaffinity(0)
+    try:
+        if pinning.loadgen:
+            os.sched_setaffinity(0, pinning.loadgen)
+        sampler = harness.Sampler(server, pinning.server)  # its thread inherits the pinning
+        try:
+            own_start = time.process_time()
+            sampler.marker("measure-start")
+            reading = probe.run(
+                server.port,
+                spec.work_rounds,
+                seconds,
+                spec.left_s,
+                spec.echo_connections,
+                spec.echo_pause_s,
+            )
+            sampler.marker("measure-end")
+            own_cpu = time.process_time() - own_start
+        finally:
+            sampler.close()
+    except OSError as error:  # refused, reset, closed: the server could not be probed
+        raise harness.HarnessError(f"{server.name}: the probe failed: {error}") from None
+    finally:
+        os.sched_setaffinity(0, saved)
+    if server.proc.poll() is not None:
+        log = "\n".join(server.log)
+        raise harness.HarnessError(f"{server.name} exited during the run:\n{log}")
+    elapsed = max(sampler.time_end - sampler.time_start, 1e-9)
+    return _probe_record(reading, sampler, own_cpu, elapsed)
+
+
+def _probe_record(
+    reading: probe.Reading, sampler: harness.Sampler, own_cpu: float, elapsed: float
+) -> dict:
+    """measure_once's record for a probe's reading: echo and /work as its two request kinds,
+    each probe connection as one of its connections, the probe's own CPU as the load
+    generator's."""
+    import statistics
+
+    server_cpu = max(0.0, sampler.cpu_end - sampler.cpu_start)
+    # As in measure_once: CPU time on the server's CPUs that the server did not use.
+    other = max(0.0, (sampler.busy_end - sampler.busy_start) - server_cpu) / elapsed
+    spans = [*reading.echo_spans, *reading.work_spans]
+    replies = reading.replies or (0,)
+    return {
+        "rps": len(spans) / elapsed,
+        "requests": len(spans),
+        "errors": reading.errors,
+        "connections": len(replies),
+        "answered_connections": sum(1 for count in replies if count),
+        "starved": not all(replies),
+        "requests_per_connection_min": min(replies),
+        "requests_per_connection_median": statistics.median(replies),
+        "requests_per_connection_max": max(replies),
+        "longest_wait_s": max((end - start for start, end in spans), default=0.0),
+        "longest_wait_unanswered": False,  # the probe waits for every reply
+        "latency_us": probe.latency_us(spans),
+        "kinds": [
+            {"requests": len(kind), "latency_us": probe.latency_us(kind)}
+            for kind in (reading.echo_spans, reading.work_spans)
+        ],
+        "elapsed_s": elapsed,
+        "server_cpu_s": round(server_cpu, 4),
+        "server_cpu_fraction": round(server_cpu / elapsed, 4),
+        "server_cpu_us_per_request": round(server_cpu / max(1, len(spans)) * 1e6, 2),
+        "peak_rss_bytes": sampler.peak_rss,
+        "threads": sampler.peak_threads,
+        "loadgen_cpu_s": round(own_cpu, 4),
+        "loadgen_cpu_fraction": round(own_cpu / elapsed, 4),
+        "loadgen_saturated": False,
+        "other_cpu_fraction": round(other, 4),
+        "probe": reading.as_figures(),
+    }
+
+
 def summarize(records: list[dict], shared: bool) -> dict:
-    """The harness's medians, plus per request kind, /metrics deltas and the noise."""
+    """The harness's medians, plus per request kind, /metrics deltas and the noise (and a
+    probe's figures, counts summed over the repetitions: probe.combine)."""
     import statistics
 
     summary = harness.summarize(records)
@@ -383,6 +484,10 @@ def summarize(records: list[dict], shared: bool) -> dict:
         }
         summary["server_info"] = records[-1]["server_info"]
         summary["metrics_span_s"] = statistics.median(r["metrics_span_s"] for r in records)
+    if "probe" in records[0]:
+        # Summed, not medianed: every echo seen during a /work is one more sample of the same
+        # mechanism, and a repetition with few of them should weigh little.
+        summary["probe"] = probe.combine([r["probe"] for r in records])
     summary["other_cores"] = max(other_cores(r, shared) for r in records)
     summary["noisy"] = any(is_noisy(r, shared) for r in records)
     summary["reps"] = len(records)
@@ -466,9 +571,25 @@ def run_plans(
 ) -> None:
     """Measure every plan in order; call on_lesson with its measurements after each."""
     for item in plans:
-        if "work_rounds" in item.setup:
+        computes = "work_rounds" in item.setup
+        if computes:
             recalibrate(item, rig)
-        on_lesson(item, rig.measure_in_turn(item.lesson, item.runs))
+        measured = rig.measure_in_turn(item.lesson, item.runs)
+        if computes:
+            record_drift(item, rig)
+        on_lesson(item, measured)
+
+
+def _calibrate_on(item: Plan, rig: Rig) -> float:
+    """A /work calibration (ns a round) taken now on the CPU(s) of the plan's server."""
+    cpus = rig.pinning(item.runs[0]).server if item.runs else None
+    saved = os.sched_getaffinity(0)
+    try:
+        if cpus:
+            os.sched_setaffinity(0, cpus)
+        return calibrate().round_ns
+    finally:
+        os.sched_setaffinity(0, saved)
 
 
 def recalibrate(item: Plan, rig: Rig) -> None:
@@ -476,16 +597,19 @@ def recalibrate(item: Plan, rig: Rig) -> None:
     server's CPU(s) included: on a shared virtual machine the speed of a core drifts with the
     host's load (a calibration at the start measured 113 ns a round, later ones 62-68 ns), and a
     slow calibration would make a model seem to beat one core's worth."""
-    cpus = rig.pinning(item.runs[0]).server if item.runs else None
-    saved = os.sched_getaffinity(0)
-    try:
-        if cpus:
-            os.sched_setaffinity(0, cpus)
-        rig.round_ns = min(rig.round_ns, calibrate().round_ns)
-    finally:
-        os.sched_setaffinity(0, saved)
+    fresh = _calibrate_on(item, rig)
+    rig.round_ns = min(rig.round_ns, fresh)
     item.setup["work_ms"] = item.setup["work_rounds"] * rig.round_ns / 1e6
     item.setup["work_round_ns"] = round(rig.round_ns, 2)
+    item.setup["work_round_ns_before"] = round(fresh, 2)
+
+
+def record_drift(item: Plan, rig: Rig) -> None:
+    """Calibrate again once the lesson is measured: how far the core's speed moved under it
+    (`work_drift`; verdict.drift_verdict makes a failure on a drifted run inconclusive)."""
+    after = _calibrate_on(item, rig)
+    item.setup["work_round_ns_after"] = round(after, 2)
+    item.setup["work_drift"] = round(drift(item.setup["work_round_ns_before"], after), 3)
 
 
 def make_rig(pace: Pace, progress: harness.Progress) -> Rig:

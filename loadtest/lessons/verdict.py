@@ -1,10 +1,14 @@
 """The verdict machinery every lesson's check shares: verdicts, the noise rule, roles, formats.
 
 A verdict is `holds`, `fails`, or `inconclusive`. A check that fails on figures measured while
-other processes used the server's CPU is *inconclusive*: a busy neighbour cannot be told from
-the model, so the run neither passes nor fails on noise; the reason says so
-(`decide_with_noise`). A check that holds on noisy figures holds, and its reason says the
-machine was busy. Checks are pure functions over plain dictionaries (the figures as
+other processes used the server's CPU is *inconclusive* when that noise could account for the
+miss: a busy neighbour cannot be told from the model, so the run neither passes nor fails on
+noise; the reason says so (`decide_with_noise`). A miss larger than the noise can explain (a
+rate 70x short while others took 40 % of the core, which explains at most 1.7x) fails all the
+same: a broken model is not excused by a busy machine. A check that holds on noisy figures
+holds, and its reason says the machine was busy. A figure the machine could not produce at all
+(one core free, the /work calibration drifting under the lesson) is inconclusive with that
+reason, whatever it shows. Checks are pure functions over plain dictionaries (the figures as
 `lessons.json` stores them), so every verdict can be tested on synthetic figures without
 starting a server; each lesson's own check is in its module of `loadtest.lessons.claims`.
 
@@ -16,6 +20,7 @@ blocked seconds) are the event loops of `blocked-loop`, threaded its preempted O
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
@@ -30,7 +35,7 @@ EVENT_LOOPS: tuple[str, ...] = tuple(
 )
 OS_THREADS = "threaded"  # the OS preempts a long request
 # CPython's own GIL switch interval (sys.getswitchinterval() unless changed): the threaded
-# server may set a longer one; blocked-loop then measures it at both.
+# server's default; blocked-loop and gil-tax derive their figures from it.
 CPYTHON_SWITCH_INTERVAL = 0.005
 # db-wait and undetected-io: a model that overlaps its queries reaches at least this share of
 # what bounds it (the database pool, or the helper threads) / the query time.
@@ -59,33 +64,97 @@ def _noisy(figures: Mapping[str, Mapping], names: Iterable[str]) -> list[str]:
     return [name for name in names if figures.get(name, {}).get("noisy")]
 
 
-class Problems(list):
-    """What failed, each with the models whose figures show it."""
+# The most CPU share of the server's core(s) that others may be counted to have taken: beyond
+# it, a figure is as good as unmeasured, and the noise explains at most 1 / (1 - this).
+MOST_NOISE = 0.9
 
-    def add(self, text: str, *names: str) -> None:
-        """One failed part of the hypothesis, shown by these models' figures."""
-        self.append((names, text))
+
+class Problems(list):
+    """What failed, each with the models whose figures show it and how far it missed."""
+
+    def add(self, text: str, *names: str, miss: float | None = None) -> None:
+        """One failed part of the hypothesis, shown by these models' figures. `miss`: how many
+        times short of the mark the figure is (needed / got, >= 1; `math.inf` when noise cannot
+        cause it at all, e.g. a rate above a limit); None: any noise could explain it."""
+        self.append((names, text, miss))
+
+
+def noise_explains(other_cpu: float) -> float:
+    """The factor by which others taking `other_cpu` of the server's core could have slowed
+    it: 1 / (1 - their share)."""
+    return 1 / (1 - min(max(other_cpu, 0.0), MOST_NOISE))
+
+
+def _excused(names: tuple[str, ...], miss: float | None, figures: Mapping[str, Mapping]) -> bool:
+    """Could the noise in these models' figures account for this miss?"""
+    noisy = [name for name in names if figures.get(name, {}).get("noisy")]
+    if not noisy:
+        return False
+    other = max(figures[name].get("other_cpu", 0.0) for name in noisy)
+    return miss is None or miss <= noise_explains(other)
 
 
 def decide_with_noise(
     problems: Problems, ok: str, figures: Mapping[str, Mapping], used: Iterable[str]
 ) -> Verdict:
-    """Holds without problems. With problems it fails, unless every problem shows in a noisy
-    figure: then it is inconclusive (a busy neighbour cannot be told from the model)."""
+    """Holds without problems. With problems it fails, unless the noise in the figures that
+    show each problem could account for it: then it is inconclusive (a busy neighbour cannot
+    be told from the model)."""
     noisy = set(_noisy(figures, used))
     if not problems:
         busy = _busy(figures, [name for name in used if name in noisy])
         return Verdict(HOLDS, ok + (f"; measured while {busy}" if busy else ""))
-    text = "; ".join(problem for _, problem in problems)
-    if all(noisy.intersection(names) for names, _ in problems):
+    text = "; ".join(problem for _, problem, _ in problems)
+    unexcused = [(names, miss) for names, _, miss in problems if not _excused(names, miss, figures)]
+    if not unexcused:
         involved = [
-            name for name in used if any(name in names for names, _ in problems) and name in noisy
+            name
+            for name in used
+            if any(name in names for names, _, _ in problems) and name in noisy
         ]
         return Verdict(
             INCONCLUSIVE,
             f"{text}; but {_busy(figures, involved)}, so this cannot be told from noise",
         )
+    if any(noisy.intersection(names) for names, _ in unexcused):
+        text += (
+            "; more than the noise could explain (others took at most "
+            + ", ".join(
+                f"{name} {figures[name].get('other_cpu', 0):.0%}"
+                for name in used
+                if name in noisy and any(name in names for names, _ in unexcused)
+            )
+            + " of the server's CPU)"
+        )
     return Verdict(FAILS, text)
+
+
+def drift_verdict(setup: Mapping, text: str) -> Verdict | None:
+    """Inconclusive when the /work calibration moved past the bound during the lesson (a
+    figure in cores' worth of /work cannot decide then); None otherwise."""
+    from loadtest.lessons.machine import DRIFT_BOUND
+
+    drift = setup.get("work_drift")
+    if drift is None or drift <= DRIFT_BOUND:
+        return None
+    return Verdict(
+        INCONCLUSIVE,
+        f"{text}; but the /work calibration moved {drift:.0%} during the lesson (bound "
+        f"{DRIFT_BOUND:.0%}): the core's speed changed under it",
+    )
+
+
+def cores_verdict(setup: Mapping, needed: float, text: str) -> Verdict | None:
+    """Inconclusive when the machine gave the server fewer free cores than the lesson needs
+    (measured before the run: loadtest.lessons.machine); None otherwise."""
+    free = setup.get("free_cores")
+    if free is None or free >= needed:
+        return None
+    return Verdict(
+        INCONCLUSIVE,
+        f"{text}: this machine could give {free:.2f} free cores "
+        f"({setup.get('cpus', '?')} CPUs, measured before the run), the lesson needs {needed:g}",
+    )
 
 
 def _busy(figures: Mapping[str, Mapping], names: list[str]) -> str:
@@ -155,6 +224,10 @@ def follows_size(
                 f"{run['rps'] / expected:.0%} of {rule.rule} = {rate_text(expected)} "
                 f"(needs within {rule.tolerance:.0%})",
                 name,
+                # Too slow may be others' CPU; too fast never is.
+                miss=(1 - rule.tolerance) * expected / run["rps"]
+                if run["rps"] < expected
+                else math.inf,
             )
         if each is not None:
             each(run)
@@ -171,6 +244,10 @@ def follows_size(
                 f"{factor:g}x {rule.grown} gave {ratio:.2f}x the rate "
                 f"(needs {factor:g}x within {rule.tolerance:.0%})",
                 name,
+                # Either run may have been slowed: the miss against the nearer bound.
+                miss=(1 - rule.tolerance) * factor / max(ratio, 1e-9)
+                if ratio < factor
+                else ratio / ((1 + rule.tolerance) * factor),
             )
         ok += f"; {factor:g}x {rule.grown_ok}, {ratio:.2f}x the rate"
     return ok
@@ -210,6 +287,8 @@ def hypothesis_values(setup: Mapping, constants: Mapping[str, object]) -> dict[s
         if name.isupper() and name.isidentifier()
     }
     values.update(setup, event_loops=", ".join(EVENT_LOOPS))
+    # Not measured (a setup built by hand): every CPU counts as free.
+    values.setdefault("free_cores", float(setup.get("cpus") or setup.get("cores") or 1))
     if setup.get("db_ms") and isinstance(setup.get("db_pool"), int):
         values["db_bound"] = rate_text(db_bound(setup))
     return values

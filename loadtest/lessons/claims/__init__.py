@@ -22,9 +22,11 @@ from loadtest.lessons.claims import (
     cpu_work,
     db_pool_bound,
     db_wait,
+    gil_tax,
     io_wait,
     many_clients,
     pool_bound,
+    processes_x_coroutines,
     undetected_io,
 )
 
@@ -82,8 +84,10 @@ def _checked(*lessons: Claim) -> tuple[Claim, ...]:
 LESSONS: tuple[Claim, ...] = _checked(
     io_wait,
     cpu_work,
+    gil_tax,
     pool_bound,
     cores,
+    processes_x_coroutines,
     many_clients,
     blocked_loop,
     closed_loop,

@@ -1,45 +1,35 @@
 """blocked-loop: a long request blocks an event loop's every connection; OS threads preempt it.
 
-Measured with BLOCKED_CONNECTIONS connections sending echo with a little /work of about 100 ms
-mixed in, then echo alone, each model alone on one core and its /metrics scraped: each event
-loop's echo p99 against the /work time and against its p99 alone, the seconds its probe saw the
-loop blocked, and threaded's echo p99 (also at CPython's switch interval if the server sets
-another).
+Measured with the probe (`loadtest.lessons.probe`), each model alone on one core and its /metrics
+scraped: one connection asks for a /work of about 100 ms again and again, ECHO_CONNECTIONS others
+send echoes with a short pause. Every echo sent while a /work ran with at least `left` of it
+still to go is classed: answered only after that /work's reply (its wait covered the rest of the
+/work) or before it. An event loop computes the /work inline, so every such echo waits for it;
+the threaded server's /work thread is preempted every GIL switch interval, so the echo is
+answered within a few of them, before the /work is done, when `left` is LEFT_PER_SWITCH of them
+or more. The share of covered echoes is the mechanism itself: unlike a p99 it does not depend on
+how many echoes a fast model fits between two blocks.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 from loadtest.bench import scenarios as bench_scenarios
 from loadtest.bench.scenarios import Scenario
 from loadtest.lessons import catalog, rig
-from loadtest.lessons.charts import (
-    BAR,
-    ECHO_P99,
-    LOOP_BLOCKED,
-    NOISE,
-    RPS,
-    Column,
-    Rows,
-    legend_line,
-    log_durations,
-    ms_number,
-)
-from loadtest.lessons.rig import (
-    IO_POOL_WORKERS,
-    MIN_WINDOW_S,
-    Planned,
-    Run,
-    Work,
-    add_blocked_seconds,
-    server_args,
-)
+from loadtest.lessons.charts import BAR, LIMIT, LOOP_BLOCKED, NOISE, NOISY_BAR, Column, ms_number
+from loadtest.lessons.probe import Probe
+from loadtest.lessons.rig import IO_POOL_WORKERS, Planned, Run, Work, add_blocked_seconds
+from loadtest.lessons.rig import server_args as model_args
 from loadtest.lessons.verdict import (
     CPYTHON_SWITCH_INTERVAL,
     EVENT_LOOPS,
+    FAILS,
+    HOLDS,
+    INCONCLUSIVE,
     OS_THREADS,
-    POOL,
     Problems,
     Verdict,
     decide_with_noise,
@@ -51,332 +41,285 @@ ID = "blocked-loop"
 DATABASE = False
 LESSON = catalog.LESSONS_BY_ID[ID]
 
-BLOCKED_CONNECTIONS, BLOCKED_WORK_WEIGHT, BLOCKED_ECHO_WEIGHT = 4, 2, 98
-CPYTHON_SWITCH = "switch 5 ms"  # the variant of the threaded server at CPython's interval
-# Each event loop's echo p99 with the long /work against without it.
-BLOCKED_FACTOR = 10.0
+# Each event loop answers at least this share of the echoes sent during a /work only after it.
+COVERED_BY_LOOP = 0.9
+# The threaded server answers at most this share of them that late.
+COVERED_BY_THREADS = 0.5
+# Fewer echoes sent during a /work than this, for a model, cannot decide its share.
+MIN_DURING = 10
+# An echo counts when at least this much of the /work is still to go when it is sent: at least
+# MIN_LEFT_S (the loopback and the probe's wake-ups are not a preemption) and LEFT_PER_SWITCH
+# switch intervals of the threaded server (the /work's thread, then whichever threads run
+# before the echo's, each may hold the GIL that long).
+MIN_LEFT_S = 0.020
+LEFT_PER_SWITCH = 4
+# The measured /work must last at least the time left plus this, or no echo has room to count.
+ROOM_S = 0.020
+# The /work is the ~100 ms calibrated one, or a multiple of it if the time left needs more.
+WORK_OVER_LEFT = 2
+ECHO_CONNECTIONS = 8
+ECHO_PAUSE_S = 0.002
+# The probe's window, also with --quick: an event loop sees a few echoes per /work, and MIN_DURING
+# of them need a few dozen /works.
+PROBE_WINDOW_S = 3.0
 
 HYPOTHESIS = (
-    "With {connections} connections sending {work_share:.0%} /work of {work_ms:.0f} ms among "
-    "echo requests, the echo p99 of each event loop ({event_loops}) reaches the /work time "
-    "and >= {BLOCKED_FACTOR:g}x its echo p99 without /work, and its "
-    "arena_event_loop_blocked_seconds_total rises; {OS_THREADS}'s echo p99 stays below the "
-    "/work time, measured at the server's own GIL switch interval and at CPython's "
-    "{cpython_switch_ms:g} ms (a longer interval, chosen for fairness, preempts later: the "
-    "trade-off is shown)."
+    "Of the echoes sent while a /work of {work_ms:.0f} ms of CPU ran with at least "
+    "{left_ms:.0f} ms of it still to go (max({min_left_ms:g} ms, {LEFT_PER_SWITCH} x "
+    "{OS_THREADS}'s {switch_interval_ms:g} ms GIL switch interval)), each event loop "
+    "({event_loops}) answers >= {COVERED_BY_LOOP:.0%} only after that /work's reply (they "
+    "waited for the rest of it) and its arena_event_loop_blocked_seconds_total rises; "
+    "{OS_THREADS} answers <= {COVERED_BY_THREADS:.0%} of them that late (the OS preempts the "
+    "/work's thread every switch interval). One connection loops the /work beside "
+    "{echo_connections} echo connections; a model with fewer than {MIN_DURING} such echoes "
+    "cannot decide."
 )
 
 
 def hypothesis_values(setup: Mapping) -> dict[str, object]:
-    """CPython's switch interval in milliseconds."""
-    return {"cpython_switch_ms": CPYTHON_SWITCH_INTERVAL * 1000}
+    """The least time left, in milliseconds."""
+    return {"min_left_ms": MIN_LEFT_S * 1000}
 
 
-def _switch_variants(model: str) -> list[tuple[str, tuple[str, ...]]]:
-    """(variant, extra arguments) per GIL switch interval a model is measured at.
+def left_s(switch_interval: float) -> float:
+    """How much of a /work must still be to go when an echo is sent for the echo to count."""
+    return max(MIN_LEFT_S, LEFT_PER_SWITCH * switch_interval)
 
-    The threaded server may set a longer switch interval than CPython's (for fairness between
-    many threads): measured at both, so the trade-off shows.
-    """
-    variants: list[tuple[str, tuple[str, ...]]] = [("", ())]
-    own = rig.server_switch_interval() if model == OS_THREADS else None
-    if own is not None and abs(own - CPYTHON_SWITCH_INTERVAL) > 1e-9:
-        variants.append((CPYTHON_SWITCH, ("--switch-interval", f"{CPYTHON_SWITCH_INTERVAL:g}")))
-    return variants
+
+def work_multiple(left: float) -> int:
+    """How many ~100 ms /works make one long enough for `left` and the room after it."""
+    return max(1, math.ceil(WORK_OVER_LEFT * (left + ROOM_S) / 0.1))
 
 
 def plan(models: Sequence[str], work: Work, cpus: int) -> Planned:
-    """Echo with a little long /work mixed in, and echo alone, /metrics scraped."""
-    share = BLOCKED_WORK_WEIGHT / (BLOCKED_WORK_WEIGHT + BLOCKED_ECHO_WEIGHT)
+    """The probe on each event loop and on threaded, /metrics scraped."""
+    # What the threaded server will set (ARENA_SWITCH_INTERVAL, else CPython's): its run's
+    # arena_server_info says what it did set, and the check compares the two.
+    interval = rig.server_switch_interval() or CPYTHON_SWITCH_INTERVAL
+    left = left_s(interval)
+    rounds = work.rounds_100ms * work_multiple(left)
     setup = {
-        "connections": BLOCKED_CONNECTIONS,
-        "work_ms": work.ms_100,
-        "work_rounds": work.rounds_100ms,
-        "work_share": share,
-        "pool_workers": IO_POOL_WORKERS,
+        "work_ms": rounds * work.round_ns / 1e6,
+        "work_rounds": rounds,
+        "left_ms": round(left * 1000, 1),
+        "switch_interval_ms": interval * 1000,
+        "echo_connections": ECHO_CONNECTIONS,
+        "echo_pause_ms": ECHO_PAUSE_S * 1000,
         "cores": 1,
     }
-    mix = Scenario(
+    probe = Probe(rounds, left, ECHO_CONNECTIONS, ECHO_PAUSE_S)
+    scenario = Scenario(
         ID,
-        "echo + 2 % /work ~100 ms",
-        BLOCKED_CONNECTIONS,
-        (
-            bench_scenarios.echo(64, BLOCKED_ECHO_WEIGHT),
-            bench_scenarios.work(work.rounds_100ms, BLOCKED_WORK_WEIGHT),
-        ),
+        f"probe: /work ~{setup['work_ms']:.0f} ms + echo",
+        1 + ECHO_CONNECTIONS,
+        (bench_scenarios.work(rounds),),
     )
-    alone = Scenario(ID, "echo only", BLOCKED_CONNECTIONS, (bench_scenarios.echo(64),))
-    runs = []
-    for m in models:
-        for name, extra in _switch_variants(m):
-            args = (*server_args(m, IO_POOL_WORKERS), *extra)
-            runs += [
-                Run(
-                    m,
-                    f"{name}, alone" if name else "alone",
-                    args,
-                    alone,
-                    scrape=True,
-                    min_window=MIN_WINDOW_S,
-                ),
-                Run(m, name, args, mix, scrape=True, min_window=MIN_WINDOW_S),
-            ]
+    runs = [
+        Run(
+            model,
+            "",
+            model_args(model, IO_POOL_WORKERS),
+            scenario,
+            scrape=True,
+            min_window=PROBE_WINDOW_S,
+            probe=probe,
+        )
+        for model in models
+        if model in EVENT_LOOPS or model == OS_THREADS
+    ]
     return setup, runs
 
 
 def add_figures(figure: dict, run: Run, summary: Mapping, base: dict, setup: Mapping) -> None:
-    """The run's figures, at CPython's switch interval in a figure of their own."""
-    at_cpython = run.variant.startswith(CPYTHON_SWITCH)
-    _blocked_figures(
-        figure.setdefault("at_cpython_interval", {}) if at_cpython else figure,
-        run.variant.endswith("alone"),
-        summary,
-        base,
-    )
-
-
-def _blocked_figures(figure: dict, alone: bool, summary: Mapping, base: Mapping) -> None:
-    """Echo p99 with and without /work, /work latency, blocked loop seconds."""
-    echo = summary["kinds"][0]
+    """The probe's figures (counts summed over the repetitions), the loop's blocked seconds,
+    the switch interval the server set."""
+    figure.update(base, **summary["probe"])
     interval = summary.get("server_info", {}).get("switch_interval")
     if interval:
         figure["switch_interval_s"] = float(interval)
-    if alone:
-        figure["echo_p99_alone_ms"] = round(echo["latency_us"]["p99"] / 1e3, 3)
-        figure["noisy_alone"] = summary["noisy"]
-        figure["other_cpu_alone"] = round(summary["other_cores"], 3)
-        return
-    work = summary["kinds"][1]
-    figure.update(
-        base,
-        echo_p99_ms=round(echo["latency_us"]["p99"] / 1e3, 2),
-        echo_p50_ms=round(echo["latency_us"]["p50"] / 1e3, 3),
-        echo_requests=echo["requests"],
-        work_requests=work["requests"],
-        work_p50_ms=round(work["latency_us"]["p50"] / 1e3, 1),
-        work_min_ms=round(work["latency_us"]["min"] / 1e3, 1),
-    )
     add_blocked_seconds(figure, summary)
 
 
-def settle(figure: dict) -> None:
-    """A figure is noisy if either of its two runs (with /work, alone) was."""
-    for part in (figure, figure.get("at_cpython_interval")):
-        if part:
-            noisy_alone = part.pop("noisy_alone", False)
-            part["noisy"] = part.get("noisy", False) or noisy_alone
-            part["other_cpu"] = max(part.get("other_cpu", 0), part.pop("other_cpu_alone", 0))
-
-
-def check(figures: Mapping[str, Mapping], setup: Mapping) -> Verdict:
-    """Each event loop's echo p99 >= the /work time and >= 10x alone, its loop blocked;
-    threaded's below the /work time."""
-    loops = [name for name in EVENT_LOOPS if name in figures]
-    missing = missing_models(figures, [OS_THREADS, *(() if loops else EVENT_LOOPS)])
-    if missing:
-        return missing
-    work = setup["work_ms"]
-    threads = figures[OS_THREADS]
-    problems = Problems()
-    for name in loops:
-        _check_loop_blocked(name, figures[name], work, problems)
-    preempted, trade_off = _preemption(threads, work)
-    if not preempted:
-        problems.add(trade_off, OS_THREADS)
-    ok = "; ".join(
-        f"{name}'s echo p99 {ms_text(loop['echo_p99_ms'])} >= the /work time {ms_text(work)} and "
-        f"{loop['echo_p99_ms'] / max(loop['echo_p99_alone_ms'], 1e-9):.0f}x its p99 without "
-        f"/work ({ms_text(loop['echo_p99_alone_ms'])}), the loop blocked "
-        f"{loop.get('blocked_s') or 0:.1f} s of a {loop.get('blocked_span_s', 0):.1f} s run"
-        for name, loop in ((name, figures[name]) for name in loops)
-    )
-    ok += f"; {trade_off}"
-    used = {**{name: figures[name] for name in loops}, OS_THREADS: _threads_noise(threads)}
-    return decide_with_noise(problems, ok, used, [*loops, OS_THREADS])
-
-
-def _check_loop_blocked(name: str, loop: Mapping, work: float, problems: Problems) -> None:
-    """What one event loop's figures must show: echo waited for /work, the probe saw it."""
-    if loop["echo_p99_ms"] < work:
-        problems.add(
-            f"{name}'s echo p99 {ms_text(loop['echo_p99_ms'])} is below the /work time "
-            f"{ms_text(work)}",
-            name,
+def _undecidable(name: str, figure: Mapping, setup: Mapping) -> str:
+    """Why this model's figures cannot decide its share ("" when they can)."""
+    if figure["work_median_ms"] < figure["left_ms"] + ROOM_S * 1000:
+        took = ms_text(figure["work_median_ms"])
+        return (
+            f"the /work was too short to leave room: {name}'s took {took}, not the "
+            f"{ms_text(figure['left_ms'])} an echo needs left of it + {ms_text(ROOM_S * 1000)}"
         )
-    if loop["echo_p99_ms"] < BLOCKED_FACTOR * loop["echo_p99_alone_ms"]:
+    if figure["echoes_during_work"] < MIN_DURING:
+        return (
+            f"too few samples: {name} saw {figure['echoes_during_work']} echoes sent during a "
+            f"/work (needs {MIN_DURING})"
+        )
+    interval = figure.get("switch_interval_s")
+    if interval and LEFT_PER_SWITCH * interval * 1000 > setup["left_ms"] + 0.05:
+        return (
+            f"{name} ran with a {interval * 1000:g} ms switch interval: the "
+            f"{ms_text(setup['left_ms'])} left were derived for {setup['switch_interval_ms']:g} ms"
+        )
+    return ""
+
+
+def _share_text(figure: Mapping) -> str:
+    """`112 of 112 echoes sent during a /work waited for all of it (100%)`."""
+    return (
+        f"{figure['echoes_waited_whole_work']:,} of {figure['echoes_during_work']:,} echoes sent "
+        f"during a /work waited for all of it ({figure['covered_share']:.0%})"
+    )
+
+
+def _check_loop(name: str, loop: Mapping, problems: Problems, decides: bool) -> str:
+    """An event loop's problems (its share only if its figures decide); the reason it holds."""
+    share = loop["covered_share"]
+    if decides and share < COVERED_BY_LOOP:
         problems.add(
-            f"{name}'s echo p99 {ms_text(loop['echo_p99_ms'])} is only "
-            f"{loop['echo_p99_ms'] / max(loop['echo_p99_alone_ms'], 1e-9):.1f}x its "
-            f"p99 without /work ({ms_text(loop['echo_p99_alone_ms'])}; needs "
-            f"{BLOCKED_FACTOR:g}x)",
+            f"{name}: only {_share_text(loop)}, needs >= {COVERED_BY_LOOP:.0%}: its loop served "
+            "other connections while a /work computed",
             name,
+            miss=COVERED_BY_LOOP / max(share, 0.01),
         )
     blocked = loop.get("blocked_s")
     if blocked is None:
         # Not a measurement: no noise excuses a missing metric.
         problems.add(f"{name}'s /metrics gave no arena_event_loop_blocked_seconds_total")
     elif blocked <= 0:
-        problems.add(f"{name}'s arena_event_loop_blocked_seconds_total did not rise", name)
-
-
-def _interval(figure: Mapping, unknown: str = "its") -> str:
-    """The figure's switch interval, `50 ms` (`unknown` when the server did not say)."""
-    interval = figure.get("switch_interval_s")
-    return f"{interval * 1000:g} ms" if interval else unknown
-
-
-def _preemption(threads: Mapping, work: float) -> tuple[bool, str]:
-    """Is the threaded server's echo p99 below the /work time: at the server's own switch
-    interval, or else at CPython's (a longer interval chosen for fairness preempts later)?"""
-    own = threads["echo_p99_ms"]
-    at_cpython = threads.get("at_cpython_interval")
-    if own < work:
-        return True, (
-            f"{OS_THREADS}'s echo p99 {ms_text(own)} stays below it (switch interval "
-            f"{_interval(threads)})"
+        # A busy machine slows a loop; it cannot make a /work of ~100 ms block it less.
+        problems.add(
+            f"{name}'s arena_event_loop_blocked_seconds_total did not rise", name, miss=math.inf
         )
-    if at_cpython and at_cpython["echo_p99_ms"] < work:
-        return True, (
-            f"{OS_THREADS}'s echo p99 stays below it at CPython's "
-            f"{_interval(at_cpython)} switch interval ({ms_text(at_cpython['echo_p99_ms'])})"
-            f", not at the server's {_interval(threads)} ({ms_text(own)}): a longer "
-            "interval (fewer hand-overs between many busy threads) lets a long "
-            "request hold the GIL longer: the trade-off"
-        )
-    cpython = (
-        f", {ms_text(at_cpython['echo_p99_ms'])} at CPython's {_interval(at_cpython)}"
-        if at_cpython
-        else ""
-    )
-    return False, (
-        f"{OS_THREADS}'s echo p99 {ms_text(own)} (switch interval {_interval(threads)})"
-        f"{cpython} is not below the /work time {ms_text(work)}"
+    return (
+        f"{name}: {_share_text(loop)}, the loop blocked {blocked or 0:.1f} s of a "
+        f"{loop.get('blocked_span_s', 0):.1f} s run"
     )
 
 
-def _threads_noise(threads: Mapping) -> Mapping:
-    """The threaded figures' noise, its run at CPython's switch interval included."""
-    at_cpython = threads.get("at_cpython_interval") or {}
-    return {
-        "noisy": threads.get("noisy") or at_cpython.get("noisy", False),
-        "other_cpu": max(threads.get("other_cpu", 0), at_cpython.get("other_cpu", 0)),
-    }
+def _check_threads(threads: Mapping, problems: Problems, decides: bool) -> str:
+    """The threaded server's problem (if its figures decide); the reason it holds."""
+    share = threads["covered_share"]
+    interval = threads.get("switch_interval_s")
+    at = f" (switch interval {interval * 1000:g} ms)" if interval else ""
+    if decides and share > COVERED_BY_THREADS:
+        problems.add(
+            f"{OS_THREADS}: {_share_text(threads)}{at}, needs <= {COVERED_BY_THREADS:.0%}: "
+            "the /work's thread was not preempted",
+            OS_THREADS,
+            miss=share / COVERED_BY_THREADS,
+        )
+    return f"{OS_THREADS}: {_share_text(threads)}{at}"
+
+
+def check(figures: Mapping[str, Mapping], setup: Mapping) -> Verdict:
+    """Each event loop's echoes during a /work wait for all of it, its loop blocked; threaded's
+    are answered before the /work is done."""
+    loops = [name for name in EVENT_LOOPS if name in figures]
+    missing = missing_models(figures, [OS_THREADS, *(() if loops else EVENT_LOOPS)])
+    if missing:
+        return missing
+    used = [*loops, OS_THREADS]
+    unsure = {name: _undecidable(name, figures[name], setup) for name in used}
+    problems = Problems()
+    parts = [_check_loop(name, figures[name], problems, not unsure[name]) for name in loops]
+    parts.append(_check_threads(figures[OS_THREADS], problems, not unsure[OS_THREADS]))
+    for name in used:
+        if figures[name].get("probe_errors"):
+            problems.add(
+                f"{name} answered {figures[name]['probe_errors']:,} probe requests with an error",
+                name,
+                miss=math.inf,
+            )
+    verdict = decide_with_noise(problems, "; ".join(parts), figures, used)
+    why = "; ".join(reason for reason in unsure.values() if reason)
+    if not why:
+        return verdict
+    if verdict.verdict == FAILS:
+        return Verdict(FAILS, f"{verdict.reason}; besides, {why}")
+    if verdict.verdict == HOLDS:
+        return Verdict(INCONCLUSIVE, f"{why}; the rest: {verdict.reason}")
+    return Verdict(INCONCLUSIVE, f"{why}; {verdict.reason}")
 
 
 def reading(figures: Mapping[str, Mapping], setup: Mapping) -> str:
-    """The event loops' echo waits for /work, threads' for a slice, the pool's for a worker."""
-    text = f"{setup['work_share']:.0%} of requests compute {setup['work_ms']:.0f} ms. "
+    """What waited for a /work on each model, and why."""
+    text = (
+        f"One connection asks for a /work of {setup['work_ms']:.0f} ms again and again beside "
+        f"{setup['echo_connections']} echo connections; an echo counts when it is sent with at "
+        f"least {setup['left_ms']:.0f} ms of a /work to go. "
+    )
     for name in EVENT_LOOPS:
         loop = figures.get(name)
-        if not loop:
-            continue
-        text += (
-            f"{name} runs one connection's code at a time on its loop: an echo that "
-            f"arrives during /work waits for it, so its echo p99 is "
-            f"{ms_number(loop['echo_p99_ms'])} ms (without /work "
-            f"{ms_number(loop['echo_p99_alone_ms'])} ms) and its probe saw the loop blocked "
-            f"{loop.get('blocked_s', 0):.1f} s of a {loop.get('blocked_span_s', 0):.1f} s run. "
-        )
+        if loop:
+            text += (
+                f"{name} computes the /work on its loop, so nothing else runs meanwhile: "
+                f"{_share_text(loop)} (the /work took {ms_number(loop['work_median_ms'])} ms), "
+                f"and the loop reported {loop.get('blocked_s') or 0:.1f} s blocked. "
+            )
     threads = figures.get(OS_THREADS)
     if threads:
-        parts = [threads, threads.get("at_cpython_interval") or {}]
-        p99s = " and ".join(
-            f"{ms_number(part['echo_p99_ms'])} ms at a {_interval(part, '?')} switch interval"
-            for part in parts
-            if part
-        )
+        interval = threads.get("switch_interval_s")
+        every = f"every {interval * 1000:g} ms" if interval else "every switch interval"
         text += (
-            f"{OS_THREADS}: the OS runs every thread, and the long request's "
-            "thread must hand over the GIL each switch interval, so an echo waits for "
-            f"a slice, not the whole /work: p99 {p99s}. "
-        )
-    pool = figures.get(POOL)
-    if pool:
-        text += (
-            f"The pool's echo requests wait for one of its {setup['pool_workers']} "
-            f"busy workers: p99 {ms_number(pool['echo_p99_ms'])} ms."
+            f"{OS_THREADS}: the OS runs every thread and the /work's thread hands over the GIL "
+            f"{every}, so an echo waits for a slice, not the rest of the /work: "
+            f"{_share_text(threads)}."
         )
     return text.strip()
 
 
 COLUMNS: list[Column] = [
-    ECHO_P99,
-    ("echo p99 ms, no /work", lambda f: ms_number(f["echo_p99_alone_ms"])),
-    ("/work p50 ms", lambda f: ms_number(f["work_p50_ms"])),
+    ("echoes during a /work", lambda f: f"{f['echoes_during_work']:,}"),
+    ("of them answered after it", lambda f: f"{f['echoes_waited_whole_work']:,}"),
+    ("covered share", lambda f: f"{f['covered_share']:.0%}"),
+    ("/work median ms", lambda f: ms_number(f["work_median_ms"])),
     LOOP_BLOCKED,
-    RPS,
     NOISE,
 ]
 
 
-def rows(figures: Mapping[str, Mapping]) -> Rows:
-    """A row per model; threaded's two when measured at CPython's switch interval too."""
-    out: Rows = []
-    for model, figure in figures.items():
-        if figure.get("at_cpython_interval"):
-            out += [
-                (f"{model}, switch {_interval(part, '?')}", part)
-                for part in (figure, figure["at_cpython_interval"])
-            ]
-        else:
-            out.append((model, figure))
-    return out
-
-
-PANELS = 2  # the chart's panels, side by side
-
-
 def chart(axes, entry: Mapping) -> None:
-    """Echo p99 with and without /work per model; the loops' blocked seconds."""
+    """The covered share per model, against the event loops' and threaded's marks."""
+    from matplotlib.ticker import PercentFormatter
+
     figures, setup = entry["figures"], entry["setup"]
-    pairs = rows(figures)
-    names = [label for label, _ in pairs]
-    positions = range(len(names))
-    with_work = [f["echo_p99_ms"] * 1e3 for _, f in pairs]
-    alone = [f["echo_p99_alone_ms"] * 1e3 for _, f in pairs]
+    names = list(figures)
+    shares = [f["covered_share"] for f in figures.values()]
     axis = axes[0]
-    axis.barh([p - 0.2 for p in positions], alone, height=0.4, color="#9ecae1", label="echo only")
-    axis.barh(
-        [p + 0.2 for p in positions],
-        with_work,
-        height=0.4,
-        color=BAR,
-        label=f"with {setup['work_share']:.0%} /work",
-    )
-    for position, value in zip(positions, with_work, strict=True):
-        axis.text(value, position + 0.2, f" {ms_number(value / 1e3)} ms", va="center", fontsize=8)
-    axis.set_yticks(list(positions), names)
+    axis.barh(names, shares, color=[NOISY_BAR if f.get("noisy") else BAR for f in figures.values()])
     axis.invert_yaxis()
-    log_durations(axis)
-    legend_line(axis, setup["work_ms"] * 1e3, f"the /work time, {setup['work_ms']:.0f} ms")
-    axis.set_xlim(min([*alone, *with_work]) / 3, max([*with_work, setup["work_ms"] * 1e3]) * 40)
-    axis.set_xlabel("echo p99 (log scale)")
-    axis.set_title(f"echo p99, {setup['connections']} connections, server on one core", fontsize=9)
+    for index, figure in enumerate(figures.values()):
+        noisy = "  (noisy ⚠)" if figure.get("noisy") else ""
+        axis.text(
+            figure["covered_share"],
+            index,
+            f" {figure['covered_share']:.0%} of {figure['echoes_during_work']:,}{noisy}",
+            va="center",
+            fontsize=8,
+        )
+    axis.axvline(
+        COVERED_BY_LOOP,
+        color=LIMIT,
+        linestyle="--",
+        linewidth=1,
+        label=f"event loops: at least {COVERED_BY_LOOP:.0%}",
+    )
+    axis.axvline(
+        COVERED_BY_THREADS,
+        color="#ff7f0e",
+        linestyle=":",
+        linewidth=1.5,
+        label=f"{OS_THREADS}: at most {COVERED_BY_THREADS:.0%}",
+    )
+    axis.set_xlim(0, 1.45)  # room for the labels right of a full bar
+    axis.set_xticks([0, 0.25, 0.5, 0.75, 1.0])
+    axis.xaxis.set_major_formatter(PercentFormatter(1.0))
+    axis.set_xlabel(
+        f"echoes sent with >= {setup['left_ms']:.0f} ms of a /work to go, answered only after it"
+    )
+    axis.set_title(
+        f"Who waits for a /work of {setup['work_ms']:.0f} ms of CPU: one connection looping it, "
+        f"{setup['echo_connections']} sending echo, server on one core",
+        fontsize=9,
+    )
     axis.legend(fontsize=7, loc="upper right")
-    blocked = [
-        (name, f["blocked_s"], f.get("blocked_span_s", 0.0))
-        for name, f in figures.items()
-        if "blocked_s" in f
-    ]
-    axis = axes[1]
-    if blocked:
-        axis.bar(
-            [name for name, _, _ in blocked],
-            [span for _, _, span in blocked],
-            color="#dddddd",
-            label="the run (connect, warm-up, window)",
-        )
-        axis.bar(
-            [name for name, _, _ in blocked],
-            [value for _, value, _ in blocked],
-            color=BAR,
-            width=0.5,
-            label="event loop blocked",
-        )
-        for index, (_, value, span) in enumerate(blocked):
-            share = f" ({value / span:.0%})" if span else ""
-            axis.text(index, value, f"{value:.2f} s{share}", ha="center", va="bottom", fontsize=8)
-        axis.set_ylim(0, max(span for _, _, span in blocked) * 1.25 or 1)
-        axis.legend(fontsize=7, loc="upper right")
-    axis.set_ylabel("seconds")
-    axis.set_title("arena_event_loop_blocked_seconds_total: its rise during one run", fontsize=9)
+    axis.grid(axis="x", alpha=0.3)

@@ -1,12 +1,17 @@
 """cores: processes compute on every core; threads and an event loop on one at a time.
 
 Measured with /work of about 1 ms on rig.CPU_CONNECTIONS connections, the server given every CPU
-(the load generator shares them, its CPU reported): the pool of CORES_POOL_WORKERS processes'
-rate against the threaded server's, and the cores each used.
+of the run (the load generator shares them, its CPU reported). Each model that takes
+`--processes` runs with 1 and with N processes (N = the run's CPUs, services/supervisor.py), the
+pool with N worker processes: the rate of N processes against 1 (the pool against the threaded
+server) should follow the cores the server could actually get, measured before the run
+(loadtest.lessons.machine) less what the load generator took; a thread per connection with 100
+threads stays on one core.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 from loadtest.lessons.catalog import Lesson
@@ -15,127 +20,200 @@ from loadtest.lessons.charts import (
     RPS,
     SERVER_CORES,
     Column,
+    Rows,
     joined,
     limit,
-    model_rates,
+    one_row_per_run,
+    row_bars,
 )
-from loadtest.lessons.rig import Planned, Run, Work, cpu_figures, server_args, work_1ms
+from loadtest.lessons.claims.cpu_work import ONE_CORE
+from loadtest.lessons.rig import (
+    Planned,
+    Run,
+    Work,
+    cpu_figures,
+    noise_of_parts,
+    server_args,
+    work_1ms,
+)
 from loadtest.lessons.verdict import (
-    FAILS,
-    HOLDS,
-    INCONCLUSIVE,
     OS_THREADS,
     POOL,
+    Problems,
     Verdict,
+    cores_verdict,
+    decide_with_noise,
     missing_models,
     rate_text,
 )
+from services import models as registry
 
 ID = "cores"
 DATABASE = False
 # Checked here, not a Locust scenario (a server alone on every core is no knob preset).
 LESSON = Lesson(
     "cores",
-    "cores: /work on two cores",
+    "cores: /work with 1 and with N processes",
     "Processes use cores, threads and greenlets do not: under the GIL a thread per connection and "
-    "an event loop compute on one core at a time, a pool of worker processes on all of them.",
-    "requests/s and the cores each server used.",
-    "the process pool near two cores' worth of /work; threaded, gevent and asyncio near one.",
+    "an event loop compute on one core at a time; N processes of the same model (or a pool of "
+    "worker processes) on N cores.",
+    "requests/s and the cores each server used, with 1 and with N processes.",
+    "each model with N processes near N times its rate with one, as far as the free cores "
+    "allow; the threaded server with its 100 threads on one core.",
 )
 
-CORES_POOL_WORKERS = 2
-# The process pool on two cores against the threaded server.
-CORES_RATIO = 1.6
-# Below this many cores of the server's allotment actually available (others took the rest),
-# the cores lesson cannot be decided.
-CORES_AVAILABLE = 1.6
+# The models whose servers take --processes (the registry's `processes`), the pool aside.
+PROCESS_MODELS: tuple[str, ...] = tuple(
+    model.name for model in registry.MODELS if model.processes and model.name != POOL
+)
+# N processes reach at least this share of the cores the server could get (the free cores,
+# less the load generator's, at most N) times the rate of one.
+SCALE_SHARE = 0.75
+# Two cores, mostly free: below it there is nothing for a second process to take.
+FREE_CORES_NEEDED = 1.5
 
 HYPOTHESIS = (
-    "With the server given {cpus} cores, /work of {work_ms:.2f} ms and {connections} "
-    "connections: a pool of {pool_workers} worker processes answers >= {CORES_RATIO:g}x the "
-    "threaded server."
+    "With the server given {cpus} CPUs ({free_cores:.2f} free cores measured before the run), "
+    "/work of {work_ms:.2f} ms and {connections} connections: each of {process_models} with "
+    "{cpus} processes answers >= {SCALE_SHARE:.0%} of the cores it can get (the free cores less "
+    "the load generator's, at most {cpus}) times its rate with one process, as does a pool of "
+    "{cpus} worker processes against the threaded server; the threaded server with one process "
+    "uses at most {ONE_CORE:g} cores, whatever its {connections} threads. Needs >= "
+    "{FREE_CORES_NEEDED:g} free cores."
 )
 
 
 def hypothesis_values(setup: Mapping) -> dict[str, object]:
-    """The server's cores (2 unless the setup says)."""
-    return {"cpus": setup.get("cpus", 2)}
+    """The models that take --processes."""
+    return {"process_models": ", ".join(PROCESS_MODELS)}
 
 
 def plan(models: Sequence[str], work: Work, cpus: int) -> Planned:
-    """/work of about 1 ms, server and load generator on every CPU."""
-    setup, scenario = work_1ms(ID, "/work ~1 ms, all cores", work, CORES_POOL_WORKERS, cores=cpus)
-    setup["cpus"] = cpus
-    runs = [
-        Run(m, "", server_args(m, CORES_POOL_WORKERS), scenario, two_cores=True) for m in models
-    ]
+    """/work of about 1 ms on every CPU: 1 and `cpus` processes per model, the pool's workers."""
+    setup, scenario = work_1ms(ID, "/work ~1 ms, all cores", work, cpus, cores=cpus)
+    setup.update(cpus=cpus, processes=cpus)
+    runs = []
+    for model in models:
+        if model in PROCESS_MODELS:
+            runs += [
+                Run(model, f"processes {count}", ("--processes", str(count)), scenario, True)
+                for count in sorted({1, cpus})
+            ]
+        else:
+            runs.append(Run(model, "", server_args(model, cpus), scenario, two_cores=True))
     return setup, runs
 
 
 def add_figures(figure: dict, run: Run, summary: Mapping, base: dict, setup: Mapping) -> None:
-    """The server's CPU, the load generator's and the others' on the shared cores."""
-    figure.update(
-        base,
+    """The rate, the server's CPU, the load generator's and the others' (a share of the CPUs);
+    one part per process count."""
+    part = {
+        **base,
         **cpu_figures(summary),
-        loadgen_cores=round(summary["loadgen_cpu_fraction"], 3),
-        other_cores=round(summary["other_cores"], 3),
+        "loadgen_cores": round(summary["loadgen_cpu_fraction"], 3),
+        "other_cores": round(summary["other_cores"], 3),
+        "other_cpu": round(summary["other_cores"] / max(setup["cores"], 1), 3),
+    }
+    if run.variant:
+        figure.setdefault("runs", []).append({"processes": int(run.variant.split()[-1]), **part})
+    else:
+        figure.update(part, workers=setup["pool_workers"] if run.model == POOL else None)
+
+
+settle = noise_of_parts
+
+
+def _by_processes(figure: Mapping) -> dict[int, Mapping]:
+    return {part["processes"]: part for part in figure.get("runs", ())}
+
+
+def _gettable(setup: Mapping, many: Mapping) -> float:
+    """The cores a server of N processes could get: the free cores less the load generator's,
+    at most N."""
+    free = setup.get("free_cores", setup["cpus"])
+    return max(0.0, min(setup["processes"], free - many.get("loadgen_cores", 0.0)))
+
+
+def _scaling(problems: Problems, name: str, one: Mapping, many: Mapping, setup: Mapping) -> str:
+    """N processes (or the pool) against one: the ratio, and a problem when it falls short."""
+    gettable = _gettable(setup, many)
+    needed = max(1.0, SCALE_SHARE * gettable)
+    ratio = many["rps"] / max(one["rps"], 1e-9)
+    text = (
+        f"{name} {ratio:.2f}x ({rate_text(many['rps'])} on {many['server_cores']:.2f} cores "
+        f"vs {rate_text(one['rps'])} on {one['server_cores']:.2f}; needs >= {needed:.2f}x of "
+        f"{gettable:.2f} gettable cores)"
     )
+    if ratio < needed:
+        problems.add(text, name, miss=needed / max(ratio, 1e-9))
+    return text
 
 
 def check(figures: Mapping[str, Mapping], setup: Mapping) -> Verdict:
-    """The process pool on two cores >= CORES_RATIO x the threaded server on /work."""
-    if setup.get("cpus", 0) < 2:
-        return Verdict(
-            INCONCLUSIVE,
-            f"not checked: this machine gives {setup.get('cpus', 0)} "
-            "CPU(s) to the server, the lesson needs 2",
-        )
-    missing = missing_models(figures, [POOL, OS_THREADS])
+    """N processes >= SCALE_SHARE x the gettable cores x one; threaded x1 on one core."""
+    missing = missing_models(figures, [OS_THREADS])
     if missing:
         return missing
-    pool, threaded = figures[POOL], figures[OS_THREADS]
-    ratio = pool["rps"] / max(threaded["rps"], 1e-9)
-    used = ", ".join(f"{name} {figure['server_cores']:.2f}" for name, figure in figures.items())
-    text = (
-        f"the process pool answered {ratio:.2f}x the threaded server ({rate_text(pool['rps'])} vs "
-        f"{rate_text(threaded['rps'])}); cores used: {used}; the load generator shared the cores "
-        f"and took {pool['loadgen_cores']:.2f} of a core"
-    )
-    if threaded["other_cores"] > setup["cpus"] - 1:
-        # Others took more than the one core threads can use: the threaded figure is too low.
-        return Verdict(
-            INCONCLUSIVE,
-            f"{text}; but other processes took "
-            f"{threaded['other_cores']:.2f} cores during the threaded run, so its one "
-            "core was not free",
+    problems = Problems()
+    parts = []
+    for name in (m for m in PROCESS_MODELS if m in figures):
+        runs = _by_processes(figures[name])
+        if 1 in runs and setup["processes"] in runs and setup["processes"] > 1:
+            parts.append(_scaling(problems, name, runs[1], runs[setup["processes"]], setup))
+    threads_alone = _by_processes(figures[OS_THREADS]).get(1, figures[OS_THREADS])
+    if POOL in figures:
+        parts.append(_scaling(problems, "the pool", threads_alone, figures[POOL], setup))
+    if threads_alone["server_cores"] > ONE_CORE:
+        problems.add(
+            f"{OS_THREADS} with one process used {threads_alone['server_cores']:.2f} cores "
+            f"(needs <= {ONE_CORE:g})",
+            OS_THREADS,
+            miss=math.inf,
         )
-    if ratio >= CORES_RATIO:
-        return Verdict(HOLDS, text)
-    # Not enough: was there a second core to use? Cores the server could have had = its
-    # allotment minus what others (load generator excluded) took.
-    available = setup["cpus"] - pool["other_cores"]
-    if available < CORES_AVAILABLE:
-        return Verdict(
-            INCONCLUSIVE,
-            f"{text}; the machine could not give 2 quiet cores: other "
-            f"processes took {pool['other_cores']:.2f} cores during the pool's run",
-        )
-    return Verdict(FAILS, f"{text} (needs {CORES_RATIO:g}x)")
+    text = "N processes against one: " + "; ".join(parts)
+    unshowable = cores_verdict(setup, FREE_CORES_NEEDED, f"{text}; not decided")
+    if unshowable:
+        return unshowable
+    text += f"; {OS_THREADS} with one process on {threads_alone['server_cores']:.2f} cores"
+    return decide_with_noise(problems, text, figures, list(figures))
 
 
 def reading(figures: Mapping[str, Mapping], setup: Mapping) -> str:
-    """The cores each model used for its rate."""
+    """The rate and the cores of each model with 1 and N processes."""
+    lines = []
+    for name, figure in figures.items():
+        runs = _by_processes(figure)
+        if runs:
+            lines.append(
+                f"{name} "
+                + " and ".join(
+                    f"{rate_text(run['rps'])} on {run['server_cores']:.2f} cores with {count} "
+                    f"process{'es' if count > 1 else ''}"
+                    for count, run in sorted(runs.items())
+                )
+            )
+        else:
+            lines.append(
+                f"{name} ({figure.get('workers')} worker processes) {rate_text(figure['rps'])} "
+                f"on {figure['server_cores']:.2f} cores"
+            )
     return (
-        f"The server got {setup['cores']} cores. "
-        + joined(
-            [
-                f"{name} used {f['server_cores']:.2f} cores for {f['rps']:,.0f} req/s"
-                for name, f in figures.items()
-            ]
-        )
-        + ". Worker processes each hold their own GIL and compute in parallel; a thread "
-        "per connection or one event loop computes on one core at a time, whatever the "
-        "cores. The load generator shared the cores and its CPU is reported separately."
+        f"The server got {setup['cores']} CPUs ({setup.get('free_cores', setup['cores']):.2f} "
+        "free before the run). "
+        + joined(lines)
+        + ". Each process holds its own GIL, so N processes compute on N cores, whichever "
+        "model each runs; one process computes on one core at a time, however many threads "
+        "or greenlets it has. The load generator shared the cores; its CPU is in the table."
+    )
+
+
+def rows(figures: Mapping[str, Mapping]) -> Rows:
+    """A row per process count, the pool's one."""
+    return one_row_per_run(
+        figures,
+        lambda model, run: (
+            f"{model} x {run['processes']} process" + ("es" if run["processes"] > 1 else "")
+        ),
     )
 
 
@@ -149,15 +227,14 @@ COLUMNS: list[Column] = [
 
 
 def chart(axes, entry: Mapping) -> None:
-    """Each model's rate and the cores it used, against one core's worth and every core's."""
+    """Each run's rate with the cores it used, against one core's worth and every core's."""
     figures, setup = entry["figures"], entry["setup"]
-    cores = iter([f["server_cores"] for f in figures.values()])
-    model_rates(axes[0], figures, lambda v: f"{v:,.0f}, {next(cores):.2f} cores used")
+    row_bars(axes[0], rows(figures))
     worth = 1000 / setup["work_ms"]
     limit(axes[0], worth, "one core", "grey")
     limit(axes[0], setup["cores"] * worth, f"{setup['cores']} cores", "grey")
     axes[0].set_title(
-        f"/work {setup['work_ms']:.2f} ms, {setup['connections']} connections, "
-        f"server on {setup['cores']} cores (load generator shares them)",
+        f"/work {setup['work_ms']:.2f} ms, {setup['connections']} connections, server on "
+        f"{setup['cores']} CPUs (load generator shares them)",
         fontsize=9,
     )

@@ -7,6 +7,7 @@ against database pool / query time, the worker pool's against workers / query ti
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 from loadtest.bench import scenarios as bench_scenarios
@@ -119,6 +120,7 @@ def check(figures: Mapping[str, Mapping], setup: Mapping) -> Verdict:
                 f"{name} {rate_text(rps)} is {rps / bound:.0%} of database pool / query time "
                 f"{rate_text(bound)} (needs {DB_IDEAL_SHARE:.0%})",
                 name,
+                miss=DB_IDEAL_SHARE * bound / max(rps, 1e-9),
             )
         add_errors(problems, name, figures[name])
     parts = [
@@ -134,6 +136,7 @@ def check(figures: Mapping[str, Mapping], setup: Mapping) -> Verdict:
                 f"the pool's {rate_text(rps)} is above workers / query time {rate_text(workers)} "
                 f"(+{DB_POOL_SLACK:.0%})",
                 POOL,
+                miss=math.inf,  # others' CPU cannot make a pool faster
             )
         add_errors(problems, POOL, figures[POOL])
         ok += ("; " if ok else "") + (

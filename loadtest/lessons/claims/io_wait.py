@@ -99,6 +99,7 @@ def check(figures: Mapping[str, Mapping], setup: Mapping) -> Verdict:
                 f"{name} {rate_text(rps)} is {rps / ideal:.0%} of the ideal "
                 f"{rate_text(ideal)} (needs {IO_IDEAL_SHARE:.0%})",
                 name,
+                miss=IO_IDEAL_SHARE * ideal / max(rps, 1e-9),
             )
         if rps < IO_SPEEDUP * pool:
             problems.add(
@@ -106,6 +107,7 @@ def check(figures: Mapping[str, Mapping], setup: Mapping) -> Verdict:
                 f"(needs {IO_SPEEDUP:g}x)",
                 name,
                 POOL,
+                miss=IO_SPEEDUP * pool / max(rps, 1e-9),
             )
     shares = ", ".join(
         f"{name} {figures[name]['rps'] / ideal:.0%} of the ideal and "

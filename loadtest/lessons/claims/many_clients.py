@@ -88,6 +88,8 @@ def check(figures: Mapping[str, Mapping], setup: Mapping) -> Verdict:
                 f"{name} answered {figure['answered']}/{figure['connections']} "
                 f"connections (a request {how} {figure['longest_wait_s']:.1f} s)",
                 name,
+                # Noise slows every connection alike; it explains a few late ones, not many.
+                miss=figure["connections"] / max(figure["answered"], 1),
             )
     ok = (
         f"every connection answered in the {setup['window_s']:g} s window; longest wait: "
