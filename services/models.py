@@ -172,6 +172,9 @@ MODELS: tuple[Model, ...] = (
 # ARENA_EXTRA_MODELS=module:attribute[,module:attribute] (each a Model, or a tuple of them). For
 # a model kept in a package of its own, and for the suite's proof of the recipe (tests/
 # test_recipe.py registers a model written inside the tests and runs the server suites on it).
+# An extra model with a registered model's name takes its place, in its place: the lessons'
+# sabotage tests (tests/test_lesson_sabotage.py) run a deliberately broken server under a
+# model's own name, so every tool treats it as that model.
 EXTRA_MODELS_VARIABLE = "ARENA_EXTRA_MODELS"
 
 
@@ -184,7 +187,14 @@ def _extra_models(spec: str) -> tuple[Model, ...]:
     return tuple(found)
 
 
-MODELS += _extra_models(os.environ.get(EXTRA_MODELS_VARIABLE, ""))
+def _with_extras(builtin: tuple[Model, ...], extras: tuple[Model, ...]) -> tuple[Model, ...]:
+    """The registered models with each extra one in place of its namesake, or appended."""
+    replacing = {model.name: model for model in extras}
+    kept = tuple(replacing.pop(model.name, model) for model in builtin)
+    return kept + tuple(model for model in extras if model.name in replacing)
+
+
+MODELS = _with_extras(MODELS, _extra_models(os.environ.get(EXTRA_MODELS_VARIABLE, "")))
 NAMES: tuple[str, ...] = tuple(model.name for model in MODELS)
 # Every variant by name, with the model it runs (the benchmark's families, the server tests).
 VARIANTS: dict[str, tuple[Model, Variant]] = {
