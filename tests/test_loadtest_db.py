@@ -113,6 +113,34 @@ def test_a_given_db_knob_wins_over_the_scenario_and_the_scenario_tab_says_where_
     assert rows["Claim"] == scenarios.get("db-wait").claim
 
 
+def test_the_scenario_tab_shows_what_make_lessons_found_and_an_inconclusive_is_no_failure(
+    tmp_path,
+):
+    results = tmp_path / "lessons.json"
+    results.write_text(
+        '{"when": "2026-12-07 23:00 UTC", "lessons": ['
+        '{"id": "io-wait", "verdict": "holds", "reason": "threaded 80% of the ideal"},'
+        '{"id": "cores", "verdict": "inconclusive", "reason": "1.10 free cores"}]}'
+    )
+    assert scenarios.checked("io-wait", results) == (
+        "holds (2026-12-07 23:00 UTC): threaded 80% of the ideal"
+    )
+    assert scenarios.checked("cores", results).startswith(
+        "inconclusive (the machine could not show it; not a failure)"
+    )
+    assert scenarios.checked("steady", results) is None  # a preset without a check
+    assert scenarios.checked("io-wait", tmp_path / "missing.json") is None
+    # The tab itself reads the committed results (the Locust image copies them in).
+    committed = scenarios.checked("io-wait")
+    rows = {row["item"]: row["value"] for row in scenario_rows(Workload.from_options({}))}
+    assert "Checked by make lessons" not in rows  # steady: nothing checked
+    rows = {
+        row["item"]: row["value"]
+        for row in scenario_rows(Workload.from_options({"scenario": "io-wait"}))
+    }
+    assert committed and rows["Checked by make lessons"] == committed
+
+
 # --- real servers without a database ----------------------------------------------------------
 
 

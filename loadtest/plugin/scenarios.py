@@ -13,13 +13,24 @@ Standard library only: the Locust image imports this file.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import replace
+from pathlib import Path
 
 from loadtest.lessons import catalog
 from loadtest.lessons.catalog import DEFAULT_LESSON, STEADY_KNOBS, Lesson
 
-__all__ = ["DEFAULT_LESSON", "LESSONS", "LESSONS_BY_ID", "Lesson", "get"]
+__all__ = ["DEFAULT_LESSON", "LESSONS", "LESSONS_BY_ID", "Lesson", "checked", "get"]
+
+# The committed verdicts of `make lessons` (the Locust image copies this one file in).
+CHECKED_RESULTS = Path(__file__).resolve().parents[2] / "results" / "lessons" / "lessons.json"
+# How the Scenario tab words each verdict: an inconclusive one is no failure.
+VERDICT_WORDS = {
+    "holds": "holds",
+    "fails": "FAILS",
+    "inconclusive": "inconclusive (the machine could not show it; not a failure)",
+}
 
 # The servers' database pool holds this many connections unless configured otherwise: the
 # scenarios below size their users against it.
@@ -104,3 +115,17 @@ LESSONS_BY_ID: Mapping[str, Lesson] = {lesson.id: lesson for lesson in LESSONS}
 def get(lesson_id: str) -> Lesson:
     """The scenario called `lesson_id`; KeyError names the choices."""
     return catalog.get(lesson_id, LESSONS_BY_ID)
+
+
+def checked(lesson_id: str, results: Path = CHECKED_RESULTS) -> str | None:
+    """What `make lessons` last found for this lesson, in one line (None: not checked there,
+    or no results to read)."""
+    try:
+        data = json.loads(results.read_text())
+    except (OSError, ValueError):
+        return None
+    for entry in data.get("lessons", ()):
+        if entry.get("id") == lesson_id:
+            words = VERDICT_WORDS.get(entry.get("verdict", ""), entry.get("verdict", "?"))
+            return f"{words} ({data.get('when', 'undated')}): {entry.get('reason', '')}"
+    return None

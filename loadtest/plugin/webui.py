@@ -67,8 +67,11 @@ def scenario_rows(workload: Workload) -> list[dict[str, str]]:
         {"item": "Claim", "value": lesson.claim},
         {"item": "Watch", "value": lesson.watch},
         {"item": "Expect", "value": lesson.expect},
-        {"item": "Pick another", "value": PICK_ANOTHER},
     ]
+    verdict = scenarios.checked(lesson.id)
+    if verdict:
+        rows.append({"item": "Checked by make lessons", "value": verdict})
+    rows.append({"item": "Pick another", "value": PICK_ANOTHER})
     for knob, value, source in workload.knob_values():
         rows.append({"item": knob.flag, "value": f"{value} ({source})"})
     return rows
