@@ -42,7 +42,7 @@ CASES = (
     Sabotage("gil-tax", "threaded,asyncio", "LOCKED_THREADS", "threaded"),
     Sabotage("processes-x-coroutines", "threaded,asyncio", "ONE_CPU_PROCESSES", "asyncio x 2"),
     Sabotage("pool-bound", "pool", "UNSIZED_POOL", "workers"),
-    Sabotage("cores", "threaded,pool", "THREADS_FOR_PROCESSES", "the pool"),
+    Sabotage("cores", "threaded,pool", "THREADS_FOR_PROCESSES", "the pool of 2 processes on"),
     Sabotage("processes-x-coroutines", "threaded,gevent", "SLEEPING_HUB", "gevent x 2: "),
     Sabotage("many-clients", "threaded", "CAPPED_THREADS", "threaded answered"),
     Sabotage("blocked-loop", "threaded,gevent", "YIELDING_WORK", "gevent"),
