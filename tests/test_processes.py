@@ -198,7 +198,12 @@ def test_a_killed_supervisor_leaves_no_worker_and_frees_the_port():
     server.proc.wait(10)
     wait_for(lambda: not any(procs_alive(pid) for pid in pids), what="the workers to die")
     with socket.socket() as probe:
+        # Bind as a restarted server does (services/servers/base.py): SO_REUSEADDR lets it past
+        # connections in TIME_WAIT on that port (a closed health check leaves some, and a plain
+        # bind then fails at random), never past a socket still listening or reserving it.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         probe.bind(("127.0.0.1", port))  # nobody holds the port any more
+        probe.listen()
     stop_server(server)
 
 
