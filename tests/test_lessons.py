@@ -280,6 +280,11 @@ def test_cpu_work_is_inconclusive_without_a_second_free_core_or_on_a_drifting_co
     assert drifted.verdict == INCONCLUSIVE and "calibration moved 40%" in drifted.reason
     steady = cpu_work.check(figures, {**CPU_SETUP, "work_drift": 0.05})
     assert steady.verdict == FAILS
+    # A second core used is no core's speed: the drift excuses no such failure (a sabotaged
+    # threaded server on 1.79 cores was once let off by a calibration that moved 114 %).
+    figures[SWITCHING[0]].update(rps=950, server_cores=1.79)
+    two_cores = cpu_work.check(figures, {**CPU_SETUP, "work_drift": 1.14})
+    assert two_cores.verdict == FAILS and "used 1.79 cores" in two_cores.reason
 
 
 POOL_SETUP = {"connections": 20, "sleep_ms": 50, "pool_workers": [2, 4]}
@@ -381,7 +386,8 @@ def test_cores_holds_when_n_processes_use_the_free_cores():
 
 def test_cores_fails_when_processes_do_not_scale_or_threads_pass_one_core():
     verdict = cores.check(_cores(1.05), CORES_SETUP)
-    assert verdict.verdict == FAILS and "needs >= 1.43x of 1.91 gettable cores" in verdict.reason
+    assert verdict.verdict == FAILS
+    assert "needs >= 1.42x: 75% x 1.91 gettable cores / its CPU a request 1.01x" in verdict.reason
     pool = cores.check(_cores(1.85, pool_rps=1000), CORES_SETUP)
     assert pool.verdict == FAILS and "the pool of 2 processes on 1.00 cores" in pool.reason
     # More cores at a higher cost per request (the pool's hand-over): the cores decide.
@@ -390,6 +396,54 @@ def test_cores_fails_when_processes_do_not_scale_or_threads_pass_one_core():
     assert cores.check(costly, CORES_SETUP).verdict == HOLDS
     threads = cores.check(_cores(1.85, threads_cores=1.7), CORES_SETUP)
     assert threads.verdict == FAILS and "used 1.70 cores" in threads.reason
+
+
+def _cores_scaled(name: str, rate: float, cost: float, cores_used: float = 1.9) -> dict:
+    """The figures of `_cores(1.85)` with `name` x 2 at `rate` times its one, `cost` times its
+    CPU a request, on `cores_used` cores."""
+    figures = _cores(1.85)
+    one, many = figures[name]["runs"]
+    many.update(
+        rps=one["rps"] * rate,
+        cpu_ms_per_request=one["cpu_ms_per_request"] * cost,
+        server_cores=cores_used,
+    )
+    return figures
+
+
+def test_cores_takes_what_the_others_took_during_the_run_off_the_gettable_cores():
+    figures = _cores(1.85)
+    figures[LOOP]["runs"][1].update(other_cores=0.4, rps=950 * 1.25)
+    # 2 CPUs less 0.4 others, less 0.04 load generator: 1.56 gettable, 75%: 1.17x needed.
+    verdict = cores.check(figures, CORES_SETUP)
+    assert verdict.verdict == HOLDS, verdict.reason
+    assert f"{LOOP} 1.25x" in verdict.reason and "75% x 1.56 gettable cores" in verdict.reason
+
+
+def test_cores_credits_a_rise_of_the_cpu_per_request_up_to_the_drift_bound():
+    # 1.30x on 1.9 cores, each request 1.28x the CPU of one process's: 1.43x / 1.25 = 1.15x.
+    verdict = cores.check(_cores_scaled(LOOP, 1.30, 1.28), CORES_SETUP)
+    assert verdict.verdict == HOLDS, verdict.reason
+    assert "needs >= 1.15x" in verdict.reason and "its CPU a request 1.28x" in verdict.reason
+    # The same rate without the rise: the cores were there and the rate did not follow.
+    assert cores.check(_cores_scaled(LOOP, 1.30, 1.0), CORES_SETUP).verdict == FAILS
+
+
+def test_cores_is_inconclusive_when_the_cores_speed_moved_under_it():
+    # A rise of 1.6x (past the credited 1.25x) accounts for a 1.2x shortfall, the cores used.
+    moved = cores.check(_cores_scaled(EVENT_LOOPS[-1], 0.95, 1.6), CORES_SETUP)
+    assert moved.verdict == INCONCLUSIVE and "the core's speed moved" in moved.reason
+    # Not when the second process computed nowhere: one core used is the mechanism failing.
+    one_core = cores.check(_cores_scaled(EVENT_LOOPS[-1], 0.95, 1.6, cores_used=1.0), CORES_SETUP)
+    assert one_core.verdict == FAILS, one_core.reason
+    # The /work calibration moved 90% during the lesson: no shortfall can decide.
+    drifted = cores.check(_cores(1.05), {**CORES_SETUP, "work_drift": 0.9})
+    assert drifted.verdict == INCONCLUSIVE and "calibration moved 90%" in drifted.reason
+    # Not when the N processes left the cores idle, nor for a threaded server on two cores.
+    idle = _cores_scaled(LOOP, 1.05, 1.0, cores_used=1.1)
+    assert cores.check(idle, {**CORES_SETUP, "work_drift": 0.9}).verdict == FAILS
+    spread = cores.check(_cores(1.85, threads_cores=1.7), {**CORES_SETUP, "work_drift": 0.9})
+    assert spread.verdict == FAILS and "used 1.70 cores" in spread.reason
 
 
 def test_cores_says_when_the_machine_cannot_give_two_free_cores():
@@ -553,15 +607,25 @@ def test_processes_x_coroutines_on_a_busy_machine_with_a_risen_cpu_per_request()
 
 
 def test_processes_x_coroutines_is_inconclusive_when_the_cores_speed_moved_under_it():
-    # The CPU a request rose 1.5x between one process and two, 1.2x beyond the credited 1.25x:
-    # 1.14x short of 2,850 is within it, even on quiet figures.
-    moved = _pxc_with(_pxc(), LOOP, 2, rps=2500.0, cpu_ms_per_request=0.45)
+    # Two processes busy on 1.85 cores, the CPU a request 2.47x one process's (0.74 ms against
+    # 0.3): far beyond the credited 1.25x, it accounts for 1.14x short of 2,850, even on quiet
+    # figures.
+    moved = _pxc_with(_pxc(), LOOP, 2, rps=2500.0, server_cores=1.85, cpu_ms_per_request=0.74)
     verdict = processes_x_coroutines.check(moved, PXC_SETUP)
     assert verdict.verdict == INCONCLUSIVE, verdict.reason
     assert "the core's speed moved between the runs" in verdict.reason
+    # The same rise on 1.1 cores: the second process did not compute, whatever the speed.
+    idle = _pxc_with(_pxc(), LOOP, 2, rps=2500.0, server_cores=1.1, cpu_ms_per_request=0.45)
+    assert processes_x_coroutines.check(idle, PXC_SETUP).verdict == FAILS
     # The /work calibration moved 50 % between the lesson's start and its end.
-    drifted = processes_x_coroutines.check(_pxc(scaled=1.05), {**PXC_SETUP, "work_drift": 0.5})
+    busy = _pxc(scaled=1.05)
+    for name in processes_x_coroutines.LOOPS:
+        _pxc_with(busy, name, 2, server_cores=1.85)
+    drifted = processes_x_coroutines.check(busy, {**PXC_SETUP, "work_drift": 0.5})
     assert drifted.verdict == INCONCLUSIVE and "calibration moved 50%" in drifted.reason
+    # Two processes on 0.8 cores: the second computed nowhere, whatever the core's speed did.
+    idle = processes_x_coroutines.check(_pxc(scaled=1.05), {**PXC_SETUP, "work_drift": 0.5})
+    assert idle.verdict == FAILS, idle.reason
 
 
 MANY_SETUP = {"connections": 1000, "window_s": 3.0}
@@ -900,7 +964,7 @@ def test_undetected_io_holds_when_the_blocking_driver_serialises_without_cpu():
         ({"blocking_cpu": 0.8}, "0.80 cores is not below 50% of its CPU blocked by /work"),
         ({"fixed_rps": 100}, "with the blocking-fixed driver answered 100 req/s /db, 33%"),
         ({"default_rps": 400}, "with the default driver answered 400 req/s /db, 40%"),
-        ({"fast_p99": 15}, "echo p99 with the default driver 15 ms is not below 50%"),
+        ({"fast_p99": 25}, "echo p99 with the default driver 25 ms is not below the query time"),
     ],
 )
 def test_undetected_io_fails(kwargs, why):

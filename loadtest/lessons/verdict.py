@@ -72,11 +72,21 @@ MOST_NOISE = 0.9
 class Problems(list):
     """What failed, each with the models whose figures show it and how far it missed."""
 
-    def add(self, text: str, *names: str, miss: float | None = None) -> None:
+    def __init__(self) -> None:
+        super().__init__()
+        self.speed_free: list[str] = []
+
+    def add(
+        self, text: str, *names: str, miss: float | None = None, speed_free: bool = False
+    ) -> None:
         """One failed part of the hypothesis, shown by these models' figures. `miss`: how many
         times short of the mark the figure is (needed / got, >= 1; `math.inf` when noise cannot
-        cause it at all, e.g. a rate above a limit); None: any noise could explain it."""
+        cause it at all, e.g. a rate above a limit); None: any noise could explain it.
+        `speed_free`: a figure a core's speed does not move (the cores a server used), so a
+        drifting /work calibration cannot excuse it (drift_verdict)."""
         self.append((names, text, miss))
+        if speed_free:
+            self.speed_free.append(text)
 
 
 def noise_explains(other_cpu: float) -> float:
@@ -129,14 +139,16 @@ def decide_with_noise(
     return Verdict(FAILS, text)
 
 
-def drift_verdict(setup: Mapping, text: str) -> Verdict | None:
+def drift_verdict(setup: Mapping, problems: Problems) -> Verdict | None:
     """Inconclusive when the /work calibration moved past the bound during the lesson (a
-    figure in cores' worth of /work cannot decide then); None otherwise."""
+    figure in cores' worth of /work cannot decide then) and every problem is such a figure;
+    None otherwise (no problems, no drift, or one the core's speed cannot move)."""
     from loadtest.lessons.machine import DRIFT_BOUND
 
     drift = setup.get("work_drift")
-    if drift is None or drift <= DRIFT_BOUND:
+    if not problems or problems.speed_free or drift is None or drift <= DRIFT_BOUND:
         return None
+    text = "; ".join(problem for _, problem, _ in problems)
     return Verdict(
         INCONCLUSIVE,
         f"{text}; but the /work calibration moved {drift:.0%} during the lesson (bound "

@@ -108,6 +108,7 @@ def check(figures: Mapping[str, Mapping], setup: Mapping) -> Verdict:
                 f"{name} used {figure['server_cores']:.2f} cores (needs <= {ONE_CORE:g})",
                 name,
                 miss=math.inf,  # others' CPU cannot make a server use more
+                speed_free=True,  # nor can a core's speed
             )
         if figure["rps"] > (1 + RATE_SLACK) * worth:
             problems.add(
@@ -121,10 +122,9 @@ def check(figures: Mapping[str, Mapping], setup: Mapping) -> Verdict:
     unshowable = cores_verdict(setup, FREE_CORES_NEEDED, f"{text}; not decided")
     if unshowable and not problems:
         return unshowable
-    if problems:
-        drifted = drift_verdict(setup, "; ".join(p for _, p, _ in problems))
-        if drifted:
-            return drifted
+    drifted = drift_verdict(setup, problems)
+    if drifted:
+        return drifted
     return decide_with_noise(problems, text, figures, switching)
 
 

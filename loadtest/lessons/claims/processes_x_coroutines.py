@@ -36,18 +36,24 @@ from loadtest.lessons.charts import (
     one_row_per_run,
     row_bars,
 )
-from loadtest.lessons.claims.cores import FREE_CORES_NEEDED, SCALE_SHARE
-from loadtest.lessons.machine import DRIFT_BOUND
+from loadtest.lessons.claims.cores import (
+    CREDITED_RISE,
+    FREE_CORES_NEEDED,
+    SCALE_SHARE,
+    cost_rise,
+    gettable,
+    idle_cores,
+    moved_or_decided,
+    rise_accounts,
+    rise_text,
+)
 from loadtest.lessons.rig import Planned, Run, Work, cpu_figures, noise_of_parts
 from loadtest.lessons.verdict import (
     EVENT_LOOPS,
-    INCONCLUSIVE,
     OS_THREADS,
     Problems,
     Verdict,
     cores_verdict,
-    decide_with_noise,
-    drift_verdict,
     missing_models,
     rate_text,
 )
@@ -79,12 +85,9 @@ SLEEP_MS, SLEEP_WEIGHT = 20, 9
 WORK_MS_TIMES, WORK_WEIGHT = 5, 1
 # Connections grow with the CPUs so that the waits' ceiling stays above N cores' worth.
 CONNECTIONS_PER_CPU = 100
-# The CPU a request of N processes of a loop against one process's: each process serves 1/N of
-# the connections, so each wake-up of its loop serves fewer (measured here: asyncio 1.1-1.2x),
-# and a core's speed drifts between two runs. A rise up to 1 + DRIFT_BOUND is credited: the
-# expectation is divided by it (the cores are what the lesson counts); beyond it, a shortfall
-# the rise accounts for is inconclusive, the core's speed having moved between the runs.
-CREDITED_RISE = 1 + DRIFT_BOUND
+# The CPU a request of N processes of a loop against one process's rises too as each process
+# serves 1/N of the connections, so each wake-up of its loop serves fewer (measured here:
+# asyncio 1.1-1.2x): credited as in `cores` (CREDITED_RISE).
 # The event loops run with 1 and N processes (those that take --processes: all of them today).
 LOOPS: tuple[str, ...] = tuple(name for name in EVENT_LOOPS if registry.get(name).processes)
 
@@ -189,26 +192,17 @@ def _by_processes(figure: Mapping) -> dict[int, Mapping]:
     return {part["processes"]: part for part in figure.get("runs", ())}
 
 
-def cost_rise(many: Mapping, one: Mapping) -> float:
-    """How many times the CPU a request of N processes is one process's of the same loop (1
-    when either is unknown or it fell)."""
-    if not one.get("cpu_ms_per_request") or not many.get("cpu_ms_per_request"):
-        return 1.0
-    return max(1.0, many["cpu_ms_per_request"] / one["cpu_ms_per_request"])
-
-
 def needed(setup: Mapping, many: Mapping, base: Mapping, one: Mapping) -> tuple[float, float, bool]:
     """The rate N processes must reach against `base` (a run with one process; `one`: the same
     loop's): SCALE_SHARE x the cores they could get (the free cores less the load generator's,
     at most N, and at least once the rate of one) x its rate, divided by the credited rise of
     the CPU a request, capped at SCALE_SHARE x what the waits allow; with the gettable cores
     and whether the cap decided."""
-    free = setup.get("free_cores", setup["cpus"])
-    gettable = max(0.0, min(setup["processes"], free - many.get("loadgen_cores", 0.0)))
+    cores = gettable(setup, many)
     credit = min(CREDITED_RISE, cost_rise(many, one))
-    scaled = max(1.0, SCALE_SHARE * gettable) * base["rps"] / credit
+    scaled = max(1.0, SCALE_SHARE * cores) * base["rps"] / credit
     capped = SCALE_SHARE * ceiling(setup)
-    return min(scaled, capped), gettable, capped < scaled
+    return min(scaled, capped), cores, capped < scaled
 
 
 def _against(
@@ -224,7 +218,7 @@ def _against(
     """N processes against one (`label`; `one`: the same loop's run with one process): the
     ratio, and a problem when it falls short (in `moved` too when the rise of the CPU a
     request beyond the credited one accounts for it)."""
-    need, gettable, capped = needed(setup, many, base, one)
+    need, cores, capped = needed(setup, many, base, one)
     ratio = many["rps"] / max(base["rps"], 1e-9)
     rise = cost_rise(many, one)
     text = (
@@ -233,16 +227,15 @@ def _against(
         + (
             f"{SCALE_SHARE:.0%} of what the waits allow"
             if capped
-            else f"{SCALE_SHARE:.0%} x {gettable:.2f} gettable cores"
-            + (f" / its CPU a request {rise:.2f}x one process's" if rise > 1.005 else "")
+            else f"{SCALE_SHARE:.0%} x {cores:.2f} gettable cores" + rise_text(rise)
         )
         + ")"
     )
     if many["rps"] < need:
         shortfall = need / max(many["rps"], 1e-9)
         problem = f"{names[0]} x {setup['processes']}: {text}"
-        problems.add(problem, *names, miss=shortfall)
-        if rise > CREDITED_RISE and shortfall <= rise / CREDITED_RISE:
+        problems.add(problem, *names, miss=shortfall, speed_free=idle_cores(many, cores))
+        if rise_accounts(rise, shortfall, many, cores):
             moved.append(problem)
     return text
 
@@ -285,19 +278,7 @@ def check(figures: Mapping[str, Mapping], setup: Mapping) -> Verdict:
     unshowable = cores_verdict(setup, FREE_CORES_NEEDED, f"{text}; not decided")
     if unshowable:
         return unshowable
-    if problems:
-        drifted = drift_verdict(setup, "; ".join(problem for _, problem, _ in problems))
-        if drifted:
-            return drifted
-    if problems and len(moved) == len(problems):
-        # The CPU a request does not depend on the number of processes: risen this much between
-        # two runs, the core's speed moved under them (as a drifting /work calibration shows).
-        return Verdict(
-            INCONCLUSIVE,
-            f"{text}; but each shortfall is within the rise of the CPU a request beyond the "
-            f"credited {CREDITED_RISE:.2f}x: the core's speed moved between the runs",
-        )
-    return decide_with_noise(problems, text, figures, [*loops, OS_THREADS])
+    return moved_or_decided(problems, moved, text, figures, setup, [*loops, OS_THREADS])
 
 
 def reading(figures: Mapping[str, Mapping], setup: Mapping) -> str:
