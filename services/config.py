@@ -65,6 +65,10 @@ class Settings:
     processes: int = 1
     # Bind the protocol port with SO_REUSEPORT: set by the supervisor for its workers.
     reuse_port: bool = False
+    # Serve on this inherited, already listening socket instead of binding one (-1: bind):
+    # gunicorn's way of sharing a port, which the spread measurement compares with
+    # SO_REUSEPORT (loadtest/tools/spread.py, services/supervisor.py).
+    listen_fd: int = -1
 
 
 def _port(text: str) -> int:
@@ -204,6 +208,10 @@ OPTIONS: dict[str, tuple[Callable[[str], object], str]] = {
         "worker processes of the model on one port, supervised (threaded, gevent, asyncio)",
     ),
     "reuse_port": (parse_boolean, "bind with SO_REUSEPORT (the supervisor sets it for workers)"),
+    "listen_fd": (
+        _non_negative_int,
+        "serve on this inherited listening socket (-1: bind one; the spread tool sets it)",
+    ),
 }
 # Options that fill another field: the password file fills the password.
 FILLS = {"db_password_file": "db_password"}

@@ -8,11 +8,14 @@ over worker processes, `--workers`) and owns nothing but their lives and one `/m
 - **One port for all: `SO_REUSEPORT`.** The supervisor reserves the port (a socket bound with
   `SO_REUSEPORT` that never listens) and each worker binds and listens on it with the same
   option; the kernel hands each new connection to one listener by a hash of its addresses, so
-  connections spread evenly whatever each worker is busy with (measured: 1,000 connections over
-  2 workers 469/531 and 491/509, over 4 workers 257/227/262/254; docs/PROCESSES.md). With one
-  inherited listening socket (gunicorn's way) the worker that wakes first takes the connection,
-  which depends on which worker is idle at that moment; that mode is not built here, so it is
-  not measured beside it.
+  connections spread evenly whatever each worker is busy with. With one inherited listening
+  socket (gunicorn's way; `--listen-fd`) the worker that wakes first takes the connection, which
+  depends on which worker is idle at that moment. Measured both ways
+  (`python -m loadtest.bench.spread`, 1,000 connections, echo, 2026-12-08, docs/PROCESSES.md):
+  over three runs the busiest of the workers held 1.01-1.10x an even share with SO_REUSEPORT
+  and 1.00-1.50x with the inherited socket (threaded, 2 workers: 749/251 once; 4 workers:
+  1.19-1.29x for every model), the requests following. SO_REUSEPORT is as even or more, and
+  needs no descriptor passing, which lets every worker start fresh.
   Workers are whole `python -m services MODEL` processes started fresh (never forked from a
   process that already holds threads, sockets or gevent's hub).
 - **Supervised.** A worker that dies is logged with its pid and how it ended, and replaced at

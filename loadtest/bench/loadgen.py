@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 from collections.abc import Callable, Sequence
@@ -33,6 +34,16 @@ def cache_dir() -> Path:
         return Path(configured)
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "socket-arena"
+
+
+def built_for(tool: str) -> Path | None:
+    """The load generator's binary for a command-line tool, or None after saying on stderr why
+    it could not be built (the tool then exits 2)."""
+    try:
+        return build()
+    except LoadgenError as error:
+        print(f"{tool}: {error}", file=sys.stderr)
+        return None
 
 
 def build(directory: Path | None = None) -> Path:

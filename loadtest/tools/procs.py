@@ -191,13 +191,15 @@ def start_server(
     log_path: Path | None = None,
     cpus: Iterable[int] | None = None,
     timeout: float = START_TIMEOUT,
+    pass_fds: Sequence[int] = (),
 ) -> Server:
     """Start a server and wait for its ready line; the Server has the ports it bound.
 
     `command` is a model name (then `server_command(model, *flags)`) or a whole command line
     (then `flags` are appended). `env` replaces the environment (default: this one), with
     PYTHONUNBUFFERED=1 added. stderr goes to `log_path` (default: a temporary file that
-    `Server.stop` removes), stdout is discarded. `cpus` pins the process (and its children).
+    `Server.stop` removes), stdout is discarded. `cpus` pins the process (and its children);
+    `pass_fds` stay open in it (an inherited listening socket).
     Raises StartError with the log when it exits or stays silent for `timeout` seconds.
     """
     if isinstance(command, str):
@@ -223,6 +225,7 @@ def start_server(
             stderr=log,
             start_new_session=True,
             preexec_fn=(lambda: os.sched_setaffinity(0, pinned)) if pinned else None,
+            pass_fds=tuple(pass_fds),
         )
     server = Server(name, proc, "", 0, 0, log_path, own_log)
 

@@ -73,8 +73,10 @@ class Server(ABC):
             yield from stats.families()
 
     def bind(self) -> socket.socket:
-        """Open the listening socket with a real backlog."""
+        """Open the listening socket with a real backlog (or take the inherited one)."""
         settings = self.settings
+        if settings.listen_fd >= 0:  # already bound and listening: every worker accepts on it
+            return socket.socket(fileno=settings.listen_fd)
         family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
         listener = socket.socket(family, socket.SOCK_STREAM)
         try:
