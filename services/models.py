@@ -79,6 +79,11 @@ class Model:
         return self.flow in ("thread", "greenlet")
 
     @property
+    def event_loop(self) -> bool:
+        """One event loop runs every connection: it exposes the loop-lag probe's families."""
+        return "arena_event_loop_blocked_seconds" in self.own_metrics
+
+    @property
     def metrics_port(self) -> int:
         """The default host port of its /metrics in the local stack: its port + 100."""
         return self.port + METRICS_PORT_OFFSET

@@ -11,17 +11,21 @@ from pathlib import Path
 
 import pytest
 
-from loadtest.bench import harness, loadgen, openloop, report
+from loadtest.bench import harness, loadgen, openloop, report, scenarios
 from loadtest.bench.loadgen import Request
 from loadtest.bench.scenarios import TEXTBOOK_NAMES, build_scenarios, build_targets
+from loadtest.lessons.verdict import EVENT_LOOPS
 from loadtest.tools import procs
 from loadtest.tools.postgres import BINDIR_VARIABLE, Postgres
 from services import models
 from tests.conftest import run_module
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-# The benchmark's families: every variant of every registered model (services/models.py).
-FAMILIES = models.VARIANTS
+# The benchmark's families: every variant of every registered model (services/models.py), then
+# each event loop with --processes 2 (ours only, on every CPU).
+FAMILIES = scenarios.FAMILIES
+ONE_CORE = models.VARIANTS
+SEVERAL = scenarios.PROCESS_FAMILIES
 KINDS = ("ours", "no-metrics", "textbook")
 
 
@@ -57,8 +61,8 @@ def test_a_tiny_run_measures_every_server_and_says_where_and_how(tiny_run) -> No
     assert list(results["scenarios"]) == ["echo64"]
     names = {target["name"] for target in results["targets"]}
     # Every kind per family; a variant without a textbook twin has no textbook target.
-    textbook_twins = sum(variant.textbook is not None for _, variant in FAMILIES.values())
-    assert len(names) == len(FAMILIES) * (len(KINDS) - 1) + textbook_twins
+    textbook_twins = sum(variant.textbook is not None for _, variant in ONE_CORE.values())
+    assert len(names) == len(ONE_CORE) * (len(KINDS) - 1) + textbook_twins + len(SEVERAL)
     textbooks = {t["family"]: t["command"] for t in results["targets"] if t["kind"] == "textbook"}
     assert textbooks == {
         family: TEXTBOOK_NAMES[variant.textbook]
@@ -97,6 +101,44 @@ def test_a_tiny_run_measures_every_server_and_says_where_and_how(tiny_run) -> No
     families = {row["family"] for row in results["comparisons"]}
     assert families == set(FAMILIES)
     assert "rep 1/1" in progress  # progress is shown while it runs
+
+
+@pytest.mark.slow
+def test_the_rows_of_two_processes_run_each_event_loop_on_every_cpu(tiny_run) -> None:
+    out, results, progress = tiny_run
+    assert set(SEVERAL) == {f"{name}-x2" for name in EVENT_LOOPS}
+    several = {t["name"]: t for t in results["targets"] if t["family"] in SEVERAL}
+    assert set(several) == set(SEVERAL)  # ours only: no textbook runs two processes
+    for target in several.values():
+        assert target["every_cpu"] and target["command"].endswith("--processes 2"), target
+    assert not any(t["every_cpu"] for t in results["targets"] if t["family"] in ONE_CORE)
+    runs = {run["target"]: run for run in results["runs"]}
+    for name in several:
+        assert runs[name]["reps"][0].get("shared_cpus") is True
+        assert runs[name]["median"]["errors"] == 0
+    cpus = sorted(os.sched_getaffinity(0))
+    meta = results["meta"]["several_processes"]
+    assert meta["families"] == sorted(SEVERAL) and meta["processes"] == 2
+    if len(cpus) >= 2:
+        every = ",".join(map(str, cpus))
+        assert meta["pinning"] == f"server and load generator on CPU {every}"
+        assert f"server and load generator on CPU {every}" in progress
+    markdown = (out / "bench.md").read_text()
+    assert f"- **{', '.join(sorted(SEVERAL))}:** the model with `--processes 2`" in markdown
+
+
+def test_a_run_sharing_the_servers_cpus_counts_the_load_generator_apart() -> None:
+    record = {"other_cpu_fraction": 0.62, "loadgen_cpu_fraction": 0.55}
+    assert harness.without_loadgen(record) == {
+        "other_cpu_fraction": 0.07,
+        "loadgen_cpu_fraction": 0.55,
+        "shared_cpus": True,
+    }
+    pinning = harness.Pinning(frozenset({1}), frozenset({0}))
+    assert not pinning.shared
+    assert pinning.every_cpu() == harness.Pinning(frozenset({0, 1}), frozenset({0, 1}))
+    assert pinning.every_cpu().shared
+    assert harness.Pinning(None, None).every_cpu() == harness.Pinning(None, None)
 
 
 @pytest.mark.slow
@@ -193,7 +235,14 @@ def test_the_knee_is_the_last_step_within_the_bound_before_the_first_miss() -> N
 
 
 @pytest.mark.parametrize(
-    "module", ["loadtest.bench", "loadtest.tools.soak", "loadtest.tools.stack", "services"]
+    "module",
+    [
+        "loadtest.bench",
+        "loadtest.bench.spread",
+        "loadtest.tools.soak",
+        "loadtest.tools.stack",
+        "services",
+    ],
 )
 def test_every_command_explains_itself_with_help(module: str) -> None:
     result = run_module(module, "--help")

@@ -21,6 +21,7 @@ from loadtest.bench.scenarios import (
     FAMILIES,
     KINDS,
     MIX_DESCRIPTION,
+    PROCESSES,
     Scenario,
     Target,
     build_scenarios,
@@ -98,10 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser(scenario_names).parse_args(argv)
     if not _numbers_valid(args):
         return 2
-    try:
-        binary = loadgen.build()
-    except loadgen.LoadgenError as error:
-        print(f"bench: {error}", file=sys.stderr)
+    binary = loadgen.built_for("bench")
+    if binary is None:
         return 2
     if not _mode_valid(args, work_rounds):
         return 2
@@ -126,6 +125,13 @@ def main(argv: list[str] | None = None) -> int:
     _announce_plan(progress, args, scenarios, targets, pinning, work_rounds)
     background = _warn_background_load(progress)
     meta = _meta(args, pinning, work_rounds, work_round_ns, background)
+    several = sorted({target.family for target in targets if target.every_cpu})
+    if several:
+        meta["several_processes"] = {
+            "families": several,
+            "processes": PROCESSES,
+            "pinning": pinning.every_cpu().describe(),
+        }
     runs = _measure(
         args, scenarios, targets, postgres, _Rig(binary, pinning, progress, work_rounds), meta
     )
@@ -196,11 +202,14 @@ def _announce_plan(
 ) -> None:
     """Say how many runs are coming, about how long they take, and how the CPUs are pinned."""
     per_run = args.duration + args.warmup + 0.6
+    several = sorted({target.family for target in targets if target.every_cpu})
     progress.note(
         f"bench: {len(targets)} servers x {len(scenarios)} scenarios x {args.reps} reps"
         + (" (/db: no textbooks)" if any(s.database for s in scenarios.values()) else "")
         + f" = {progress.total} runs, about {harness.duration_text(progress.total * per_run)} "
-        f"plus server start-ups; {pinning.describe()}; /work {work_rounds} rounds ≈ 1 ms"
+        f"plus server start-ups; {pinning.describe()}"
+        + (f" ({', '.join(several)}: {pinning.every_cpu().describe()})" if several else "")
+        + f"; /work {work_rounds} rounds ≈ 1 ms"
     )
 
 
@@ -277,11 +286,13 @@ def _measure(
                 rig.progress.note(f"bench: PostgreSQL {meta['postgres']['version']} for /db")
             families = list(dict.fromkeys(target.family for target in scenario_targets))
             for family in families:
+                family_targets = [target for target in scenario_targets if target.family == family]
                 runs += harness.run_targets(
-                    [target for target in scenario_targets if target.family == family],
+                    family_targets,
                     scenario,
                     rig.binary,
-                    rig.pinning,
+                    # Several processes on one CPU would measure one core: every CPU, shared.
+                    rig.pinning.every_cpu() if family_targets[0].every_cpu else rig.pinning,
                     args.reps,
                     args.duration,
                     args.warmup,
@@ -321,7 +332,13 @@ def _results(
         "skipped_scenarios": skipped,
         "families": args.models,
         "targets": [
-            {"name": t.name, "family": t.family, "kind": t.kind, "command": t.description}
+            {
+                "name": t.name,
+                "family": t.family,
+                "kind": t.kind,
+                "command": t.description,
+                "every_cpu": t.every_cpu,
+            }
             for t in targets
         ],
         "runs": runs,

@@ -73,10 +73,25 @@ class Pinning:
             return cls(None, None)
         return cls(frozenset(cpus[1:]), frozenset(cpus[:1]))
 
+    def every_cpu(self) -> Pinning:
+        """The server and the load generator both on every CPU of this pinning (unpinned stays
+        unpinned): for a server of several processes, which one CPU would keep on one core."""
+        if self.server is None or self.loadgen is None:
+            return self
+        cpus = self.server | self.loadgen
+        return Pinning(cpus, cpus)
+
+    @property
+    def shared(self) -> bool:
+        """The server's CPUs are the load generator's too."""
+        return bool(self.server and self.loadgen and self.server & self.loadgen)
+
     def describe(self) -> str:
         """Human text for the report."""
         if self.server is None or self.loadgen is None:
             return "not pinned"
+        if self.shared:
+            return f"server and load generator on CPU {_cpu_list(self.server | self.loadgen)}"
         return f"server on CPU {_cpu_list(self.server)}, load generator on CPU " + _cpu_list(
             self.loadgen
         )
@@ -197,7 +212,8 @@ def background_load(seconds: float = 1.0) -> float:
     """Share of all CPUs busy over a short idle interval: how loud the machine is already."""
     before = busy_seconds(None)
     time.sleep(seconds)
-    return (busy_seconds(None) - before) / seconds / (os.cpu_count() or 1)
+    # Per-CPU counters can step back a tick between two reads: never below nothing.
+    return max(0.0, (busy_seconds(None) - before) / seconds / (os.cpu_count() or 1))
 
 
 class Sampler:
@@ -454,6 +470,20 @@ def duration_text(seconds: float) -> str:
     return f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
 
 
+def without_loadgen(record: dict) -> dict:
+    """A record measured with the load generator on the server's CPUs: its CPU no longer
+    counted as other processes' (it is in its own column), so "other" means neighbours again."""
+    record["other_cpu_fraction"] = round(
+        max(0.0, record["other_cpu_fraction"] - record["loadgen_cpu_fraction"]), 4
+    )
+    record["shared_cpus"] = True
+    return record
+
+
+def _loadgen_apart(measure: Callable[[], dict]) -> dict:
+    return without_loadgen(measure())
+
+
 def quietest(measure: Callable[[], dict], retries: int) -> dict:
     """`measure()`, again up to `retries` times while other work took more than
     NOISY_OTHER_FRACTION of the server CPU; the quietest record, with its number of attempts."""
@@ -515,6 +545,8 @@ def run_targets(
                     pinning,
                     database_pid=database.pid if database else None,
                 )
+                if pinning.shared:
+                    measure = partial(_loadgen_apart, measure)
                 record = quietest(measure, retries)
                 records[index].append(record)
                 progress.step(

@@ -212,6 +212,22 @@ def _method_lines(meta: dict) -> list[str]:
         'counting requests never answered at their age at the end ("still waiting after"). '
         "These three are from the worst run, not the median. A run in which any connection got "
         "no reply is **starved** and flagged ⚠.",
+        *_several_processes_lines(meta),
+    ]
+
+
+def _several_processes_lines(meta: dict) -> list[str]:
+    """The bullet about the rows of several processes, when the run had any."""
+    several = meta.get("several_processes")
+    if not several:
+        return []
+    return [
+        f"- **{', '.join(several['families'])}:** the model with `--processes "
+        f"{several['processes']}` (services/supervisor.py), the {several['pinning']}: one CPU "
+        "would keep its processes on one core. *loadgen CPU* is then the load generator's CPU "
+        "on those shared CPUs (a share of one core), and *other on server CPU* leaves it out; "
+        "compare these rows' rates with the same model's on its one core, not with the "
+        "textbooks."
     ]
 
 

@@ -99,9 +99,25 @@ def build_scenarios(work_rounds: int) -> dict[str, Scenario]:
 
 MIX_DESCRIPTION = "80 % echo 64 B, 10 % echo 1 KiB, 5 % /sleep 20, 5 % /work ~1 ms"
 
+# `--processes PROCESSES` rows ("gevent-x2"): each event loop that takes --processes, as its first
+# variant runs, with PROCESSES worker processes on one port (services/supervisor.py). One CPU
+# would keep them on one core, so the server and the load generator share every CPU for these
+# rows (the load generator's CPU in its column); ours only, metrics on: no textbook twin runs
+# several processes.
+PROCESSES = 2
+PROCESS_FAMILIES: dict[str, tuple[models.Model, models.Variant]] = {
+    f"{model.name}-x{PROCESSES}": (
+        model,
+        models.Variant(
+            f"{model.name}-x{PROCESSES}", (*model.variants[0].flags, "--processes", str(PROCESSES))
+        ),
+    )
+    for model in models.MODELS
+    if model.processes and model.event_loop
+}
 # Model families: every variant of every registered model (services/models.py), with the
-# textbook server it is compared with.
-FAMILIES = models.VARIANTS
+# textbook server it is compared with, then the rows of several processes.
+FAMILIES = {**models.VARIANTS, **PROCESS_FAMILIES}
 KINDS = ("ours", "no-metrics", "textbook")
 KIND_LABELS = {"ours": "", "no-metrics": " (metrics off)", "textbook": " textbook"}
 TEXTBOOK_NAMES = {
@@ -122,6 +138,7 @@ class Target:
     kind: str
     command: tuple[str, ...]
     description: str  # what exactly runs, for the report
+    every_cpu: bool = False  # several processes: the server shares every CPU with the loadgen
 
     @property
     def name(self) -> str:
@@ -137,7 +154,10 @@ def build_targets(families: list[str], kinds: list[str], workers: int) -> list[T
         model_args = [model.name, *variant.flags]
         textbook_model = variant.textbook
         pool_args = ["--workers", str(workers)] if model.sized else []
+        several = family in PROCESS_FAMILIES
         for kind in kinds:
+            if several and kind != "ours":
+                continue
             if kind == "textbook":
                 if textbook_model is None:
                     continue  # no textbook twin for this variant
@@ -160,5 +180,5 @@ def build_targets(families: list[str], kinds: list[str], workers: int) -> list[T
                     server_args.append("--no-metrics")
                 command = procs.server_command(*server_args)
                 description = "python -m services " + " ".join(server_args)
-            targets.append(Target(family, kind, tuple(command), description))
+            targets.append(Target(family, kind, tuple(command), description, several))
     return targets

@@ -30,9 +30,7 @@ HOLDS, FAILS, INCONCLUSIVE = "holds", "fails", "inconclusive"
 
 POOL = "pool"  # the model whose concurrency is its number of workers
 # One loop for every connection: a blocking call blocks them all (gevent's and asyncio's).
-EVENT_LOOPS: tuple[str, ...] = tuple(
-    model.name for model in models.MODELS if "arena_event_loop_blocked_seconds" in model.own_metrics
-)
+EVENT_LOOPS: tuple[str, ...] = tuple(model.name for model in models.MODELS if model.event_loop)
 OS_THREADS = "threaded"  # the OS preempts a long request
 # CPython's own GIL switch interval (sys.getswitchinterval() unless changed): the threaded
 # server's default; blocked-loop and gil-tax derive their figures from it.

@@ -92,7 +92,10 @@ class Bench:
         self.data = data
         self.meta = data["meta"]
         self.scenarios: dict = data["scenarios"]
-        self.targets = [t for t in data["targets"] if t["kind"] in ("ours", "textbook")]
+        # Every row of the table; the readings compare servers on one core, so they leave out
+        # the rows of several processes on every CPU (gevent-x2, ...).
+        self.rows = [t for t in data["targets"] if t["kind"] in ("ours", "textbook")]
+        self.targets = [t for t in self.rows if not t.get("every_cpu")]
         self.runs = {(run["scenario"], run["target"]): run["median"] for run in data["runs"]}
         self.comparisons = data.get("comparisons", [])
 
@@ -159,8 +162,9 @@ def bench_run(bench: Bench) -> str:
     head = (
         f"Latest run: **{meta['date']}**, {machine['cpu_model']}, {machine['cores']} cores, "
         f"{machine['memory_bytes'] / 2**30:.0f} GiB, {kernel}, "
-        f"{machine.get('implementation', 'CPython')} {machine['python']}; {meta['pinning']}; "
-        f"median of {meta['reps']} runs of {meta['duration_s']:g} s each; "
+        f"{machine.get('implementation', 'CPython')} {machine['python']}; {meta['pinning']}"
+        + _several_processes(meta)
+        + f"; median of {meta['reps']} runs of {meta['duration_s']:g} s each; "
         + ("0 errors in every run" if not errors else f"{errors:,} errors in all")
         + ("" if not saturated else f"; load generator saturated in {saturated} cells (⚠)")
         + ". Full tables (CPU per request, memory, threads, metrics on/off"
@@ -173,7 +177,7 @@ def bench_run(bench: Bench) -> str:
         "| req/s (p99 ms) | " + " | ".join(bench.title(s) for s in bench.scenarios) + " |",
         "|---|" + "--:|" * len(bench.scenarios),
     ]
-    for target in bench.targets:
+    for target in bench.rows:
         cells = []
         for scenario in bench.scenarios:
             median = bench.median(scenario, target["name"])
@@ -188,6 +192,17 @@ def bench_run(bench: Bench) -> str:
             cells.append(cell)
         lines.append(f"| {target['name']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _several_processes(meta: dict) -> str:
+    """` (gevent-x2, asyncio-x2: ...)`: how the rows of several processes were pinned."""
+    several = meta.get("several_processes")
+    if not several:
+        return ""
+    return (
+        f" ({', '.join(several['families'])}: `--processes {several['processes']}`, "
+        f"{several['pinning']})"
+    )
 
 
 def _has_fairness(bench: Bench) -> bool:
