@@ -7,19 +7,16 @@ monkey-patches, so nothing here may import sockets or threads.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
 from services import models
+from services import options as parse
+from services.options import Option
 
-EXECUTORS = ("process", "thread")
-LOOPS = ("uvloop", "asyncio")  # the asyncio model's event loops: libuv's, or the standard one
-# uvloop when it is installed (found without importing it: nothing here may load an event loop).
-DEFAULT_LOOP = "uvloop" if importlib.util.find_spec("uvloop") is not None else "asyncio"
 ENV_PREFIX = "ARENA_"
 
 
@@ -48,7 +45,7 @@ class Settings:
     # threaded model only: above this many live connections, requests take turns in arrival
     # order (0: always); below it the GIL alone decides who runs next
     turns_above: int = 256
-    loop: str = DEFAULT_LOOP  # asyncio model only: uvloop or asyncio (the standard library's)
+    loop: str = models.DEFAULT_LOOP  # asyncio model only: uvloop or asyncio (the standard one)
     backlog: int = 1024  # listen backlog: socketserver's 5 refuses 100 clients connecting at once
     log_level: str = "INFO"
     # PostgreSQL for `/db`: a libpq URL without the password (empty: `/db` answers
@@ -69,68 +66,6 @@ class Settings:
     # gunicorn's way of sharing a port, which the spread measurement compares with
     # SO_REUSEPORT (loadtest/tools/spread.py, services/supervisor.py).
     listen_fd: int = -1
-
-
-def _port(text: str) -> int:
-    value = int(text)
-    if not 0 <= value <= 65535:
-        raise ValueError("a port is 0..65535")
-    return value
-
-
-def parse_positive_int(text: str) -> int:
-    """A whole number of at least 1."""
-    value = int(text)
-    if value < 1:
-        raise ValueError("must be at least 1")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise ValueError("must be zero or more")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0 or value == float("inf"):
-        raise ValueError("must be a positive number of seconds")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    value = float(text)
-    if not value >= 0 or value == float("inf"):
-        raise ValueError("must be zero or a positive number of seconds")
-    return value
-
-
-def parse_boolean(text: str) -> bool:
-    """true/false, yes/no, on/off or 1/0."""
-    lowered = text.strip().lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"use true or false, got {text!r}")
-
-
-def _choice(options: Sequence[str]) -> Callable[[str], str]:
-    def parse(text: str) -> str:
-        if text not in options:
-            raise ValueError("choose one of " + ", ".join(options))
-        return text
-
-    return parse
-
-
-def _loop(text: str) -> str:
-    name = _choice(LOOPS)(text)
-    if name == "uvloop" and DEFAULT_LOOP != "uvloop":
-        raise ValueError("uvloop is not installed (pip install uvloop, or choose asyncio)")
-    return name
 
 
 def _db_url(text: str) -> str:
@@ -165,53 +100,79 @@ def _password_file(path: str) -> str:
 
 
 def _log_level(text: str) -> str:
-    return _choice(("DEBUG", "INFO", "WARNING", "ERROR"))(text.upper())
+    return parse.choice(("DEBUG", "INFO", "WARNING", "ERROR"))(text.upper())
 
 
-# name -> (parser, help). The flag is --name-with-dashes, the variable ARENA_NAME.
-OPTIONS: dict[str, tuple[Callable[[str], object], str]] = {
-    "host": (str, "address to bind the protocol and metrics ports"),
-    "port": (_port, "protocol port; 0 binds a free port and logs it"),
-    "metrics_port": (_port, "Prometheus /metrics port; 0 binds a free port and logs it"),
-    "metrics": (parse_boolean, "serve /metrics and time requests (false measures the cost)"),
-    "max_connections": (parse_positive_int, "connections held at once; more get ERR server-busy"),
-    "idle_timeout": (_positive_float, "seconds without request bytes before a connection closes"),
-    "line_limit": (parse_positive_int, "longest request line in bytes (longer: ERR line-too-long)"),
-    "grace": (_non_negative_float, "seconds to answer received requests on SIGTERM/SIGINT"),
-    "executor": (_choice(EXECUTORS), "pool model: run requests in process or thread workers"),
-    "workers": (parse_positive_int, "pool model: number of executor workers (default: CPU count)"),
-    "switch_interval": (
-        _positive_float,
-        "threaded model: seconds a thread may hold the GIL while another waits",
+# The options every model takes. The flag is --name-with-dashes, the variable ARENA_NAME. A
+# model's own options (the pool's --workers, threaded's --switch-interval, asyncio's --loop) are
+# declared in its registry entry (services/models.py, `Model.options`) and added after these.
+COMMON_OPTIONS: tuple[Option, ...] = (
+    Option("host", str, "address to bind the protocol and metrics ports"),
+    Option("port", parse.port, "protocol port; 0 binds a free port and logs it"),
+    Option("metrics_port", parse.port, "Prometheus /metrics port; 0 binds a free port and logs it"),
+    Option("metrics", parse.boolean, "serve /metrics and time requests (false measures the cost)"),
+    Option(
+        "max_connections",
+        parse.positive_int,
+        "connections held at once; more get ERR server-busy",
     ),
-    "turns_above": (
-        _non_negative_int,
-        "threaded model: above this many connections, requests take turns in arrival order",
+    Option(
+        "idle_timeout",
+        parse.positive_seconds,
+        "seconds without request bytes before a connection closes",
     ),
-    "loop": (
-        _loop,
-        "asyncio model: event loop, uvloop or asyncio (default: uvloop when installed)",
+    Option(
+        "line_limit",
+        parse.positive_int,
+        "longest request line in bytes (longer: ERR line-too-long)",
     ),
-    "backlog": (parse_positive_int, "listen backlog of the protocol socket"),
-    "log_level": (_log_level, "DEBUG, INFO, WARNING or ERROR"),
-    "db_url": (_db_url, "PostgreSQL for /db, postgresql://USER@HOST:PORT/DB (no password)"),
-    "db_password": (str, "the database password (never printed)"),
-    "db_password_file": (_password_file, "a file holding the database password (a secret)"),
-    "db_pool": (parse_positive_int, "database connections this server holds at most"),
-    "db_driver": (
-        _choice(models.DB_DRIVERS),
+    Option(
+        "grace",
+        parse.non_negative_seconds,
+        "seconds to answer received requests on SIGTERM/SIGINT",
+    ),
+    Option("backlog", parse.positive_int, "listen backlog of the protocol socket"),
+    Option("log_level", _log_level, "DEBUG, INFO, WARNING or ERROR"),
+    Option("db_url", _db_url, "PostgreSQL for /db, postgresql://USER@HOST:PORT/DB (no password)"),
+    Option("db_password", str, "the database password (never printed)"),
+    Option("db_password_file", _password_file, "a file holding the database password (a secret)"),
+    Option("db_pool", parse.positive_int, "database connections this server holds at most"),
+    Option(
+        "db_driver",
+        parse.choice(models.DB_DRIVERS),
         "default (cooperative), blocking or blocking-fixed (gevent and asyncio only)",
     ),
-    "db_timeout": (_positive_float, "seconds to connect, or to wait for a free connection"),
-    "processes": (
-        parse_positive_int,
+    Option(
+        "db_timeout",
+        parse.positive_seconds,
+        "seconds to connect, or to wait for a free connection",
+    ),
+    Option(
+        "processes",
+        parse.positive_int,
         "worker processes of the model on one port, supervised (threaded, gevent, asyncio)",
     ),
-    "reuse_port": (parse_boolean, "bind with SO_REUSEPORT (the supervisor sets it for workers)"),
-    "listen_fd": (
-        _non_negative_int,
+    Option(
+        "reuse_port",
+        parse.boolean,
+        "bind with SO_REUSEPORT (the supervisor sets it for workers)",
+    ),
+    Option(
+        "listen_fd",
+        parse.non_negative_int,
         "serve on this inherited listening socket (-1: bind one; the spread tool sets it)",
     ),
+)
+# Every model's own options, each named by the model that reads it (in --help and errors).
+OWNER: dict[str, str] = {
+    option.name: model.name for model in models.MODELS for option in model.options
+}
+OPTIONS: dict[str, Option] = {
+    option.name: option
+    for option in (
+        *COMMON_OPTIONS,
+        *(option for model in models.MODELS for option in model.options),
+    )
 }
 # Options that fill another field: the password file fills the password.
 FILLS = {"db_password_file": "db_password"}
@@ -239,13 +200,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="concurrency model: "
         + "; ".join(f"{model.name}: {model.summary}" for model in models.MODELS),
     )
-    for name, (_, text) in OPTIONS.items():
+    for name, option in OPTIONS.items():
         flag = "--" + name.replace("_", "-")
         variable = ENV_PREFIX + name.upper()
         default = getattr(defaults, FILLS.get(name, name))
         if name in SECRET_OPTIONS or default == "":
             default = "none"
-        help_text = f"{text} (env {variable}, default {default})"
+        owner = f"{OWNER[name]} model only: " if name in OWNER else ""
+        help_text = f"{owner}{option.help} (env {variable}, default {default})"
         if name in ("metrics", "reuse_port"):
             parser.add_argument(
                 flag,
@@ -264,12 +226,20 @@ def load_settings(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Set
     arguments = vars(build_parser().parse_args(argv))
     # Any: each value is what its option's parser returned, the type of the field it fills.
     values: dict[str, Any] = {"model": arguments.pop("model")}
-    for name, (parse, _) in OPTIONS.items():
+    for name, option in OPTIONS.items():
         flag_value = arguments[name]
         variable = ENV_PREFIX + name.upper()
+        owner = OWNER.get(name, values["model"])
         if flag_value is not None:
             source, text = "--" + name.replace("_", "-"), flag_value
-        elif variable in environ:
+            if owner != values["model"]:
+                raise ConfigError(
+                    f"{source}: only the {owner} model takes it; it means nothing for the "
+                    f"{values['model']} model"
+                )
+        elif variable in environ and owner == values["model"]:
+            # Another model's variable is left alone: one environment may start several
+            # models (the local stack, a shell with ARENA_WORKERS exported).
             source, text = variable, environ[variable]
         else:
             continue
@@ -277,7 +247,7 @@ def load_settings(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Set
             values[name] = text
             continue
         try:
-            values[FILLS.get(name, name)] = parse(text)
+            values[FILLS.get(name, name)] = option.parse(text)
         except ValueError as error:
             reason = (
                 str(error)

@@ -5,8 +5,9 @@ the local stack, soak, the benchmark, the Locust users, the compose and dashboar
 every parametrized test. A test (tests/test_registry.py) fails when a list of models is written
 anywhere else.
 
-Standard library only and no model module imported here: `python -m services gevent` reads the
-registry before gevent monkey-patches, and the Locust image ships this file without the servers.
+Standard library only (services/options.py, its parsers, is too) and no model module imported
+here: `python -m services gevent` reads the registry before gevent monkey-patches, and the
+Locust image ships these two files without the servers.
 
 Adding a model:
 1. its module, `services/servers/<module>.py` (never named after a library it imports), with a
@@ -24,8 +25,12 @@ then run every suite on it and check that the compose file and the generated fil
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 from dataclasses import dataclass
+
+from services import options as parse
+from services.options import Option
 
 METRICS_PORT_OFFSET = 100  # a model's /metrics port in the local stack: its port + 100
 # How a server runs `/db` (services/database.py): the cooperative driver a practitioner picks
@@ -72,6 +77,9 @@ class Model:
     prepare: str = ""
     # Why its echo is fast, for the benchmark's reading when it is the fastest (loadtest docs).
     fast_because: str = ""
+    # The settings only this model reads (services/config.py adds them to the command line and
+    # refuses their flags for any other model); each is a field of config.Settings.
+    options: tuple[Option, ...] = ()
 
     @property
     def blocking(self) -> bool:
@@ -106,6 +114,19 @@ EVENT_LOOP_METRICS = (
     "arena_event_loop_blocked_seconds",
     "arena_event_loop_blocks",
 )
+# The asyncio model's event loops: libuv's, or the standard library's; uvloop when installed
+# (found without importing it: nothing here may load an event loop).
+ASYNCIO_LOOPS = ("uvloop", "asyncio")
+DEFAULT_LOOP = "uvloop" if importlib.util.find_spec("uvloop") is not None else "asyncio"
+
+
+def _asyncio_loop(text: str) -> str:
+    name = parse.choice(ASYNCIO_LOOPS)(text)
+    if name == "uvloop" and DEFAULT_LOOP != "uvloop":
+        raise ValueError("uvloop is not installed (pip install uvloop, or choose asyncio)")
+    return name
+
+
 MODELS: tuple[Model, ...] = (
     Model(
         "threaded",
@@ -116,6 +137,18 @@ MODELS: tuple[Model, ...] = (
         flow="thread",
         variants=(Variant("threaded", textbook="socketserver"),),
         own_metrics=("arena_threads", "arena_turn_handovers"),
+        options=(
+            Option(
+                "switch_interval",
+                parse.positive_seconds,
+                "seconds a thread may hold the GIL while another waits",
+            ),
+            Option(
+                "turns_above",
+                parse.non_negative_int,
+                "above this many connections, requests take turns in arrival order",
+            ),
+        ),
     ),
     Model(
         "pool",
@@ -140,6 +173,18 @@ MODELS: tuple[Model, ...] = (
             "arena_pool_worker_cpu_seconds",
             "arena_pool_worker_restarts",
             "arena_pool_retried_requests",
+        ),
+        options=(
+            Option(
+                "executor",
+                parse.choice(("process", "thread")),
+                "run requests in process or thread workers",
+            ),
+            Option(
+                "workers",
+                parse.positive_int,
+                "number of executor workers (default: CPU count)",
+            ),
         ),
     ),
     Model(
@@ -171,6 +216,13 @@ MODELS: tuple[Model, ...] = (
         ),
         own_metrics=("arena_asyncio_transports", "arena_asyncio_tasks", *EVENT_LOOP_METRICS),
         db_drivers=DB_DRIVERS,
+        options=(
+            Option(
+                "loop",
+                _asyncio_loop,
+                "event loop, uvloop or asyncio (default: uvloop when installed)",
+            ),
+        ),
     ),
 )
 # Models defined outside this file, registered exactly as the ones above:

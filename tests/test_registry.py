@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import dataclasses
 import json
 import re
 import subprocess
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from services import models
+from services import config, models, options
 from services.config import ConfigError, load_settings
 from services.servers import create_server, server_class
 from tests.conftest import ROOT
@@ -125,6 +126,37 @@ def test_cli_accepts_every_registered_model(model: str) -> None:
     assert load_settings([model], {}).model == model
     with pytest.raises(ConfigError):
         load_settings(["no-such-model"], {})
+
+
+def test_each_setting_is_every_models_or_declared_by_exactly_one() -> None:
+    """A model's own options live in its registry entry; each fills a field of Settings."""
+    fields = {field.name for field in dataclasses.fields(config.Settings)} - {"model"}
+    common = {option.name for option in config.COMMON_OPTIONS}
+    owned = [option.name for model in models.MODELS for option in model.options]
+    assert len(owned) == len(set(owned)), owned  # no option declared by two models
+    assert not common & set(owned)
+    filled = {config.FILLS.get(name, name) for name in common | set(owned)}
+    assert filled == fields
+
+
+@pytest.mark.parametrize(
+    ("model", "option"),
+    [(model, option) for model in models.MODELS for option in model.options],
+    ids=lambda value: getattr(value, "name", ""),
+)
+def test_a_models_own_flag_is_refused_for_any_other_model(
+    model: models.Model, option: options.Option
+) -> None:
+    flag = "--" + option.name.replace("_", "-")
+    value = {"executor": "thread", "loop": "asyncio"}.get(option.name, "2")
+    assert getattr(load_settings([model.name, flag, value], {}), option.name) == option.parse(value)
+    for other in (name for name in models.NAMES if name != model.name):
+        with pytest.raises(ConfigError, match=f"^{flag}: only the {model.name} model takes it"):
+            load_settings([other, flag, value], {})
+        # Its variable is another model's business: one environment may start several models.
+        variable = config.ENV_PREFIX + option.name.upper()
+        settings = load_settings([other], {variable: value})
+        assert getattr(settings, option.name) == getattr(config.Settings(), option.name)
 
 
 def test_create_server_refuses_an_unknown_model() -> None:

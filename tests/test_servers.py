@@ -236,7 +236,7 @@ def test_the_event_loop_is_named_in_the_ready_line_and_the_server_info(server_fa
 
 
 def test_uvloop_asked_for_but_not_installed_is_a_clear_error(monkeypatch):
-    monkeypatch.setattr(config, "DEFAULT_LOOP", "asyncio")  # as where uvloop is not installed
+    monkeypatch.setattr(models, "DEFAULT_LOOP", "asyncio")  # as where uvloop is not installed
     with pytest.raises(config.ConfigError, match="uvloop is not installed"):
         config.load_settings(["asyncio", "--loop", "uvloop"], {})
     assert config.load_settings(["asyncio", "--loop", "asyncio"], {}).loop == "asyncio"

@@ -38,7 +38,8 @@ from typing import TypeVar
 from loadtest.tools import procs
 from loadtest.tools.postgres import Postgres, PostgresError, PostgresUnavailable, find_bindir
 from services import models
-from services.config import parse_boolean, parse_positive_int
+from services.options import boolean as parse_boolean
+from services.options import positive_int as parse_positive_int
 
 ROOT = Path(__file__).resolve().parents[2]
 MODELS = models.NAMES
