@@ -98,14 +98,31 @@ def test_the_server_holds_no_more_connections_than_its_pool(db_server, postgres)
 WARNED = [name for name in MODELS if "blocking" in models.target(name)[0].db_drivers]
 
 
-def first_to_answer(slow: socket.socket, fast: socket.socket) -> str:
-    """Which of two sockets has a reply first: 'slow' or 'fast'."""
+def first_to_answer(slow: socket.socket, fast: socket.socket) -> str | None:
+    """Which of two sockets has a reply first: 'slow' or 'fast'; None when both were readable
+    by the time this process woke (a blocked server answers the echo microseconds after the
+    query: on a busy machine the wake-up can come after both, and the order is then lost)."""
     with selectors.DefaultSelector() as selector:
         selector.register(slow, selectors.EVENT_READ, "slow")
         selector.register(fast, selectors.EVENT_READ, "fast")
         events = selector.select(timeout=30)
         assert events, "neither connection was answered within 30 s"
-        return str(events[0][0].data)
+        return None if len(events) > 1 else str(events[0][0].data)
+
+
+def slow_then_echo(server) -> str | None:
+    """A 1.5 s query, then an echo once the query is in flight: which was answered first."""
+    with LineClient(server.address) as slow, LineClient(server.address) as fast:
+        slow.send(b"/db 1500 slow\n")
+        # In flight once the pool counts it in use (the metrics thread is an OS thread:
+        # it answers while a blocking driver holds the loop).
+        wait_for_metrics(server, lambda m: m.value("arena_db_connections_in_use") == 1)
+        fast.send(b"echo\n")
+        first = first_to_answer(slow.sock, fast.sock)
+        assert slow.read_line() == b"SLOW\n"
+        assert fast.read_line() == b"ECHO\n"
+    wait_for_metrics(server, lambda m: m.value("arena_db_connections_in_use") == 0)
+    return first
 
 
 @pytest.mark.slow
@@ -121,15 +138,12 @@ def test_a_blocking_driver_holds_every_connection_while_a_query_waits(
     try:
         with LineClient(server.address) as warm:
             assert warm.request(b"/db 0 warm") == b"WARM\n"  # the pool holds a connection
-        with LineClient(server.address) as slow, LineClient(server.address) as fast:
-            slow.send(b"/db 1500 slow\n")
-            # In flight once the pool counts it in use (the metrics thread is an OS thread:
-            # it answers while a blocking driver holds the loop).
-            wait_for_metrics(server, lambda m: m.value("arena_db_connections_in_use") == 1)
-            fast.send(b"echo\n")
-            assert first_to_answer(slow.sock, fast.sock) == ("fast" if echo_first else "slow")
-            assert slow.read_line() == b"SLOW\n"
-            assert fast.read_line() == b"ECHO\n"
+        first = None
+        for _ in range(3):  # at most three tries, until one shows the order
+            first = slow_then_echo(server)
+            if first is not None:
+                break
+        assert first == ("fast" if echo_first else "slow")
         metrics = scrape(server)
         assert metrics.value("arena_server_info", db_driver=driver) == 1
     finally:

@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from loadtest.plugin import scenarios
 from loadtest.plugin.workload import KNOBS
 from services import models
 from tests.conftest import ROOT, RunningServer, launch_server, stop_server
@@ -204,6 +205,15 @@ def counts(run: LocustProcess, command: str) -> dict[str, int]:
     return {target: totals.get((target, command), (0, 0))[0] for target in TARGETS}
 
 
+def shows_what_make_lessons_found(browser, lesson: str) -> None:
+    """The Scenario tab's row with the committed verdict of `lesson` (results/lessons/)."""
+    verdict = scenarios.checked(lesson)
+    assert verdict, f"results/lessons/lessons.json has no {lesson}"
+    find_text(browser, "Checked by make lessons")
+    # The verdict and when it was found, e.g. "holds (2026-12-08 01:17 UTC)".
+    assert verdict.split("):")[0] + ")" in body_text(browser)
+
+
 def test_a_user_picks_a_lesson_and_sees_the_mix_change(locust_ui, browser):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select
@@ -267,6 +277,7 @@ def test_a_user_picks_a_lesson_and_sees_the_mix_change(locust_ui, browser):
     poll("sleep requests growing and echo requests not", only_sleep_grows, timeout=WAIT_S)
     open_tab(browser, "SCENARIO")
     find_text(browser, "io-wait: every request waits 20 ms")
+    shows_what_make_lessons_found(browser, "io-wait")
     screenshot(browser, "scenario-tab")
 
     # Users per target apply when a test starts: a scenario that changes them is refused while
