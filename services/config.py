@@ -64,7 +64,7 @@ class Settings:
     reuse_port: bool = False
     # Serve on this inherited, already listening socket instead of binding one (-1: bind):
     # gunicorn's way of sharing a port, which the spread measurement compares with
-    # SO_REUSEPORT (loadtest/tools/spread.py, services/supervisor.py).
+    # SO_REUSEPORT (loadtest/bench/spread.py, services/supervisor.py).
     listen_fd: int = -1
 
 
@@ -208,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
             default = "none"
         owner = f"{OWNER[name]} model only: " if name in OWNER else ""
         help_text = f"{owner}{option.help} (env {variable}, default {default})"
-        if name in ("metrics", "reuse_port"):
+        if option.parse is parse.boolean:  # --flag and --no-flag
             parser.add_argument(
                 flag,
                 dest=name,
